@@ -1,0 +1,6 @@
+import importlib
+
+
+def test_package_imports_and_has_version():
+    mod = importlib.import_module("internvl_vtr")
+    assert mod.__version__ == "0.1.0"

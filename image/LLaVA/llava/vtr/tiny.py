@@ -1,0 +1,156 @@
+"""Build small random LLaVA checkpoints on disk, fully offline (tests, `make demo`, `make bench`).
+
+The result is an ordinary llava-hf style folder (config, safetensors, tokenizer, processor) that loads
+through the real `from_pretrained` path, exactly like a downloaded checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] }} "
+    "{% elif message['role'] == 'user' %}USER: "
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %} "
+    "{% else %}ASSISTANT: {% for item in message['content'] %}{{ item['text'] }}{% endfor %}</s>"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+_CORPUS = [
+    "USER: What is shown in the image? ASSISTANT: A red house with a blue roof under the sun.",
+    "Describe the picture in detail. Is there a cat, a dog, a car or a tree?",
+    "How many objects are there? Answer the question using a single word or phrase.",
+    "yes no one two three four five left right top bottom color shape large small",
+    "The quick brown fox jumps over the lazy dog. A chart, a table, some text and a person.",
+]
+
+
+def build_tokenizer(vocab_size: int = 320):
+    """A byte-level BPE tokenizer trained on a tiny built-in corpus, with LLaVA's special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+        padding_side="left",
+    )
+
+
+def tiny_llava_config(
+    tokenizer,
+    *,
+    image_size: int = 64,
+    patch_size: int = 8,
+    hidden_size: int = 64,
+    num_layers: int = 4,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 128,
+    vision_hidden_size: int = 32,
+):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vision = CLIPVisionConfig(
+        hidden_size=vision_hidden_size,
+        intermediate_size=vision_hidden_size * 2,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=vision_hidden_size,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=(image_size // patch_size) ** 2,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def build_tiny_llava(path, *, seed: int = 0, overwrite: bool = False, **shape) -> Path:
+    """Write a random LLaVA checkpoint + processor to `path` (kept if it already holds the same shape)."""
+    from transformers import CLIPImageProcessor, LlavaForConditionalGeneration, LlavaProcessor
+
+    path = Path(path)
+    stamp = path / "vtr_tiny.json"
+    wanted = {"seed": seed, **shape}
+    if not overwrite and stamp.exists() and json.loads(stamp.read_text()) == wanted:
+        return path
+    tokenizer = build_tokenizer()
+    config = tiny_llava_config(tokenizer, **shape)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    # Random init gives near-uniform attention; a larger embedding scale makes scores discriminative.
+    with torch.no_grad():
+        model.model.language_model.embed_tokens.weight.normal_(0, 1.0)
+    image_size = config.vision_config.image_size
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=config.vision_config.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    stamp.write_text(json.dumps(wanted))
+    return path
+
+
+def demo_image(size: int = 336):
+    """A small synthetic scene (sky, sun, house, tree, grass), drawn here so nothing is downloaded."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (size, size), (135, 190, 235))
+    d = ImageDraw.Draw(img)
+    s = size / 336
+    d.rectangle([0, 240 * s, size, size], fill=(70, 150, 60))
+    d.ellipse([250 * s, 25 * s, 310 * s, 85 * s], fill=(250, 210, 60))
+    d.rectangle([70 * s, 150 * s, 190 * s, 250 * s], fill=(190, 60, 50))
+    d.polygon([(55 * s, 150 * s), (130 * s, 90 * s), (205 * s, 150 * s)], fill=(60, 60, 150))
+    d.rectangle([115 * s, 200 * s, 145 * s, 250 * s], fill=(90, 50, 20))
+    d.rectangle([230 * s, 170 * s, 245 * s, 250 * s], fill=(100, 60, 30))
+    d.ellipse([205 * s, 120 * s, 270 * s, 185 * s], fill=(30, 110, 40))
+    return img

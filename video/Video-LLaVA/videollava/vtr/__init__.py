@@ -1,0 +1,1 @@
+"""Video-LLaVA VTR code lands here with its own issue."""
