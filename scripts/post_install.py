@@ -18,7 +18,9 @@ def can_import(module: str) -> bool:
 def main() -> int:
     installed = subprocess.run([sys.executable, "-m", "pip", "show", "-q", "torchvision"], capture_output=True)
     if installed.returncode == 0 and not can_import("torchvision"):
-        print("post_install: torchvision cannot load beside this torch build; removing it (PIL image processors are used).")
+        print(
+            "post_install: torchvision cannot load beside this torch build; removing it (PIL image processors are used)."
+        )
         subprocess.run([sys.executable, "-m", "pip", "uninstall", "-y", "-q", "torchvision"], check=True)
     check = "import llava.vtr, internvl_vtr, visual_token_pruning, videollava, lmms_eval, transformers, torch"
     result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)

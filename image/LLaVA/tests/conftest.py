@@ -47,5 +47,3 @@ def stock_models(tiny_path):
         impl: LlavaForConditionalGeneration.from_pretrained(tiny_path, attn_implementation=impl).eval()
         for impl in ("eager", "sdpa")
     }
-
-

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from llava_testlib import chat, vtr_model
 
 from llava.vtr import PruningStrategy, register_strategy
 from llava.vtr.attention import ScoringAttention
+from llava_testlib import chat, vtr_model
 
 CAPTURED = {}
 

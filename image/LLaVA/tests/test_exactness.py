@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from llava_testlib import chat, oracle_forward, oracle_greedy, stage_drops, vtr_model
 
 from llava.vtr import VTRConfig, wrap
+from llava_testlib import chat, oracle_forward, oracle_greedy, stage_drops, vtr_model
 
 ATOL = 1e-5
 STEPS = 6
@@ -17,8 +17,12 @@ def _generate(model, inputs, steps=STEPS):
 
 def _generate_logits(model, inputs, steps=STEPS):
     out = model.generate(
-        **inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-        return_dict_in_generate=True, output_logits=True,
+        **inputs,
+        max_new_tokens=steps,
+        min_new_tokens=steps,
+        do_sample=False,
+        return_dict_in_generate=True,
+        output_logits=True,
     )
     return out.sequences[:, inputs["input_ids"].shape[1] :], torch.stack(out.logits, 1)
 

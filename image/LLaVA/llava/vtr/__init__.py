@@ -1,9 +1,9 @@
 """Visual token reduction for LLaVA on transformers' stock `LlavaForConditionalGeneration`.
 
-    from llava.vtr import VTRConfig, load_model
-    model = load_model("llava-hf/llava-1.5-7b-hf", VTRConfig(strategy="fastv", keep_tokens=64, prune_layer=2))
-    model.generate(**inputs)
-    model.vtr_last.stages[0].kept_positions   # what was kept
+from llava.vtr import VTRConfig, load_model
+model = load_model("llava-hf/llava-1.5-7b-hf", VTRConfig(strategy="fastv", keep_tokens=64, prune_layer=2))
+model.generate(**inputs)
+model.vtr_last.stages[0].kept_positions   # what was kept
 """
 
 from .api import load_model, load_processor, wrap

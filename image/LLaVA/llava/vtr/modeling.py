@@ -276,7 +276,9 @@ class VTRLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 f"this cache already holds {past_key_values.get_seq_length()} tokens"
             )
         if attention_mask is not None and attention_mask.shape != (batch, seq_len):
-            raise ValueError(f"attention_mask must be [batch, seq] = {(batch, seq_len)}, got {tuple(attention_mask.shape)}")
+            raise ValueError(
+                f"attention_mask must be [batch, seq] = {(batch, seq_len)}, got {tuple(attention_mask.shape)}"
+            )
         if position_ids is None:
             position_ids = torch.arange(seq_len, device=device).unsqueeze(0)
         positions = position_ids.expand(batch, -1)
@@ -312,8 +314,20 @@ class VTRLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 )
             start = prune_at
             index, new_valid = self._select(
-                stage, prune_at, strategy, sample_ctx, record, scoring_input, hidden, is_image, valid, positions,
-                original_index, cos, sin, past_key_values,
+                stage,
+                prune_at,
+                strategy,
+                sample_ctx,
+                record,
+                scoring_input,
+                hidden,
+                is_image,
+                valid,
+                positions,
+                original_index,
+                cos,
+                sin,
+                past_key_values,
             )
             if index is None:
                 continue
@@ -367,8 +381,21 @@ class VTRLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         )
 
     def _select(
-        self, stage, prune_at, strategy, sample_ctx, record, scoring_input, hidden, is_image, valid, positions,
-        original_index, cos, sin, cache,
+        self,
+        stage,
+        prune_at,
+        strategy,
+        sample_ctx,
+        record,
+        scoring_input,
+        hidden,
+        is_image,
+        valid,
+        positions,
+        original_index,
+        cos,
+        sin,
+        cache,
     ):
         """Score and select for every sample; return the gather index [batch, new_len] and its validity
         (False marks left re-padding when samples keep different counts), or (None, None) if nothing changes."""

@@ -1,11 +1,12 @@
 """Token-scoring strategies. Adding one: write a file here, then add one import line below."""
 
+# Built-in methods: one import line each (importing registers them).
+from . import (
+    fastv,  # noqa: E402,F401
+    priortr,  # noqa: E402,F401
+    random,  # noqa: E402,F401
+)
 from .base import PruningStrategy
 from .registry import available_strategies, get_strategy, register_strategy
-
-# Built-in methods: one import line each (importing registers them).
-from . import fastv  # noqa: E402,F401
-from . import priortr  # noqa: E402,F401
-from . import random  # noqa: E402,F401
 
 __all__ = ["PruningStrategy", "available_strategies", "get_strategy", "register_strategy"]

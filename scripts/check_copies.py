@@ -1,0 +1,150 @@
+#!/usr/bin/env python3
+"""Keep deliberate cross-fork copies identical.
+
+A file that is a copy of another fork's file starts with one marker line:
+
+    # Copied from image/LLaVA/llava/vtr/strategy/fastv.py
+    # Copied from image/LLaVA/llava/vtr/strategy/fastv.py with llava->internvl_vtr, LLaVA->InternVL
+
+The rest of the copy must equal the origin (paths are relative to the repository root) after the
+plain-text substitutions `old->new`, applied left to right. An origin may not itself be a copy.
+
+    scripts/check_copies.py                  check every copy; exit 1 on drift, with a diff
+    scripts/check_copies.py --fix            rewrite drifted copies from their origins
+    scripts/check_copies.py --add SRC DST [--sub old->new ...]
+                                             drop a new copy of SRC at DST (how a method moves to a fork)
+    --root DIR                               the tree to work on (default: this repository)
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+MARKER = re.compile(r"^# Copied from (?P<origin>\S+)(?: with (?P<subs>.+))?$")
+SKIP_DIRS = {".git", ".venv", "__pycache__", ".cache", "node_modules", "build"}
+
+
+class CopyError(Exception):
+    pass
+
+
+@dataclass
+class Copy:
+    path: Path
+    origin: str
+    subs: list[tuple[str, str]]
+    marker: str
+
+
+def parse_subs(text: str | None) -> list[tuple[str, str]]:
+    subs = []
+    for part in (text or "").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if "->" not in part:
+            raise CopyError(f"bad substitution {part!r}: expected old->new")
+        old, new = (s.strip() for s in part.split("->", 1))
+        if not old:
+            raise CopyError(f"bad substitution {part!r}: empty pattern")
+        subs.append((old, new))
+    return subs
+
+
+def read_marker(path: Path) -> Copy | None:
+    try:
+        first = path.read_text(encoding="utf-8").split("\n", 1)[0]
+    except (UnicodeDecodeError, OSError):
+        return None
+    m = MARKER.match(first.rstrip())
+    if not m:
+        return None
+    return Copy(path, m.group("origin"), parse_subs(m.group("subs")), first.rstrip())
+
+
+def find_copies(root: Path) -> list[Copy]:
+    copies = []
+    for path in sorted(root.rglob("*.py")):
+        if SKIP_DIRS & set(path.relative_to(root).parts):
+            continue
+        copy = read_marker(path)
+        if copy is not None:
+            copies.append(copy)
+    return copies
+
+
+def expected_text(root: Path, copy: Copy) -> str:
+    origin = root / copy.origin
+    if not origin.is_file():
+        raise CopyError(f"{copy.path.relative_to(root)}: origin {copy.origin} does not exist")
+    if read_marker(origin) is not None:
+        raise CopyError(f"{copy.path.relative_to(root)}: origin {copy.origin} is itself a copy; point at its origin")
+    body = origin.read_text(encoding="utf-8")
+    for old, new in copy.subs:
+        body = body.replace(old, new)
+    return copy.marker + "\n" + body
+
+
+def check(root: Path, fix: bool) -> int:
+    copies = find_copies(root)
+    drifted = 0
+    for copy in copies:
+        rel = copy.path.relative_to(root)
+        want = expected_text(root, copy)
+        have = copy.path.read_text(encoding="utf-8")
+        if have == want:
+            continue
+        drifted += 1
+        if fix:
+            copy.path.write_text(want, encoding="utf-8")
+            print(f"fixed {rel} (from {copy.origin})")
+        else:
+            diff = difflib.unified_diff(
+                want.splitlines(True), have.splitlines(True), f"{copy.origin} (expected)", f"{rel} (actual)"
+            )
+            print(f"DRIFT {rel} differs from {copy.origin}:")
+            sys.stdout.writelines(list(diff)[:60])
+    status = "fixed" if fix else "drifted"
+    print(f"check_copies: {len(copies)} copies checked, {drifted} {status}.")
+    return 1 if drifted and not fix else 0
+
+
+def add(root: Path, src: str, dst: str, subs: list[str]) -> int:
+    origin = root / src
+    if not origin.is_file():
+        raise CopyError(f"no such origin file: {src}")
+    target = root / dst
+    if target.exists():
+        raise CopyError(f"{dst} already exists; use --fix to refresh an existing copy")
+    marker = f"# Copied from {src}" + (f" with {', '.join(subs)}" if subs else "")
+    copy = Copy(target, src, parse_subs(", ".join(subs)), marker)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(expected_text(root, copy), encoding="utf-8")
+    print(f"added {dst} as a copy of {src}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", type=Path, default=Path(__file__).resolve().parent.parent)
+    parser.add_argument("--fix", action="store_true", help="rewrite drifted copies from their origins")
+    parser.add_argument("--add", nargs=2, metavar=("SRC", "DST"), help="create DST as a marked copy of SRC")
+    parser.add_argument("--sub", action="append", default=[], metavar="OLD->NEW", help="substitution for --add")
+    args = parser.parse_args(argv)
+    root = args.root.resolve()
+    try:
+        if args.add:
+            return add(root, args.add[0], args.add[1], args.sub)
+        return check(root, args.fix)
+    except CopyError as err:
+        print(f"check_copies: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
