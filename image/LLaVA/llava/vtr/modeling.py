@@ -89,6 +89,28 @@ class _DecodeState:
         return attention_mask, position_ids
 
 
+@dataclass
+class _Sequence:
+    """Per-token state of a pruned prefill, all [batch, seq, ...] and shortened together."""
+
+    hidden: torch.Tensor
+    is_image: torch.Tensor  # bool
+    valid: torch.Tensor  # bool: False = padding
+    positions: torch.Tensor  # original RoPE positions
+    original_index: torch.Tensor  # index in the prompt (-1 = re-padding)
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    def gather(self, index: torch.Tensor, new_valid: torch.Tensor) -> None:
+        """Keep the rows `index` [batch, new_len]; rows where `new_valid` is False become masked re-padding."""
+        self.hidden = _gather_seq(self.hidden, index, 1)
+        self.cos, self.sin = _gather_seq(self.cos, index, 1), _gather_seq(self.sin, index, 1)
+        self.is_image = _gather_seq(self.is_image, index, 1) & new_valid
+        self.valid = _gather_seq(self.valid, index, 1) & new_valid
+        self.positions = _gather_seq(self.positions, index, 1).masked_fill(~new_valid, 0)
+        self.original_index = _gather_seq(self.original_index, index, 1).masked_fill(~new_valid, -1)
+
+
 def _gather_seq(t: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
     """Gather `t` along its sequence dimension `dim` with a [batch, new_len] index."""
     if t.shape[0] != index.shape[0]:
@@ -282,9 +304,16 @@ class VTRLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         if position_ids is None:
             position_ids = torch.arange(seq_len, device=device).unsqueeze(0)
         positions = position_ids.expand(batch, -1)
-        valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(is_image)
-        original_index = torch.arange(seq_len, device=device).unsqueeze(0).expand(batch, -1)
         cos, sin = lm.rotary_emb(hidden, positions)
+        seq = _Sequence(
+            hidden=hidden,
+            is_image=is_image,
+            valid=attention_mask.bool() if attention_mask is not None else torch.ones_like(is_image),
+            positions=positions,
+            original_index=torch.arange(seq_len, device=device).unsqueeze(0).expand(batch, -1),
+            cos=cos,
+            sin=sin,
+        )
 
         strategy = get_strategy(cfg.strategy)()
         sample_ctx = [{} for _ in range(batch)]  # one vtr_ctx per sample, shared by its prune stages
@@ -292,78 +321,49 @@ class VTRLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         layers = lm.layers[: lm.config.num_hidden_layers]
 
         def layer_mask():
-            padding = None if bool(valid.all()) else valid
+            padding = None if bool(seq.valid.all()) else seq.valid
             return create_causal_mask(
-                config=lm.config, inputs_embeds=hidden, attention_mask=padding, past_key_values=None
+                config=lm.config, inputs_embeds=seq.hidden, attention_mask=padding, past_key_values=None
             )
 
+        stages = {k: stage for stage, k in enumerate(cfg.prune_layers)}
         mask = layer_mask()
-        start = 0
         pruned = False
-        for stage, prune_at in enumerate(cfg.prune_layers):
-            for i in range(start, prune_at):
-                if i == prune_at - 1:
-                    scoring_input = hidden
-                hidden = layers[i](
-                    hidden,
-                    attention_mask=mask,
-                    position_embeddings=(cos, sin),
-                    past_key_values=past_key_values,
-                    use_cache=use_cache,
-                    **kwargs,
+        scoring_input = None  # input of the scoring layer (index K-1), kept for recomputing its Q/K
+        for i, layer in enumerate(layers):
+            if i in stages:  # prune between layer i-1 (the scoring layer) and layer i
+                index, new_valid = self._select(
+                    stages[i], i, strategy, sample_ctx, record, scoring_input, seq, past_key_values
                 )
-            start = prune_at
-            index, new_valid = self._select(
-                stage,
-                prune_at,
-                strategy,
-                sample_ctx,
-                record,
-                scoring_input,
-                hidden,
-                is_image,
-                valid,
-                positions,
-                original_index,
-                cos,
-                sin,
-                past_key_values,
-            )
-            if index is None:
-                continue
-            pruned = True
-            hidden = _gather_seq(hidden, index, 1)
-            is_image = _gather_seq(is_image, index, 1) & new_valid
-            positions = _gather_seq(positions, index, 1).masked_fill(~new_valid, 0)
-            original_index = _gather_seq(original_index, index, 1).masked_fill(~new_valid, -1)
-            cos, sin = _gather_seq(cos, index, 1), _gather_seq(sin, index, 1)
-            valid = _gather_seq(valid, index, 1) & new_valid
-            if past_key_values is not None:
-                for cache_layer in past_key_values.layers[:prune_at]:
-                    cache_layer.keys = _gather_seq(cache_layer.keys, index, 2)
-                    cache_layer.values = _gather_seq(cache_layer.values, index, 2)
-            mask = layer_mask()
-
-        for layer in layers[start:]:
-            hidden = layer(
-                hidden,
+                if index is not None:
+                    pruned = True
+                    seq.gather(index, new_valid)
+                    if past_key_values is not None:
+                        for cache_layer in past_key_values.layers[:i]:
+                            cache_layer.keys = _gather_seq(cache_layer.keys, index, 2)
+                            cache_layer.values = _gather_seq(cache_layer.values, index, 2)
+                    mask = layer_mask()
+            if i + 1 in stages:
+                scoring_input = seq.hidden
+            seq.hidden = layer(
+                seq.hidden,
                 attention_mask=mask,
-                position_embeddings=(cos, sin),
+                position_embeddings=(seq.cos, seq.sin),
                 past_key_values=past_key_values,
                 use_cache=use_cache,
                 **kwargs,
             )
-        hidden = lm.norm(hidden)
+        hidden = lm.norm(seq.hidden)
 
-        record.kept_index = original_index
+        record.kept_index = seq.original_index
         self.vtr_last = record
         if pruned and past_key_values is not None:
-            past_key_values._vtr_state = _DecodeState(valid, seq_len)
+            past_key_values._vtr_state = _DecodeState(seq.valid, seq_len)
 
         logits = self.lm_head(slice_logits_to_keep(hidden, logits_to_keep))
         loss = None
         if labels is not None:
-            loss = self._pruned_loss(logits, labels, original_index, **kwargs)
+            loss = self._pruned_loss(logits, labels, seq.original_index, **kwargs)
         output = LlavaCausalLMOutputWithPast(
             loss=loss, logits=logits, past_key_values=past_key_values, image_hidden_states=image_features
         )
@@ -380,32 +380,17 @@ class VTRLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             logits=logits, labels=None, shift_labels=gathered, vocab_size=self.config.text_config.vocab_size, **kwargs
         )
 
-    def _select(
-        self,
-        stage,
-        prune_at,
-        strategy,
-        sample_ctx,
-        record,
-        scoring_input,
-        hidden,
-        is_image,
-        valid,
-        positions,
-        original_index,
-        cos,
-        sin,
-        cache,
-    ):
+    def _select(self, stage, prune_at, strategy, sample_ctx, record, scoring_input, seq, cache):
         """Score and select for every sample; return the gather index [batch, new_len] and its validity
         (False marks left re-padding when samples keep different counts), or (None, None) if nothing changes."""
         cfg = self.vtr_config
+        is_image = seq.is_image
         batch, seq_len = is_image.shape
         layer_idx = prune_at - 1
         attention = None
         if strategy.needs_attention and bool(is_image.any()):
             layer = self.model.language_model.layers[layer_idx]
-            attention = scoring_attention(layer, scoring_input, cos, sin, valid, cache, layer_idx)
+            attention = scoring_attention(layer, scoring_input, seq.cos, seq.sin, seq.valid, cache, layer_idx)
         stage_record = StageRecord(
             layer=prune_at,
             budget=cfg.stage_budget(stage).describe(),
@@ -428,9 +413,9 @@ class VTRLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             info = dict(
                 layer_idx=layer_idx,
                 stage=stage,
-                hidden_states=hidden[b : b + 1],
+                hidden_states=seq.hidden[b : b + 1],
                 image_token_indices=image_idx,
-                position_ids=positions[b],
+                position_ids=seq.positions[b],
                 batch_index=b,
             )
             ctx = sample_ctx[b]
@@ -453,7 +438,7 @@ class VTRLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             keep[kept_image] = True
             keeps.append(keep.nonzero().reshape(-1))
             stage_record.image_tokens_kept.append(kept_image.numel())
-            stage_record.kept_positions.append(original_index[b, kept_image])
+            stage_record.kept_positions.append(seq.original_index[b, kept_image])
         new_len = max(k.numel() for k in keeps)
         stage_record.seq_len_after = new_len
         record.stages.append(stage_record)
