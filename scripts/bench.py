@@ -1,43 +1,133 @@
 #!/usr/bin/env python3
-"""Prefill benchmark of the LLaVA fork: unpruned vs each strategy x budget, measured interleaved in one run.
+"""Efficiency benchmark of the LLaVA fork: unpruned vs each strategy x budget, measured interleaved in one run.
 
-Builds a random LLaVA-shaped model (576 image tokens by default), then repeats rounds in which every
-setting runs one prefill (use_cache=True, logits_to_keep=1) in turn, so drift of the machine hits all
-settings alike. Reports medians, the measured speedup over unpruned, the analytic ideal speedup
-(llava/vtr/cost.py) and their ratio; `keep_ratio=1.0` rows measure the cost of the machinery itself.
-Writes a Markdown table to stdout and JSON to --out. CUDA events are used on a GPU.
+Builds a random LLaVA-shaped model (576 image tokens + ~35 text tokens by default) unless --model is
+given, then repeats rounds in which every setting runs in turn, so drift of the machine hits all settings
+alike; medians are reported. Per setting:
+
+  ttft_ms        forward of the whole prompt (vision tower + projector + decoder, logits of the last row
+                 only) and the argmax: time to first token
+  llm_ms         ttft_ms minus the vision tower + projector time (measured in the same rounds): the part
+                 pruning can shrink and the part the analytic cost model covers
+  decode_ms      ms per token of --decode-steps greedy decode steps on the resulting (pruned) KV cache
+  scoring_ms     time inside score + select (attention recomputation, compute_scores, Top-K)
+  peak_mib       peak memory during the prefill above the memory held before it (CUDA: allocator peak;
+                 CPU: resident set sampled every 0.5 ms by a thread)
+  kv_mib         bytes of the KV cache after the prefill
+  ideal          analytic ideal speedup of the decoder (llava/vtr/cost.py); `vs ideal` = measured llm
+                 speedup / ideal speedup
+
+`keep-all` (keep_ratio=1.0) runs the whole machinery and drops nothing: its cost is the overhead.
+Writes a Markdown table to stdout and everything (all samples) to --out as JSON. On a GPU, CUDA events.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from llava.vtr import VTRConfig, load_model, load_processor
+from llava.vtr import VTRConfig, VTRLlavaForConditionalGeneration, load_model, load_processor
 from llava.vtr.cost import equivalent_tokens, ideal_speedup, text_config_dims, tokens_per_layer
 from llava.vtr.demo import build_prompt
 from llava.vtr.tiny import build_tiny_llava, demo_image
 
 
-def timed_prefill(model, inputs) -> float:
-    if inputs["input_ids"].is_cuda:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        with torch.inference_mode():
-            model(**inputs, use_cache=True, logits_to_keep=1)
-        end.record()
+class Clock:
+    """Wall-clock ms on CPU, CUDA events on a GPU."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+
+    @contextmanager
+    def measure(self, out: list):
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            torch.cuda.synchronize()
+            out.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            yield
+            out.append((time.perf_counter() - t0) * 1000)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@contextmanager
+def peak_memory(out: list, cuda: bool):
+    """Appends the peak bytes above the starting level reached inside the block."""
+    if cuda:
         torch.cuda.synchronize()
-        return start.elapsed_time(end)
-    t0 = time.perf_counter()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        yield
+        torch.cuda.synchronize()
+        out.append(torch.cuda.max_memory_allocated() - base)
+        return
+    base, peak, stop = _rss_bytes(), [0], threading.Event()
+
+    def poll():
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            time.sleep(0.0005)
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        out.append(max(peak[0], _rss_bytes()) - base)
+
+
+@contextmanager
+def scoring_timer(out: list, clock: Clock):
+    """Times VTRLlavaForConditionalGeneration._select (scoring + selection) during the block."""
+    original = VTRLlavaForConditionalGeneration._select
+    spent = []
+
+    def timed(self, *args, **kwargs):
+        with clock.measure(spent):
+            return original(self, *args, **kwargs)
+
+    VTRLlavaForConditionalGeneration._select = timed
+    try:
+        yield
+    finally:
+        VTRLlavaForConditionalGeneration._select = original
+        out.append(sum(spent))
+
+
+def kv_bytes(cache) -> int:
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+def run_setting(model, inputs, clock, decode_steps, cuda, samples):
     with torch.inference_mode():
-        model(**inputs, use_cache=True, logits_to_keep=1)
-    return (time.perf_counter() - t0) * 1000
+        with scoring_timer(samples["scoring_ms"], clock), peak_memory(samples["peak_bytes"], cuda):
+            with clock.measure(samples["ttft_ms"]):
+                out = model(**inputs, use_cache=True, logits_to_keep=1)
+                token = out.logits[:, -1].argmax(-1, keepdim=True)
+        cache = out.past_key_values
+        samples["kv_bytes"].append(kv_bytes(cache))
+        with clock.measure(samples["decode_total_ms"]):
+            for _ in range(decode_steps):
+                token = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, True)
 
 
 def main(argv=None) -> int:
@@ -47,17 +137,21 @@ def main(argv=None) -> int:
     p.add_argument("--intermediate-size", type=int, default=2816)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--kv-heads", type=int, default=16)
     p.add_argument("--strategies", default="fastv,priortr,random")
     p.add_argument("--budgets", default="192,128,64")
     p.add_argument("--prune-layer", type=int, default=2)
-    p.add_argument("--attn", default="sdpa", help="attn_implementation")
+    p.add_argument("--attn", default="sdpa", help="attn_implementation (eager, sdpa, flash_attention_2)")
+    p.add_argument("--dtype", default=None, help="float32 (CPU default) or float16/bfloat16 (GPU default)")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds (after one warm-up round)")
+    p.add_argument("--decode-steps", type=int, default=8)
     p.add_argument("--out", default="bench-results/bench.json")
     p.add_argument("--cache-dir", default=".cache")
     args = p.parse_args(argv)
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.float16 if device == "cuda" else torch.float32
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if cuda else torch.float32)
     if args.model:
         path = args.model
     else:
@@ -67,86 +161,100 @@ def main(argv=None) -> int:
             hidden_size=args.hidden_size,
             num_layers=args.layers,
             num_heads=args.heads,
-            num_kv_heads=args.heads,
+            num_kv_heads=args.kv_heads,
             intermediate_size=args.intermediate_size,
             vision_hidden_size=64,
         )
-        name = "bench-llava-{hidden_size}x{num_layers}".format(**shape)
+        name = "bench-llava-{hidden_size}x{num_layers}-kv{num_kv_heads}".format(**shape)
         path = str(build_tiny_llava(Path(args.cache_dir) / name, **shape))
     processor = load_processor(path)
     model = load_model(path, VTRConfig(enabled=False), dtype=dtype, attn_implementation=args.attn).to(device)
-    inputs = processor(
-        images=demo_image(336), text=build_prompt(processor, "What is shown in the image?"), return_tensors="pt"
-    ).to(device)
+    prompt = build_prompt(processor, "What is shown in the image?")
+    inputs = processor(images=demo_image(336), text=prompt, return_tensors="pt").to(device)
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     seq_len = inputs["input_ids"].shape[1]
     num_image = int((inputs["input_ids"] == model.config.image_token_id).sum())
     text_cfg = model.config.text_config
     num_layers = text_cfg.num_hidden_layers
     d, m, d_kv = text_config_dims(text_cfg)
+    clock = Clock(cuda)
 
-    settings = [("none", None, VTRConfig(enabled=False))]
-    settings.append(
-        ("keep-all", "ratio=1.0", VTRConfig(strategy="fastv", keep_ratio=1.0, prune_layer=args.prune_layer))
-    )
+    settings = [("none", "-", VTRConfig(enabled=False))]
+    settings.append(("keep-all", "all", VTRConfig(strategy="fastv", keep_ratio=1.0, prune_layer=args.prune_layer)))
     for s in args.strategies.split(","):
         for b in args.budgets.split(","):
             settings.append((s, int(b), VTRConfig(strategy=s, keep_tokens=int(b), prune_layer=args.prune_layer)))
-
-    times = {i: [] for i in range(len(settings))}
+    keys = ("ttft_ms", "decode_total_ms", "scoring_ms", "peak_bytes", "kv_bytes")
+    samples = [{k: [] for k in keys} for _ in settings]
+    vision_ms: list[float] = []
     for round_ in range(args.rounds + 1):
+        scratch = {k: [] for k in keys}
         for i, (_, _, cfg) in enumerate(settings):
             model.set_vtr_config(cfg)
-            ms = timed_prefill(model, inputs)
-            if round_ > 0:
-                times[i].append(ms)
+            run_setting(model, inputs, clock, args.decode_steps, cuda, samples[i] if round_ else scratch)
+        with torch.inference_mode(), clock.measure(vision_ms if round_ else []):
+            model.model.get_image_features(pixel_values=inputs["pixel_values"])
         print(f"round {round_}/{args.rounds} done", flush=True)
 
-    base = statistics.median(times[0])
+    vision = statistics.median(vision_ms)
     rows = []
-    for i, (strategy, budget, cfg) in enumerate(settings):
-        kept = num_image if not cfg.enabled or budget == "ratio=1.0" else min(int(budget), num_image)
-        removed = num_image - kept
-        lengths = tokens_per_layer(seq_len, num_layers, [(args.prune_layer, removed)] if removed else [])
-        ideal = ideal_speedup(seq_len, lengths, d, m, d_kv)
-        med = statistics.median(times[i])
+    for (strategy, budget, _), s in zip(settings, samples):
+        kept = num_image if budget in ("-", "all") else min(budget, num_image)
+        lengths = tokens_per_layer(
+            seq_len, num_layers, [(args.prune_layer, num_image - kept)] if kept < num_image else []
+        )
+        ttft = statistics.median(s["ttft_ms"])
         rows.append(
             dict(
                 strategy=strategy,
                 keep_tokens=budget,
-                prune_layer=args.prune_layer if cfg.enabled else None,
-                prefill_ms=med,
-                measured_speedup=base / med,
-                ideal_speedup=ideal,
-                ratio_to_ideal=(base / med - 1) / (ideal - 1) if ideal > 1 else None,
+                ttft_ms=ttft,
+                llm_ms=ttft - vision,
+                decode_ms_per_token=statistics.median(s["decode_total_ms"]) / max(args.decode_steps, 1),
+                scoring_ms=statistics.median(s["scoring_ms"]),
+                peak_mib=statistics.median(s["peak_bytes"]) / 2**20,
+                kv_mib=statistics.median(s["kv_bytes"]) / 2**20,
+                ideal_speedup=ideal_speedup(seq_len, lengths, d, m, d_kv),
                 equivalent_tokens=equivalent_tokens(lengths),
-                samples_ms=times[i],
+                samples=s,
             )
         )
+    base = rows[0]
+    for r in rows:
+        r["ttft_speedup"] = base["ttft_ms"] / r["ttft_ms"]
+        r["llm_speedup"] = base["llm_ms"] / r["llm_ms"]
+        r["vs_ideal"] = r["llm_speedup"] / r["ideal_speedup"]
 
     env = dict(
-        device=torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-        dtype=str(dtype),
+        device=torch.cuda.get_device_name() if cuda else (platform.processor() or platform.machine()),
+        dtype=str(dtype).removeprefix("torch."),
         attn_implementation=args.attn,
         threads=torch.get_num_threads(),
         torch=torch.__version__,
+        model=path,
         seq_len=seq_len,
         image_tokens=num_image,
         layers=num_layers,
         hidden=d,
         intermediate=m,
+        kv_dim=d_kv,
+        prune_layer=args.prune_layer,
         rounds=args.rounds,
+        decode_steps=args.decode_steps,
+        vision_ms=vision,
     )
-    print(f"\n{env}\n")
+    print("\n" + ", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in env.items()) + "\n")
     print(
-        "| strategy | keep | prefill ms (median) | measured speedup | ideal speedup | gain vs ideal gain | equiv. tokens |"
+        "| strategy | keep | TTFT ms | TTFT speedup | LLM prefill ms | LLM speedup | ideal | vs ideal "
+        "| decode ms/tok | scoring ms | peak MiB | KV MiB | equiv. tokens |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        ratio = "-" if r["ratio_to_ideal"] is None else f"{r['ratio_to_ideal']:.2f}"
         print(
-            f"| {r['strategy']} | {r['keep_tokens'] or '-'} | {r['prefill_ms']:.1f} | {r['measured_speedup']:.2f}x "
-            f"| {r['ideal_speedup']:.2f}x | {ratio} | {r['equivalent_tokens']:.0f} |"
+            f"| {r['strategy']} | {r['keep_tokens']} | {r['ttft_ms']:.1f} | {r['ttft_speedup']:.2f}x "
+            f"| {r['llm_ms']:.1f} | {r['llm_speedup']:.2f}x | {r['ideal_speedup']:.2f}x | {r['vs_ideal']:.2f} "
+            f"| {r['decode_ms_per_token']:.2f} | {r['scoring_ms']:.2f} | {r['peak_mib']:.1f} | {r['kv_mib']:.1f} "
+            f"| {r['equivalent_tokens']:.0f} |"
         )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

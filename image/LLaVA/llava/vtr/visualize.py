@@ -1,0 +1,113 @@
+"""Show which image patches each strategy kept: one panel per strategy, pruned patches dimmed.
+
+    python -m llava.vtr.visualize --image photo.jpg --prompt "What is on the table?" \
+        --strategies fastv,priortr,random --keep-tokens 64 --prune-layer 2 --out kept.png
+
+Without --model it uses the built-in random demo model (see `make demo`); with --model a llava-hf
+checkpoint. The panel shows the image as the model saw it (resized and centre-cropped by the processor),
+divided into its patch grid; with several prune layers, the tokens kept after the last one are shown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from .api import load_model, load_processor
+from .config import VTRConfig
+from .demo import DEMO_SHAPE, build_prompt
+from .tiny import build_tiny_llava, demo_image
+
+PANEL = 336  # panel side in pixels
+GAP = 8  # pixels between panels
+CAPTION = 44  # caption strip height
+DIM = 0.25  # brightness factor of pruned patches
+
+
+def model_view(image: Image.Image, size: int) -> Image.Image:
+    """Resize the shortest side to `size` and centre-crop a square, as LLaVA's CLIP processor does."""
+    image = image.convert("RGB")
+    w, h = image.size
+    scale = size / min(w, h)
+    image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+    w, h = image.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def panel_geometry(grid: int) -> tuple[int, int]:
+    """(cell, side): each patch is `cell` pixels square; the panel side is grid * cell (<= PANEL)."""
+    cell = max(1, PANEL // grid)
+    return cell, cell * grid
+
+
+def render(image: Image.Image, grid: int, panels: list[tuple[str, list[int]]]) -> Image.Image:
+    """Side-by-side panels; `panels` = (caption, kept patch indices in row-major grid order)."""
+    cell, side = panel_geometry(grid)
+    base = model_view(image, side)
+    dimmed = base.point(lambda v: int(v * DIM))
+    canvas = Image.new("RGB", (len(panels) * side + (len(panels) - 1) * GAP, side + CAPTION), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (caption, kept) in enumerate(panels):
+        panel = dimmed.copy()
+        for idx in kept:
+            r, c = divmod(int(idx), grid)
+            box = (c * cell, r * cell, (c + 1) * cell, (r + 1) * cell)
+            panel.paste(base.crop(box), box[:2])
+        x = i * (side + GAP)
+        canvas.paste(panel, (x, 0))
+        for j, line in enumerate(caption.split("\n")[:3]):
+            draw.text((x + 4, side + 3 + 13 * j), line, fill="black")
+    return canvas
+
+
+def kept_patches(model, inputs) -> list[int]:
+    """Indices (row-major, into the image's patch grid) of the patches kept after the last prune stage."""
+    with torch.inference_mode():
+        model(**inputs)
+    positions = model.vtr_last.stages[-1].kept_positions[0]
+    first = int((inputs["input_ids"][0] == model.config.image_token_id).nonzero()[0])
+    return (positions - first).tolist()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="llava-hf checkpoint; default: the built-in random demo model")
+    parser.add_argument("--image", help="image file (default: the built-in synthetic scene)")
+    parser.add_argument("--prompt", default="What is shown in the image?")
+    parser.add_argument("--strategies", default="fastv,priortr,random")
+    parser.add_argument("--keep-tokens", type=int, default=64)
+    parser.add_argument("--prune-layer", type=int, default=2)
+    parser.add_argument("--out", default="kept.png")
+    parser.add_argument("--cache-dir", default=".cache")
+    args = parser.parse_args(argv)
+
+    path = args.model or str(build_tiny_llava(Path(args.cache_dir) / "demo-llava", **DEMO_SHAPE))
+    processor = load_processor(path)
+    model = load_model(path, VTRConfig(enabled=False))
+    image = Image.open(args.image) if args.image else demo_image(336)
+    inputs = processor(images=image, text=build_prompt(processor, args.prompt), return_tensors="pt")
+    num_image = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    grid = math.isqrt(num_image)
+    if grid * grid != num_image:
+        raise SystemExit(
+            f"visualize: {num_image} image tokens do not form a square patch grid (single-image LLaVA-1.5 only)"
+        )
+    panels = []
+    for strategy in [s.strip() for s in args.strategies.split(",") if s.strip()]:
+        model.set_vtr_config(VTRConfig(strategy=strategy, keep_tokens=args.keep_tokens, prune_layer=args.prune_layer))
+        kept = kept_patches(model, inputs)
+        caption = f"{strategy}\nkept {len(kept)}/{num_image} (keep_tokens={args.keep_tokens})\nprune layer K={args.prune_layer}"
+        panels.append((caption, kept))
+        print(f"{strategy}: kept {len(kept)} of {num_image} patches")
+    render(image, grid, panels).save(args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
