@@ -30,12 +30,13 @@ _CORPUS = [
 ]
 
 
-def build_tokenizer(vocab_size: int = 320):
-    """A byte-level BPE tokenizer trained on a tiny built-in corpus, with LLaVA's special tokens."""
+def build_tokenizer(vocab_size: int = 320, image_token: bool = True):
+    """A byte-level BPE tokenizer trained on a tiny built-in corpus, with LLaVA's special tokens
+    (`image_token=False`: without `<image>`, like the original LLaVA release's tokenizer)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+    specials = ["<unk>", "<s>", "</s>", "<pad>"] + (["<image>"] if image_token else [])
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -52,7 +53,7 @@ def build_tokenizer(vocab_size: int = 320):
         eos_token="</s>",
         unk_token="<unk>",
         pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"},
+        extra_special_tokens={"image_token": "<image>"} if image_token else {},
         padding_side="left",
     )
 
@@ -137,6 +138,67 @@ def build_tiny_llava(path, *, seed: int = 0, overwrite: bool = False, **shape) -
     processor.save_pretrained(path)
     stamp.write_text(json.dumps(wanted))
     return path
+
+
+def build_tiny_original_llava(path, *, seed: int = 0, **shape):
+    """Write a tiny checkpoint in the *original* LLaVA release format (`LlavaLlamaForCausalLM`, projector
+    under `model.mm_projector`, a separate CLIP tower folder named by `mm_vision_tower`, a tokenizer with no
+    `<image>` token). Returns (folder, reference): `reference` is a stock `LlavaForConditionalGeneration`
+    holding the same weights, with `<image>` appended to the vocabulary as the conversion does."""
+    from safetensors.torch import save_file
+    from transformers import CLIPImageProcessor, LlavaForConditionalGeneration
+
+    path = Path(path)
+    tokenizer = build_tokenizer(image_token=False)
+    base_vocab = len(tokenizer)
+    reference_tokenizer = build_tokenizer(image_token=False)
+    reference_tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    config = tiny_llava_config(reference_tokenizer, **shape)
+    torch.manual_seed(seed)
+    reference = LlavaForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        reference.model.language_model.embed_tokens.weight.normal_(0, 1.0)
+
+    tower = path / "clip-tower"
+    reference.model.vision_tower.save_pretrained(tower)
+    size = config.vision_config.image_size
+    CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(tower)
+
+    text = config.text_config
+    original = {
+        "architectures": ["LlavaLlamaForCausalLM"],
+        "model_type": "llava",
+        "vocab_size": base_vocab,
+        "hidden_size": text.hidden_size,
+        "intermediate_size": text.intermediate_size,
+        "num_hidden_layers": text.num_hidden_layers,
+        "num_attention_heads": text.num_attention_heads,
+        "num_key_value_heads": text.num_key_value_heads,
+        "max_position_embeddings": text.max_position_embeddings,
+        "rms_norm_eps": text.rms_norm_eps,
+        "rope_theta": text.rope_parameters["rope_theta"],
+        "hidden_act": "silu",
+        "mm_vision_tower": str(tower),
+        "mm_hidden_size": config.vision_config.hidden_size,
+        "mm_vision_select_layer": -2,
+        "mm_vision_select_feature": "patch",
+        "mm_projector_type": "mlp2x_gelu",
+        "image_aspect_ratio": "pad",
+    }
+    weights = {}
+    for key, value in reference.model.language_model.state_dict().items():
+        weights[f"model.{key}"] = value[:base_vocab] if key == "embed_tokens.weight" else value
+    weights["lm_head.weight"] = reference.lm_head.weight[:base_vocab]
+    for index, linear in (("0", "linear_1"), ("2", "linear_2")):
+        for kind in ("weight", "bias"):
+            weights[f"model.mm_projector.{index}.{kind}"] = getattr(
+                reference.model.multi_modal_projector, linear
+            ).state_dict()[kind]
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous().clone() for k, v in weights.items()}, str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps(original, indent=2))
+    tokenizer.save_pretrained(path)
+    return path, reference
 
 
 def demo_image(size: int = 336):
