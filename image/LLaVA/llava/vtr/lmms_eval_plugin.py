@@ -338,17 +338,23 @@ class _RunStats:
         self.samples: list[dict] = []
         self._start = None
 
+    @staticmethod
+    def _is_image_prefill(kwargs) -> bool:
+        # generate() in transformers 5 encodes the images first and passes `mm_encoder_outputs`
+        encoded = kwargs.get("mm_encoder_outputs") or {}
+        return kwargs.get("pixel_values") is not None or encoded.get("image") is not None
+
     def before_forward(self, module, args, kwargs):
-        if kwargs.get("pixel_values") is not None:
+        if self._is_image_prefill(kwargs):
             self.image_token_id = module.config.image_token_id
-            if kwargs["pixel_values"].is_cuda:
+            if kwargs["input_ids"].is_cuda:
                 torch.cuda.synchronize()
             self._start = time.perf_counter()
 
     def after_forward(self, module, args, kwargs, output):
         if self._start is None:
             return
-        if kwargs["pixel_values"].is_cuda:
+        if kwargs["input_ids"].is_cuda:
             torch.cuda.synchronize()
         elapsed = (time.perf_counter() - self._start) * 1000
         self._start = None

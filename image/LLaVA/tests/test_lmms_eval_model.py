@@ -1,0 +1,94 @@
+"""The llava_vtr lmms-eval model in process: loglikelihood with pruning, batching, prompts, loading."""
+
+import pytest
+import torch
+from lmms_eval.api.instance import Instance
+
+from llava.vtr.lmms_eval_plugin import VICUNA_SYSTEM, LlavaVTR
+from llava.vtr.tiny import build_tiny_original_llava, demo_image
+from llava_testlib import oracle_forward, stage_drops
+
+DOCS = {i: {"q": q} for i, q in enumerate(["Is it red?", "What shape is shown in the picture?", "Any text?"])}
+
+
+def make(tiny_path, args):
+    lm = LlavaVTR.create_from_arg_string(f"pretrained={tiny_path},{args}", {"batch_size": None, "device": None})
+    lm.task_dict = {"t": {"test": DOCS}}
+    return lm
+
+
+def visual(doc):
+    return [demo_image(64).rotate(90 * len(doc["q"]))]
+
+
+def _instance(kind, args, doc_id):
+    return Instance(kind, args, idx=0, metadata={"task": "t", "doc_id": doc_id, "repeats": 1})
+
+
+def ll_request(doc_id, continuation=" yes"):
+    return _instance("loglikelihood", (DOCS[doc_id]["q"], continuation, visual, doc_id, "t", "test"), doc_id)
+
+
+def gen_request(doc_id, **gen_kwargs):
+    kwargs = {"max_new_tokens": 5, "temperature": 0, "until": ["\n\n"], **gen_kwargs}
+    return _instance("generate_until", (DOCS[doc_id]["q"], kwargs, visual, doc_id, "t", "test"), doc_id)
+
+
+def test_prompt_uses_the_llava_15_conversation_template(tiny_path):
+    lm = make(tiny_path, "strategy=none")
+    assert lm.build_prompt("Is it red?", 1) == f"{VICUNA_SYSTEM} USER: <image>\nIs it red? ASSISTANT:"
+    assert (
+        lm.build_prompt("<image> first. Is it red?", 1) == f"{VICUNA_SYSTEM} USER: <image> first. Is it red? ASSISTANT:"
+    )
+    plain = make(tiny_path, "strategy=none,conv_template=plain")
+    assert plain.build_prompt("Q?", 2) == "<image>\n<image>\nQ?"
+    with pytest.raises(ValueError, match="conv_template='chatml'"):
+        make(tiny_path, "conv_template=chatml")
+
+
+def test_loglikelihood_applies_pruning_and_equals_the_oracle(tiny_path, stock_models):
+    lm = make(tiny_path, "strategy=fastv,keep_tokens=6,prune_layer=2")
+    ((score, greedy),) = lm.loglikelihood([ll_request(1, " yes no")])
+    record = lm.model.vtr_last
+    assert record is not None and record.stages[0].image_tokens_kept == [6]
+
+    # the same continuation scored by the oracle (full sequence, dropped tokens masked from layer 2 on)
+    inputs = lm._encode([lm.build_prompt(DOCS[1]["q"], 1)], visual(DOCS[1]))
+    target = lm.tokenizer(" yes no", add_special_tokens=False, return_tensors="pt")["input_ids"]
+    ctx_len = inputs["input_ids"].shape[1]
+    full = dict(inputs, input_ids=torch.cat([inputs["input_ids"], target], 1))
+    full["attention_mask"] = torch.ones_like(full["input_ids"])
+    stages = stage_drops(record, 1, full["input_ids"].shape[1], full["input_ids"] == lm.model.config.image_token_id)
+    logits = oracle_forward(stock_models["eager"], full, stages, full["input_ids"].shape[1])
+    logprobs = torch.log_softmax(logits[0, ctx_len - 1 : -1], -1)
+    expected = float(logprobs.gather(1, target[0][:, None]).sum())
+    assert score == pytest.approx(expected, abs=1e-4)
+    assert greedy == bool((logprobs.argmax(-1) == target[0]).all())
+
+    unpruned = make(tiny_path, "strategy=none")
+    ((unpruned_score, _),) = unpruned.loglikelihood([ll_request(1, " yes no")])
+    assert unpruned_score != pytest.approx(score, abs=1e-4), "pruning must change the context the score sees"
+
+
+def test_generate_until_batches_give_the_single_request_answers(tiny_path):
+    requests = [gen_request(i) for i in DOCS]
+    batched = make(tiny_path, "strategy=priortr,keep_tokens=8,prune_layer=2,batch_size=3").generate_until(requests)
+    single = make(tiny_path, "strategy=priortr,keep_tokens=8,prune_layer=2,batch_size=1").generate_until(requests)
+    assert batched == single and len(batched) == 3
+
+
+def test_until_cuts_the_answer(tiny_path):
+    lm = make(tiny_path, "strategy=none")
+    (full,) = lm.generate_until([gen_request(0, until=["\n\n"])])
+    assert full, "the random model must produce some text for this test to mean anything"
+    stop = full.strip()[1]
+    (cut,) = lm.generate_until([gen_request(0, until=[stop])])
+    assert cut == full.split(stop)[0].strip()
+
+
+def test_original_format_checkpoint_loads_through_the_plugin(tmp_path):
+    path, _ = build_tiny_original_llava(tmp_path / "orig")
+    lm = make(str(path), "strategy=fastv,keep_tokens=4,prune_layer=2")
+    (answer,) = lm.generate_until([gen_request(2)])
+    assert isinstance(answer, str)
+    assert lm.model.vtr_last.stages[0].image_tokens_kept == [4]
