@@ -46,6 +46,9 @@ def run_cli(workdir, tiny_path, name, extra_args, cache=True):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     (results,) = out.rglob("*_results.json")
     (stats,) = out.rglob("vtr_stats_*.json")
+    assert stats.parent == results.parent, "the efficiency record sits next to the scores"
+    tag = stats.name.removeprefix("vtr_stats_").rsplit("_", 2)[0]
+    assert results.parent.name.endswith(f"__vtr-{tag}"), "the results folder names the VTR settings"
     return json.loads(results.read_text()), json.loads(stats.read_text()), stats.name
 
 

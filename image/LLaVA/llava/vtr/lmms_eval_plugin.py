@@ -89,7 +89,37 @@ def _keep_loglikelihood_tuples() -> bool:
     return True
 
 
+def _name_outputs_after_settings() -> None:
+    """Make lmms-eval's results folder name carry the VTR settings.
+
+    lmms-eval names the folder after `pretrained=` only, so a pruned and an unpruned run of one
+    checkpoint would land side by side, told apart by timestamps. For `llava_vtr` runs the folder becomes
+    `<pretrained>__vtr-<tag>` (tag as in `describe`, e.g. `fastv_K2_keep64`); other model_args keep the
+    stock name."""
+    from lmms_eval.loggers.evaluation_tracker import GeneralConfigTracker
+
+    original = GeneralConfigTracker._get_model_name
+    if getattr(original, "_vtr_names_outputs", False):
+        return
+
+    def model_name(model_args) -> str:
+        base = original(model_args)
+        try:
+            _, config = parse_model_args(split_args(model_args), LOAD_ARGS)
+        except Exception:  # not llava_vtr's arguments: leave lmms-eval's name alone
+            return base
+        return output_name(base, config)
+
+    model_name._vtr_names_outputs = True
+    GeneralConfigTracker._get_model_name = staticmethod(model_name)
+
+
+def output_name(pretrained: str, config: VTRConfig) -> str:
+    return f"{pretrained}__vtr-{describe(config)}"
+
+
 _keep_loglikelihood_tuples()
+_name_outputs_after_settings()
 
 
 class LlavaVTR(lmms):
@@ -311,7 +341,7 @@ class LlavaVTR(lmms):
             if arg.startswith("--output_path"):
                 out = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else None)
                 if out:
-                    folder = Path(out) / utils.sanitize_model_name(self.pretrained)
+                    folder = Path(out) / utils.sanitize_model_name(output_name(self.pretrained, self.vtr_config))
                     stamp = datetime.now().strftime("%Y%m%d_%H%M%S")
                     suffix = f"_rank{self.rank}" if self.world_size > 1 else ""
                     return folder / f"vtr_stats_{self.vtr_tag}_{stamp}{suffix}.json"
