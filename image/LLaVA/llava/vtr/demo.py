@@ -38,6 +38,12 @@ def build_prompt(processor, question: str) -> str:
     return f"USER: <image>\n{question} ASSISTANT:"
 
 
+def kept_patch_indices(model, input_ids) -> torch.Tensor:
+    """Patch-grid indices (row-major) of the image tokens of sample 0 kept after the last prune stage."""
+    first_image_token = int((input_ids[0] == model.config.image_token_id).nonzero()[0])
+    return model.vtr_last.stages[-1].kept_positions[0] - first_image_token
+
+
 def prefill_ms(model, inputs, repeats: int) -> float:
     times = []
     for _ in range(repeats + 1):  # the first run warms up
@@ -105,7 +111,7 @@ def main(argv=None) -> int:
             ms = prefill_ms(model, inputs, args.repeats)
             text = answer()
             stage = model.vtr_last.stages[0]
-            kept = stage.kept_positions[0] - int(inputs["input_ids"][0].eq(model.config.image_token_id).nonzero()[0])
+            kept = kept_patch_indices(model, inputs["input_ids"])
             shown = ",".join(str(p) for p in kept[:8].tolist()) + (",..." if kept.numel() > 8 else "")
             rows.append(
                 (

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from .api import load_model, load_processor
 from .config import VTRConfig
 from .convert import convert_original_llava, is_original_llava
-from .cost import prefill_cost, text_config_dims, tokens_per_layer
+from .cost import equivalent_tokens, ideal_speedup, text_config_dims, tokens_per_layer
 from .model_args import describe, parse_model_args, split_args
 
 IMAGE_TOKEN = "<image>"
@@ -400,14 +400,13 @@ class _RunStats:
                 stages.append(dict(layer=stage.layer, image_in=before, image_kept=kept))
                 schedule.append((stage.layer, before - kept))
             lengths = tokens_per_layer(seq_len, self.num_layers, schedule)
-            full = prefill_cost([seq_len] * self.num_layers, self.d, self.m, self.d_kv)
             self.samples.append(
                 dict(
                     seq_len=seq_len,
                     image_tokens=image,
                     stages=stages,
-                    equivalent_tokens=sum(lengths) / len(lengths),
-                    flops_ratio=prefill_cost(lengths, self.d, self.m, self.d_kv) / full,
+                    equivalent_tokens=equivalent_tokens(lengths),
+                    flops_ratio=1 / ideal_speedup(seq_len, lengths, self.d, self.m, self.d_kv),
                     prefill_ms=elapsed / input_ids.shape[0],
                 )
             )

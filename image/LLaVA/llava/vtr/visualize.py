@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 
 from .api import load_model, load_processor
 from .config import VTRConfig
-from .demo import DEMO_SHAPE, build_prompt
+from .demo import DEMO_SHAPE, build_prompt, kept_patch_indices
 from .tiny import build_tiny_llava, demo_image
 
 PANEL = 336  # panel side in pixels
@@ -69,9 +69,7 @@ def kept_patches(model, inputs) -> list[int]:
     """Indices (row-major, into the image's patch grid) of the patches kept after the last prune stage."""
     with torch.inference_mode():
         model(**inputs)
-    positions = model.vtr_last.stages[-1].kept_positions[0]
-    first = int((inputs["input_ids"][0] == model.config.image_token_id).nonzero()[0])
-    return (positions - first).tolist()
+    return kept_patch_indices(model, inputs["input_ids"]).tolist()
 
 
 def main(argv=None) -> int:
