@@ -80,12 +80,39 @@ def test_select_keeps_original_order_and_breaks_ties_by_position():
 def test_select_budget_priority_and_rounding():
     scores = [0.1, 0.9, 0.5, 0.7, 0.2, 0.3]
     assert select(scores, keep_tokens=2, keep_ratio=0.9) == [1, 3]  # keep_tokens wins
-    assert select(scores, score_threshold=0.5, keep_ratio=0.1) == [1, 2, 3]  # threshold beats ratio
+    assert select(scores, score_threshold=0.5, keep_ratio=0.1) == [1, 3]  # threshold beats ratio; strictly above
     assert select(scores, keep_ratio=0.5) == [1, 2, 3]
     assert select(scores, keep_ratio=0.25) == [1, 3]  # 1.5 rounds half up to 2
     assert select(scores, keep_tokens=0) == []
     assert select(scores, keep_tokens=100) == [0, 1, 2, 3, 4, 5]
     assert select(scores, keep_ratio=1.0) == [0, 1, 2, 3, 4, 5]
+
+
+def test_threshold_keeps_strictly_above_and_at_least_the_best_token():
+    """The reference implementation's rule: `score > threshold`, and the top token when none passes."""
+    assert select([0.2, 0.5, 0.5], score_threshold=0.5) == [1]  # none strictly above: the first best
+    assert select([0.2, 0.7, 0.5], score_threshold=0.5) == [1]
+    assert select([0.6, 0.7, 0.5], score_threshold=0.5) == [0, 1]
+    assert select([float("nan"), 0.1], score_threshold=0.9) == [1]
+
+
+def test_keep_ratio_rounds_half_up_unlike_the_reference_floor():
+    # 0.2222 x 576 = 127.99: we keep 128, the reference (floor) keeps 127
+    scores = torch.arange(576, dtype=torch.float32)
+    kept = get_strategy("fastv")().select_tokens(scores, 576, VTRConfig(keep_ratio=0.2222))
+    assert kept.numel() == 128 == round(0.2222 * 576)
+
+
+def test_question_rows_are_averaged_per_head_before_the_max_over_heads():
+    """Order matters for head_aggregation=max: the reference averages each head's rows, then takes the max."""
+    att = torch.zeros(1, 2, 8, 8)
+    # token at position 2: head 0 sees it from row 6 only (0.8), head 1 from both rows (0.5, 0.5)
+    att[0, 0, 6, 2], att[0, 0, 7, 2] = 0.8, 0.0
+    att[0, 1, 6, 2], att[0, 1, 7, 2] = 0.5, 0.5
+    cfg = VTRConfig(query_aggregation="question", head_aggregation="max")
+    scores = get_strategy("fastv")().compute_scores(att, (2, 6), cfg)
+    # per head row-mean: head0 0.4, head1 0.5 -> max 0.5 (max per row first would give mean(0.8, 0.5) = 0.65)
+    torch.testing.assert_close(scores[0], torch.tensor(0.5))
 
 
 def test_select_ranks_nan_last():

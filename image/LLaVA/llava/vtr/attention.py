@@ -21,7 +21,8 @@ class ScoringAttention:
     """
 
     def __init__(self, query_fn, keys: torch.Tensor, key_valid: torch.Tensor, num_heads: int, scaling: float):
-        # query_fn(rows: LongTensor) -> [batch, heads, len(rows), head_dim], RoPE applied.
+        # query_fn(rows: LongTensor) -> [batch, heads, len(rows), head_dim], RoPE applied. It may carry
+        # `query_fn.for_sample(b)`, the same function computing sample b only (used by `sample`).
         self._query_fn = query_fn
         self._keys = keys  # [batch, kv_heads, seq, head_dim], RoPE applied
         self._key_valid = key_valid  # [batch, seq] bool (False = padding)
@@ -39,13 +40,16 @@ class ScoringAttention:
     def dim(self) -> int:
         return 4
 
-    def sample(self, b: int) -> ScoringAttention:
-        """The same lazy attention restricted to batch element `b` (batch size 1)."""
+    def sample(self, b: int, length: int | None = None) -> ScoringAttention:
+        """The same lazy attention for batch element `b` alone (batch size 1), over its first `length`
+        positions (default: all). Only that sample's query rows are ever computed."""
+        length = self.shape[-1] if length is None else length
         query_fn = self._query_fn
+        for_sample = getattr(query_fn, "for_sample", None)
         return ScoringAttention(
-            lambda rows: query_fn(rows)[b : b + 1],
-            self._keys[b : b + 1],
-            self._key_valid[b : b + 1],
+            for_sample(b) if for_sample is not None else (lambda rows: query_fn(rows)[b : b + 1]),
+            self._keys[b : b + 1, :, :length],
+            self._key_valid[b : b + 1, :length],
             self._num_heads,
             self._scaling,
         )
@@ -106,3 +110,42 @@ def _expand_index(index) -> tuple:
     if len(index) > 4:
         raise IndexError(f"too many indices for a 4-D attention tensor: {len(index)}")
     return tuple(index) + (slice(None),) * (4 - len(index))
+
+
+def scoring_attention(layer, layer_input, cos, sin, key_valid, cache, layer_idx, rope_fn) -> ScoringAttention:
+    """Lazy causal attention probabilities of decoder `layer` (Llama-style `self_attn` with q/k projections,
+    optional per-head q/k norms) for its input `layer_input` [batch, seq, hidden].
+
+    rope_fn: `apply_rotary_pos_emb(q, k, cos, sin)` of the decoder's family. Keys come from the KV cache
+    when there is one (exactly what the kernel attended to, post-RoPE), else from `k_proj`.
+    """
+    attn = layer.self_attn
+    normed = layer.input_layernorm(layer_input)
+    batch, seq, _ = normed.shape
+    head_dim = attn.head_dim
+    q_norm = getattr(attn, "q_norm", None)  # Qwen3-style per-head norms
+    k_norm = getattr(attn, "k_norm", None)
+
+    def queries(rows: torch.Tensor, picked: slice) -> torch.Tensor:
+        x, c, s = normed[picked, rows], cos[picked, rows], sin[picked, rows]
+        q = attn.q_proj(x).view(x.shape[0], rows.numel(), -1, head_dim)
+        if q_norm is not None:
+            q = q_norm(q)
+        q = q.transpose(1, 2)
+        return rope_fn(q, q, c, s)[0]
+
+    def query_fn(rows: torch.Tensor) -> torch.Tensor:
+        return queries(rows, slice(None))
+
+    query_fn.for_sample = lambda b: lambda rows: queries(rows, slice(b, b + 1))
+
+    if cache is not None:
+        keys = cache.layers[layer_idx].keys
+    else:
+        k = attn.k_proj(normed).view(batch, seq, -1, head_dim)
+        if k_norm is not None:
+            k = k_norm(k)
+        k = k.transpose(1, 2)
+        keys = rope_fn(k, k, cos, sin)[1]
+    num_heads = attn.config.num_attention_heads
+    return ScoringAttention(query_fn, keys, key_valid, num_heads=num_heads, scaling=attn.scaling)
