@@ -41,6 +41,8 @@ def run_cli(workdir, tiny_path, name, extra_args):
     (results,) = out.rglob("*_results.json")
     (stats,) = out.rglob("vtr_stats_*.json")
     assert stats.parent == results.parent, "the efficiency record sits next to the scores"
+    date_id = results.name.removesuffix("_results.json")
+    assert stats.name.endswith(f"_{date_id}.json"), "stamped with the results' own timestamp"
     tag = stats.name.removeprefix("vtr_stats_").rsplit("_", 2)[0]
     assert results.parent.name.endswith(f"__vtr-{tag}"), "the results folder names the VTR settings"
     return json.loads(results.read_text()), json.loads(stats.read_text()), stats.name
@@ -63,7 +65,14 @@ def test_unpruned_baseline(workdir, tiny_path):
     assert name.startswith("vtr_stats_unpruned_")
     assert stats["prefills"] == PREFILLS
     assert stats["per_prune_layer"] == [] and stats["prefill_flops_ratio"] == 1.0
+    assert stats["ideal_prefill_speedup"] == 1.0
     assert stats["mean_image_tokens"] == 64
+    by_type = stats["by_request_type"]
+    assert by_type["generate_until"]["prefills"] == DOCS and by_type["loglikelihood"]["prefills"] == 2 * DOCS
+    assert stats["requests"] == {
+        "computed": {"generate_until": DOCS, "loglikelihood": 2 * DOCS},
+        "from_response_cache": {},
+    }
 
 
 @pytest.mark.parametrize(
@@ -95,6 +104,7 @@ def test_each_strategy_records_what_it_kept(workdir, tiny_path, strategy, args, 
         kept = 8 if strategy == "fastv" else 16
         assert [(x["mean_image_tokens_in"], x["mean_image_tokens_kept"]) for x in layers] == [(64, kept)]
     assert 0 < stats["prefill_flops_ratio"] < 1
+    assert stats["ideal_prefill_speedup"] == pytest.approx(1 / stats["prefill_flops_ratio"])
     assert stats["mean_equivalent_tokens"] < stats["mean_seq_len"]
     assert stats["mean_prefill_ms"] > 0
 
@@ -103,12 +113,56 @@ def test_same_settings_are_served_from_the_response_cache(workdir, tiny_path):
     """The cache is live (so the no-reuse checks above mean something): a repeat run computes nothing."""
     _, stats, _ = run_cli(workdir, tiny_path, "fastv-again", "strategy=fastv,keep_tokens=8,prune_layer=2")
     assert stats["prefills"] == 0
+    assert stats["requests"]["from_response_cache"] == {"generate_until": DOCS, "loglikelihood": 2 * DOCS}
+    assert "response cache" in stats["note"] and stats["response_cache"]
+
+
+def test_a_run_from_a_config_file_writes_its_efficiency_record(workdir, tiny_path):
+    out = workdir / "results" / "from-config"
+    config = workdir / "run.yaml"
+    config.write_text(
+        f"model: llava_vtr\nmodel_args: pretrained={tiny_path},strategy=fastv,keep_tokens=6,prune_layer=2\n"
+        f"tasks: vtr_tiny_qa\nbatch_size: 2\noutput_path: {out}\ninclude_path: {workdir / 'task'}\n"
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(workdir / "hf"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "lmms_eval", "--config", str(config)],
+        cwd=workdir / "task", env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (results,) = out.rglob("*_results.json")
+    (stats,) = out.rglob("vtr_stats_*.json")
+    assert stats.parent == results.parent
+    assert stats.name == f"vtr_stats_fastv_K2_keep6_{results.name.removesuffix('_results.json')}.json"
+    record = json.loads(stats.read_text())
+    assert record["prefills"] == DOCS and record["per_prune_layer"][0]["mean_image_tokens_kept"] == 6
 
 
 def test_unknown_model_arg_fails_the_cli_with_the_valid_keys(workdir, tiny_path):
     proc = lmms_eval(workdir, f"pretrained={tiny_path},keep_token=64", "vtr_tiny_qa")
     output = proc.stdout + proc.stderr
-    # lmms-eval 0.7.3 logs a failed run and still exits 0; the run must stop before evaluating anything
+    # lmms-eval 0.7.3 logs a failed run and exits 0; our argument errors end the process with status 2
+    assert proc.returncode == 2, output[-2000:]
     assert "| Tasks" not in output and "Running generate_until requests" not in output
     assert "unknown model_args key 'keep_token' (did you mean 'keep_tokens'?)" in output
     assert "valid keys:" in output
+
+
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        ("keep_ratio=1.5", "VTRConfig.keep_ratio=1.5 is invalid"),
+        ("strategy=fastvv", "unknown strategy 'fastvv'"),
+        ("prune_layer=99", "has 4 decoder layers"),
+    ],
+)
+def test_bad_values_stop_the_cli_with_a_non_zero_status(workdir, tiny_path, bad, message):
+    proc = lmms_eval(workdir, f"pretrained={tiny_path},{bad}", "vtr_tiny_qa")
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and message in output, output[-2000:]
+    assert "Traceback" not in proc.stderr, "a clear message, not a stack trace"
+
+
+def test_automatic_batch_size_is_refused(workdir, tiny_path):
+    proc = lmms_eval(workdir, f"pretrained={tiny_path}", "vtr_tiny_qa", "--batch_size", "auto")
+    assert proc.returncode == 2 and "batch_size='auto'" in proc.stdout + proc.stderr

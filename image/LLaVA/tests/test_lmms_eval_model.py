@@ -44,6 +44,8 @@ def test_prompt_uses_the_llava_15_conversation_template(tiny_path):
     assert plain.build_prompt("Q?", 2) == "<image>\n<image>\nQ?"
     with pytest.raises(ValueError, match="conv_template='chatml'"):
         make(tiny_path, "conv_template=chatml")
+    with pytest.raises(ValueError, match="no automatic batch size"):
+        make(tiny_path, "max_batch_size=8")
 
 
 def test_loglikelihood_applies_pruning_and_equals_the_oracle(tiny_path, stock_models):
@@ -52,14 +54,16 @@ def test_loglikelihood_applies_pruning_and_equals_the_oracle(tiny_path, stock_mo
     record = lm.model.vtr_last
     assert record is not None and record.stages[0].image_tokens_kept == [6]
 
-    # the same continuation scored by the oracle (full sequence, dropped tokens masked from layer 2 on)
+    # the oracle: the context alone is pruned (tokens dropped from layer 2 on); the continuation rows are
+    # decode rows, which see no dropped token in any layer
     inputs = lm._encode([lm.build_prompt(DOCS[1]["q"], 1)], visual(DOCS[1]))
     target = lm.tokenizer(" yes no", add_special_tokens=False, return_tensors="pt")["input_ids"]
     ctx_len = inputs["input_ids"].shape[1]
+    assert record.original_len == ctx_len, "pruning must see the context only"
     full = dict(inputs, input_ids=torch.cat([inputs["input_ids"], target], 1))
     full["attention_mask"] = torch.ones_like(full["input_ids"])
-    stages = stage_drops(record, 1, full["input_ids"].shape[1], full["input_ids"] == lm.model.config.image_token_id)
-    logits = oracle_forward(stock_models["eager"], full, stages, full["input_ids"].shape[1])
+    stages = stage_drops(record, 1, ctx_len, inputs["input_ids"] == lm.model.config.image_token_id)
+    logits = oracle_forward(stock_models["eager"], full, stages, ctx_len)
     logprobs = torch.log_softmax(logits[0, ctx_len - 1 : -1], -1)
     expected = float(logprobs.gather(1, target[0][:, None]).sum())
     assert score == pytest.approx(expected, abs=1e-4)
@@ -68,6 +72,17 @@ def test_loglikelihood_applies_pruning_and_equals_the_oracle(tiny_path, stock_mo
     unpruned = make(tiny_path, "strategy=none")
     ((unpruned_score, _),) = unpruned.loglikelihood([ll_request(1, " yes no")])
     assert unpruned_score != pytest.approx(score, abs=1e-4), "pruning must change the context the score sees"
+
+
+def test_every_option_and_generation_keep_the_same_image_tokens(tiny_path):
+    """The continuation being scored must not choose which image tokens survive."""
+    lm = make(tiny_path, "strategy=fastv,keep_tokens=4,prune_layer=2")
+    lm.generate_until([gen_request(1)])
+    kept = [lm.model.vtr_last.stages[0].kept_positions[0].tolist()]
+    for option in [" red", " blue", " yes", " a green square in the middle"]:
+        lm.loglikelihood([ll_request(1, option)])
+        kept.append(lm.model.vtr_last.stages[0].kept_positions[0].tolist())
+    assert all(k == kept[0] for k in kept), kept
 
 
 def test_generate_until_batches_give_the_single_request_answers(tiny_path):

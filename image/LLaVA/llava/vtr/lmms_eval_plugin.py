@@ -16,23 +16,20 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
-from datetime import datetime
 from pathlib import Path
 
-import lmms_eval.evaluator
 import torch
 from accelerate import Accelerator
 from lmms_eval import utils
-from lmms_eval.api.instance import unwrap_generation_output
 from lmms_eval.api.model import lmms
 from loguru import logger
 from PIL import Image
 from tqdm import tqdm
 
+from . import lmms_eval_compat as compat
 from .api import load_model, load_processor
-from .config import VTRConfig
+from .config import VTRConfig, VTRConfigError
 from .convert import convert_original_llava, is_original_llava
 from .cost import equivalent_tokens, ideal_speedup, text_config_dims, tokens_per_layer
 from .model_args import describe, parse_model_args, split_args
@@ -63,63 +60,19 @@ LOAD_ARGS: dict[str, object] = {
 }
 
 
-def _keep_loglikelihood_tuples() -> bool:
-    """Work around lmms-eval 0.7.x turning every model output into a string before scoring.
-
-    Its evaluator passes each response through `unwrap_generation_output`, which returns `str(output)`
-    for a loglikelihood result `(logprob, is_greedy)`; `multiple_choice` / `loglikelihood` tasks then fail
-    for every model ("too many values to unpack"). This wraps the evaluator's reference so that such
-    pairs (tuples, or lists when served from the response cache) pass through unchanged. It installs
-    itself only when the installed lmms-eval shows the bug, so a fixed release is left alone.
-    """
-    if unwrap_generation_output((0.0, True))[0] != "(0.0, True)":
-        return False
-    original = lmms_eval.evaluator.unwrap_generation_output
-    if getattr(original, "_vtr_keeps_loglikelihood", False):
-        return True
-
-    def unwrap(output):
-        if isinstance(output, (tuple, list)) and len(output) == 2 and isinstance(output[1], bool):
-            if isinstance(output[0], (int, float)) and not isinstance(output[0], bool):
-                return (float(output[0]), output[1]), None
-        return original(output)
-
-    unwrap._vtr_keeps_loglikelihood = True
-    lmms_eval.evaluator.unwrap_generation_output = unwrap
-    return True
-
-
-def _name_outputs_after_settings() -> None:
-    """Make lmms-eval's results folder name carry the VTR settings.
-
-    lmms-eval names the folder after `pretrained=` only, so a pruned and an unpruned run of one
-    checkpoint would land side by side, told apart by timestamps. For `llava_vtr` runs the folder becomes
-    `<pretrained>__vtr-<tag>` (tag as in `describe`, e.g. `fastv_K2_keep64`); other model_args keep the
-    stock name."""
-    from lmms_eval.loggers.evaluation_tracker import GeneralConfigTracker
-
-    original = GeneralConfigTracker._get_model_name
-    if getattr(original, "_vtr_names_outputs", False):
-        return
-
-    def model_name(model_args) -> str:
-        base = original(model_args)
-        try:
-            _, config = parse_model_args(split_args(model_args), LOAD_ARGS)
-        except Exception:  # not llava_vtr's arguments: leave lmms-eval's name alone
-            return base
-        return output_name(base, config)
-
-    model_name._vtr_names_outputs = True
-    GeneralConfigTracker._get_model_name = staticmethod(model_name)
-
-
 def output_name(pretrained: str, config: VTRConfig) -> str:
     return f"{pretrained}__vtr-{describe(config)}"
 
 
-_keep_loglikelihood_tuples()
-_name_outputs_after_settings()
+def _folder_name(model_args, base: str) -> str | None:
+    try:
+        _, config = parse_model_args(split_args(model_args), LOAD_ARGS)
+    except Exception:  # not llava_vtr's arguments: leave lmms-eval's name alone
+        return None
+    return output_name(base, config)
+
+
+compat.install(_folder_name)
 
 
 class LlavaVTR(lmms):
@@ -137,14 +90,31 @@ class LlavaVTR(lmms):
 
     def __init__(self, **model_args) -> None:
         super().__init__()
+        try:
+            load, vtr_config = self._parse(model_args)
+        except ValueError as error:  # unknown key, bad value: stop the run, not just this task
+            compat.exit_on_argument_error(error, "llava_vtr")
+        self._load(load, vtr_config)
+        compat.LIVE_MODELS.add(self)
+
+    @staticmethod
+    def _parse(model_args: dict):
         load, vtr_config = parse_model_args(model_args, LOAD_ARGS)
+        if load.get("conv_template", "vicuna_v1") not in CONV_TEMPLATES:
+            raise ValueError(f"conv_template={load['conv_template']!r}: choose one of {list(CONV_TEMPLATES)}")
+        if load.get("batch_size", 1) < 1:
+            raise ValueError(f"batch_size={load['batch_size']}: must be >= 1")
+        if load.get("max_batch_size") is not None:
+            raise ValueError("max_batch_size: llava_vtr has no automatic batch size; set batch_size=N")
+        dtype_name = load.get("dtype")
+        if dtype_name not in (None, "auto") and not isinstance(getattr(torch, dtype_name, None), torch.dtype):
+            raise ValueError(f"dtype={dtype_name!r} is not a torch dtype (float16, bfloat16, float32 or auto)")
+        return load, vtr_config
+
+    def _load(self, load: dict, vtr_config: VTRConfig) -> None:
         pretrained = load.get("pretrained", "llava-hf/llava-1.5-7b-hf")
         self.conv_template = load.get("conv_template", "vicuna_v1")
-        if self.conv_template not in CONV_TEMPLATES:
-            raise ValueError(f"conv_template={self.conv_template!r}: choose one of {list(CONV_TEMPLATES)}")
         self.batch_size_per_gpu = load.get("batch_size", 1)
-        if self.batch_size_per_gpu < 1:
-            raise ValueError(f"batch_size={self.batch_size_per_gpu}: must be >= 1")
         self.use_cache = load.get("use_cache", True)
         self.default_max_new_tokens = load.get("max_new_tokens", 128)
         self.stats_path = load.get("stats_path")
@@ -157,9 +127,7 @@ class LlavaVTR(lmms):
             device = f"cuda:{accelerator.local_process_index}" if cuda else "cpu"
             device_map = device if cuda else ""
         dtype_name = load.get("dtype", "auto" if cuda else "float32")
-        dtype = dtype_name if dtype_name == "auto" else getattr(torch, dtype_name, None)
-        if dtype is None:
-            raise ValueError(f"dtype={dtype_name!r} is not a torch dtype (float16, bfloat16, float32 or auto)")
+        dtype = dtype_name if dtype_name == "auto" else getattr(torch, dtype_name)
 
         if is_original_llava(pretrained):
             model, processor = convert_original_llava(
@@ -174,7 +142,10 @@ class LlavaVTR(lmms):
                 kwargs["device_map"] = device_map
             model = load_model(pretrained, VTRConfig(enabled=False), **kwargs)
             processor = load_processor(pretrained, **({"revision": load["revision"]} if "revision" in load else {}))
-        model.set_vtr_config(vtr_config)
+        try:
+            model.set_vtr_config(vtr_config)  # checks that depend on the model (prune layer vs depth)
+        except VTRConfigError as error:
+            compat.exit_on_argument_error(error, "llava_vtr")
         if not device_map:
             model.to(device)
         processor.tokenizer.padding_side = "left"
@@ -184,6 +155,9 @@ class LlavaVTR(lmms):
         self.accelerator = accelerator
         self._rank, self._world_size = accelerator.local_process_index, accelerator.num_processes
         self._stats = _RunStats(model.config.text_config)
+        # requests handed to us (counted by lmms_eval_compat when --use_cache is on) vs computed here
+        self.requests_seen: dict[str, int] = {}
+        self.requests_computed = {"generate_until": 0, "loglikelihood": 0}
         model.register_forward_pre_hook(self._stats.before_forward, with_kwargs=True)
         model.register_forward_hook(self._stats.after_forward, with_kwargs=True)
         logger.info(f"llava_vtr: {pretrained} with {vtr_config} (tag {self.vtr_tag}) on {device}")
@@ -236,6 +210,8 @@ class LlavaVTR(lmms):
     # ------------------------------------------------------------------ requests
 
     def generate_until(self, requests) -> list[str]:
+        self.requests_computed["generate_until"] += len(requests)
+        self._stats.kind = "generate_until"
         results = []
 
         def order(args):
@@ -285,7 +261,11 @@ class LlavaVTR(lmms):
         return collator.get_original(results)
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
-        """Log-probability of each continuation, computed **with pruning applied** to the context."""
+        """Log-probability of each continuation. The context (image + question) is pruned on its own, as
+        for generation, and the continuation is then scored against that pruned KV cache: every option
+        of a multiple-choice question sees the same kept image tokens, and the answer never picks them."""
+        self.requests_computed["loglikelihood"] += len(requests)
+        self._stats.kind = "loglikelihood"
         results = []
         for request in tqdm(requests, disable=self.rank != 0, desc="llava_vtr loglikelihood"):
             context, continuation, visual_fn, doc_id, task, split = request.args
@@ -295,20 +275,7 @@ class LlavaVTR(lmms):
             inputs = self._encode([self.build_prompt(context, len(visuals))], visuals)
             target = self.tokenizer(continuation, add_special_tokens=False, return_tensors="pt")["input_ids"]
             target = target.to(self._device)
-            context_len = inputs["input_ids"].shape[1]
-            inputs["input_ids"] = torch.cat([inputs["input_ids"], target], dim=1)
-            inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
-            with torch.inference_mode():
-                logits = self._model(**inputs, use_cache=False).logits[0].float()
-            record = self._model.vtr_last
-            kept = record.kept_index[0] if record is not None else torch.arange(logits.shape[0], device=logits.device)
-            # the row that predicts original position p is the one holding position p-1 (text: never pruned)
-            row_of = torch.full((inputs["input_ids"].shape[1],), -1, dtype=torch.long, device=logits.device)
-            row_of[kept[kept >= 0]] = torch.arange(kept.numel(), device=logits.device)[kept >= 0]
-            rows = row_of[context_len - 1 : context_len - 1 + target.shape[1]]
-            if bool((rows < 0).any()):
-                raise RuntimeError("a continuation's predicting row was pruned; this cannot happen for text tokens")
-            logprobs = torch.log_softmax(logits[rows], dim=-1)
+            logprobs = self.continuation_logprobs(inputs, target)
             tokens = target[0]
             score = float(logprobs.gather(1, tokens[:, None]).sum())
             greedy = bool((logprobs.argmax(-1) == tokens).all())
@@ -316,13 +283,28 @@ class LlavaVTR(lmms):
             self.cache_hook.add_partial("loglikelihood", (context, continuation), (score, greedy))
         return results
 
+    @torch.inference_mode()
+    def continuation_logprobs(self, inputs, target: torch.Tensor) -> torch.Tensor:
+        """[len(target), vocab] log-probabilities of each continuation token (one sample): a pruned prefill
+        of the context, then the continuation as one decode chunk on its cache."""
+        out = self._model(**inputs, use_cache=True)
+        logits = [out.logits[0, -1:].float()]
+        if target.shape[1] > 1:
+            context_len = inputs["input_ids"].shape[1]
+            mask = torch.ones(1, context_len + target.shape[1] - 1, dtype=torch.long, device=target.device)
+            rest = self._model(
+                input_ids=target[:, :-1], attention_mask=mask, past_key_values=out.past_key_values, use_cache=True
+            )
+            logits.append(rest.logits[0].float())
+        return torch.log_softmax(torch.cat(logits), dim=-1)
+
     def generate_until_multi_round(self, requests) -> list[str]:
         raise NotImplementedError("llava_vtr does not implement multi-round generation")
 
     # ------------------------------------------------------------------ efficiency stats
 
-    def stats_summary(self) -> dict:
-        return dict(
+    def stats_summary(self, response_cache: str | None = None) -> dict:
+        summary = dict(
             model="llava_vtr",
             pretrained=self.pretrained,
             vtr_tag=self.vtr_tag,
@@ -331,30 +313,43 @@ class LlavaVTR(lmms):
             world_size=self.world_size,
             **self._stats.summary(),
         )
+        from_cache = {
+            kind: self.requests_seen[kind] - self.requests_computed.get(kind, 0)
+            for kind in self.requests_seen
+            if self.requests_seen[kind] > self.requests_computed.get(kind, 0)
+        }
+        summary["requests"] = dict(computed=dict(self.requests_computed), from_response_cache=from_cache)
+        summary["response_cache"] = response_cache
+        if from_cache:
+            summary["note"] = (
+                "some answers came from lmms-eval's response cache (--use_cache) and were not recomputed; "
+                "the timings and kept-token figures cover the computed requests only"
+            )
+        return summary
 
-    def _stats_file(self) -> Path | None:
+    def write_stats(self, folder: Path, date_id: str, response_cache: str | None = None) -> Path | None:
+        """Write the efficiency record beside `<date_id>_results.json` in `folder` (lmms_eval_compat calls
+        this when lmms-eval saves the results), or to `stats_path=` when that was given."""
+        if self.stats_path and date_id:  # clean() writes to the explicit path
+            return None
         if self.stats_path:
             path = Path(self.stats_path)
-            return path / f"vtr_stats_{self.vtr_tag}.json" if path.suffix != ".json" else path
-        argv = sys.argv
-        for i, arg in enumerate(argv):
-            if arg.startswith("--output_path"):
-                out = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else None)
-                if out:
-                    folder = Path(out) / utils.sanitize_model_name(output_name(self.pretrained, self.vtr_config))
-                    stamp = datetime.now().strftime("%Y%m%d_%H%M%S")
-                    suffix = f"_rank{self.rank}" if self.world_size > 1 else ""
-                    return folder / f"vtr_stats_{self.vtr_tag}_{stamp}{suffix}.json"
-        return None
+            path = path / f"vtr_stats_{self.vtr_tag}.json" if path.suffix != ".json" else path
+        else:
+            suffix = f"_rank{self.rank}" if self.world_size > 1 else ""
+            path = Path(folder) / f"vtr_stats_{self.vtr_tag}_{date_id}{suffix}.json"
+        summary = self.stats_summary(response_cache)
+        summary["results_timestamp"] = date_id or None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(summary, indent=2, default=str))
+        logger.info(f"llava_vtr: wrote efficiency stats to {path}")
+        return path
 
     def clean(self):
         summary = self.stats_summary()
         logger.info(f"llava_vtr efficiency: {json.dumps({k: v for k, v in summary.items() if k != 'vtr_config'})}")
-        path = self._stats_file()
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(summary, indent=2, default=str))
-            logger.info(f"llava_vtr: wrote efficiency stats to {path}")
+        if self.stats_path:  # an explicit path is written even when lmms-eval saves no results
+            self.write_stats(Path(self.stats_path), "")
         super().clean()
 
 
@@ -367,6 +362,7 @@ class _RunStats:
         self.image_token_id = None
         self.samples: list[dict] = []
         self._start = None
+        self.kind = "forward"  # which request type the next prefills serve (set by the plugin)
 
     @staticmethod
     def _is_image_prefill(kwargs) -> bool:
@@ -408,33 +404,43 @@ class _RunStats:
                     equivalent_tokens=equivalent_tokens(lengths),
                     flops_ratio=1 / ideal_speedup(seq_len, lengths, self.d, self.m, self.d_kv),
                     prefill_ms=elapsed / input_ids.shape[0],
+                    kind=self.kind,
                 )
             )
 
     def summary(self) -> dict:
-        n = len(self.samples)
-
         def mean(values):
             values = list(values)
             return sum(values) / len(values) if values else None
 
-        by_layer: dict[int, list[dict]] = {}
-        for s in self.samples:
-            for stage in s["stages"]:
-                by_layer.setdefault(stage["layer"], []).append(stage)
-        return dict(
-            prefills=n,
-            mean_seq_len=mean(s["seq_len"] for s in self.samples),
-            mean_image_tokens=mean(s["image_tokens"] for s in self.samples),
-            per_prune_layer=[
-                dict(
-                    layer=layer,
-                    mean_image_tokens_in=mean(x["image_in"] for x in items),
-                    mean_image_tokens_kept=mean(x["image_kept"] for x in items),
-                )
-                for layer, items in sorted(by_layer.items())
-            ],
-            mean_equivalent_tokens=mean(s["equivalent_tokens"] for s in self.samples),
-            prefill_flops_ratio=mean(s["flops_ratio"] for s in self.samples),
-            mean_prefill_ms=mean(s["prefill_ms"] for s in self.samples),
-        )
+        def block(samples: list[dict]) -> dict:
+            by_layer: dict[int, list[dict]] = {}
+            for s in samples:
+                for stage in s["stages"]:
+                    by_layer.setdefault(stage["layer"], []).append(stage)
+            flops_ratio = mean(s["flops_ratio"] for s in samples)
+            return dict(
+                prefills=len(samples),
+                mean_seq_len=mean(s["seq_len"] for s in samples),
+                mean_image_tokens=mean(s["image_tokens"] for s in samples),
+                per_prune_layer=[
+                    dict(
+                        layer=layer,
+                        mean_image_tokens_in=mean(x["image_in"] for x in items),
+                        mean_image_tokens_kept=mean(x["image_kept"] for x in items),
+                    )
+                    for layer, items in sorted(by_layer.items())
+                ],
+                mean_equivalent_tokens=mean(s["equivalent_tokens"] for s in samples),
+                prefill_flops_ratio=flops_ratio,
+                # analytic: unpruned decoder FLOPs / pruned decoder FLOPs (cost.py); not a measured time
+                ideal_prefill_speedup=1 / flops_ratio if flops_ratio else None,
+                mean_prefill_ms=mean(s["prefill_ms"] for s in samples),
+            )
+
+        out = block(self.samples)
+        out["by_request_type"] = {
+            kind: block([s for s in self.samples if s["kind"] == kind])
+            for kind in sorted({s["kind"] for s in self.samples})
+        }
+        return out
