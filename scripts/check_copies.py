@@ -9,8 +9,12 @@ A file that is a copy of another fork's file starts with one marker line:
 The rest of the copy must equal the origin (paths are relative to the repository root) after the
 plain-text substitutions `old->new`, applied left to right. An origin may not itself be a copy.
 
-    scripts/check_copies.py                  check every copy; exit 1 on drift, with a diff
-    scripts/check_copies.py --fix            rewrite drifted copies from their origins
+The shared core (engine, config, strategies, scoring attention, model_args, cost model) is listed in
+MANIFEST below: every fork must hold a byte-identical copy of every shared file, so a fork that never got
+a file, or a copy whose header was deleted, is an error rather than a new origin.
+
+    scripts/check_copies.py                  check every copy and the manifest; exit 1 on drift, with a diff
+    scripts/check_copies.py --fix            rewrite drifted copies from their origins, create missing ones
     scripts/check_copies.py --add SRC DST [--sub old->new ...]
                                              drop a new copy of SRC at DST (how a method moves to a fork)
     --root DIR                               the tree to work on (default: this repository)
@@ -27,6 +31,60 @@ from pathlib import Path
 
 MARKER = re.compile(r"^# Copied from (?P<origin>\S+)(?: with (?P<subs>.+))?$")
 SKIP_DIRS = {".git", ".venv", "__pycache__", ".cache", "node_modules", "build"}
+
+#: The shared core: origin package, the files in it every fork copies byte-identically, and the forks.
+ORIGIN_PACKAGE = "image/LLaVA/llava/vtr"
+SHARED_FILES = [
+    "engine.py",
+    "attention.py",
+    "config.py",
+    "model_args.py",
+    "cost.py",
+    "strategy/__init__.py",
+    "strategy/base.py",
+    "strategy/registry.py",
+    "strategy/fastv.py",
+    "strategy/priortr.py",
+    "strategy/random.py",
+]
+FORK_PACKAGES = [
+    "image/InternVL/internvl_vtr",
+    "image/Qwen3-VL/visual_token_pruning",
+    "video/Video-LLaVA/videollava/vtr",
+]
+SHARED_HEADER = "# Shared vtr file: edit it in image/LLaVA/llava/vtr, then `make fix-copies` updates every fork."
+
+
+def manifest(root: Path) -> list[tuple[str, str]]:
+    """(origin, copy) pairs the manifest requires; empty for trees without the origin package's engine."""
+    if not (root / ORIGIN_PACKAGE / "engine.py").is_file():
+        return []
+    return [(f"{ORIGIN_PACKAGE}/{name}", f"{fork}/{name}") for name in SHARED_FILES for fork in FORK_PACKAGES]
+
+
+def check_manifest(root: Path, fix: bool) -> int:
+    """Every shared origin starts with SHARED_HEADER and every fork holds a marked copy of it."""
+    problems = 0
+    for origin, dst in manifest(root):
+        if not (root / origin).is_file():
+            raise CopyError(f"shared origin {origin} (scripts/check_copies.py MANIFEST) does not exist")
+        first = (root / origin).read_text(encoding="utf-8").split("\n", 1)[0]
+        if first != SHARED_HEADER:
+            raise CopyError(f"shared origin {origin} must start with the line: {SHARED_HEADER}")
+        target = root / dst
+        marker = f"# Copied from {origin}"
+        copy = read_marker(target) if target.is_file() else None
+        if copy is not None and copy.origin == origin and not copy.subs:
+            continue  # content is compared by check()
+        problems += 1
+        if not fix:
+            why = "is missing" if not target.is_file() else f"does not start with '{marker}' (byte-identical copy)"
+            print(f"MANIFEST {dst} {why}")
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(expected_text(root, Copy(target, origin, [], marker)), encoding="utf-8")
+        print(f"fixed {dst} (from {origin}, required by the manifest)")
+    return problems
 
 
 class CopyError(Exception):
@@ -91,6 +149,7 @@ def expected_text(root: Path, copy: Copy) -> str:
 
 
 def check(root: Path, fix: bool) -> int:
+    missing = check_manifest(root, fix)
     copies = find_copies(root)
     drifted = 0
     for copy in copies:
@@ -110,8 +169,9 @@ def check(root: Path, fix: bool) -> int:
             print(f"DRIFT {rel} differs from {copy.origin}:")
             sys.stdout.writelines(list(diff)[:60])
     status = "fixed" if fix else "drifted"
-    print(f"check_copies: {len(copies)} copies checked, {drifted} {status}.")
-    return 1 if drifted and not fix else 0
+    extra = f", {missing} required by the manifest {'created' if fix else 'missing'}" if missing else ""
+    print(f"check_copies: {len(copies)} copies checked, {drifted} {status}{extra}.")
+    return 1 if (drifted or missing) and not fix else 0
 
 
 def add(root: Path, src: str, dst: str, subs: list[str]) -> int:

@@ -83,3 +83,57 @@ def test_add_drops_a_marked_copy_into_another_fork(tree):
 def test_the_repository_itself_is_consistent():
     code, out = run(SCRIPT.parents[1])
     assert code == 0, out
+
+
+def _load_checker():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("check_copies", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def shared_tree(tmp_path):
+    """A tree holding every file of the manifest: origins with the shared header, forks with exact copies."""
+    cc = _load_checker()
+    for name in cc.SHARED_FILES:
+        origin = tmp_path / cc.ORIGIN_PACKAGE / name
+        origin.parent.mkdir(parents=True, exist_ok=True)
+        origin.write_text(f"{cc.SHARED_HEADER}\nNAME = {name!r}\n")
+    assert run(tmp_path, "--fix")[0] == 0
+    return tmp_path, cc
+
+
+def test_manifest_requires_every_shared_file_in_every_fork(shared_tree):
+    root, cc = shared_tree
+    code, out = run(root)
+    assert code == 0, out
+    assert f"{len(cc.SHARED_FILES) * len(cc.FORK_PACKAGES)} copies checked, 0 drifted" in out
+    missing = root / cc.FORK_PACKAGES[1] / "engine.py"
+    missing.unlink()
+    code, out = run(root)
+    assert code == 1 and f"MANIFEST {cc.FORK_PACKAGES[1]}/engine.py is missing" in out
+    assert run(root, "--fix")[0] == 0 and missing.read_text().startswith(
+        f"# Copied from {cc.ORIGIN_PACKAGE}/engine.py\n"
+    )
+
+
+def test_a_copy_that_lost_its_header_is_not_promoted_to_an_origin(shared_tree):
+    root, cc = shared_tree
+    copy = root / cc.FORK_PACKAGES[0] / "strategy/base.py"
+    copy.write_text(copy.read_text().split("\n", 1)[1])  # header deleted, content otherwise intact
+    code, out = run(root)
+    assert code == 1 and f"MANIFEST {cc.FORK_PACKAGES[0]}/strategy/base.py does not start with" in out
+    copy.write_text(copy.read_text().replace("NAME", "OTHER"))
+    assert run(root)[0] == 1
+
+
+def test_a_shared_origin_must_carry_the_shared_header(shared_tree):
+    root, cc = shared_tree
+    origin = root / cc.ORIGIN_PACKAGE / "config.py"
+    origin.write_text("NAME = 'config.py'\n")
+    code, out = run(root)
+    assert code == 2 and "must start with the line" in out

@@ -1,3 +1,4 @@
+# Shared vtr file: edit it in image/LLaVA/llava/vtr, then `make fix-copies` updates every fork.
 """Causal attention of one decoder layer for scoring, computed from its own Q/K, row by row on demand.
 
 Every layer runs on whatever kernel the model was loaded with (eager, sdpa, flash_attention_2); none of

@@ -1,3 +1,4 @@
+# Shared vtr file: edit it in image/LLaVA/llava/vtr, then `make fix-copies` updates every fork.
 """`VTRConfig`: every knob of visual token reduction, validated on construction.
 
 Every field here is settable by name from the command line (lmms-eval `--model_args`), so a new field

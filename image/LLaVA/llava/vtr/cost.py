@@ -1,3 +1,4 @@
+# Shared vtr file: edit it in image/LLaVA/llava/vtr, then `make fix-copies` updates every fork.
 """Analytic prefill cost of a prune schedule (multiply-accumulates per decoder layer).
 
     C(n) = 2·n·d² + 2·n·d·d_kv      q/o and k/v projections (d_kv = kv_heads·head_dim; = d without GQA,

@@ -1,3 +1,4 @@
+# Shared vtr file: edit it in image/LLaVA/llava/vtr, then `make fix-copies` updates every fork.
 """The prunable prefill: one backbone-independent engine shared (as identical copies) by every fork.
 
 A fork supplies a `BackboneAdapter` (what is the language model, which tokens are visual, positions and

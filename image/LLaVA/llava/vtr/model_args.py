@@ -1,3 +1,4 @@
+# Shared vtr file: edit it in image/LLaVA/llava/vtr, then `make fix-copies` updates every fork.
 """Command-line `key=value` arguments -> `VTRConfig`, typed from the dataclass annotations.
 
 Every `VTRConfig` field is accepted by name with no per-field code, so a field added to the dataclass

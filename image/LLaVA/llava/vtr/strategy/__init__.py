@@ -1,3 +1,4 @@
+# Shared vtr file: edit it in image/LLaVA/llava/vtr, then `make fix-copies` updates every fork.
 """Token-scoring strategies. Adding one: write a file here, then add one import line below."""
 
 # Built-in methods: one import line each (importing registers them).

@@ -1,3 +1,4 @@
+# Shared vtr file: edit it in image/LLaVA/llava/vtr, then `make fix-copies` updates every fork.
 """`PruningStrategy`: the one class a token-reduction method subclasses.
 
 A method implements `compute_scores` (higher = keep); the framework does the rest. The attention it

@@ -1,3 +1,4 @@
+# Shared vtr file: edit it in image/LLaVA/llava/vtr, then `make fix-copies` updates every fork.
 """FastV: keep the image tokens that receive the most attention from the query rows (Chen et al., 2024)."""
 
 from .base import PruningStrategy

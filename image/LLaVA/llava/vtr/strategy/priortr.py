@@ -1,3 +1,4 @@
+# Shared vtr file: edit it in image/LLaVA/llava/vtr, then `make fix-copies` updates every fork.
 """PriorTR: rank image tokens by their V-information S = P * log(P / Q).
 
 P is the attention the task query rows (`query_aggregation`) pay to each image token; Q is the attention

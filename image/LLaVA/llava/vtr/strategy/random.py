@@ -1,3 +1,4 @@
+# Shared vtr file: edit it in image/LLaVA/llava/vtr, then `make fix-copies` updates every fork.
 """Random baseline: a seeded uniform draw, independent of the content (never reads attention)."""
 
 import torch

@@ -1,3 +1,4 @@
+# Shared vtr file: edit it in image/LLaVA/llava/vtr, then `make fix-copies` updates every fork.
 """Name -> strategy class registry. `@register_strategy("name")` on a `PruningStrategy` subclass."""
 
 from __future__ import annotations

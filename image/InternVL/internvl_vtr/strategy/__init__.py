@@ -1,0 +1,14 @@
+# Copied from image/LLaVA/llava/vtr/strategy/__init__.py
+# Shared vtr file: edit it in image/LLaVA/llava/vtr, then `make fix-copies` updates every fork.
+"""Token-scoring strategies. Adding one: write a file here, then add one import line below."""
+
+# Built-in methods: one import line each (importing registers them).
+from . import (
+    fastv,  # noqa: E402,F401
+    priortr,  # noqa: E402,F401
+    random,  # noqa: E402,F401
+)
+from .base import PruningStrategy
+from .registry import available_strategies, get_strategy, register_strategy
+
+__all__ = ["PruningStrategy", "available_strategies", "get_strategy", "register_strategy"]

@@ -1,0 +1,109 @@
+# Copied from image/LLaVA/llava/vtr/strategy/base.py
+# Shared vtr file: edit it in image/LLaVA/llava/vtr, then `make fix-copies` updates every fork.
+"""`PruningStrategy`: the one class a token-reduction method subclasses.
+
+A method implements `compute_scores` (higher = keep); the framework does the rest. The attention it
+receives is indexed as `[batch, heads, query, key]` over the current sequence (batch is always 1: the
+framework calls once per sample). It is computed lazily: reading a few query rows costs memory for
+those rows only, so index the rows you need before reducing (`attention[:, :, -1, :]`).
+
+Selection rules (`select_tokens`, and the batched `select_batch` the engine uses; both give the same
+result):
+
+- budget priority keep_tokens > score_threshold > keep_ratio;
+- `keep_ratio` keeps round-half-up(ratio x n) tokens (the reference implementation floors: 0.2222 x 576
+  keeps 128 here, 127 there);
+- `score_threshold` keeps the tokens scoring strictly above it, and at least one (the best) when the
+  sample has any visual token, as the reference implementation does;
+- kept tokens stay in their original order, ties keep the earlier token, NaN ranks below every number.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+
+import torch
+
+from ..config import StageBudget
+
+
+class PruningStrategy(ABC):
+    #: Registered name (set by `@register_strategy`).
+    name: str = ""
+    #: False for methods that never read `attention` (the framework then skips computing it).
+    needs_attention: bool = True
+
+    @abstractmethod
+    def compute_scores(self, attention, image_token_range: tuple[int, int], config, **ctx) -> torch.Tensor:
+        """Return one score per position in `range(*image_token_range)` (higher = keep).
+
+        attention: lazy `[1, heads, seq, seq]` float32 causal attention probabilities of the scoring layer
+            over the current (possibly already pruned) sequence of this sample (trailing padding excluded),
+            or None when `needs_attention` is False.
+        image_token_range: `(start, end)` of the visual tokens in the current sequence; with several
+            images or non-contiguous frames it spans all of them and the scores of text inside are ignored.
+        ctx: `layer_idx` (0-based scoring layer), `stage` (0-based prune stage), `hidden_states`
+            (`[1, seq, hidden]`, output of the scoring layer), `image_token_indices` (LongTensor of the
+            visual positions), `position_ids` (RoPE positions of the current tokens), `batch_index`,
+            `anchor_index` (the backbone's question-free row after the visual span), `snapshots`
+            ({layer: (hidden [1, seq_then, hidden], original index [seq_then])} for the layers named by
+            `snapshot_layers`), backbone facts from the adapter (e.g. a patch grid), and `vtr_ctx`: a dict
+            that lives for one forward pass of one sample, shared by all its prune stages.
+        """
+
+    def snapshot_layers(self, config) -> tuple[int, ...]:
+        """Decoder layers whose output hidden states this method reads later (`ctx["snapshots"]`)."""
+        return ()
+
+    def select_tokens(self, scores: torch.Tensor, num_tokens: int, config, stage: int = 0) -> torch.Tensor:
+        """Indices (ascending, into `scores`) of the tokens to keep; override for methods that select
+        rather than score (the engine then calls it once per sample)."""
+        scores = scores.detach().float().reshape(1, -1)
+        if scores.shape[1] != num_tokens:
+            raise ValueError(f"select_tokens got {scores.shape[1]} scores for {num_tokens} tokens")
+        visual = torch.ones_like(scores, dtype=torch.bool)
+        keep = select_batch(scores, visual, config.stage_budget(stage))
+        return keep[0].nonzero().reshape(-1)
+
+    def _query_rows(self, seq_len: int, image_token_range: tuple[int, int], config) -> torch.Tensor:
+        """Query rows chosen by `config.query_aggregation`: the last token, or every token after the image."""
+        end = image_token_range[1]
+        if config.query_aggregation == "question" and end < seq_len:
+            return torch.arange(end, seq_len)
+        return torch.tensor([seq_len - 1])
+
+    def _aggregate_attention(self, attention, image_token_range: tuple[int, int], config, rows=None) -> torch.Tensor:
+        """Attention each image-range token receives, in float32: the query rows (default: those of
+        `config.query_aggregation`) averaged per head first, then heads combined by
+        `config.head_aggregation` (the reference implementation's order, which its published numbers use)."""
+        start, end = image_token_range
+        if rows is None:
+            rows = self._query_rows(attention.shape[-1], image_token_range, config)
+        per_head = attention[:, :, rows, start:end].float().mean(dim=2)  # [1, heads, num_img]
+        heads = per_head.amax(dim=1) if config.head_aggregation == "max" else per_head.mean(dim=1)
+        return heads.reshape(-1)
+
+
+def select_batch(scores: torch.Tensor, visual: torch.Tensor, budget: StageBudget) -> torch.Tensor:
+    """Top-K over a batch without host syncs: `[batch, seq]` bool of the visual tokens to keep.
+
+    scores: [batch, seq] float (only visual positions are read); visual: [batch, seq] bool.
+    """
+    finite_min = torch.finfo(torch.float32).min
+    ranked = torch.nan_to_num(scores.float(), nan=-math.inf).clamp_min(finite_min)  # NaN/-inf below numbers
+    ranked = ranked.masked_fill(~visual, -math.inf)  # non-visual below everything
+    order = torch.sort(ranked, dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(
+        1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
+    )
+    if budget.keep_tokens is None and budget.score_threshold is not None:
+        above = visual & (scores > budget.score_threshold)  # NaN compares False
+        best = visual & (rank == 0)
+        return above | (best & ~above.any(dim=1, keepdim=True))
+    counts = visual.sum(dim=1, keepdim=True)
+    if budget.keep_tokens is not None:
+        limit = counts.clamp_max(budget.keep_tokens)
+    else:  # round half up, in float64 like Python's math.floor(ratio * n + 0.5)
+        limit = torch.floor(counts.double() * budget.keep_ratio + 0.5).long().clamp_max(counts)
+    return visual & (rank < limit)

@@ -1,0 +1,517 @@
+# Copied from image/LLaVA/llava/vtr/engine.py
+# Shared vtr file: edit it in image/LLaVA/llava/vtr, then `make fix-copies` updates every fork.
+"""The prunable prefill: one backbone-independent engine shared (as identical copies) by every fork.
+
+A fork supplies a `BackboneAdapter` (what is the language model, which tokens are visual, positions and
+RoPE, the output class) and a model subclass whose `forward` is one call into `VTRModelMixin`. The engine
+does everything else:
+
+    adapter.prefill_tokens()      merged embeddings, visual mask, positions, cos/sin, extra per-token rows
+    layers [0, K)                 all tokens, the stock decoder layers on the configured kernel
+    score (layer K-1)             causal attention recomputed from that layer's own Q/K (attention.py),
+                                  strategy.compute_scores per sample, one batched Top-K for the batch
+    gather                        every per-token tensor (TokenState) and the KV cache of layers [0, K)
+                                  keep the selected rows; samples that keep fewer rows are left re-padded
+    layers [K, ...)               the kept rows only; a list of prune layers repeats score + gather
+    decode                        `DecodeState` on the cache re-maps later masks and positions
+
+Host syncs: one before the loop (is there padding?) and two per prune stage (the visual spans of each
+sample; the kept counts), whatever the batch size. Everything between them stays on the device.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_utils import slice_logits_to_keep
+
+from .attention import scoring_attention
+from .config import VTRConfig
+from .strategy import get_strategy
+from .strategy.base import PruningStrategy, select_batch
+
+# ----------------------------------------------------------------------------------------------- records
+
+
+@dataclass
+class StageRecord:
+    """What one prune stage did, per sample."""
+
+    layer: int  # K: layers from index K on run pruned; scores came from layer K-1
+    budget: str
+    seq_len_before: int
+    seq_len_after: int
+    image_tokens_before: list[int]
+    image_tokens_kept: list[int]
+    # Original (prompt) positions of the visual tokens kept, one LongTensor per sample.
+    kept_positions: list[torch.Tensor]
+    # Wall time of scoring + selection (ms; on a GPU it includes waiting for the layers before it).
+    scoring_ms: float = 0.0
+
+
+@dataclass
+class VTRRecord:
+    """What the last pruned forward kept. `model.vtr_last` after each call (None for unpruned calls)."""
+
+    strategy: str
+    original_len: int
+    stages: list[StageRecord] = field(default_factory=list)
+    # [batch, final_len]: original position of each row of the pruned sequence (-1 for re-padding).
+    kept_index: torch.Tensor | None = None
+
+
+# ----------------------------------------------------------------------------------------------- adapter
+
+
+@dataclass
+class PrefillTokens:
+    """What an adapter hands the engine for one prefill. Every tensor is [batch, seq, ...]."""
+
+    hidden: torch.Tensor  # [b, s, d] input embeddings with the visual features merged in
+    visual: torch.Tensor  # [b, s] bool: candidates for pruning (every visual position the model fills)
+    valid: torch.Tensor  # [b, s] bool: False = padding
+    positions: torch.Tensor  # [b, s] or [b, s, rows] RoPE positions (M-RoPE keeps its rows last)
+    cos: torch.Tensor  # [b, s, head_dim] rotary tables for those positions
+    sin: torch.Tensor
+    # Extra per-token tensors gathered with the sequence (e.g. a modality id, a DeepStack row index).
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Anything the output class wants besides logits (e.g. image_hidden_states).
+    output_extras: dict = field(default_factory=dict)
+    # Facts for strategies, merged into each compute_scores ctx (e.g. the patch grid); a list holds one
+    # value per sample.
+    strategy_ctx: dict = field(default_factory=dict)
+
+
+class BackboneAdapter:
+    """Everything the engine needs to know about one backbone. Subclass per fork; ~100 lines.
+
+    `model` is the fork's `...ForConditionalGeneration` subclass. Defaults suit Llama-style decoders
+    (Llama, Mistral, Qwen2/3): override only what differs.
+    """
+
+    def __init__(self, model):
+        self.model = model
+
+    @property
+    def language_model(self):
+        """The decoder stack: `.layers`, `.norm`, `.rotary_emb`, `.config`."""
+        return self.model.model.language_model
+
+    @property
+    def rope_fn(self):
+        """`apply_rotary_pos_emb(q, k, cos, sin) -> (q, k)` of the decoder's model family."""
+        raise NotImplementedError
+
+    def has_visual_input(self, args: dict) -> bool:
+        """True when `forward(**args)` carries pixels or pre-encoded visual features (a prefill to prune)."""
+        raise NotImplementedError
+
+    def prefill_tokens(self, args: dict) -> PrefillTokens:
+        """Encode the visual inputs, merge them into the embeddings, and describe every token."""
+        raise NotImplementedError
+
+    def anchor_row(self, span_end: int) -> int:
+        """PriorTR's question-free row for a visual span ending (exclusive) at `span_end`: by default the
+        first token after it, which under the causal mask sees only the prefix and the visuals."""
+        return span_end
+
+    def after_layer(self, layer_idx: int, tokens: TokenState) -> torch.Tensor:
+        """Called after every decoder layer with the current tokens; returns the hidden states to go on with
+        (DeepStack adds visual features here, to the rows still present)."""
+        return tokens.hidden
+
+    def decode_positions(self, state: DecodeState, decoded: int, query_len: int, batch: int) -> torch.Tensor:
+        """Positions of a decode step given without `position_ids`: those the unpruned model would use,
+        continuing the ORIGINAL prompt (not the shortened cache)."""
+        start = state.original_len + decoded
+        positions = torch.arange(start, start + query_len, device=state.prefix_valid.device)
+        return positions.unsqueeze(0).expand(batch, -1)
+
+    def layer_masks(self, hidden: torch.Tensor, padding: torch.Tensor | None) -> dict:
+        """One 4-D mask (or None for kernels that need none) per layer type, for a fresh prefill."""
+        config = self.language_model.config
+        masks = {
+            "full_attention": create_causal_mask(
+                config=config, inputs_embeds=hidden, attention_mask=padding, past_key_values=None
+            )
+        }
+        if "sliding_attention" in (getattr(config, "layer_types", None) or ()):
+            masks["sliding_attention"] = create_sliding_window_causal_mask(
+                config=config, inputs_embeds=hidden, attention_mask=padding, past_key_values=None
+            )
+        return masks
+
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(hidden)
+
+    def output(self, loss, logits, cache, tokens: PrefillTokens):
+        """The stock output class of the backbone."""
+        raise NotImplementedError
+
+    @property
+    def num_layers(self) -> int:
+        return self.language_model.config.num_hidden_layers
+
+
+# ----------------------------------------------------------------------------------------------- state
+
+
+class TokenState:
+    """Per-token tensors of a pruned prefill, each [batch, seq, ...], shortened together by `gather`.
+
+    `fill` gives the value of re-padding rows (rows a sample does not need when others keep more).
+    """
+
+    FILL = {"valid": False, "visual": False, "original_index": -1, "positions": 0}
+
+    def __init__(self, **tensors: torch.Tensor):
+        self.__dict__["tensors"] = tensors
+
+    def __getattr__(self, name):
+        try:
+            return self.__dict__["tensors"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name, value):
+        self.__dict__["tensors"][name] = value
+
+    def gather(self, index: torch.Tensor, new_valid: torch.Tensor) -> None:
+        """Keep rows `index` [batch, new_len]; where `new_valid` is False the row becomes re-padding."""
+        for name, t in self.tensors.items():
+            t = gather_seq(t, index, 1)
+            if name in self.FILL:
+                t = t.masked_fill(~new_valid.view(*new_valid.shape, *([1] * (t.ndim - 2))), self.FILL[name])
+            self.tensors[name] = t
+
+
+def gather_seq(t: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
+    """Gather `t` along its sequence dimension `dim` with a [batch, new_len] index."""
+    if t.shape[0] != index.shape[0]:
+        t = t.expand(index.shape[0], *t.shape[1:])
+    shape = [1] * t.ndim
+    shape[0], shape[dim] = index.shape
+    full = list(t.shape)
+    full[dim] = index.shape[1]
+    return torch.gather(t, dim, index.reshape(shape).expand(full))
+
+
+class DecodeState:
+    """Attached to a KV cache that a pruned prefill shortened; maps later decode inputs onto it."""
+
+    def __init__(self, adapter: BackboneAdapter, prefix_valid: torch.Tensor, original_len: int, has_padding: bool):
+        self.adapter = adapter
+        self.prefix_valid = prefix_valid  # [batch, pruned_len] bool
+        self.original_len = original_len
+        self.pruned_len = prefix_valid.shape[1]
+        self.has_padding = has_padding
+
+    def map_inputs(self, attention_mask, position_ids, cache, query_len: int):
+        decoded = cache.get_seq_length() - self.pruned_len  # tokens appended since the prefill
+        batch = self.prefix_valid.shape[0]
+        if attention_mask is not None:
+            expected = self.original_len + decoded + query_len
+            if attention_mask.ndim != 2 or attention_mask.shape[1] != expected:
+                raise ValueError(
+                    f"after a pruned prefill, decode steps need a 2-D attention_mask over the original prompt plus "
+                    f"the new tokens ({expected} columns); got shape {tuple(attention_mask.shape)}"
+                )
+            prefix = self.prefix_valid.to(attention_mask.dtype)
+            attention_mask = torch.cat([prefix, attention_mask[:, self.original_len :]], dim=1)
+        elif self.has_padding:
+            new = torch.ones(batch, decoded + query_len, dtype=torch.long, device=self.prefix_valid.device)
+            attention_mask = torch.cat([self.prefix_valid.long(), new], dim=1)
+        if position_ids is None:
+            position_ids = self.adapter.decode_positions(self, decoded, query_len, batch)
+        return attention_mask, position_ids
+
+
+# ----------------------------------------------------------------------------------------------- engine
+
+
+class PrunedPrefill:
+    """One pruned prefill of a batch. `run()` returns the backbone's output."""
+
+    def __init__(self, adapter: BackboneAdapter, config: VTRConfig, args: dict, kwargs: dict):
+        self.adapter, self.config, self.args, self.kwargs = adapter, config, args, kwargs
+        self.strategy: PruningStrategy = get_strategy(config.strategy)()
+
+    def run(self):
+        args, kwargs, lm = self.args, self.kwargs, self.adapter.language_model
+        use_cache, return_dict = self._pop_options(kwargs)
+        prefill = self.adapter.prefill_tokens(args)
+        batch, seq_len = prefill.visual.shape
+        cache = self._empty_cache(args.get("past_key_values"), use_cache, lm.config)
+        if args.get("attention_mask") is not None and tuple(args["attention_mask"].shape) != (batch, seq_len):
+            raise ValueError(
+                f"attention_mask must be [batch, seq] = {(batch, seq_len)}, got {tuple(args['attention_mask'].shape)}"
+            )
+        device = prefill.hidden.device
+        tokens = TokenState(
+            hidden=prefill.hidden,
+            visual=prefill.visual,
+            valid=prefill.valid,
+            positions=prefill.positions,
+            original_index=torch.arange(seq_len, device=device).unsqueeze(0).expand(batch, -1),
+            cos=prefill.cos,
+            sin=prefill.sin,
+            **prefill.extras,
+        )
+        self.has_padding = not bool(prefill.valid.all())  # host sync 1 (once per forward)
+        self.record = VTRRecord(strategy=self.config.strategy, original_len=seq_len)
+        self.sample_ctx = [{} for _ in range(batch)]  # one vtr_ctx per sample, shared by its stages
+        self.snapshots: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        snapshot_layers = set(self.strategy.snapshot_layers(self.config))
+        stages = {k: stage for stage, k in enumerate(self.config.prune_layers)}
+        masks = self.adapter.layer_masks(tokens.hidden, tokens.valid if self.has_padding else None)
+        pruned, scoring_input = False, None
+        for i, layer in enumerate(lm.layers[: self.adapter.num_layers]):
+            if i in stages and self._prune_stage(stages[i], i, tokens, scoring_input, cache, prefill):
+                pruned = True
+                masks = self.adapter.layer_masks(tokens.hidden, tokens.valid if self.has_padding else None)
+            if i + 1 in stages:
+                scoring_input = tokens.hidden  # input of the scoring layer, for recomputing its Q/K
+            tokens.hidden = layer(
+                tokens.hidden,
+                attention_mask=masks[getattr(layer, "attention_type", "full_attention")],
+                position_embeddings=(tokens.cos, tokens.sin),
+                past_key_values=cache,
+                use_cache=use_cache,
+                **kwargs,
+            )
+            tokens.hidden = self.adapter.after_layer(i, tokens)
+            if i in snapshot_layers:
+                self.snapshots[i] = (tokens.hidden, tokens.original_index)
+        hidden = lm.norm(tokens.hidden)
+        self.record.kept_index = tokens.original_index
+        if pruned and cache is not None:
+            # transformers has no slot for per-cache user state; the decode steps of this prefill find it
+            # here (test_engine.py::test_decode_state_survives_on_the_cache fails if that ever breaks).
+            cache._vtr_state = DecodeState(self.adapter, tokens.valid, seq_len, self.has_padding)
+        logits = self.adapter.lm_head(slice_logits_to_keep(hidden, args.get("logits_to_keep", 0)))
+        loss = None
+        if args.get("labels") is not None:
+            loss = self._loss(logits, args["labels"], tokens.original_index)
+        output = self.adapter.output(loss, logits, cache, prefill)
+        return output if return_dict else output.to_tuple()
+
+    def _pop_options(self, kwargs):
+        for unsupported in ("output_attentions", "output_hidden_states"):
+            if kwargs.pop(unsupported, False):
+                raise ValueError(
+                    f"{unsupported}=True is not available in a pruned forward (sequence lengths change between "
+                    "layers); read ctx['hidden_states'] inside a strategy, or set VTRConfig(enabled=False)"
+                )
+        return_dict = kwargs.pop("return_dict", True)
+        use_cache = kwargs.pop("use_cache", None)
+        if use_cache is None:
+            use_cache = getattr(self.adapter.language_model.config, "use_cache", True)
+        return use_cache, return_dict
+
+    @staticmethod
+    def _empty_cache(cache, use_cache: bool, config):
+        if not use_cache:
+            return None
+        if cache is None:
+            return DynamicCache(config=config)
+        if not isinstance(cache, DynamicCache):
+            raise ValueError(
+                f"pruning shortens the KV cache, which needs a DynamicCache; got {type(cache).__name__} "
+                "(do not set cache_implementation='static' with VTR)"
+            )
+        if cache.get_seq_length() > 0:
+            raise ValueError(
+                "a pruned prefill must start from an empty KV cache (the image must be in the first forward); "
+                f"this cache already holds {cache.get_seq_length()} tokens"
+            )
+        return cache
+
+    def _prune_stage(self, stage: int, prune_at: int, tokens: TokenState, scoring_input, cache, prefill) -> bool:
+        """Score, select and gather at layer `prune_at`. Returns True if the sequence changed."""
+        start = time.perf_counter()
+        batch, seq_len = tokens.visual.shape
+        device = tokens.visual.device
+        # Host sync 2: per sample, the visual span, visual count and real length (trailing padding excluded).
+        arange = torch.arange(seq_len, device=device)
+        info = torch.stack(
+            [
+                torch.where(tokens.visual, arange, seq_len).amin(1),
+                torch.where(tokens.visual, arange, -1).amax(1) + 1,
+                tokens.visual.sum(1),
+                torch.where(tokens.valid, arange, -1).amax(1) + 1,
+            ],
+            dim=1,
+        ).tolist()
+        counts = [row[2] for row in info]
+        stage_record = StageRecord(
+            layer=prune_at,
+            budget=self.config.stage_budget(stage).describe(),
+            seq_len_before=seq_len,
+            seq_len_after=seq_len,
+            image_tokens_before=counts,
+            image_tokens_kept=list(counts),
+            kept_positions=[],
+        )
+        self.record.stages.append(stage_record)
+        if sum(counts) == 0:
+            stage_record.kept_positions = [tokens.original_index[b, :0] for b in range(batch)]
+            return False
+        scores = self._score(stage, prune_at - 1, tokens, scoring_input, cache, info, prefill)
+        keep_visual = self._select(stage, scores, tokens.visual, info)
+        keep_rows = ~tokens.visual | keep_visual
+        # Host sync 3: rows and visual tokens kept per sample.
+        kept = torch.stack([keep_rows.sum(1), keep_visual.sum(1)]).tolist()
+        new_len = max(kept[0])
+        stage_record.image_tokens_kept = kept[1]
+        stage_record.seq_len_after = new_len
+        # kept visual rows first (in order), then slice each sample's count: no data-dependent shapes
+        order = torch.sort((~keep_visual).to(torch.int8), dim=1, stable=True).indices
+        stage_record.kept_positions = [tokens.original_index[b, order[b, : kept[1][b]]] for b in range(batch)]
+        changed = any(n != seq_len for n in kept[0])
+        if changed:
+            # stable sort puts dropped rows first and kept rows last, each in their original order
+            index = torch.sort(keep_rows.to(torch.int8), dim=1, stable=True).indices[:, seq_len - new_len :]
+            new_valid = keep_rows.gather(1, index)
+            tokens.gather(index, new_valid)
+            self.has_padding = self.has_padding or len(set(kept[0])) > 1
+            if cache is not None:
+                for cache_layer in cache.layers[:prune_at]:
+                    cache_layer.keys = gather_seq(cache_layer.keys, index, 2)
+                    cache_layer.values = gather_seq(cache_layer.values, index, 2)
+        stage_record.scoring_ms = (time.perf_counter() - start) * 1000
+        return changed
+
+    def _score(self, stage, layer_idx, tokens: TokenState, scoring_input, cache, info, prefill) -> torch.Tensor:
+        """Scores [batch, seq] (float32; only visual positions are read), one compute_scores call per sample."""
+        batch, seq_len = tokens.visual.shape
+        attention = None
+        if self.strategy.needs_attention:
+            layer = self.adapter.language_model.layers[layer_idx]
+            attention = scoring_attention(
+                layer, scoring_input, tokens.cos, tokens.sin, tokens.valid, cache, layer_idx, self.adapter.rope_fn
+            )
+        scores = torch.zeros(batch, seq_len, dtype=torch.float32, device=tokens.visual.device)
+        order = torch.sort((~tokens.visual).to(torch.int8), dim=1, stable=True).indices  # visual rows first
+        for b, (start, end, count, length) in enumerate(info):
+            if count == 0:
+                continue
+            ctx = dict(
+                layer_idx=layer_idx,
+                stage=stage,
+                hidden_states=tokens.hidden[b : b + 1, :length],
+                image_token_indices=order[b, :count],
+                position_ids=tokens.positions[b, :length],
+                batch_index=b,
+                anchor_index=self.adapter.anchor_row(end),
+                snapshots={k: (h[b : b + 1], idx[b]) for k, (h, idx) in self.snapshots.items()},
+                **{k: (v[b] if isinstance(v, list) else v) for k, v in prefill.strategy_ctx.items()},
+            )
+            state = self.sample_ctx[b]
+            state.update(ctx, image_token_range=(start, end))
+            view = attention.sample(b, length) if attention is not None else None
+            out = self.strategy.compute_scores(view, (start, end), self.config, vtr_ctx=state, **ctx)
+            if not isinstance(out, torch.Tensor) or out.numel() != end - start:
+                got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise ValueError(
+                    f"strategy {self.config.strategy!r}.compute_scores must return a tensor of {end - start} scores "
+                    f"(one per position of image_token_range {(start, end)}); got {got}"
+                )
+            scores[b, start:end] = out.detach().reshape(-1).to(scores.device, torch.float32)
+        return scores
+
+    def _select(self, stage, scores, visual, info) -> torch.Tensor:
+        """[batch, seq] bool: the visual tokens to keep. One batched Top-K unless the strategy overrides
+        `select_tokens` (then it is called per sample)."""
+        if type(self.strategy).select_tokens is PruningStrategy.select_tokens:
+            return select_batch(scores, visual, self.config.stage_budget(stage))
+        keep = torch.zeros_like(visual)
+        for b, (start, end, count, _) in enumerate(info):
+            if count:
+                candidates = visual[b, start:end]
+                chosen = self.strategy.select_tokens(scores[b, start:end][candidates], count, self.config, stage=stage)
+                rows = torch.arange(start, end, device=visual.device)[candidates][chosen.to(visual.device)]
+                keep[b, rows] = True
+        return keep
+
+    def _loss(self, logits, labels, original_index):
+        """Next-token loss on the pruned sequence: each kept row predicts the label that followed it."""
+        if logits.shape[1] != original_index.shape[1]:
+            raise ValueError("labels with logits_to_keep are not supported in a pruned forward")
+        next_labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+        gathered = gather_seq(next_labels, original_index.clamp_min(0), 1).masked_fill(original_index < 0, -100)
+        model = self.adapter.model
+        vocab = model.config.get_text_config().vocab_size
+        return model.loss_function(logits=logits, labels=None, shift_labels=gathered, vocab_size=vocab, **self.kwargs)
+
+
+# ----------------------------------------------------------------------------------------------- model mixin
+
+
+class VTRModelMixin:
+    """Mixed into a fork's subclass of the stock `...ForConditionalGeneration` (listed first).
+
+    The subclass sets `vtr_adapter_class` and `vtr_stock_class`, restates the stock `forward` signature
+    (generate() inspects it) and makes its body `return self.vtr_forward(super().forward, stock_args, kwargs)`.
+    """
+
+    vtr_adapter_class: type[BackboneAdapter] = BackboneAdapter
+    vtr_stock_class: type | None = None
+
+    def _vtr_setup(self, vtr_config: VTRConfig | None) -> None:
+        self.vtr_last: VTRRecord | None = None
+        self.vtr_adapter = self.vtr_adapter_class(self)
+        self.set_vtr_config(vtr_config if vtr_config is not None else VTRConfig(enabled=False))
+
+    @classmethod
+    def from_stock(cls, model, vtr_config: VTRConfig | None = None):
+        """Turn an already loaded stock model into this class, in place (no weights are copied)."""
+        stock = cls.vtr_stock_class
+        if stock is not None and not isinstance(model, stock):
+            raise TypeError(f"expected a {stock.__name__}, got {type(model).__name__}")
+        model.__class__ = cls
+        model._vtr_setup(vtr_config)
+        return model
+
+    def set_vtr_config(self, vtr_config: VTRConfig) -> None:
+        if not isinstance(vtr_config, VTRConfig):
+            raise TypeError(f"vtr_config must be a VTRConfig, got {type(vtr_config).__name__}")
+        vtr_config.validate_for_model(self.vtr_adapter.num_layers)
+        self.vtr_config = vtr_config
+
+    def generate(self, *args, **kwargs):
+        if self.vtr_config.enabled and self.vtr_adapter.has_visual_input(kwargs):
+            generation_config = kwargs.get("generation_config") or self.generation_config
+            use_cache = kwargs.get("use_cache", getattr(generation_config, "use_cache", True))
+            if use_cache is False:
+                raise ValueError(
+                    "generate(use_cache=False) with visual token reduction would re-run the pruned prefill at every "
+                    "step and re-select tokens with the newest token as the query; use use_cache=True (the "
+                    "default), or VTRConfig(enabled=False) for the unpruned model"
+                )
+        return super().generate(*args, **kwargs)
+
+    def vtr_forward(self, stock_forward, args: dict, kwargs: dict):
+        """Route one forward call: decode step after a pruned prefill, stock forward, or pruned prefill."""
+        adapter = self.vtr_adapter
+        has_visual = adapter.has_visual_input(args)
+        cache = args.get("past_key_values")
+        state = getattr(cache, "_vtr_state", None)
+        if state is not None and not has_visual:
+            ids = args.get("input_ids")
+            query_len = (ids if ids is not None else args["inputs_embeds"]).shape[1]
+            args["attention_mask"], args["position_ids"] = state.map_inputs(
+                args.get("attention_mask"), args.get("position_ids"), cache, query_len
+            )
+            return stock_forward(**args, **kwargs)
+        self.vtr_last = None
+        if not self.vtr_config.enabled or not has_visual:
+            return stock_forward(**args, **kwargs)
+        self.vtr_config.validate_for_model(adapter.num_layers)
+        prefill = PrunedPrefill(adapter, self.vtr_config, args, kwargs)
+        output = prefill.run()
+        self.vtr_last = prefill.record
+        return output

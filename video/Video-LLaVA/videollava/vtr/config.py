@@ -1,0 +1,182 @@
+# Copied from image/LLaVA/llava/vtr/config.py
+# Shared vtr file: edit it in image/LLaVA/llava/vtr, then `make fix-copies` updates every fork.
+"""`VTRConfig`: every knob of visual token reduction, validated on construction.
+
+Every field here is settable by name from the command line (lmms-eval `--model_args`), so a new field
+needs no other code to be usable: give it a type annotation, a default and, if it has a range, a check
+in `__post_init__`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field, fields
+from typing import NamedTuple
+
+logger = logging.getLogger(__name__)
+
+# LLaVA-1.5 defaults (576 image tokens, 32 decoder layers).
+DEFAULT_PRUNE_LAYER = 3
+DEFAULT_KEEP_TOKENS = 192
+
+QUERY_AGGREGATIONS = ("last", "question")
+HEAD_AGGREGATIONS = ("mean", "max")
+
+
+class StageBudget(NamedTuple):
+    """The budget of one prune stage, already resolved from scalar-or-list fields."""
+
+    keep_tokens: int | None
+    score_threshold: float | None
+    keep_ratio: float | None
+
+    def describe(self) -> str:
+        if self.keep_tokens is not None:
+            return f"keep_tokens={self.keep_tokens}"
+        if self.score_threshold is not None:
+            return f"score_threshold={self.score_threshold}"
+        return f"keep_ratio={self.keep_ratio}"
+
+
+class VTRConfigError(ValueError):
+    """A `VTRConfig` value is out of range; the message names the field, the value and what is allowed."""
+
+
+def _bad(name: str, value, allowed: str) -> VTRConfigError:
+    return VTRConfigError(f"VTRConfig.{name}={value!r} is invalid: {allowed}.")
+
+
+def _as_list(value) -> list | None:
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value]
+
+
+@dataclass
+class VTRConfig:
+    """Configuration of visual token reduction.
+
+    enabled: False runs the stock model untouched (the unpruned baseline, at no cost).
+    strategy: name of a registered strategy (`fastv`, `priortr`, `random`, ... or yours); `none` means
+        enabled=False.
+    prune_layer: K or a strictly increasing list [K1, K2, ...]. The first K decoder layers see every token,
+        scores come from layer index K-1, layers from index K on run on the kept tokens only.
+    keep_tokens / score_threshold / keep_ratio: the budget, a scalar or one value per prune layer.
+        Priority keep_tokens > score_threshold > keep_ratio. If none is given, keep_tokens=192.
+        With several images in one prompt the budget is global: it counts the image tokens kept
+        across all images of that prompt (see docs/adding-a-method.md, "Budgets").
+    query_aggregation: which query rows score the image tokens: `last` (the last token) or `question`
+        (every token after the last image token).
+    head_aggregation: how heads are combined: `mean` or `max`.
+    seed: seed of the `random` baseline.
+    priortr_eps: epsilon added to P and Q inside PriorTR's log ratio.
+    """
+
+    enabled: bool = True
+    strategy: str = "fastv"
+    prune_layer: int | list[int] = DEFAULT_PRUNE_LAYER
+    keep_tokens: int | list[int] | None = None
+    score_threshold: float | list[float] | None = None
+    keep_ratio: float | list[float] | None = None
+    query_aggregation: str = "last"
+    head_aggregation: str = "mean"
+    seed: int = 0
+    priortr_eps: float = 1e-6
+    # Filled in __post_init__: the prune layers as a sorted list.
+    prune_layers: list[int] = field(init=False, repr=False, compare=False, default_factory=list)
+
+    def __post_init__(self):
+        if not isinstance(self.enabled, bool):
+            raise _bad("enabled", self.enabled, "must be True or False")
+        if not isinstance(self.strategy, str) or not self.strategy:
+            raise _bad("strategy", self.strategy, "must be a strategy name")
+        self.strategy = self.strategy.strip().lower()
+        if self.strategy == "none":
+            self.enabled = False
+
+        layers = _as_list(self.prune_layer)
+        if not layers:
+            raise _bad("prune_layer", self.prune_layer, "give at least one layer index >= 1")
+        for k in layers:
+            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+                raise _bad("prune_layer", self.prune_layer, "each prune layer must be an integer >= 1")
+        if any(b <= a for a, b in zip(layers, layers[1:])):
+            raise _bad("prune_layer", self.prune_layer, "a list of prune layers must be strictly increasing")
+        self.prune_layers = layers
+
+        if self.keep_tokens is None and self.score_threshold is None and self.keep_ratio is None:
+            self.keep_tokens = DEFAULT_KEEP_TOKENS
+        self._check_budget("keep_tokens", self._valid_keep_tokens, "an integer >= 0")
+        self._check_budget("score_threshold", self._valid_threshold, "a finite number")
+        self._check_budget("keep_ratio", self._valid_ratio, "a number in [0, 1]")
+        given = [n for n in ("keep_tokens", "score_threshold", "keep_ratio") if getattr(self, n) is not None]
+        if len(given) > 1:
+            logger.warning("VTRConfig: %s are all set; %s takes priority.", " and ".join(given), given[0])
+
+        if self.query_aggregation not in QUERY_AGGREGATIONS:
+            raise _bad("query_aggregation", self.query_aggregation, f"choose one of {list(QUERY_AGGREGATIONS)}")
+        if self.head_aggregation not in HEAD_AGGREGATIONS:
+            raise _bad("head_aggregation", self.head_aggregation, f"choose one of {list(HEAD_AGGREGATIONS)}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise _bad("seed", self.seed, "must be an integer")
+        if not isinstance(self.priortr_eps, (int, float)) or not (0 < self.priortr_eps < 1):
+            raise _bad("priortr_eps", self.priortr_eps, "must be a number in (0, 1)")
+
+        if self.enabled:
+            from .strategy import get_strategy  # validates the name, listing the registered ones
+
+            get_strategy(self.strategy)
+
+    @staticmethod
+    def _valid_keep_tokens(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    @staticmethod
+    def _valid_threshold(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    @staticmethod
+    def _valid_ratio(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0
+
+    def _check_budget(self, name: str, valid, allowed: str) -> None:
+        value = getattr(self, name)
+        values = _as_list(value)
+        if values is None:
+            return
+        if isinstance(value, (list, tuple)) and len(values) != len(self.prune_layers):
+            raise _bad(
+                name,
+                value,
+                f"a list needs one value per prune layer ({len(self.prune_layers)} for prune_layer={self.prune_layer})",
+            )
+        for v in values:
+            if not valid(v):
+                raise _bad(name, value, f"each value must be {allowed}")
+
+    def stage_budget(self, stage: int) -> StageBudget:
+        """The budget of prune stage `stage` (0-based position in `prune_layers`)."""
+
+        def pick(value):
+            values = _as_list(value)
+            return None if values is None else values[stage if len(values) > 1 else 0]
+
+        return StageBudget(pick(self.keep_tokens), pick(self.score_threshold), pick(self.keep_ratio))
+
+    def validate_for_model(self, num_layers: int) -> None:
+        """Checks that depend on the model: every prune layer must leave at least one layer to run pruned."""
+        last = self.prune_layers[-1]
+        if self.enabled and last >= num_layers:
+            raise _bad(
+                "prune_layer",
+                self.prune_layer,
+                f"the language model has {num_layers} decoder layers, so a prune layer must be in "
+                f"[1, {num_layers - 1}]",
+            )
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls) if f.init]
