@@ -10,7 +10,9 @@ alike; medians are reported. Per setting:
   llm_ms         ttft_ms minus the vision tower + projector time (measured in the same rounds): the part
                  pruning can shrink and the part the analytic cost model covers
   decode_ms      ms per token of --decode-steps greedy decode steps on the resulting (pruned) KV cache
-  scoring_ms     time inside score + select (attention recomputation, compute_scores, Top-K)
+  scoring_ms     wall time of score + select as the engine records it (StageRecord.scoring_ms: attention
+                 recomputation, compute_scores, Top-K, gather; on a GPU it includes waiting for the layers
+                 before it to finish, since the kept counts are read back)
   peak_mib       peak memory during the prefill above the memory held before it (CUDA: allocator peak;
                  CPU: resident set sampled every 0.5 ms by a thread)
   kv_mib         bytes of the KV cache after the prefill
@@ -95,34 +97,19 @@ def peak_memory(out: list, cuda: bool):
         out.append(max(peak[0], _rss_bytes()) - base)
 
 
-@contextmanager
-def scoring_timer(out: list, clock: Clock):
-    """Times VTRLlavaForConditionalGeneration._select (scoring + selection) during the block."""
-    original = VTRLlavaForConditionalGeneration._select
-    spent = []
-
-    def timed(self, *args, **kwargs):
-        with clock.measure(spent):
-            return original(self, *args, **kwargs)
-
-    VTRLlavaForConditionalGeneration._select = timed
-    try:
-        yield
-    finally:
-        VTRLlavaForConditionalGeneration._select = original
-        out.append(sum(spent))
-
-
 def kv_bytes(cache) -> int:
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
 
 def run_setting(model, inputs, clock, decode_steps, cuda, samples):
     with torch.inference_mode():
-        with scoring_timer(samples["scoring_ms"], clock), peak_memory(samples["peak_bytes"], cuda):
+        with peak_memory(samples["peak_bytes"], cuda):
             with clock.measure(samples["ttft_ms"]):
                 out = model(**inputs, use_cache=True, logits_to_keep=1)
                 token = out.logits[:, -1].argmax(-1, keepdim=True)
+        # the engine records the wall time of scoring + selection per stage (older versions did not)
+        stages = model.vtr_last.stages if model.vtr_last is not None else []
+        samples["scoring_ms"].append(sum(getattr(stage, "scoring_ms", float("nan")) for stage in stages))
         cache = out.past_key_values
         samples["kv_bytes"].append(kv_bytes(cache))
         with clock.measure(samples["decode_total_ms"]):
@@ -141,6 +128,7 @@ def main(argv=None) -> int:
     p.add_argument("--strategies", default="fastv,priortr,random")
     p.add_argument("--budgets", default="192,128,64")
     p.add_argument("--prune-layer", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=1, help="prompts per forward (the same image and prompt)")
     p.add_argument("--attn", default="sdpa", help="attn_implementation (eager, sdpa, flash_attention_2)")
     p.add_argument("--dtype", default=None, help="float32 (CPU default) or float16/bfloat16 (GPU default)")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds (after one warm-up round)")
@@ -170,10 +158,11 @@ def main(argv=None) -> int:
     processor = load_processor(path)
     model = load_model(path, VTRConfig(enabled=False), dtype=dtype, attn_implementation=args.attn).to(device)
     prompt = build_prompt(processor, "What is shown in the image?")
-    inputs = processor(images=demo_image(336), text=prompt, return_tensors="pt").to(device)
+    batch = args.batch_size
+    inputs = processor(images=[demo_image(336)] * batch, text=[prompt] * batch, return_tensors="pt").to(device)
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     seq_len = inputs["input_ids"].shape[1]
-    num_image = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    num_image = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
     text_cfg = model.config.text_config
     num_layers = text_cfg.num_hidden_layers
     d, m, d_kv = text_config_dims(text_cfg)
@@ -241,6 +230,7 @@ def main(argv=None) -> int:
         prune_layer=args.prune_layer,
         rounds=args.rounds,
         decode_steps=args.decode_steps,
+        batch_size=batch,
         vision_ms=vision,
     )
     print("\n" + ", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in env.items()) + "\n")

@@ -231,3 +231,44 @@ def test_manual_decode_loop_without_positions_matches_generate(tiny_path, single
             nxt = model(input_ids=nxt, past_key_values=cache).logits[:, -1].argmax(-1, keepdim=True)
     assert cache.get_seq_length() == model.vtr_last.kept_index.shape[1] + STEPS
     assert torch.equal(torch.cat(tokens, 1), expected)
+
+
+@pytest.mark.parametrize(
+    "budget",
+    [
+        dict(strategy="priortr", keep_tokens=[20, 5]),
+        dict(strategy="fastv", score_threshold=[0.01, 0.013]),  # stage 1 keeps 64 vs 1: re-padded for stage 2
+    ],
+)
+def test_multi_stage_on_a_padded_batch_equals_the_oracle(tiny_path, stock_models, batch_inputs, budget):
+    """Later stages find each sample's visual span in the shortened, re-padded sequence."""
+    model = vtr_model(tiny_path, "sdpa", prune_layer=[1, 3], **budget)
+    with torch.no_grad():
+        model(**batch_inputs)
+    record = model.vtr_last
+    assert len(record.stages) == 2
+    if "score_threshold" in budget:
+        assert record.stages[0].image_tokens_kept[0] != record.stages[0].image_tokens_kept[1]
+    prompt_len = batch_inputs["input_ids"].shape[1]
+    stages = stage_drops(record, 2, prompt_len, _image_mask(model, batch_inputs))
+    assert_matches_oracle(model, stock_models["eager"], batch_inputs, stages)
+
+
+def test_multi_stage_next_to_a_text_only_prompt_equals_the_oracle(tiny_path, stock_models, processor, image):
+    """The text-only prompt keeps every row, so the image prompt is left re-padded before its second stage."""
+    texts = [chat(processor), "USER: Answer with one word: yes or no? ASSISTANT:"]
+    inputs = processor(images=[image], text=texts, return_tensors="pt", padding=True)
+    model = vtr_model(tiny_path, "eager", strategy="fastv", prune_layer=[1, 3], keep_tokens=[20, 5])
+    with torch.no_grad():
+        model(**inputs)
+    record = model.vtr_last
+    assert [s.image_tokens_kept for s in record.stages] == [[20, 0], [5, 0]]
+    assert record.stages[0].seq_len_after == inputs["input_ids"].shape[1], "the text-only prompt keeps its rows"
+    prompt_len = inputs["input_ids"].shape[1]
+    stages = stage_drops(record, 2, prompt_len, _image_mask(model, inputs))
+    assert_matches_oracle(model, stock_models["eager"], inputs, stages)
+    # the same choices as the image prompt alone, at both stages
+    with torch.no_grad():
+        model(**processor(images=[image], text=texts[:1], return_tensors="pt"))
+    for alone, batched in zip(model.vtr_last.stages, record.stages):
+        assert torch.equal(alone.kept_positions[0], batched.kept_positions[0])

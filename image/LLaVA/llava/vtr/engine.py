@@ -14,8 +14,9 @@ does everything else:
     layers [K, ...)               the kept rows only; a list of prune layers repeats score + gather
     decode                        `DecodeState` on the cache re-maps later masks and positions
 
-Host syncs: one before the loop (is there padding?) and two per prune stage (the visual spans of each
-sample; the kept counts), whatever the batch size. Everything between them stays on the device.
+Host syncs: one before the first layer (padding; each sample's visual span, count and length) and one per
+prune stage (the kept counts, with the next stage's spans), whatever the batch size; only the stage's
+one waits for the layers before it. Everything between them stays on the device.
 """
 
 from __future__ import annotations
@@ -188,6 +189,21 @@ class TokenState:
             self.tensors[name] = t
 
 
+def _span_info(visual: torch.Tensor, valid: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """[batch, 4] long: first visual position, last visual position + 1, visual count, last valid position
+    + 1, reading positions from `position` [batch, seq] (rows where visual/valid is False are ignored)."""
+    big = torch.iinfo(torch.long).max
+    return torch.stack(
+        [
+            torch.where(visual, position, big).amin(1),
+            torch.where(visual, position, -1).amax(1) + 1,
+            visual.sum(1),
+            torch.where(valid, position, -1).amax(1) + 1,
+        ],
+        dim=1,
+    ).long()
+
+
 def gather_seq(t: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
     """Gather `t` along its sequence dimension `dim` with a [batch, new_len] index."""
     if t.shape[0] != index.shape[0]:
@@ -260,7 +276,15 @@ class PrunedPrefill:
             sin=prefill.sin,
             **prefill.extras,
         )
-        self.has_padding = not bool(prefill.valid.all())  # host sync 1 (once per forward)
+        # Host sync (once per forward, before any layer runs): padding, and per sample the visual span,
+        # visual count and real length that the first prune stage needs.
+        batch_index = torch.arange(seq_len, device=device).expand(batch, -1)
+        host = torch.cat(
+            [prefill.valid.all(1, keepdim=True), _span_info(prefill.visual, prefill.valid, batch_index)], 1
+        )
+        host = host.tolist()
+        self.has_padding = not all(row[0] for row in host)
+        self.info = [row[1:] for row in host]
         self.record = VTRRecord(strategy=self.config.strategy, original_len=seq_len)
         self.sample_ctx = [{} for _ in range(batch)]  # one vtr_ctx per sample, shared by its stages
         self.snapshots: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -334,17 +358,7 @@ class PrunedPrefill:
         start = time.perf_counter()
         batch, seq_len = tokens.visual.shape
         device = tokens.visual.device
-        # Host sync 2: per sample, the visual span, visual count and real length (trailing padding excluded).
-        arange = torch.arange(seq_len, device=device)
-        info = torch.stack(
-            [
-                torch.where(tokens.visual, arange, seq_len).amin(1),
-                torch.where(tokens.visual, arange, -1).amax(1) + 1,
-                tokens.visual.sum(1),
-                torch.where(tokens.valid, arange, -1).amax(1) + 1,
-            ],
-            dim=1,
-        ).tolist()
+        info = self.info  # read back with the previous sync, before the layers ran
         counts = [row[2] for row in info]
         stage_record = StageRecord(
             layer=prune_at,
@@ -362,9 +376,15 @@ class PrunedPrefill:
         scores = self._score(stage, prune_at - 1, tokens, scoring_input, cache, info, prefill)
         keep_visual = self._select(stage, scores, tokens.visual, info)
         keep_rows = ~tokens.visual | keep_visual
-        # Host sync 3: rows and visual tokens kept per sample.
-        kept = torch.stack([keep_rows.sum(1), keep_visual.sum(1)]).tolist()
+        # Host sync (one per stage): rows and visual tokens kept per sample, and the next stage's spans
+        # measured in kept-row coordinates (shifted by each sample's re-padding below).
+        rank = keep_rows.cumsum(1) - 1
+        next_info = _span_info(tokens.visual & keep_visual, tokens.valid & keep_rows, rank)
+        host = torch.cat([keep_rows.sum(1, keepdim=True), keep_visual.sum(1, keepdim=True), next_info], 1).tolist()
+        kept = [[row[0] for row in host], [row[1] for row in host]]
         new_len = max(kept[0])
+        pad = [new_len - n for n in kept[0]]
+        self.info = [[a + p, e + p, c, n + p] for (a, e, c, n), p in zip((row[2:] for row in host), pad)]
         stage_record.image_tokens_kept = kept[1]
         stage_record.seq_len_after = new_len
         # kept visual rows first (in order), then slice each sample's count: no data-dependent shapes
