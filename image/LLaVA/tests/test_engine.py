@@ -158,3 +158,81 @@ def test_snapshot_layers_reach_later_stages(tiny_path, stock_models, single_inpu
     last_image = int((ids == model.config.image_token_id).nonzero().max())
     assert first["anchor_index"] == last_image + 1
     assert first["patch_grid"] == (8, 8)
+
+
+@register_strategy("test_embedding_norm")
+class EmbeddingNorm(PruningStrategy):
+    """A pre-LLM method: scores from the merged input embeddings (the projected image features)."""
+
+    needs_attention = False
+
+    def compute_scores(self, attention, image_token_range, config, **ctx):
+        SEEN.setdefault("pre_llm", []).append(ctx)
+        start, end = image_token_range
+        return ctx["hidden_states"][0, start:end].float().norm(dim=-1)
+
+
+def test_pre_llm_stage_prunes_before_the_first_layer_and_equals_the_oracle(tiny_path, stock_models, single_inputs):
+    from llava_testlib import oracle_greedy, stage_drops
+
+    SEEN.clear()
+    model = vtr_model(tiny_path, "sdpa", strategy="test_embedding_norm", prune_layer=[0, 2], keep_tokens=[12, 4])
+    with torch.no_grad():
+        model(**single_inputs)
+        features = (
+            stock_models["sdpa"]
+            .model.get_image_features(pixel_values=single_inputs["pixel_values"], return_dict=True)
+            .pooler_output[0]
+        )
+    first = SEEN["pre_llm"][0]
+    assert first["layer_idx"] == -1
+    ids = single_inputs["input_ids"][0]
+    image_rows = (ids == model.config.image_token_id).nonzero().reshape(-1)
+    torch.testing.assert_close(first["hidden_states"][0, image_rows], features.reshape(-1, features.shape[-1]))
+    record = model.vtr_last
+    expected = torch.topk(features.reshape(-1, features.shape[-1]).norm(dim=-1), 12).indices.sort().values
+    assert torch.equal(record.stages[0].kept_positions[0], image_rows[expected])
+    assert [s.layer for s in record.stages] == [0, 2] and record.stages[0].seq_len_before == ids.numel()
+    prompt_len = ids.numel()
+    stages = stage_drops(record, 1, prompt_len, (ids == model.config.image_token_id)[None])
+    out = model.generate(
+        **single_inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True
+    )
+    tokens, logits = oracle_greedy(stock_models["eager"], single_inputs, stages, 4)
+    assert torch.equal(out.sequences[:, prompt_len:], tokens)
+    torch.testing.assert_close(torch.stack(out.logits, 1), logits, atol=1e-5, rtol=0)
+
+
+def test_pre_llm_stage_is_refused_for_attention_methods():
+    from llava.vtr import VTRConfig, VTRConfigError
+
+    with pytest.raises(VTRConfigError, match="only for strategies that read no attention"):
+        VTRConfig(strategy="fastv", prune_layer=0)
+    assert VTRConfig(strategy="random", prune_layer=[0, 3]).prune_layers == [0, 3]
+
+
+@register_strategy("test_prior")
+class Prior(PruningStrategy):
+    """Runs the prior forward on the question-free prefix and keeps it next to the full attention."""
+
+    def compute_scores(self, attention, image_token_range, config, **ctx):
+        anchor = ctx["anchor_index"]
+        prior = ctx["prior_attention"](anchor + 1)
+        SEEN.setdefault("prior", []).append((prior[:, :, -1, :], attention[:, :, anchor, : anchor + 1], prior.shape))
+        return self._aggregate_attention(attention, image_token_range, config)
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_prior_forward_row_equals_the_causal_anchor_row_at_every_stage(tiny_path, processor, image, impl):
+    """Under causal attention the question-free prefix run alone gives the anchor row of the full run."""
+    SEEN.clear()
+    inputs = processor(images=image, text=chat(processor, "Is there a cat? Answer in one word."), return_tensors="pt")
+    model = vtr_model(tiny_path, impl, strategy="test_prior", prune_layer=[1, 3], keep_tokens=[20, 6])
+    with torch.no_grad():
+        model(**inputs)
+    (prior1, full1, shape1), (prior2, full2, shape2) = SEEN["prior"]
+    ids = inputs["input_ids"][0]
+    anchor = int((ids == model.config.image_token_id).nonzero().max()) + 1
+    assert shape1[-1] == anchor + 1 and shape2[-1] == anchor + 1 - (64 - 20)  # stage-1 drops applied
+    torch.testing.assert_close(prior1, full1, atol=1e-5, rtol=0)
+    torch.testing.assert_close(prior2, full2, atol=1e-5, rtol=0)

@@ -289,6 +289,7 @@ class PrunedPrefill:
         self.record = VTRRecord(strategy=self.config.strategy, original_len=seq_len)
         self.sample_ctx = [{} for _ in range(batch)]  # one vtr_ctx per sample, shared by its stages
         self.snapshots: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.layer0 = TokenState(**tokens.tensors)  # the unpruned layer-0 inputs, for prior forwards
         snapshot_layers = set(self.strategy.snapshot_layers(self.config))
         stages = {k: stage for stage, k in enumerate(self.config.prune_layers)}
         masks = self.adapter.layer_masks(tokens.hidden, tokens.valid if self.has_padding else None)
@@ -374,7 +375,7 @@ class PrunedPrefill:
         if sum(counts) == 0:
             stage_record.kept_positions = [tokens.original_index[b, :0] for b in range(batch)]
             return False
-        scores = self._score(stage, prune_at - 1, tokens, scoring_input, cache, info, prefill)
+        scores = self._score(stage, prune_at - 1, tokens, scoring_input, cache, info, prefill)  # -1: pre-LLM
         keep_visual = self._select(stage, scores, tokens.visual, info)
         keep_rows = ~tokens.visual | keep_visual
         # Host sync (one per stage): rows and visual tokens kept per sample, and the next stage's spans
@@ -427,6 +428,7 @@ class PrunedPrefill:
                 position_ids=tokens.positions[b, :length],
                 batch_index=b,
                 anchor_index=self.adapter.anchor_row(end),
+                prior_attention=lambda end, b=b, k=layer_idx, t=tokens: self._prior_attention(b, end, k, t),
                 snapshots={k: (h[b : b + 1], idx[b]) for k, (h, idx) in self.snapshots.items()},
                 **{k: (v[b] if isinstance(v, list) else v) for k, v in prefill.strategy_ctx.items()},
             )
@@ -442,6 +444,45 @@ class PrunedPrefill:
                 )
             scores[b, start:end] = out.detach().reshape(-1).to(scores.device, torch.float32)
         return scores
+
+    def _prior_attention(self, b: int, end: int, layer_idx: int, tokens: TokenState):
+        """A prior forward for sample `b`: the prompt cut after row `end - 1` of the current sequence (e.g.
+        `anchor_index + 1`: prefix and visuals, no question) runs through layers [0, layer_idx) with the
+        earlier stages' drops applied at their layers; returns the lazy attention of layer `layer_idx` over
+        that prefix ([1, heads, n, n], rows in current-sequence order). Costs one host sync and the layers."""
+        if layer_idx < 0:
+            raise ValueError("a prior forward needs a scoring layer (prune_layer >= 1)")
+        last = int(tokens.original_index[b, end - 1])
+        prefix = TokenState(**{name: t[b : b + 1, : last + 1] for name, t in self.layer0.tensors.items()})
+        stages = {s.layer: s.kept_positions[b] for s in self.record.stages[:-1]}  # earlier stages only
+        layers = self.adapter.language_model.layers
+        for i in range(layer_idx + 1):
+            if i in stages:
+                keep = ~prefix.visual[0] | torch.isin(prefix.original_index[0], stages[i])
+                index = keep.nonzero().reshape(1, -1)
+                prefix.gather(index, torch.ones_like(index, dtype=torch.bool))
+            if i == layer_idx:
+                break
+            padded = not bool(prefix.valid.all())
+            masks = self.adapter.layer_masks(prefix.hidden, prefix.valid if padded else None)
+            prefix.hidden = layers[i](
+                prefix.hidden,
+                attention_mask=masks[getattr(layers[i], "attention_type", "full_attention")],
+                position_embeddings=(prefix.cos, prefix.sin),
+                past_key_values=None,
+                use_cache=False,
+            )
+            prefix.hidden = self.adapter.after_layer(i, prefix)
+        return scoring_attention(
+            layers[layer_idx],
+            prefix.hidden,
+            prefix.cos,
+            prefix.sin,
+            prefix.valid,
+            None,
+            layer_idx,
+            self.adapter.rope_fn,
+        )
 
     def _select(self, stage, scores, visual, info) -> torch.Tensor:
         """[batch, seq] bool: the visual tokens to keep. One batched Top-K unless the strategy overrides

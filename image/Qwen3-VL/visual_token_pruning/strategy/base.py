@@ -43,10 +43,14 @@ class PruningStrategy(ABC):
             or None when `needs_attention` is False.
         image_token_range: `(start, end)` of the visual tokens in the current sequence; with several
             images or non-contiguous frames it spans all of them and the scores of text inside are ignored.
-        ctx: `layer_idx` (0-based scoring layer), `stage` (0-based prune stage), `hidden_states`
-            (`[1, seq, hidden]`, output of the scoring layer), `image_token_indices` (LongTensor of the
+        ctx: `layer_idx` (0-based scoring layer; -1 for a pre-LLM stage, prune_layer=0), `stage` (0-based
+            prune stage), `hidden_states` (`[1, seq, hidden]`, output of the scoring layer; at a pre-LLM
+            stage the merged input embeddings), `image_token_indices` (LongTensor of the
             visual positions), `position_ids` (RoPE positions of the current tokens), `batch_index`,
-            `anchor_index` (the backbone's question-free row after the visual span), `snapshots`
+            `anchor_index` (the backbone's question-free row after the visual span), `prior_attention`
+            (a callable: `prior_attention(end)` runs the prompt cut before row `end` through the layers
+            up to the scoring layer, earlier stages' drops applied, and returns that layer's lazy
+            attention over the cut prompt; PriorTR-2F's explicit prior forward), `snapshots`
             ({layer: (hidden [1, seq_then, hidden], original index [seq_then])} for the layers named by
             `snapshot_layers`), backbone facts from the adapter (e.g. a patch grid), and `vtr_ctx`: a dict
             that lives for one forward pass of one sample, shared by all its prune stages.

@@ -63,7 +63,9 @@ class VTRConfig:
     strategy: name of a registered strategy (`fastv`, `priortr`, `random`, ... or yours); `none` means
         enabled=False.
     prune_layer: K or a strictly increasing list [K1, K2, ...]. The first K decoder layers see every token,
-        scores come from layer index K-1, layers from index K on run on the kept tokens only.
+        scores come from layer index K-1, layers from index K on run on the kept tokens only. K=0 (pre-LLM:
+        every decoder layer runs on the kept tokens) is for strategies that read no attention; they
+        score from `ctx["hidden_states"]`, the merged input embeddings, and the adapter's facts.
     keep_tokens / score_threshold / keep_ratio: the budget, a scalar or one value per prune layer.
         Priority keep_tokens > score_threshold > keep_ratio. If none is given, keep_tokens=192.
         With several images in one prompt the budget is global: it counts the image tokens kept
@@ -101,7 +103,7 @@ class VTRConfig:
         if not layers:
             raise _bad("prune_layer", self.prune_layer, "give at least one layer index >= 1")
         for k in layers:
-            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            if isinstance(k, bool) or not isinstance(k, int) or k < 0:
                 raise _bad("prune_layer", self.prune_layer, "each prune layer must be an integer >= 1")
         if any(b <= a for a, b in zip(layers, layers[1:])):
             raise _bad("prune_layer", self.prune_layer, "a list of prune layers must be strictly increasing")
@@ -128,7 +130,15 @@ class VTRConfig:
         if self.enabled:
             from .strategy import get_strategy  # validates the name, listing the registered ones
 
-            get_strategy(self.strategy)
+            strategy = get_strategy(self.strategy)
+            if layers[0] == 0 and strategy.needs_attention:
+                raise _bad(
+                    "prune_layer",
+                    self.prune_layer,
+                    f"each prune layer must be an integer >= 1 for {self.strategy!r}, which scores from the "
+                    "attention of layer K-1; 0 (before the first decoder layer) is only for strategies that "
+                    "read no attention (needs_attention = False)",
+                )
 
     @staticmethod
     def _valid_keep_tokens(v) -> bool:
