@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from llava.vtr import VTRConfig, VTRLlavaForConditionalGeneration, load_model, load_processor
+from llava.vtr import VTRConfig, load_model, load_processor
 from llava.vtr.cost import equivalent_tokens, ideal_speedup, text_config_dims, tokens_per_layer
 from llava.vtr.demo import build_prompt
 from llava.vtr.tiny import build_tiny_llava, demo_image

@@ -359,7 +359,6 @@ class PrunedPrefill:
         """Score, select and gather at layer `prune_at`. Returns True if the sequence changed."""
         start = time.perf_counter()
         batch, seq_len = tokens.visual.shape
-        device = tokens.visual.device
         info = self.info  # read back with the previous sync, before the layers ran
         counts = [row[2] for row in info]
         stage_record = StageRecord(
