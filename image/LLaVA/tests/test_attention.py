@@ -139,3 +139,22 @@ def test_anchor_row_does_not_depend_on_the_question(tiny_path, processor, image)
         anchor = (ids == model.config.image_token_id).nonzero().max().item() + 1
         anchor_rows.append(CAPTURED["lazy"][:, :, anchor, : anchor + 1])
     torch.testing.assert_close(anchor_rows[0], anchor_rows[1], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("strategy,computations", [("fastv", 1), ("priortr", 1 + 3)])
+def test_samples_of_a_batch_share_the_last_row_computation(
+    tiny_path, processor, image, monkeypatch, strategy, computations
+):
+    """The last row of a left-padded batch is the same index for every sample: computed once for all."""
+    calls = []
+    original = ScoringAttention._compute_rows
+    monkeypatch.setattr(
+        ScoringAttention, "_compute_rows", lambda self, r: calls.append(self.shape[0]) or original(self, r)
+    )
+    texts = [chat(processor, "What is this?" + " And that?" * i) for i in range(3)]
+    inputs = processor(images=[image] * 3, text=texts, return_tensors="pt", padding=True)
+    model = vtr_model(tiny_path, "sdpa", strategy=strategy, prune_layer=2, keep_tokens=8)
+    with torch.no_grad():
+        model(**inputs)
+    assert len(calls) == computations and calls[0] == 3  # the first, shared computation covers the batch
+    assert all(b == 1 for b in calls[1:])  # PriorTR's anchors differ per sample: computed per sample

@@ -23,7 +23,7 @@ class PriorTR(PruningStrategy):
         if anchor >= seq_len:  # image at the very end: no anchor row exists, fall back to the query rows
             anchor = seq_len - 1
         p = self._aggregate_attention(attention, image_token_range, config)
-        q = self._aggregate_attention(attention, image_token_range, config, rows=torch.tensor([anchor]))
+        q = self._aggregate_attention(attention, image_token_range, config, rows=[anchor])
         return v_information(p, q, config.priortr_eps)
 
 

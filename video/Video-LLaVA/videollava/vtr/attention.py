@@ -48,16 +48,43 @@ class ScoringAttention:
         length = self.shape[-1] if length is None else length
         query_fn = self._query_fn
         for_sample = getattr(query_fn, "for_sample", None)
-        return ScoringAttention(
+        view = ScoringAttention(
             for_sample(b) if for_sample is not None else (lambda rows: query_fn(rows)[b : b + 1]),
             self._keys[b : b + 1, :, :length],
             self._key_valid[b : b + 1, :length],
             self._num_heads,
             self._scaling,
         )
+        if length == self.shape[-1]:  # same keys as the batch: may share rows computed for all samples
+            view._batch, view._batch_index = self, b
+        return view
+
+    def _shared(self, key: tuple[int, ...]) -> torch.Tensor | None:
+        """Rows `key` of this per-sample view, taken from one computation for the whole batch: the first rows
+        any sample asks for (the last row, in a left-padded batch the same for every sample) are computed
+        for all samples at once; rows first asked later are computed by the sample that asks."""
+        batch = getattr(self, "_batch", None)
+        if batch is None:
+            return None
+        cache = batch.__dict__.setdefault("_shared_rows", {})
+        if key not in cache:
+            if cache:
+                return None
+            cache[key] = batch._compute_rows(torch.tensor(key, dtype=torch.long, device=self.device))
+        return cache[key][self._batch_index : self._batch_index + 1]
 
     def rows(self, rows) -> torch.Tensor:
-        """Probabilities for query rows `rows` (LongTensor of row indices): `[batch, heads, len(rows), seq]`."""
+        """Probabilities for query rows `rows` (row indices: a LongTensor, or Python ints, which per-sample
+        views of one batch can share): `[batch, heads, len(rows), seq]`."""
+        if isinstance(rows, (list, tuple, range)):
+            key = tuple(int(r) % self.shape[-1] for r in rows)
+            shared = self._shared(key)
+            if shared is not None:
+                return shared
+            rows = torch.tensor(key, dtype=torch.long, device=self.device)
+        return self._compute_rows(rows)
+
+    def _compute_rows(self, rows) -> torch.Tensor:
         seq = self.shape[-1]
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.device).reshape(-1) % seq
         q = self._query_fn(rows).float()  # [b, h, r, d]
@@ -84,7 +111,10 @@ class ScoringAttention:
             block = self.rows([row_index])
             rest = (index[0], index[1], 0, index[3])
         elif isinstance(row_index, slice):
-            block = self.rows(torch.arange(self.shape[2])[row_index])
+            block = self.rows(range(self.shape[2])[row_index])
+            rest = (index[0], index[1], slice(None), index[3])
+        elif isinstance(row_index, (list, tuple, range)) and all(isinstance(r, int) for r in row_index):
+            block = self.rows(row_index)
             rest = (index[0], index[1], slice(None), index[3])
         else:
             rows = torch.as_tensor(row_index, device=self.device)

@@ -69,12 +69,13 @@ class PruningStrategy(ABC):
         keep = select_batch(scores, visual, config.stage_budget(stage))
         return keep[0].nonzero().reshape(-1)
 
-    def _query_rows(self, seq_len: int, image_token_range: tuple[int, int], config) -> torch.Tensor:
-        """Query rows chosen by `config.query_aggregation`: the last token, or every token after the image."""
+    def _query_rows(self, seq_len: int, image_token_range: tuple[int, int], config) -> list[int]:
+        """Query rows chosen by `config.query_aggregation`: the last token, or every token after the image.
+        Python ints: per-sample attention views can then share rows computed once for the batch."""
         end = image_token_range[1]
         if config.query_aggregation == "question" and end < seq_len:
-            return torch.arange(end, seq_len)
-        return torch.tensor([seq_len - 1])
+            return list(range(end, seq_len))
+        return [seq_len - 1]
 
     def _aggregate_attention(self, attention, image_token_range: tuple[int, int], config, rows=None) -> torch.Tensor:
         """Attention each image-range token receives, in float32: the query rows (default: those of
