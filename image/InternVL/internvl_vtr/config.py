@@ -16,7 +16,8 @@ from typing import NamedTuple
 
 logger = logging.getLogger(__name__)
 
-# LLaVA-1.5 defaults (576 image tokens, 32 decoder layers).
+# Framework defaults. When no budget is given, a backbone's adapter replaces DEFAULT_KEEP_TOKENS with its
+# own (`BackboneAdapter.default_keep_tokens`: LLaVA-1.5 192, LLaVA-1.6 320) when the config is set.
 DEFAULT_PRUNE_LAYER = 3
 DEFAULT_KEEP_TOKENS = 192
 
@@ -67,7 +68,8 @@ class VTRConfig:
         every decoder layer runs on the kept tokens) is for strategies that read no attention; they
         score from `ctx["hidden_states"]`, the merged input embeddings, and the adapter's facts.
     keep_tokens / score_threshold / keep_ratio: the budget, a scalar or one value per prune layer.
-        Priority keep_tokens > score_threshold > keep_ratio. If none is given, keep_tokens=192.
+        Priority keep_tokens > score_threshold > keep_ratio. If none is given, keep_tokens=192
+        (`budget_defaulted` is then True, and the model replaces it with its backbone's default).
         With several images in one prompt the budget is global: it counts the image tokens kept
         across all images of that prompt (see docs/adding-a-method.md, "Budgets").
     query_aggregation: which query rows score the image tokens: `last` (the last token) or `question`
@@ -87,8 +89,9 @@ class VTRConfig:
     head_aggregation: str = "mean"
     seed: int = 0
     priortr_eps: float = 1e-6
-    # Filled in __post_init__: the prune layers as a sorted list.
+    # Filled in __post_init__: the prune layers as a sorted list; whether no budget was given.
     prune_layers: list[int] = field(init=False, repr=False, compare=False, default_factory=list)
+    budget_defaulted: bool = field(init=False, repr=False, compare=False, default=False)
 
     def __post_init__(self):
         if not isinstance(self.enabled, bool):
@@ -111,6 +114,7 @@ class VTRConfig:
 
         if self.keep_tokens is None and self.score_threshold is None and self.keep_ratio is None:
             self.keep_tokens = DEFAULT_KEEP_TOKENS
+            self.budget_defaulted = True
         self._check_budget("keep_tokens", self._valid_keep_tokens, "an integer >= 0")
         self._check_budget("score_threshold", self._valid_threshold, "a finite number")
         self._check_budget("keep_ratio", self._valid_ratio, "a number in [0, 1]")

@@ -29,7 +29,15 @@ def oracle_forward(stock, inputs, prune_stages, prompt_len, position_ids=None):
     batch, seq = input_ids.shape
     embeds = model.get_input_embeddings()(input_ids)
     if "pixel_values" in inputs:
-        feats = model.get_image_features(pixel_values=inputs["pixel_values"], return_dict=True).pooler_output
+        cfg = stock.config
+        extra = {"image_sizes": inputs["image_sizes"]} if "image_sizes" in inputs else {}
+        feats = model.get_image_features(
+            pixel_values=inputs["pixel_values"],
+            vision_feature_layer=cfg.vision_feature_layer,
+            vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+            return_dict=True,
+            **extra,
+        ).pooler_output
         feats = torch.cat(feats, 0)
         embeds = embeds.masked_scatter((input_ids == stock.config.image_token_id)[..., None], feats)
     valid = inputs.get("attention_mask", torch.ones(batch, seq)).bool()

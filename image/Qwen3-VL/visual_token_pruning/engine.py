@@ -22,6 +22,7 @@ one waits for the layers before it. Everything between them stays on the device.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -537,8 +538,13 @@ class VTRModelMixin:
         return model
 
     def set_vtr_config(self, vtr_config: VTRConfig) -> None:
+        """Validate against this model and keep it. A config given no budget gets the backbone's default
+        (`adapter.default_keep_tokens`); an explicit budget always wins."""
         if not isinstance(vtr_config, VTRConfig):
             raise TypeError(f"vtr_config must be a VTRConfig, got {type(vtr_config).__name__}")
+        default = getattr(self.vtr_adapter, "default_keep_tokens", None)
+        if vtr_config.budget_defaulted and default is not None and vtr_config.keep_tokens != default:
+            vtr_config = dataclasses.replace(vtr_config, keep_tokens=default)
         vtr_config.validate_for_model(self.vtr_adapter.num_layers)
         self.vtr_config = vtr_config
 

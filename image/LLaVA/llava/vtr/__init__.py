@@ -1,4 +1,5 @@
-"""Visual token reduction for LLaVA on transformers' stock `LlavaForConditionalGeneration`.
+"""Visual token reduction for LLaVA-1.5 and 1.6 on transformers' stock `LlavaForConditionalGeneration` and
+`LlavaNextForConditionalGeneration`.
 
 from llava.vtr import VTRConfig, load_model
 model = load_model("llava-hf/llava-1.5-7b-hf", VTRConfig(strategy="fastv", keep_tokens=64, prune_layer=2))
@@ -8,7 +9,7 @@ model.vtr_last.stages[0].kept_positions   # what was kept
 
 from .api import load_model, load_processor, wrap
 from .config import VTRConfig, VTRConfigError
-from .modeling import StageRecord, VTRLlavaForConditionalGeneration, VTRRecord
+from .modeling import StageRecord, VTRLlavaForConditionalGeneration, VTRLlavaNextForConditionalGeneration, VTRRecord
 from .strategy import PruningStrategy, available_strategies, get_strategy, register_strategy
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "VTRConfig",
     "VTRConfigError",
     "VTRLlavaForConditionalGeneration",
+    "VTRLlavaNextForConditionalGeneration",
     "VTRRecord",
     "available_strategies",
     "get_strategy",

@@ -1,24 +1,49 @@
-"""The Python API: load a checkpoint with a `VTRConfig`, or wrap a stock model you already hold."""
+"""The Python API: load a checkpoint with a `VTRConfig`, or wrap a stock model you already hold.
+
+LLaVA-1.5 (`llava-hf/llava-1.5-*`, model_type `llava`) and LLaVA-1.6 (`llava-hf/llava-v1.6-*`, model_type
+`llava_next`) are told apart by the checkpoint's config; anything else is refused with a clear error.
+"""
 
 from __future__ import annotations
 
 from .config import VTRConfig
-from .modeling import VTRLlavaForConditionalGeneration
+from .modeling import VTR_CLASSES
+
+
+def vtr_class_for(pretrained: str, **kwargs) -> type:
+    """The VTR class for a checkpoint (hub id or local folder), chosen from its config's model_type."""
+    from transformers import AutoConfig
+
+    keys = ("revision", "trust_remote_code", "cache_dir", "token", "local_files_only")
+    model_type = AutoConfig.from_pretrained(pretrained, **{k: v for k, v in kwargs.items() if k in keys}).model_type
+    if model_type not in VTR_CLASSES:
+        raise ValueError(
+            f"{pretrained} is a {model_type!r} checkpoint; the LLaVA fork handles {sorted(VTR_CLASSES)} "
+            "(LLaVA-1.5 and LLaVA-1.6). InternVL, Qwen3-VL and Video-LLaVA have their own forks."
+        )
+    return VTR_CLASSES[model_type]
 
 
 def load_model(pretrained: str, vtr_config: VTRConfig | None = None, **from_pretrained_kwargs):
-    """Load a llava-hf checkpoint (hub id or local folder) as a `VTRLlavaForConditionalGeneration`.
+    """Load a llava-hf LLaVA-1.5 or LLaVA-1.6 checkpoint (hub id or local folder) as its VTR class.
 
     `from_pretrained_kwargs` go to transformers unchanged (dtype, device_map, attn_implementation, ...).
     """
-    model = VTRLlavaForConditionalGeneration.from_pretrained(pretrained, **from_pretrained_kwargs)
+    cls = vtr_class_for(pretrained, **from_pretrained_kwargs)
+    model = cls.from_pretrained(pretrained, **from_pretrained_kwargs)
     model.set_vtr_config(vtr_config if vtr_config is not None else VTRConfig())
     return model.eval()
 
 
 def wrap(model, vtr_config: VTRConfig | None = None):
-    """Add VTR to an already loaded stock `LlavaForConditionalGeneration`, in place; returns it."""
-    return VTRLlavaForConditionalGeneration.from_stock(model, vtr_config if vtr_config is not None else VTRConfig())
+    """Add VTR to an already loaded stock `LlavaForConditionalGeneration` or
+    `LlavaNextForConditionalGeneration`, in place; returns it."""
+    for cls in VTR_CLASSES.values():
+        if isinstance(model, cls.vtr_stock_class):
+            return cls.from_stock(model, vtr_config if vtr_config is not None else VTRConfig())
+    raise TypeError(
+        f"expected a LlavaForConditionalGeneration or LlavaNextForConditionalGeneration, got {type(model).__name__}"
+    )
 
 
 def load_processor(pretrained: str, **kwargs):

@@ -12,19 +12,31 @@ from __future__ import annotations
 import importlib
 
 import torch
-from transformers import LlavaForConditionalGeneration
+from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
+from transformers.models.llava_next.modeling_llava_next import LlavaNextCausalLMOutputWithPast
 
 from .config import VTRConfig
 from .engine import BackboneAdapter, PrefillTokens, StageRecord, VTRModelMixin, VTRRecord
 
-__all__ = ["LlavaAdapter", "StageRecord", "VTRLlavaForConditionalGeneration", "VTRRecord"]
+__all__ = [
+    "LlavaAdapter",
+    "LlavaNextAdapter",
+    "StageRecord",
+    "VTRLlavaForConditionalGeneration",
+    "VTRLlavaNextForConditionalGeneration",
+    "VTRRecord",
+]
 
 
 class LlavaAdapter(BackboneAdapter):
     """LLaVA-1.5: one `<image>` placeholder expands to the projected patch features (576 for 336px/14);
     every one of them is a candidate. Positions are the stock ones (`position_ids`, else 0..seq-1)."""
+
+    #: Budget when the user gives none (VTRConfig.budget_defaulted): how LLaVA-1.5 was evaluated.
+    default_keep_tokens = 192
+    output_class = LlavaCausalLMOutputWithPast
 
     @property
     def rope_fn(self):
@@ -74,13 +86,24 @@ class LlavaAdapter(BackboneAdapter):
         )
 
     def patch_grid(self) -> tuple[int, int]:
-        """(rows, cols) of one image's feature grid (24 x 24 for 336px / 14px patches)."""
+        """(rows, cols) of one image's (LLaVA-1.6: one tile's) feature grid (24 x 24 for 336px / 14px)."""
         vision = self.model.config.vision_config
         side = vision.image_size // vision.patch_size
         return (side, side)
 
     def output(self, loss, logits, cache, tokens: PrefillTokens):
-        return LlavaCausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache, **tokens.output_extras)
+        return self.output_class(loss=loss, logits=logits, past_key_values=cache, **tokens.output_extras)
+
+
+class LlavaNextAdapter(LlavaAdapter):
+    """LLaVA-1.6 (anyres): an image becomes the base view plus up to 4 tiles, unpadded to the image's aspect
+    ratio, with one `image_newline` token closing every feature row of the tiles. Every position the stock
+    model fills (base, tiles, newlines) is a candidate; `llava.vtr.visualize.patch_coordinates` maps a
+    position back to (tile, row, col). `image_sizes` goes to the vision side as in the stock model."""
+
+    #: How LLaVA-1.6 was evaluated when the user gives no budget.
+    default_keep_tokens = 320
+    output_class = LlavaNextCausalLMOutputWithPast
 
 
 class VTRLlavaForConditionalGeneration(VTRModelMixin, LlavaForConditionalGeneration):
@@ -126,8 +149,58 @@ class VTRLlavaForConditionalGeneration(VTRModelMixin, LlavaForConditionalGenerat
         return self.vtr_forward(super().forward, stock_args, kwargs)
 
 
-# transformers skips its built-in key renaming for classes defined outside the library; register LLaVA's own
-# mapping under this class name so llava-hf checkpoints load (and save) exactly as with the stock class.
-register_checkpoint_conversion_mapping(
-    VTRLlavaForConditionalGeneration.__name__, get_checkpoint_conversion_mapping("llava"), overwrite=True
-)
+class VTRLlavaNextForConditionalGeneration(VTRModelMixin, LlavaNextForConditionalGeneration):
+    """Stock LLaVA-1.6 (LLaVA-NeXT) + visual token reduction, configured by `self.vtr_config`."""
+
+    vtr_adapter_class = LlavaNextAdapter
+    vtr_stock_class = LlavaNextForConditionalGeneration
+
+    def __init__(self, config, vtr_config: VTRConfig | None = None):
+        super().__init__(config)
+        self._vtr_setup(vtr_config)
+
+    def forward(
+        self,
+        input_ids=None,
+        pixel_values=None,
+        image_sizes=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        vision_feature_layer=None,
+        vision_feature_select_strategy=None,
+        labels=None,
+        use_cache=None,
+        logits_to_keep=0,
+        mm_encoder_outputs=None,
+        **kwargs,
+    ):
+        stock_args = dict(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            image_sizes=image_sizes,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            labels=labels,
+            logits_to_keep=logits_to_keep,
+            mm_encoder_outputs=mm_encoder_outputs,
+        )
+        if use_cache is not None:
+            kwargs["use_cache"] = use_cache
+        return self.vtr_forward(super().forward, stock_args, kwargs)
+
+
+#: model_type of a checkpoint's config -> the VTR class that loads it.
+VTR_CLASSES = {"llava": VTRLlavaForConditionalGeneration, "llava_next": VTRLlavaNextForConditionalGeneration}
+
+# transformers skips its built-in key renaming for classes defined outside the library; register the stock
+# mappings under these class names so llava-hf checkpoints load (and save) exactly as with the stock classes.
+for _model_type, _cls in VTR_CLASSES.items():
+    register_checkpoint_conversion_mapping(
+        _cls.__name__, get_checkpoint_conversion_mapping(_model_type), overwrite=True
+    )

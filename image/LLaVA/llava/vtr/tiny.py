@@ -140,6 +140,64 @@ def build_tiny_llava(path, *, seed: int = 0, overwrite: bool = False, **shape) -
     return path
 
 
+def build_tiny_llava_next(
+    path,
+    *,
+    seed: int = 0,
+    overwrite: bool = False,
+    grid_pinpoints: tuple = ((32, 64), (64, 32), (64, 64)),
+    **shape,
+) -> Path:
+    """Write a random LLaVA-1.6 (LLaVA-NeXT, anyres) checkpoint + processor to `path`.
+
+    Defaults: 32 px tiles of 8 px patches (a 4 x 4 grid, 16 tokens per tile), tile layouts 1x2, 2x1 and
+    2x2, so one image gives the base view plus up to 4 tiles, unpadded to its aspect ratio, plus one
+    `image_newline` token per feature row: a small copy of the 336 px / 2,880-token real thing."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessor
+    from transformers import LlavaNextProcessor
+
+    path = Path(path)
+    stamp = path / "vtr_tiny.json"
+    shape = {"image_size": 32, "patch_size": 8, **shape}
+    wanted = {"seed": seed, "kind": "llava_next", "grid_pinpoints": [list(p) for p in grid_pinpoints], **shape}
+    if not overwrite and stamp.exists() and json.loads(stamp.read_text()) == wanted:
+        return path
+    tokenizer = build_tokenizer()
+    base = tiny_llava_config(tokenizer, **shape)
+    config = LlavaNextConfig(
+        vision_config=base.vision_config,
+        text_config=base.text_config,
+        image_token_index=base.image_token_id,
+        image_grid_pinpoints=[list(p) for p in grid_pinpoints],
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        model.model.language_model.embed_tokens.weight.normal_(0, 1.0)
+    size = config.vision_config.image_size
+    image_processor = LlavaNextImageProcessor(
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_grid_pinpoints=[list(p) for p in grid_pinpoints],
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=config.vision_config.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    stamp.write_text(json.dumps(wanted))
+    return path
+
+
 def build_tiny_original_llava(path, *, seed: int = 0, **shape):
     """Write a tiny checkpoint in the *original* LLaVA release format (`LlavaLlamaForCausalLM`, projector
     under `model.mm_projector`, a separate CLIP tower folder named by `mm_vision_tower`, a tokenizer with no

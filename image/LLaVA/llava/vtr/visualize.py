@@ -65,6 +65,34 @@ def render(image: Image.Image, grid: int, panels: list[tuple[str, list[int]]]) -
     return canvas
 
 
+def patch_coordinates(model, image_size) -> torch.Tensor:
+    """[num_visual_tokens, 3]: (tile, row, col) of every visual position of one image, in the order the model
+    places them. Tile 0 is the whole image (LLaVA-1.5's only view; LLaVA-1.6's base view), tiles 1.. are
+    LLaVA-1.6's anyres tiles in row-major order; rows and cols index a tile's patch grid; (-1, -1, -1)
+    marks an `image_newline` token. `image_size` is (height, width) as in the processor's `image_sizes`.
+    For LLaVA-1.6 the positions are produced by the stock `pack_image_features` itself (fed tile/row/col
+    numbers instead of features), so unpadding and newlines always match the model."""
+    cfg = model.config
+    grid = cfg.vision_config.image_size // cfg.vision_config.patch_size
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    if not hasattr(model.model, "pack_image_features"):
+        return torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3)
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    height, width = (int(v) for v in image_size)
+    tiles = image_size_to_num_patches((height, width), cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+    numbers = torch.stack(
+        [torch.stack([torch.full_like(rows, t), rows, cols], -1).reshape(-1, 3) for t in range(tiles)]
+    ).float()
+    packed, _ = model.model.pack_image_features(
+        [numbers],
+        torch.tensor([[height, width]]),
+        vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+        image_newline=torch.full((3,), -1.0),
+    )
+    return packed[0].round().long()
+
+
 def kept_patches(model, inputs) -> list[int]:
     """Indices (row-major, into the image's patch grid) of the patches kept after the last prune stage."""
     with torch.inference_mode():
