@@ -153,8 +153,12 @@ def build_tiny_llava_next(
     Defaults: 32 px tiles of 8 px patches (a 4 x 4 grid, 16 tokens per tile), tile layouts 1x2, 2x1 and
     2x2, so one image gives the base view plus up to 4 tiles, unpadded to its aspect ratio, plus one
     `image_newline` token per feature row: a small copy of the 336 px / 2,880-token real thing."""
-    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessor
-    from transformers import LlavaNextProcessor
+    from transformers import (
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+    )
 
     path = Path(path)
     stamp = path / "vtr_tiny.json"
