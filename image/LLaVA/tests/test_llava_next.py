@@ -171,3 +171,40 @@ def test_patch_coordinates_follow_the_anyres_layout(next_path, next_processor):
     mosaic = coords[GRID * GRID :].reshape(rows, -1, 3)  # each mosaic row ends with its newline token
     assert mosaic[:, -1].eq(-1).all() and mosaic[:, :-1, 0].ge(1).all()
     assert rows < 2 * GRID, "the wide image's mosaic lost rows to unpadding"
+
+
+def test_lmms_eval_plugin_runs_llava_16_with_different_tile_counts_in_one_batch(next_path):
+    from test_lmms_eval_model import DOCS, gen_request, ll_request, make
+
+    def wide_visual(doc):  # a different aspect ratio per question: 3, 5 or 3 tiles
+        return [demo_image(64).resize((96, 40) if len(doc["q"]) % 2 else (64, 64))]
+
+    batched = make(next_path, "strategy=fastv,keep_tokens=12,prune_layer=2,batch_size=3")
+    assert isinstance(batched.model, VTRLlavaNextForConditionalGeneration)
+    assert batched.vtr_tag == "fastv_K2_keep12"
+    requests = [gen_request(i, visual_fn=wide_visual) for i in DOCS]
+    answers = batched.generate_until(requests)
+    single = make(next_path, "strategy=fastv,keep_tokens=12,prune_layer=2,batch_size=1")
+    assert answers == single.generate_until(requests)
+    ((score, _),) = single.loglikelihood([ll_request(1, " yes", visual_fn=wide_visual)])
+    assert single.model.vtr_last.stages[0].image_tokens_kept == [12] and score < 0
+    default = make(next_path, "strategy=fastv,prune_layer=2")
+    assert default.vtr_tag == "fastv_K2_keep320", "LLaVA-1.6's default budget when none is given"
+
+
+def test_llava_16_prompt_formats(next_path):
+    from test_lmms_eval_model import make
+    from transformers import LlavaNextConfig, MistralConfig
+
+    from llava.vtr.lmms_eval_plugin import VICUNA_SYSTEM, default_conv_template
+
+    lm = make(next_path, "strategy=none")
+    assert lm.build_prompt("Is it red?", 1) == f"{VICUNA_SYSTEM} USER: <image>\nIs it red? ASSISTANT:"
+    mistral = make(next_path, "strategy=none,conv_template=mistral_instruct")
+    assert mistral.build_prompt("Is it red?", 1) == "[INST] <image>\nIs it red? [/INST]"
+    chatml = make(next_path, "strategy=none,conv_template=chatml_direct")
+    assert chatml.build_prompt("Q?", 1).startswith("<|im_start|>system\n") and "user\n<image>\nQ?<|im_end|>" in (
+        chatml.build_prompt("Q?", 1)
+    )
+    config = LlavaNextConfig(text_config=MistralConfig(num_hidden_layers=1, hidden_size=16, intermediate_size=32))
+    assert default_conv_template(config, lm.tokenizer) == "mistral_instruct"

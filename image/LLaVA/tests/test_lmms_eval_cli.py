@@ -166,3 +166,13 @@ def test_bad_values_stop_the_cli_with_a_non_zero_status(workdir, tiny_path, bad,
 def test_automatic_batch_size_is_refused(workdir, tiny_path):
     proc = lmms_eval(workdir, f"pretrained={tiny_path}", "vtr_tiny_qa", "--batch_size", "auto")
     assert proc.returncode == 2 and "batch_size='auto'" in proc.stdout + proc.stderr
+
+
+def test_llava_16_checkpoint_runs_with_its_default_budget(workdir, tmp_path_factory):
+    from llava.vtr.tiny import build_tiny_llava_next
+
+    next_path = build_tiny_llava_next(tmp_path_factory.mktemp("cli-llava-next"))
+    results, stats, name = run_cli(workdir, next_path, "llava-next", "strategy=fastv,prune_layer=2")
+    check_scores(results)
+    assert name.startswith("vtr_stats_fastv_K2_keep320_"), "LLaVA-1.6's default budget, named in the record"
+    assert stats["prefills"] == PREFILLS and stats["mean_image_tokens"] == 88  # base view + 4 tiles + newlines

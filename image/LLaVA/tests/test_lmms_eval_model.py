@@ -25,13 +25,13 @@ def _instance(kind, args, doc_id):
     return Instance(kind, args, idx=0, metadata={"task": "t", "doc_id": doc_id, "repeats": 1})
 
 
-def ll_request(doc_id, continuation=" yes"):
-    return _instance("loglikelihood", (DOCS[doc_id]["q"], continuation, visual, doc_id, "t", "test"), doc_id)
+def ll_request(doc_id, continuation=" yes", visual_fn=visual):
+    return _instance("loglikelihood", (DOCS[doc_id]["q"], continuation, visual_fn, doc_id, "t", "test"), doc_id)
 
 
-def gen_request(doc_id, **gen_kwargs):
+def gen_request(doc_id, visual_fn=visual, **gen_kwargs):
     kwargs = {"max_new_tokens": 5, "temperature": 0, "until": ["\n\n"], **gen_kwargs}
-    return _instance("generate_until", (DOCS[doc_id]["q"], kwargs, visual, doc_id, "t", "test"), doc_id)
+    return _instance("generate_until", (DOCS[doc_id]["q"], kwargs, visual_fn, doc_id, "t", "test"), doc_id)
 
 
 def test_prompt_uses_the_llava_15_conversation_template(tiny_path):

@@ -39,7 +39,20 @@ VICUNA_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
 )
-CONV_TEMPLATES = ("vicuna_v1", "plain", "hf")
+CHATML_SYSTEM = "Answer the questions."
+#: Prompt formats: `auto` picks the checkpoint's own (see `default_conv_template`).
+CONV_TEMPLATES = ("auto", "vicuna_v1", "mistral_instruct", "chatml_direct", "plain", "hf")
+
+
+def default_conv_template(config, tokenizer) -> str:
+    """The conversation a checkpoint was trained with: LLaVA-1.5 and 1.6-vicuna `vicuna_v1`, 1.6-mistral
+    `mistral_instruct` (`[INST] ... [/INST]`), 1.6-34b (Nous-Hermes-2-Yi, ChatML) `chatml_direct`."""
+    if config.get_text_config().model_type == "mistral":
+        return "mistral_instruct"
+    if "<|im_start|>" in tokenizer.get_vocab():
+        return "chatml_direct"
+    return "vicuna_v1"
+
 
 #: Loading / run keys accepted in --model_args besides the VTRConfig fields, with their types.
 LOAD_ARGS: dict[str, object] = {
@@ -69,6 +82,9 @@ def _folder_name(model_args, base: str) -> str | None:
         _, config = parse_model_args(split_args(model_args), LOAD_ARGS)
     except Exception:  # not llava_vtr's arguments: leave lmms-eval's name alone
         return None
+    for model in list(compat.LIVE_MODELS):  # the loaded model's settings (backbone default budget filled in)
+        if config.budget_defaulted:
+            return output_name(base, model.vtr_config)
     return output_name(base, config)
 
 
@@ -76,7 +92,8 @@ compat.install(_folder_name)
 
 
 class LlavaVTR(lmms):
-    """LLaVA-1.5 (llava-hf or original release checkpoints) with visual token reduction."""
+    """LLaVA-1.5 (llava-hf or original release checkpoints) and LLaVA-1.6 (llava-hf `llava-v1.6-*`, anyres)
+    with visual token reduction."""
 
     is_simple = True
 
@@ -100,7 +117,7 @@ class LlavaVTR(lmms):
     @staticmethod
     def _parse(model_args: dict):
         load, vtr_config = parse_model_args(model_args, LOAD_ARGS)
-        if load.get("conv_template", "vicuna_v1") not in CONV_TEMPLATES:
+        if load.get("conv_template", "auto") not in CONV_TEMPLATES:
             raise ValueError(f"conv_template={load['conv_template']!r}: choose one of {list(CONV_TEMPLATES)}")
         if load.get("batch_size", 1) < 1:
             raise ValueError(f"batch_size={load['batch_size']}: must be >= 1")
@@ -113,7 +130,7 @@ class LlavaVTR(lmms):
 
     def _load(self, load: dict, vtr_config: VTRConfig) -> None:
         pretrained = load.get("pretrained", "llava-hf/llava-1.5-7b-hf")
-        self.conv_template = load.get("conv_template", "vicuna_v1")
+        self.conv_template = load.get("conv_template", "auto")
         self.batch_size_per_gpu = load.get("batch_size", 1)
         self.use_cache = load.get("use_cache", True)
         self.default_max_new_tokens = load.get("max_new_tokens", 128)
@@ -149,8 +166,12 @@ class LlavaVTR(lmms):
         if not device_map:
             model.to(device)
         processor.tokenizer.padding_side = "left"
+        if self.conv_template == "auto":
+            self.conv_template = default_conv_template(model.config, processor.tokenizer)
         self._model, self.processor, self.tokenizer = model, processor, processor.tokenizer
         self._device = torch.device(device)
+        # the model may have filled in its backbone's default budget (LLaVA-1.6: 320)
+        vtr_config = model.vtr_config
         self.pretrained, self.vtr_config, self.vtr_tag = pretrained, vtr_config, describe(vtr_config)
         self.accelerator = accelerator
         self._rank, self._world_size = accelerator.local_process_index, accelerator.num_processes
@@ -188,6 +209,13 @@ class LlavaVTR(lmms):
         if self.conv_template == "hf":
             return self.processor.apply_chat_template(
                 [{"role": "user", "content": [{"type": "text", "text": context}]}], add_generation_prompt=True
+            )
+        if self.conv_template == "mistral_instruct":
+            return f"[INST] {context} [/INST]"
+        if self.conv_template == "chatml_direct":
+            return (
+                f"<|im_start|>system\n{CHATML_SYSTEM}<|im_end|><|im_start|>user\n{context}<|im_end|>"
+                "<|im_start|>assistant\n"
             )
         return f"{VICUNA_SYSTEM} USER: {context} ASSISTANT:"
 
