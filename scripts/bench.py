@@ -40,7 +40,7 @@ import torch
 from llava.vtr import VTRConfig, load_model, load_processor
 from llava.vtr.cost import equivalent_tokens, ideal_speedup, text_config_dims, tokens_per_layer
 from llava.vtr.demo import build_prompt
-from llava.vtr.tiny import build_tiny_llava, demo_image
+from llava.vtr.tiny import build_tiny_llava, build_tiny_llava_next, demo_image
 
 
 class Clock:
@@ -119,7 +119,13 @@ def run_setting(model, inputs, clock, decode_steps, cuda, samples):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="real llava-hf checkpoint instead of the random one")
+    p.add_argument("--model", help="real llava-hf checkpoint (LLaVA-1.5 or 1.6) instead of the random one")
+    p.add_argument(
+        "--anyres",
+        action="store_true",
+        help="random LLaVA-1.6 (anyres) model instead: a 672x672 image gives the 336 px base view + 2x2 tiles "
+        "+ a newline per feature row = 2,928 visual tokens",
+    )
     p.add_argument("--hidden-size", type=int, default=1024)
     p.add_argument("--intermediate-size", type=int, default=2816)
     p.add_argument("--layers", type=int, default=8)
@@ -154,12 +160,19 @@ def main(argv=None) -> int:
             vision_hidden_size=64,
         )
         name = "bench-llava-{hidden_size}x{num_layers}-kv{num_kv_heads}".format(**shape)
-        path = str(build_tiny_llava(Path(args.cache_dir) / name, **shape))
+        if args.anyres:
+            pinpoints = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))  # LLaVA-1.6's
+            path = str(
+                build_tiny_llava_next(Path(args.cache_dir) / (name + "-anyres"), grid_pinpoints=pinpoints, **shape)
+            )
+        else:
+            path = str(build_tiny_llava(Path(args.cache_dir) / name, **shape))
     processor = load_processor(path)
     model = load_model(path, VTRConfig(enabled=False), dtype=dtype, attn_implementation=args.attn).to(device)
     prompt = build_prompt(processor, "What is shown in the image?")
     batch = args.batch_size
-    inputs = processor(images=[demo_image(336)] * batch, text=[prompt] * batch, return_tensors="pt").to(device)
+    image = demo_image(672 if args.anyres else 336)
+    inputs = processor(images=[image] * batch, text=[prompt] * batch, return_tensors="pt").to(device)
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     seq_len = inputs["input_ids"].shape[1]
     num_image = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
@@ -182,7 +195,13 @@ def main(argv=None) -> int:
             model.set_vtr_config(cfg)
             run_setting(model, inputs, clock, args.decode_steps, cuda, samples[i] if round_ else scratch)
         with torch.inference_mode(), clock.measure(vision_ms if round_ else []):
-            model.model.get_image_features(pixel_values=inputs["pixel_values"])
+            extra = {"image_sizes": inputs["image_sizes"]} if "image_sizes" in inputs else {}
+            model.model.get_image_features(
+                pixel_values=inputs["pixel_values"],
+                vision_feature_layer=model.config.vision_feature_layer,
+                vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+                **extra,
+            )
         print(f"round {round_}/{args.rounds} done", flush=True)
 
     vision = statistics.median(vision_ms)

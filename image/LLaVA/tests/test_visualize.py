@@ -48,3 +48,18 @@ def test_png_shows_exactly_the_kept_patches_per_strategy(tmp_path, tiny_path):
         }
         assert len(shown) == 10
         assert shown == selected
+
+
+def test_llava_16_kept_tokens_are_reported_per_tile(tmp_path, capsys):
+    from llava.vtr.tiny import build_tiny_llava_next
+
+    path = str(build_tiny_llava_next(tmp_path / "next"))
+    out = tmp_path / "kept.png"
+    args = ["--model", path, "--strategies", "fastv", "--keep-tokens", "30", "--prune-layer", "2", "--out", str(out)]
+    assert main(args) == 0 and out.exists()
+    line = capsys.readouterr().out.splitlines()[0]
+    # the demo image is square: base view 16 + four 4x4 tiles + 8 newlines = 88 positions
+    assert line.startswith("fastv: kept 30 of 88 patches (base ")
+    counts = [part.rsplit(" ", 1)[1] for part in line[line.index("(") + 1 : -1].split(", ")]
+    assert [c.split("/")[1] for c in counts] == ["16", "16", "16", "16", "16", "8"]
+    assert sum(int(c.split("/")[0]) for c in counts) == 30

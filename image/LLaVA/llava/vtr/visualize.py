@@ -6,12 +6,14 @@
 Without --model it uses the built-in random demo model (see `make demo`); with --model a llava-hf
 checkpoint. The panel shows the image as the model saw it (resized and centre-cropped by the processor),
 divided into its patch grid; with several prune layers, the tokens kept after the last one are shown.
+For LLaVA-1.6 (anyres) the panel shows the base view, and the caption counts what was kept of the base
+view, of each tile and of the row-closing newline tokens (`patch_coordinates` maps every visual
+position to its tile, row and column).
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import torch
@@ -93,6 +95,17 @@ def patch_coordinates(model, image_size) -> torch.Tensor:
     return packed[0].round().long()
 
 
+def describe_kept(coords: torch.Tensor, kept: torch.Tensor) -> str:
+    """'base 12/16, tile 1 3/16, ..., newline 1/8' for anyres images; '' when there is one view only."""
+    if int(coords[:, 0].max()) == 0:
+        return ""
+    parts = []
+    for tile in sorted(set(coords[:, 0].tolist()), key=lambda t: (t < 0, t)):
+        name = "base" if tile == 0 else ("newline" if tile < 0 else f"tile {tile}")
+        parts.append(f"{name} {int((kept[:, 0] == tile).sum())}/{int((coords[:, 0] == tile).sum())}")
+    return ", ".join(parts)
+
+
 def kept_patches(model, inputs) -> list[int]:
     """Indices (row-major, into the image's patch grid) of the patches kept after the last prune stage."""
     with torch.inference_mode():
@@ -118,18 +131,23 @@ def main(argv=None) -> int:
     image = Image.open(args.image) if args.image else demo_image(336)
     inputs = processor(images=image, text=build_prompt(processor, args.prompt), return_tensors="pt")
     num_image = int((inputs["input_ids"] == model.config.image_token_id).sum())
-    grid = math.isqrt(num_image)
-    if grid * grid != num_image:
+    coords = patch_coordinates(model, inputs["image_sizes"][0] if "image_sizes" in inputs else image.size[::-1])
+    if coords.shape[0] != num_image:
         raise SystemExit(
-            f"visualize: {num_image} image tokens do not form a square patch grid (single-image LLaVA-1.5 only)"
+            f"visualize: {num_image} image tokens for {coords.shape[0]} patches: one image per prompt only"
         )
+    grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
     panels = []
     for strategy in [s.strip() for s in args.strategies.split(",") if s.strip()]:
         model.set_vtr_config(VTRConfig(strategy=strategy, keep_tokens=args.keep_tokens, prune_layer=args.prune_layer))
-        kept = kept_patches(model, inputs)
+        kept = coords[torch.tensor(kept_patches(model, inputs), dtype=torch.long)]
+        base = [int(r) * grid + int(c) for t, r, c in kept.tolist() if t == 0]
         caption = f"{strategy}\nkept {len(kept)}/{num_image} (keep_tokens={args.keep_tokens})\nprune layer K={args.prune_layer}"
-        panels.append((caption, kept))
-        print(f"{strategy}: kept {len(kept)} of {num_image} patches")
+        summary = describe_kept(coords, kept)
+        if summary:
+            caption = f"{strategy}: kept {len(kept)}/{num_image}\n{summary}\nprune layer K={args.prune_layer}"
+        panels.append((caption, base))
+        print(f"{strategy}: kept {len(kept)} of {num_image} patches" + (f" ({summary})" if summary else ""))
     render(image, grid, panels).save(args.out)
     print(f"wrote {args.out}")
     return 0
