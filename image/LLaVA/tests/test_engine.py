@@ -236,3 +236,16 @@ def test_prior_forward_row_equals_the_causal_anchor_row_at_every_stage(tiny_path
     assert shape1[-1] == anchor + 1 and shape2[-1] == anchor + 1 - (64 - 20)  # stage-1 drops applied
     torch.testing.assert_close(prior1, full1, atol=1e-5, rtol=0)
     torch.testing.assert_close(prior2, full2, atol=1e-5, rtol=0)
+
+
+def test_prior_forward_rows_line_up_with_a_re_padded_sample(tiny_path, batch_inputs):
+    """Stage 1 keeps different counts per sample (threshold), so stage 2 sees a left re-padded sample."""
+    SEEN.clear()
+    model = vtr_model(tiny_path, "sdpa", strategy="test_prior", prune_layer=[1, 3], score_threshold=[0.0105, 0.0])
+    with torch.no_grad():
+        model(**batch_inputs)
+    kept = model.vtr_last.stages[0].image_tokens_kept
+    assert kept[0] != kept[1], kept
+    for prior, full, shape in SEEN["prior"]:
+        assert shape[-1] == full.shape[-1]
+        torch.testing.assert_close(prior, full, atol=1e-5, rtol=0)

@@ -448,7 +448,8 @@ class PrunedPrefill:
         """A prior forward for sample `b`: the prompt cut after row `end - 1` of the current sequence (e.g.
         `anchor_index + 1`: prefix and visuals, no question) runs through layers [0, layer_idx) with the
         earlier stages' drops applied at their layers; returns the lazy attention of layer `layer_idx` over
-        that prefix ([1, heads, n, n], rows in current-sequence order). Costs one host sync and the layers."""
+        that prefix, `[1, heads, end, end]` in current-sequence rows (re-padding rows masked). Costs a
+        host sync and the layers, and only when a strategy asks for it."""
         if layer_idx < 0:
             raise ValueError("a prior forward needs a scoring layer (prune_layer >= 1)")
         last = int(tokens.original_index[b, end - 1])
@@ -472,6 +473,10 @@ class PrunedPrefill:
                 use_cache=False,
             )
             prefix.hidden = self.adapter.after_layer(i, prefix)
+        shift = end - prefix.visual.shape[1]  # this sample's left re-padding in the current sequence
+        if shift > 0:
+            rows = torch.arange(end, device=prefix.hidden.device)[None]
+            prefix.gather((rows - shift).clamp_min(0), rows >= shift)
         return scoring_attention(
             layers[layer_idx],
             prefix.hidden,
