@@ -46,6 +46,12 @@ SHARED_FILES = [
     "strategy/fastv.py",
     "strategy/priortr.py",
     "strategy/random.py",
+    "strategy/priortr_2f.py",
+    "strategy/pdrop.py",
+    "strategy/sparsevlm.py",
+    "strategy/vispruner.py",
+    "strategy/divprune.py",
+    "strategy/clse.py",
 ]
 FORK_PACKAGES = [
     "image/InternVL/internvl_vtr",

@@ -4,9 +4,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from transformers import AutoProcessor, LlavaForConditionalGeneration
+from transformers import AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
-from llava.vtr.tiny import build_tiny_llava, demo_image
+from llava.vtr.tiny import build_tiny_llava, build_tiny_llava_next, demo_image
 
 sys.path.insert(0, str(Path(__file__).parent))
 from llava_testlib import chat  # noqa: E402
@@ -47,3 +47,35 @@ def stock_models(tiny_path):
         impl: LlavaForConditionalGeneration.from_pretrained(tiny_path, attn_implementation=impl).eval()
         for impl in ("eager", "sdpa")
     }
+
+
+# LLaVA-1.6 (anyres): 32 px tiles of 8 px patches; a square image gives 88 visual tokens, a wide one 52.
+@pytest.fixture(scope="session")
+def next_path(tmp_path_factory):
+    return str(build_tiny_llava_next(tmp_path_factory.mktemp("tiny-llava-next")))
+
+
+@pytest.fixture(scope="session")
+def next_processor(next_path):
+    return AutoProcessor.from_pretrained(next_path)
+
+
+@pytest.fixture(scope="session")
+def next_stock(next_path):
+    return {
+        impl: LlavaNextForConditionalGeneration.from_pretrained(next_path, attn_implementation=impl).eval()
+        for impl in ("eager", "sdpa")
+    }
+
+
+@pytest.fixture(scope="session")
+def square(next_processor):
+    return next_processor(images=demo_image(64), text=chat(next_processor), return_tensors="pt")
+
+
+@pytest.fixture(scope="session")
+def two_shapes(next_processor):
+    """A square and a wide image: different tile counts, so different numbers of visual tokens; padded."""
+    texts = [chat(next_processor), chat(next_processor, "Describe the picture in detail. Is there a car?")]
+    images = [demo_image(64), demo_image(64).resize((96, 40))]
+    return next_processor(images=images, text=texts, return_tensors="pt", padding=True)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+from transformers import LlavaNextForConditionalGeneration
 
 from llava.vtr import (
     VTRConfig,
@@ -13,44 +13,13 @@ from llava.vtr import (
     load_model,
     wrap,
 )
-from llava.vtr.tiny import build_tiny_llava_next, demo_image
+from llava.vtr.tiny import demo_image
 from llava.vtr.visualize import patch_coordinates
 from llava_testlib import chat, oracle_forward, oracle_greedy, stage_drops
 
 ATOL = 1e-5
 STEPS = 5
 GRID = 4  # 32 px tiles, 8 px patches
-
-
-@pytest.fixture(scope="module")
-def next_path(tmp_path_factory):
-    return str(build_tiny_llava_next(tmp_path_factory.mktemp("tiny-llava-next")))
-
-
-@pytest.fixture(scope="module")
-def next_processor(next_path):
-    return AutoProcessor.from_pretrained(next_path)
-
-
-@pytest.fixture(scope="module")
-def next_stock(next_path):
-    return {
-        impl: LlavaNextForConditionalGeneration.from_pretrained(next_path, attn_implementation=impl).eval()
-        for impl in ("eager", "sdpa")
-    }
-
-
-@pytest.fixture(scope="module")
-def square(next_processor):
-    return next_processor(images=demo_image(64), text=chat(next_processor), return_tensors="pt")
-
-
-@pytest.fixture(scope="module")
-def two_shapes(next_processor):
-    """A square and a wide image: different tile counts, so different numbers of visual tokens; padded."""
-    texts = [chat(next_processor), chat(next_processor, "Describe the picture in detail. Is there a car?")]
-    images = [demo_image(64), demo_image(64).resize((96, 40))]
-    return next_processor(images=images, text=texts, return_tensors="pt", padding=True)
 
 
 def vtr(path, impl="sdpa", **cfg):

@@ -29,6 +29,10 @@ EVERY_FIELD = {
     "head_aggregation": ("max", "max"),
     "seed": ("7", 7),
     "priortr_eps": ("1e-5", 1e-5),
+    "important_ratio": ("0.25", 0.25),
+    "clse_cutoff": ("0.3", 0.3),
+    "clse_temperature": ("2", 2.0),
+    "clse_reference_layer": ("-1", -1),
 }
 
 

@@ -77,11 +77,21 @@ class VTRConfig:
     head_aggregation: how heads are combined: `mean` or `max`.
     seed: seed of the `random` baseline.
     priortr_eps: epsilon added to P and Q inside PriorTR's log ratio.
+    important_ratio: VisPruner's share of the budget kept as important tokens (by the vision encoder's
+        own attention); the rest is filled with diverse tokens.
+    clse_cutoff: CLSE's Gaussian high-pass cutoff, as a fraction of the largest grid frequency.
+    clse_temperature: CLSE's sigmoid temperature on the z-scored evolution factor.
+    clse_reference_layer: CLSE's reference: the output of that decoder layer (it must come before the first
+        scoring layer), or None/-1 for the input embeddings.
+
+    A field left unset may be filled by the model when the config is set on it: the budget by the
+    backbone's default (`budget_defaulted`), and a method's own schedule (e.g. PDrop's three stages) when
+    `prune_layer` and the budget were not given (`prune_layer_defaulted`). An explicit value always wins.
     """
 
     enabled: bool = True
     strategy: str = "fastv"
-    prune_layer: int | list[int] = DEFAULT_PRUNE_LAYER
+    prune_layer: int | list[int] | None = None  # None = DEFAULT_PRUNE_LAYER, or the method's schedule
     keep_tokens: int | list[int] | None = None
     score_threshold: float | list[float] | None = None
     keep_ratio: float | list[float] | None = None
@@ -89,9 +99,14 @@ class VTRConfig:
     head_aggregation: str = "mean"
     seed: int = 0
     priortr_eps: float = 1e-6
-    # Filled in __post_init__: the prune layers as a sorted list; whether no budget was given.
+    important_ratio: float = 0.5
+    clse_cutoff: float = 0.25
+    clse_temperature: float = 1.0
+    clse_reference_layer: int | None = None
+    # Filled in __post_init__: the prune layers as a sorted list; which fields were left to defaults.
     prune_layers: list[int] = field(init=False, repr=False, compare=False, default_factory=list)
     budget_defaulted: bool = field(init=False, repr=False, compare=False, default=False)
+    prune_layer_defaulted: bool = field(init=False, repr=False, compare=False, default=False)
 
     def __post_init__(self):
         if not isinstance(self.enabled, bool):
@@ -102,6 +117,9 @@ class VTRConfig:
         if self.strategy == "none":
             self.enabled = False
 
+        if self.prune_layer is None:
+            self.prune_layer = DEFAULT_PRUNE_LAYER
+            self.prune_layer_defaulted = True
         layers = _as_list(self.prune_layer)
         if not layers:
             raise _bad("prune_layer", self.prune_layer, "give at least one layer index >= 1")
@@ -130,6 +148,31 @@ class VTRConfig:
             raise _bad("seed", self.seed, "must be an integer")
         if not isinstance(self.priortr_eps, (int, float)) or not (0 < self.priortr_eps < 1):
             raise _bad("priortr_eps", self.priortr_eps, "must be a number in (0, 1)")
+        if not self._valid_ratio(self.important_ratio):
+            raise _bad("important_ratio", self.important_ratio, "must be a number in [0, 1]")
+        if (
+            not isinstance(self.clse_cutoff, (int, float))
+            or isinstance(self.clse_cutoff, bool)
+            or not 0 < self.clse_cutoff <= 1
+        ):
+            raise _bad("clse_cutoff", self.clse_cutoff, "must be a number in (0, 1]")
+        if (
+            not isinstance(self.clse_temperature, (int, float))
+            or isinstance(self.clse_temperature, bool)
+            or not self.clse_temperature > 0
+        ):
+            raise _bad("clse_temperature", self.clse_temperature, "must be a number > 0")
+        ref = self.clse_reference_layer
+        if ref is not None and (isinstance(ref, bool) or not isinstance(ref, int) or ref < -1):
+            raise _bad("clse_reference_layer", ref, "must be None, -1 (the input embeddings) or a layer index >= 0")
+        if self.keep_ratio is not None and not isinstance(self.keep_ratio, (list, tuple)) and len(layers) > 1:
+            logger.warning(
+                "VTRConfig: keep_ratio=%s applies at each of the %d prune layers to the visual tokens still "
+                "there, so about %.3g of them reach the last stage; give one ratio per prune layer to set each",
+                self.keep_ratio,
+                len(layers),
+                self.keep_ratio ** len(layers),
+            )
 
         if self.enabled:
             from .strategy import get_strategy  # validates the name, listing the registered ones

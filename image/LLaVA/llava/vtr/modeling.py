@@ -57,12 +57,12 @@ class LlavaAdapter(BackboneAdapter):
             inputs_embeds = model.get_input_embeddings()(input_ids)
         image_output = (args.get("mm_encoder_outputs") or {}).get("image")
         if image_output is None:
-            vision_kwargs = {k: args.get(k) for k in ("vision_feature_layer", "vision_feature_select_strategy")}
+            vision_kwargs = {}
+            for key in ("vision_feature_layer", "vision_feature_select_strategy"):  # the stock defaults
+                vision_kwargs[key] = args.get(key) if args.get(key) is not None else getattr(self.model.config, key)
             if args.get("image_sizes") is not None:
                 vision_kwargs["image_sizes"] = args["image_sizes"]
-            image_output = model.get_image_features(
-                pixel_values=args["pixel_values"], return_dict=True, **vision_kwargs
-            )
+            image_output = self.encode_images(args["pixel_values"], **vision_kwargs)
         features = torch.cat(image_output.pooler_output, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
         placeholder = model.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds, image_features=features)
         hidden = inputs_embeds.masked_scatter(placeholder, features)
@@ -83,7 +83,113 @@ class LlavaAdapter(BackboneAdapter):
             sin=sin,
             output_extras={"image_hidden_states": features},
             strategy_ctx={"patch_grid": self.patch_grid()},
+            lazy_ctx=self._lazy_facts(visual, image_output, self._image_sizes(args, image_output)),
         )
+
+    # ------------------------------------------------------------------ per-image facts for strategies
+
+    def _lazy_facts(self, visual, image_output, image_sizes) -> dict:
+        """`visual_grid(b)` and `vision_importance(b)`, computed on request (a host sync each)."""
+        cache = {}
+
+        def per_sample(b: int, kind: str):
+            if "counts" not in cache:
+                cache["counts"] = visual.sum(1).tolist()
+                cache["coords"] = self._image_coords(image_sizes, sum(cache["counts"]))  # per image, batch order
+            if kind not in cache:
+                cache[kind] = cache["coords"] if kind == "coords" else self._image_importance(image_output, image_sizes)
+            counts, sizes = cache["counts"], [c.shape[0] for c in cache["coords"]]
+            first = 0
+            while sum(sizes[:first]) < sum(counts[:b]):  # skip the images of earlier samples
+                first += 1
+            last = first
+            while sum(sizes[first:last]) < counts[b]:
+                last += 1
+            chosen = cache[kind][first:last]
+            if kind == "importance":
+                return torch.cat(chosen).to(visual.device)
+            grids = []  # a group id per (image of this sample, tile); -1 stays off-grid
+            for j, coords in enumerate(chosen):
+                group = torch.where(coords[:, 0] >= 0, coords[:, 0] + 1000 * j, -1)
+                grids.append(torch.stack([group, coords[:, 1], coords[:, 2]], -1))
+            return torch.cat(grids).to(visual.device)
+
+        return {
+            "visual_grid": lambda b: per_sample(b, "coords"),
+            "vision_importance": lambda b: per_sample(b, "importance"),
+        }
+
+    @staticmethod
+    def _image_sizes(args, image_output):
+        sizes = args.get("image_sizes")
+        return sizes if sizes is not None else getattr(image_output, "vtr_image_sizes", None)
+
+    def _image_coords(self, image_sizes, total: int) -> list[torch.Tensor]:
+        """Per image of the batch, in order: (tile, row, col) of each of its visual positions."""
+        from .visualize import patch_coordinates
+
+        coords = patch_coordinates(self.model, None)
+        return [coords] * (total // coords.shape[0])
+
+    def _image_importance(self, image_output, image_sizes) -> list[torch.Tensor]:
+        """Per image of the batch, in order: the CLS attention each of its visual positions gets."""
+        return list(self._cls_attention(image_output))
+
+    def pre_encode(self, generate_kwargs: dict) -> dict:
+        if generate_kwargs.get("pixel_values") is None:
+            return generate_kwargs
+        kwargs = dict(generate_kwargs)
+        vision_kwargs = {}
+        for key in ("vision_feature_layer", "vision_feature_select_strategy"):
+            value = kwargs.pop(key, None)
+            vision_kwargs[key] = value if value is not None else getattr(self.model.config, key)
+        if kwargs.get("image_sizes") is not None:
+            vision_kwargs["image_sizes"] = kwargs["image_sizes"]
+        encoded = self.encode_images(kwargs.pop("pixel_values"), **vision_kwargs)
+        # generate() drops image_sizes once the images are encoded; keep them with the features
+        encoded.vtr_image_sizes = kwargs.get("image_sizes")
+        kwargs["mm_encoder_outputs"] = {**(kwargs.get("mm_encoder_outputs") or {}), "image": encoded}
+        return kwargs
+
+    def vision_layers(self) -> list[int]:
+        """Indices into the tower's hidden states to keep: the projector's input and the input of the layer
+        that produced it (whose CLS attention `vision_importance` recomputes)."""
+        config = self.model.config
+        layer = config.vision_feature_layer
+        layer = layer[-1] if isinstance(layer, (list, tuple)) else layer
+        states = config.vision_config.num_hidden_layers + 1
+        index = layer if layer >= 0 else states + layer
+        wanted = config.vision_feature_layer if isinstance(config.vision_feature_layer, list) else [index]
+        return sorted({index - 1, *(i if i >= 0 else states + i for i in wanted)})
+
+    def encode_images(self, pixel_values, **vision_kwargs):
+        """The stock `get_image_features`, also keeping the hidden state that `vision_importance` needs."""
+        return self.model.model.get_image_features(
+            pixel_values=pixel_values, return_dict=True, output_hidden_states=self.vision_layers(), **vision_kwargs
+        )
+
+    def _cls_attention(self, image_output) -> torch.Tensor:
+        """[num_views, patches]: the CLS query's attention (mean over heads) in the vision layer whose output
+        the projector reads, recomputed for that one layer from the tower's hidden states."""
+        config = self.model.config
+        index = self.vision_layers()[-1]
+        hidden_states = getattr(image_output, "hidden_states", None)
+        if hidden_states is None or hidden_states[index - 1] is None:
+            raise ValueError(
+                "vision_importance needs the vision tower's hidden states, which these pre-encoded image features "
+                "lack; pass pixel_values (generate() does this for methods that set needs_vision_attention)"
+            )
+        tower = self.model.model.vision_tower
+        encoder = getattr(tower, "vision_model", tower).encoder  # CLIPVisionModel, older or newer layout
+        layer, x = encoder.layers[index - 1], hidden_states[index - 1]
+        attn = layer.self_attn
+        h = layer.layer_norm1(x)
+        views, length, _ = h.shape
+        q = attn.q_proj(h[:, :1]).view(views, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(h).view(views, length, attn.num_heads, attn.head_dim).transpose(1, 2)
+        probs = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * attn.scale, dim=-1)  # [v, h, 1, len]
+        probs = probs.mean(dim=1)[:, 0]
+        return probs[:, 1:] if config.vision_feature_select_strategy == "default" else probs
 
     def patch_grid(self) -> tuple[int, int]:
         """(rows, cols) of one image's (LLaVA-1.6: one tile's) feature grid (24 x 24 for 336px / 14px)."""
@@ -104,6 +210,33 @@ class LlavaNextAdapter(LlavaAdapter):
     #: How LLaVA-1.6 was evaluated when the user gives no budget.
     default_keep_tokens = 320
     output_class = LlavaNextCausalLMOutputWithPast
+
+    def _image_coords(self, image_sizes, total: int) -> list[torch.Tensor]:
+        from .visualize import patch_coordinates
+
+        if image_sizes is None:
+            raise ValueError("LLaVA-1.6's patch grid needs image_sizes (the processor returns them)")
+        return [patch_coordinates(self.model, size) for size in image_sizes.tolist()]
+
+    def _image_importance(self, image_output, image_sizes) -> list[torch.Tensor]:
+        """The CLS attention of each position's own view (base view or tile; 0 for the row-closing newline
+        tokens), packed as the stock model packs the features."""
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        config = self.model.config
+        importance = self._cls_attention(image_output)  # [all views of all images, patches]
+        packed_all, first = [], 0
+        for size in image_sizes.tolist():
+            views = image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
+            packed, _ = self.model.model.pack_image_features(
+                [importance[first : first + views, :, None]],
+                torch.tensor([size]),
+                vision_feature_select_strategy=config.vision_feature_select_strategy,
+                image_newline=torch.zeros(1, dtype=importance.dtype, device=importance.device),
+            )
+            packed_all.append(packed[0][:, 0])
+            first += views
+        return packed_all
 
 
 class VTRLlavaForConditionalGeneration(VTRModelMixin, LlavaForConditionalGeneration):

@@ -23,6 +23,7 @@ one waits for the layers before it. Everything between them stays on the device.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from dataclasses import dataclass, field
 
@@ -86,6 +87,9 @@ class PrefillTokens:
     # Facts for strategies, merged into each compute_scores ctx (e.g. the patch grid); a list holds one
     # value per sample.
     strategy_ctx: dict = field(default_factory=dict)
+    # Per-sample facts computed only when a strategy asks: name -> fn(b); the ctx gets a no-argument
+    # callable (e.g. `visual_grid`, `vision_importance`).
+    lazy_ctx: dict = field(default_factory=dict)
 
 
 class BackboneAdapter:
@@ -111,6 +115,11 @@ class BackboneAdapter:
     def has_visual_input(self, args: dict) -> bool:
         """True when `forward(**args)` carries pixels or pre-encoded visual features (a prefill to prune)."""
         raise NotImplementedError
+
+    def pre_encode(self, generate_kwargs: dict) -> dict:
+        """generate() kwargs with the visuals encoded into `mm_encoder_outputs` the way the adapter's own
+        prefill encodes them (keeping what methods read). Default: unchanged."""
+        return generate_kwargs
 
     def prefill_tokens(self, args: dict) -> PrefillTokens:
         """Encode the visual inputs, merge them into the embeddings, and describe every token."""
@@ -429,8 +438,13 @@ class PrunedPrefill:
                 batch_index=b,
                 anchor_index=self.adapter.anchor_row(end),
                 prior_attention=lambda end, b=b, k=layer_idx, t=tokens: self._prior_attention(b, end, k, t),
-                snapshots={k: (h[b : b + 1], idx[b]) for k, (h, idx) in self.snapshots.items()},
+                original_index=tokens.original_index[b, :length],
+                snapshots={
+                    -1: (self.layer0.hidden[b : b + 1], self.layer0.original_index[b]),
+                    **{k: (h[b : b + 1], idx[b]) for k, (h, idx) in self.snapshots.items()},
+                },
                 **{k: (v[b] if isinstance(v, list) else v) for k, v in prefill.strategy_ctx.items()},
+                **{k: functools.partial(fn, b) for k, fn in prefill.lazy_ctx.items()},
             )
             state = self.sample_ctx[b]
             state.update(ctx, image_token_range=(start, end))
@@ -550,11 +564,20 @@ class VTRModelMixin:
         default = getattr(self.vtr_adapter, "default_keep_tokens", None)
         if vtr_config.budget_defaulted and default is not None and vtr_config.keep_tokens != default:
             vtr_config = dataclasses.replace(vtr_config, keep_tokens=default)
+            vtr_config.budget_defaulted = True
+        if vtr_config.enabled:  # a method's own schedule for what the user left unset (PDrop, CLSE)
+            method = get_strategy(vtr_config.strategy)
+            updates = method.schedule_defaults(vtr_config, self.vtr_adapter.num_layers)
+            if updates:
+                vtr_config = dataclasses.replace(vtr_config, **updates)
         vtr_config.validate_for_model(self.vtr_adapter.num_layers)
         self.vtr_config = vtr_config
 
     def generate(self, *args, **kwargs):
         if self.vtr_config.enabled and self.vtr_adapter.has_visual_input(kwargs):
+            # encode here as the pruned prefill does (keeping what methods read, e.g. vision states), and
+            # hand generate() the result as pre-encoded features
+            kwargs = self.vtr_adapter.pre_encode(kwargs)
             generation_config = kwargs.get("generation_config") or self.generation_config
             use_cache = kwargs.get("use_cache", getattr(generation_config, "use_cache", True))
             if use_cache is False:

@@ -3,9 +3,15 @@
 
 # Built-in methods: one import line each (importing registers them).
 from . import (
+    clse,  # noqa: E402,F401
+    divprune,  # noqa: E402,F401
     fastv,  # noqa: E402,F401
+    pdrop,  # noqa: E402,F401
     priortr,  # noqa: E402,F401
+    priortr_2f,  # noqa: E402,F401
     random,  # noqa: E402,F401
+    sparsevlm,  # noqa: E402,F401
+    vispruner,  # noqa: E402,F401
 )
 from .base import PruningStrategy
 from .registry import available_strategies, get_strategy, register_strategy

@@ -33,6 +33,9 @@ class PruningStrategy(ABC):
     name: str = ""
     #: False for methods that never read `attention` (the framework then skips computing it).
     needs_attention: bool = True
+    #: True for methods that call `ctx["vision_importance"]()` (the vision encoder's own attention); the
+    #: framework then keeps the vision states it needs, also through generate().
+    needs_vision_attention: bool = False
 
     @abstractmethod
     def compute_scores(self, attention, image_token_range: tuple[int, int], config, **ctx) -> torch.Tensor:
@@ -50,15 +53,26 @@ class PruningStrategy(ABC):
             `anchor_index` (the backbone's question-free row after the visual span), `prior_attention`
             (a callable: `prior_attention(end)` runs the prompt cut before row `end` through the layers
             up to the scoring layer, earlier stages' drops applied, and returns that layer's lazy
-            attention over the cut prompt; PriorTR-2F's explicit prior forward), `snapshots`
+            attention over the cut prompt; PriorTR-2F's explicit prior forward), `original_index` (the
+            prompt position of each current row: a token's identity across stages), `snapshots`
             ({layer: (hidden [1, seq_then, hidden], original index [seq_then])} for the layers named by
-            `snapshot_layers`), backbone facts from the adapter (e.g. a patch grid), and `vtr_ctx`: a dict
-            that lives for one forward pass of one sample, shared by all its prune stages.
+            `snapshot_layers`, and -1: the input embeddings), backbone facts from the adapter (e.g.
+            `patch_grid`; and callables computed on request: `visual_grid()` -> [num_visual, 3] (group,
+            row, col) with -1 for tokens off any grid, `vision_importance()` -> [num_visual] the vision
+            encoder's own attention to each visual token), and `vtr_ctx`: a dict that lives for one forward
+            pass of one sample, shared by all its prune stages.
         """
 
     def snapshot_layers(self, config) -> tuple[int, ...]:
-        """Decoder layers whose output hidden states this method reads later (`ctx["snapshots"]`)."""
+        """Decoder layers whose output hidden states this method reads later (`ctx["snapshots"]`; -1, the
+        input embeddings, is always there)."""
         return ()
+
+    @classmethod
+    def schedule_defaults(cls, config, num_layers: int) -> dict:
+        """Field values this method uses for what the user left unset (`config.prune_layer_defaulted`,
+        `config.budget_defaulted`), for a decoder of `num_layers` layers. Default: nothing."""
+        return {}
 
     def select_tokens(self, scores: torch.Tensor, num_tokens: int, config, stage: int = 0) -> torch.Tensor:
         """Indices (ascending, into `scores`) of the tokens to keep; override for methods that select
@@ -69,6 +83,16 @@ class PruningStrategy(ABC):
         visual = torch.ones_like(scores, dtype=torch.bool)
         keep = select_batch(scores, visual, config.stage_budget(stage))
         return keep[0].nonzero().reshape(-1)
+
+    def _budget_count(self, config, stage: int, num_tokens: int) -> int | None:
+        """How many of `num_tokens` visual tokens this stage keeps (None for a score threshold): for methods
+        that select a set rather than rank tokens."""
+        budget = config.stage_budget(stage)
+        if budget.keep_tokens is not None:
+            return min(budget.keep_tokens, num_tokens)
+        if budget.score_threshold is not None:
+            return None
+        return min(num_tokens, math.floor(budget.keep_ratio * num_tokens + 0.5))
 
     def _query_rows(self, seq_len: int, image_token_range: tuple[int, int], config) -> list[int]:
         """Query rows chosen by `config.query_aggregation`: the last token, or every token after the image.

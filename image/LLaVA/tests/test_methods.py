@@ -1,0 +1,326 @@
+"""The method zoo: every method on every backbone of this fork equals the oracle; each method's math by hand."""
+
+import itertools
+import logging
+import math
+
+import pytest
+import torch
+
+from llava.vtr import VTRConfig, available_strategies, get_strategy, load_model
+from llava.vtr.cost import equivalent_tokens, tokens_per_layer
+from llava.vtr.strategy.clse import PRESETS, evolution_factor, high_frequency_change
+from llava.vtr.strategy.divprune import max_min_order
+from llava.vtr.strategy.sparsevlm import choose_raters
+from llava.vtr.strategy.vispruner import remove_duplicates
+from llava_testlib import oracle_forward, oracle_greedy, stage_drops
+
+METHODS = sorted(m for m in available_strategies() if not m.startswith("test_"))
+STEPS = 3
+
+
+def test_the_zoo_is_registered():
+    assert {"fastv", "priortr", "random", "priortr_2f", "pdrop", "sparsevlm", "vispruner", "divprune", "clse"} <= set(
+        METHODS
+    )
+
+
+def _cfg(method):
+    first = 0 if not get_strategy(method).needs_attention else 1  # pre-LLM methods start before layer 0
+    return dict(strategy=method, prune_layer=[first, 3], keep_tokens=[14, 5])
+
+
+@pytest.mark.parametrize("backbone", ["llava-1.5", "llava-1.6"])
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_on_every_backbone_keeps_its_budget_and_equals_the_oracle(
+    method, backbone, tiny_path, stock_models, batch_inputs, next_path, next_stock, two_shapes
+):
+    path, stock, inputs = (
+        (tiny_path, stock_models["eager"], batch_inputs)
+        if backbone == "llava-1.5"
+        else (next_path, next_stock["eager"], two_shapes)
+    )
+    model = load_model(path, VTRConfig(**_cfg(method)), attn_implementation="sdpa")
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    record = model.vtr_last
+    assert [s.image_tokens_kept for s in record.stages] == [[14, 14], [5, 5]]
+    prompt_len = inputs["input_ids"].shape[1]
+    visual = inputs["input_ids"] == model.config.image_token_id
+    stages = stage_drops(record, 2, prompt_len, visual)
+    expected = oracle_forward(stock, inputs, stages, prompt_len)
+    for b in range(2):
+        rows = (record.kept_index[b] >= 0) & inputs["attention_mask"][b].bool()[record.kept_index[b].clamp_min(0)]
+        torch.testing.assert_close(logits[b, rows], expected[b, record.kept_index[b, rows]], atol=1e-5, rtol=0)
+    out = model.generate(
+        **inputs, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False,
+        return_dict_in_generate=True, output_logits=True,
+    )  # fmt: skip
+    assert [s.image_tokens_kept for s in model.vtr_last.stages] == [[14, 14], [5, 5]], "generate prunes too"
+    tokens, step_logits = oracle_greedy(stock, inputs, stage_drops(model.vtr_last, 2, prompt_len, visual), STEPS)
+    assert torch.equal(out.sequences[:, prompt_len:], tokens)
+    torch.testing.assert_close(torch.stack(out.logits, 1), step_logits, atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------- PriorTR-2F
+
+
+@pytest.mark.parametrize("prune_layer,keep", [(2, 9), ([1, 3], [20, 6])])
+def test_priortr_2f_ranks_like_single_forward_priortr(tiny_path, single_inputs, prune_layer, keep):
+    """With causal attention the cut prompt's last row is the full prompt's anchor row: same Q, same picks."""
+    kept = {}
+    for method in ("priortr", "priortr_2f"):
+        model = load_model(tiny_path, VTRConfig(strategy=method, prune_layer=prune_layer, keep_tokens=keep))
+        with torch.no_grad():
+            model(**single_inputs)
+        kept[method] = [s.kept_positions[0].tolist() for s in model.vtr_last.stages]
+    assert kept["priortr"] == kept["priortr_2f"]
+
+
+# ----------------------------------------------------------------------------------------- PDrop
+
+
+def test_pdrop_defaults_for_a_32_layer_model_and_explicit_values_win():
+    from llava.vtr.strategy.pdrop import PyramidDrop
+
+    assert PyramidDrop.schedule_defaults(VTRConfig(strategy="pdrop"), 32) == dict(
+        prune_layer=[8, 16, 24], keep_tokens=None, keep_ratio=[0.5, 0.5, 0.5]
+    )
+    assert PyramidDrop.schedule_defaults(VTRConfig(strategy="pdrop", prune_layer=[2, 4], keep_tokens=9), 32) == {}
+
+
+def test_pdrop_defaults_reach_the_model(tiny_path):
+    model = load_model(tiny_path, VTRConfig(strategy="pdrop"))  # 4 layers: stages at 1, 2, 3
+    assert model.vtr_config.prune_layers == [1, 2, 3] and model.vtr_config.keep_ratio == [0.5, 0.5, 0.5]
+
+
+def test_pdrop_scores_with_the_last_instruction_token_whatever_the_query_rows():
+    att = torch.zeros(1, 2, 8, 8)
+    att[0, :, 7, 2:6] = torch.tensor([0.1, 0.4, 0.2, 0.3])
+    att[0, :, 6, 2:6] = torch.tensor([0.9, 0.0, 0.0, 0.0])  # another question row, ignored
+    scores = get_strategy("pdrop")().compute_scores(att, (2, 6), VTRConfig(query_aggregation="question"))
+    torch.testing.assert_close(scores, torch.tensor([0.1, 0.4, 0.2, 0.3]))
+
+
+# Schedules for LLaVA-1.5 (576 visual tokens, 32 layers) documented in docs/methods.md: prune layers and
+# per-stage ratios whose average visual tokens per layer are 192 / 128 / 64.
+PDROP_SCHEDULES = {
+    192: ([8, 16, 24], [0.25, 0.25, 0.25], 192),
+    128: ([5, 11, 17], [0.25, 0.25, 0.25], 128),
+    64: ([2, 6, 10], [0.25, 0.25, 0.25], 64),
+}
+
+
+@pytest.mark.parametrize("average", sorted(PDROP_SCHEDULES))
+def test_documented_pdrop_schedules_hit_their_average_token_counts(average):
+    layers, ratios, _ = PDROP_SCHEDULES[average]
+    kept, schedule = 576, []
+    for layer, ratio in zip(layers, ratios):
+        new = math.floor(kept * ratio + 0.5)
+        schedule.append((layer, kept - new))
+        kept = new
+    visual = tokens_per_layer(576, 32, schedule)
+    assert abs(equivalent_tokens(visual) - average) <= 0.02 * average, equivalent_tokens(visual)
+
+
+def test_a_scalar_ratio_compounds_over_stages_and_says_so(caplog):
+    with caplog.at_level(logging.WARNING):
+        cfg = VTRConfig(prune_layer=[2, 4, 6], keep_ratio=0.5)
+    assert "about 0.125 of them reach the last stage" in caplog.text
+    select = get_strategy("fastv")().select_tokens
+    left = 576
+    for stage in range(3):  # each stage keeps half of what is still there
+        left = select(torch.rand(left), left, cfg, stage=stage).numel()
+    assert left == 72
+
+
+# ----------------------------------------------------------------------------------------- DivPrune
+
+
+def test_divprune_picks_in_greedy_max_min_order():
+    torch.manual_seed(0)
+    x = torch.randn(12, 5)
+    order = max_min_order(x).tolist()
+    # independent greedy on the cosine distance matrix
+    unit = [v / v.norm() for v in x]
+    dist = [[1 - float(a @ b) for b in unit] for a in unit]
+    first = max(range(12), key=lambda i: min(dist[i][j] for j in range(12) if j != i))
+    picked = [first]
+    while len(picked) < 12:
+        rest = [i for i in range(12) if i not in picked]
+        picked.append(max(rest, key=lambda i: min(dist[i][j] for j in picked)))
+    assert order == picked
+    assert max_min_order(x, picks=4).tolist() == picked[:4]
+
+
+def test_divprune_keeps_one_of_each_duplicate_first():
+    base = torch.eye(4)
+    x = torch.cat([base, base + 1e-4])  # every vector twice
+    scores = get_strategy("divprune")().compute_scores(
+        None, (0, 8), VTRConfig(keep_tokens=4), hidden_states=x[None], image_token_indices=torch.arange(8), stage=0
+    )
+    kept = torch.topk(scores, 4).indices % 4
+    assert sorted(kept.tolist()) == [0, 1, 2, 3]
+
+
+# ----------------------------------------------------------------------------------------- VisPruner
+
+
+def test_vispruner_keeps_the_most_important_then_diverse_tokens():
+    torch.manual_seed(1)
+    n = 10
+    features = torch.randn(n, 6)
+    features[7] = features[6] * 1.0001  # a near-duplicate pair among the unimportant tokens
+    importance = torch.tensor([0.1, 0.5, 0.05, 0.2, 0.01, 0.02, 0.03, 0.04, 0.0, 0.05])
+    ctx = dict(
+        stage=0,
+        hidden_states=features[None],
+        image_token_indices=torch.arange(n),
+        original_index=torch.arange(n),
+        vision_importance=lambda: importance,
+        vtr_ctx={},
+    )
+    cfg = VTRConfig(strategy="vispruner", keep_tokens=8, important_ratio=0.25)
+    scores = get_strategy("vispruner")().compute_scores(None, (0, n), cfg, **ctx)
+    assert (scores == 2).nonzero().reshape(-1).tolist() == [1, 3]  # top-2 (= 0.25 x 8) by importance
+    diverse = (scores == 1).nonzero().reshape(-1).tolist()
+    assert len(diverse) == 6 and not {6, 7} <= set(diverse), "one of the duplicate pair goes"
+    with pytest.raises(ValueError, match="keep_tokens or keep_ratio"):
+        get_strategy("vispruner")().compute_scores(
+            None, (0, n), VTRConfig(score_threshold=0.1), **dict(ctx, vtr_ctx={})
+        )
+
+
+def test_remove_duplicates_keeps_distinct_directions():
+    base = torch.eye(3)
+    x = torch.cat([base, base * 2, base * 3])  # three copies of three directions
+    kept = remove_duplicates(x, 3)
+    assert sorted((kept % 3).tolist()) == [0, 1, 2]
+
+
+def test_vision_importance_is_the_cls_attention_of_the_feature_layer(tiny_path, single_inputs):
+    """The adapter recomputes one vision layer's CLS attention; compare with the tower's own eager weights."""
+    from transformers import LlavaForConditionalGeneration
+
+    model = load_model(tiny_path, VTRConfig(strategy="vispruner", prune_layer=0, keep_tokens=8))
+    seen = {}
+    original = get_strategy("vispruner").compute_scores
+
+    def spy(self, attention, image_token_range, config, **ctx):
+        seen["importance"] = ctx["vision_importance"]()
+        return original(self, attention, image_token_range, config, **ctx)
+
+    get_strategy("vispruner").compute_scores = spy
+    try:
+        with torch.no_grad():
+            model(**single_inputs)
+    finally:
+        get_strategy("vispruner").compute_scores = original
+    stock = LlavaForConditionalGeneration.from_pretrained(tiny_path, attn_implementation="eager").eval()
+    with torch.no_grad():
+        out = stock.model.vision_tower(single_inputs["pixel_values"], output_attentions=True)
+    layer = stock.config.vision_config.num_hidden_layers + stock.config.vision_feature_layer  # -2 -> L-2
+    expected = out.attentions[layer][0, :, 0, 1:].mean(0)
+    torch.testing.assert_close(seen["importance"], expected, atol=1e-6, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------- SparseVLM
+
+
+def test_sparsevlm_raters_are_the_text_tokens_above_the_mean_relevance():
+    torch.manual_seed(2)
+    visual, text = torch.randn(5, 4), torch.randn(6, 4)
+    relevance = [
+        sum(math.exp(float(v @ text[j])) / sum(math.exp(float(v @ t)) for t in text) for v in visual) / 5
+        for j in range(6)
+    ]
+    mean = sum(relevance) / 6
+    assert choose_raters(visual, text).tolist() == [j for j in range(6) if relevance[j] > mean]
+
+
+def test_sparsevlm_scores_are_the_raters_attention():
+    seq = 10
+    att = torch.rand(1, 2, seq, seq)
+    embeddings = torch.zeros(1, seq, 4)
+    embeddings[0, 2:5] = torch.tensor([1.0, 0, 0, 0])  # visual tokens point along x
+    embeddings[0, 6] = torch.tensor([5.0, 0, 0, 0])  # the one question token about the image
+    ctx = dict(
+        vtr_ctx={},
+        original_index=torch.arange(seq),
+        image_token_indices=torch.arange(2, 5),
+        snapshots={-1: (embeddings, torch.arange(seq))},
+    )
+    scores = get_strategy("sparsevlm")().compute_scores(att, (2, 5), VTRConfig(), **ctx)
+    assert ctx["vtr_ctx"]["sparsevlm_raters"].tolist() == [6]
+    torch.testing.assert_close(scores, att[0, :, 6, 2:5].mean(0))
+
+
+# ----------------------------------------------------------------------------------------- CLSE
+
+
+def _dft_high_pass(field, cutoff):
+    """An independent 2-D DFT by explicit matrices, Gaussian high-pass on the frequency radius."""
+    h, w, _ = field.shape
+    fy = torch.tensor([(k if k < (h + 1) // 2 else k - h) / h for k in range(h)])
+    fx = torch.tensor([(k if k < (w + 1) // 2 else k - w) / w for k in range(w)])
+    wy = torch.exp(-2j * math.pi * torch.outer(torch.arange(h), torch.arange(h)).double() / h)
+    wx = torch.exp(-2j * math.pi * torch.outer(torch.arange(w), torch.arange(w)).double() / w)
+    spectrum = torch.einsum("uy,yxc,vx->uvc", wy, field.to(torch.complex128), wx)
+    radius2 = fy[:, None] ** 2 + fx[None, :] ** 2
+    gain = 1 - torch.exp(-radius2 / (2 * (cutoff * radius2.max().sqrt()) ** 2))
+    back = torch.einsum("uy,yxc,vx->uvc", wy.conj(), spectrum * gain[..., None], wx.conj()) / (h * w)
+    return back.real.abs().mean(-1).float()
+
+
+def test_clse_high_pass_energy_matches_an_explicit_dft():
+    torch.manual_seed(3)
+    grid = torch.tensor([(0, r, c) for r in range(4) for c in range(6)])
+    change = torch.randn(24, 3)
+    got = high_frequency_change(change, grid, cutoff=0.3)
+    expected = _dft_high_pass(change.reshape(4, 6, 3).double(), 0.3).reshape(-1)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    flat = high_frequency_change(torch.ones(24, 3), grid, cutoff=0.3)
+    assert flat.abs().max() < 1e-5, "a uniform change has no high frequencies"
+    off_grid = high_frequency_change(torch.randn(3, 3), torch.tensor([[0, 0, 0], [0, 0, 1], [-1, -1, -1]]), 0.3)
+    assert torch.isnan(off_grid[2]) and not torch.isnan(off_grid[:2]).any()
+
+
+def test_clse_evolution_factor_is_a_sigmoid_of_the_z_scored_energy():
+    energy = torch.tensor([1.0, 2.0, 3.0, float("nan")])
+    e = torch.tensor([1.0, 2.0, 3.0]) / 3
+    z = (e - e.mean()) / e.std()
+    torch.testing.assert_close(evolution_factor(energy, 2.0), torch.cat([torch.sigmoid(z / 2), torch.tensor([0.5])]))
+
+
+@pytest.mark.parametrize("layers,schedule", [(32, [1, 11, 21]), (28, [1, 10, 19]), (36, [1, 13, 24])])
+def test_clse_default_schedules_and_presets(layers, schedule):
+    from llava.vtr.strategy.clse import CLSE
+
+    for budget, preset in PRESETS.items():
+        updates = CLSE.schedule_defaults(VTRConfig(strategy="clse", keep_tokens=budget), layers)
+        assert updates == dict(prune_layer=schedule, keep_tokens=preset)
+    assert CLSE.schedule_defaults(VTRConfig(strategy="clse", prune_layer=[2, 4], keep_tokens=64), layers) == {}
+    assert PRESETS == {192: [330, 210, 62], 128: [220, 140, 41], 64: [110, 70, 20]}
+
+
+def test_clse_scores_are_factor_times_attention_at_the_first_stage_only(tiny_path, single_inputs):
+    captured = {}
+    original = get_strategy("clse").compute_scores
+
+    def spy(self, attention, image_token_range, config, **ctx):
+        out = original(self, attention, image_token_range, config, **ctx)
+        captured.setdefault("runs", []).append((out, self._aggregate_attention(attention, image_token_range, config)))
+        return out
+
+    get_strategy("clse").compute_scores = spy
+    try:
+        model = load_model(tiny_path, VTRConfig(strategy="clse", prune_layer=[1, 3], keep_tokens=[20, 6]))
+        with torch.no_grad():
+            model(**single_inputs)
+    finally:
+        get_strategy("clse").compute_scores = original
+    (first, attn1), (second, attn2) = captured["runs"]
+    factor = first / attn1
+    assert ((factor > 0) & (factor < 1)).all() and factor.std() > 0.01  # a real, varying sigmoid factor
+    torch.testing.assert_close(second, attn2)
+    assert not itertools.starmap(torch.equal, [(first, attn1)]).__next__()
