@@ -137,3 +137,15 @@ def test_a_shared_origin_must_carry_the_shared_header(shared_tree):
     origin.write_text("NAME = 'config.py'\n")
     code, out = run(root)
     assert code == 2 and "must start with the line" in out
+
+
+def test_readme_capability_matrix_is_generated_from_the_registries():
+    script = SCRIPT.parent / "capability_matrix.py"
+    proc = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    table = subprocess.run([sys.executable, str(script)], capture_output=True, text=True).stdout
+    from llava.vtr import available_strategies
+
+    for method in available_strategies():
+        if not method.startswith("test_"):
+            assert f"| `{method}` | yes | yes |" in table, method

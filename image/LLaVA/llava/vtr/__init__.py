@@ -8,11 +8,15 @@ model.vtr_last.stages[0].kept_positions   # what was kept
 """
 
 from .api import load_model, load_processor, wrap
+
+#: Model families this fork has an adapter for (scripts/capability_matrix.py reads it).
+BACKBONES = ["LLaVA-1.5", "LLaVA-1.6"]
 from .config import VTRConfig, VTRConfigError
 from .modeling import StageRecord, VTRLlavaForConditionalGeneration, VTRLlavaNextForConditionalGeneration, VTRRecord
 from .strategy import PruningStrategy, available_strategies, get_strategy, register_strategy
 
 __all__ = [
+    "BACKBONES",
     "PruningStrategy",
     "StageRecord",
     "VTRConfig",

@@ -1,0 +1,79 @@
+#!/usr/bin/env python3
+"""The method x backbone matrix, read from the forks' own registries (never written by hand).
+
+Each fork package registers its methods (`<package>.strategy.available_strategies()`) and names the model
+families it has an adapter for (`<package>.BACKBONES`; a fork without one lists none yet). A cell is "yes"
+when the fork that serves the backbone registers the method.
+
+    scripts/capability_matrix.py            print the Markdown table
+    scripts/capability_matrix.py --check    exit 1 if README.md's table differs (make test runs this)
+    scripts/capability_matrix.py --write    rewrite README.md's table
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+START, END = "<!-- capability-matrix:start -->", "<!-- capability-matrix:end -->"
+#: (fork package, the backbones its issue covers, shown even before its adapter lands)
+FORKS = [
+    ("llava.vtr", ["LLaVA-1.5", "LLaVA-1.6"]),
+    ("internvl_vtr", ["InternVL2.5/3"]),
+    ("visual_token_pruning", ["Qwen3-VL"]),
+    ("videollava.vtr", ["Video-LLaVA"]),
+]
+
+
+def matrix() -> str:
+    columns, methods, cells = [], set(), {}
+    for package, planned in FORKS:
+        registered = importlib.import_module(f"{package}.strategy").available_strategies()
+        supported = set(getattr(importlib.import_module(package), "BACKBONES", []))
+        methods.update(registered)
+        for backbone in planned:
+            columns.append(backbone)
+            for method in registered:
+                cells[(method, backbone)] = backbone in supported
+    header = "| method | " + " | ".join(columns) + " |"
+    lines = [header, "|---" * (len(columns) + 1) + "|"]
+    for method in sorted(methods):
+        marks = ["yes" if cells.get((method, b)) else "—" for b in columns]
+        lines.append(f"| `{method}` | " + " | ".join(marks) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--check", action="store_true", help="fail if README.md's table is stale")
+    group.add_argument("--write", action="store_true", help="rewrite README.md's table")
+    args = parser.parse_args(argv)
+    table = matrix()
+    if not (args.check or args.write):
+        print(table)
+        return 0
+    text = README.read_text()
+    if START not in text or END not in text:
+        print(f"capability_matrix: README.md has no {START} ... {END} block", file=sys.stderr)
+        return 2
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    new = f"{head}{START}\n{table}\n{END}{tail}"
+    if args.write:
+        README.write_text(new)
+        return 0
+    if new != text:
+        print(
+            "capability_matrix: README.md's table is stale; run scripts/capability_matrix.py --write", file=sys.stderr
+        )
+        return 1
+    print("capability_matrix: README.md is up to date.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
