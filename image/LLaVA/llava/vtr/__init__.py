@@ -8,9 +8,6 @@ model.vtr_last.stages[0].kept_positions   # what was kept
 """
 
 from .api import load_model, load_processor, wrap
-
-#: Model families this fork has an adapter for (scripts/capability_matrix.py reads it).
-BACKBONES = ["LLaVA-1.5", "LLaVA-1.6"]
 from .config import VTRConfig, VTRConfigError
 from .modeling import StageRecord, VTRLlavaForConditionalGeneration, VTRLlavaNextForConditionalGeneration, VTRRecord
 from .strategy import PruningStrategy, available_strategies, get_strategy, register_strategy
@@ -31,3 +28,6 @@ __all__ = [
     "register_strategy",
     "wrap",
 ]
+
+#: Model families this fork has an adapter for (scripts/capability_matrix.py reads it).
+BACKBONES = ["LLaVA-1.5", "LLaVA-1.6"]
