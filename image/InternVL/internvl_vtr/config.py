@@ -83,6 +83,10 @@ class VTRConfig:
     clse_temperature: CLSE's sigmoid temperature on the z-scored evolution factor.
     clse_reference_layer: CLSE's reference: the output of that decoder layer (it must come before the first
         scoring layer), or None/-1 for the input embeddings.
+    token_merge: recycle dropped tokens into merged ones inserted after the kept visual tokens (methods
+        with `supports_token_merge`, e.g. sparsevlm); merge_ratio: the best-scored share of the dropped
+        tokens that is recycled; merge_clusters: how many merged tokens (0 = about the square root of the
+        recycled count).
 
     A field left unset may be filled by the model when the config is set on it: the budget by the
     backbone's default (`budget_defaulted`), and a method's own schedule (e.g. PDrop's three stages) when
@@ -103,6 +107,9 @@ class VTRConfig:
     clse_cutoff: float = 0.25
     clse_temperature: float = 1.0
     clse_reference_layer: int | None = None
+    token_merge: bool = False
+    merge_ratio: float = 0.3
+    merge_clusters: int = 0
     # Filled in __post_init__: the prune layers as a sorted list; which fields were left to defaults.
     prune_layers: list[int] = field(init=False, repr=False, compare=False, default_factory=list)
     budget_defaulted: bool = field(init=False, repr=False, compare=False, default=False)
@@ -165,6 +172,12 @@ class VTRConfig:
         ref = self.clse_reference_layer
         if ref is not None and (isinstance(ref, bool) or not isinstance(ref, int) or ref < -1):
             raise _bad("clse_reference_layer", ref, "must be None, -1 (the input embeddings) or a layer index >= 0")
+        if not isinstance(self.token_merge, bool):
+            raise _bad("token_merge", self.token_merge, "must be True or False")
+        if not self._valid_ratio(self.merge_ratio):
+            raise _bad("merge_ratio", self.merge_ratio, "must be a number in [0, 1]")
+        if isinstance(self.merge_clusters, bool) or not isinstance(self.merge_clusters, int) or self.merge_clusters < 0:
+            raise _bad("merge_clusters", self.merge_clusters, "must be an integer >= 0 (0 = automatic)")
         if self.keep_ratio is not None and not isinstance(self.keep_ratio, (list, tuple)) and len(layers) > 1:
             logger.warning(
                 "VTRConfig: keep_ratio=%s applies at each of the %d prune layers to the visual tokens still "
@@ -178,6 +191,8 @@ class VTRConfig:
             from .strategy import get_strategy  # validates the name, listing the registered ones
 
             strategy = get_strategy(self.strategy)
+            if self.token_merge and not strategy.supports_token_merge:
+                raise _bad("token_merge", True, f"{self.strategy!r} does not recycle dropped tokens (sparsevlm does)")
             if layers[0] == 0 and strategy.needs_attention:
                 raise _bad(
                     "prune_layer",

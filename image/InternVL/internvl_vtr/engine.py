@@ -54,6 +54,9 @@ class StageRecord:
     kept_positions: list[torch.Tensor]
     # Wall time of scoring + selection (ms; on a GPU it includes waiting for the layers before it).
     scoring_ms: float = 0.0
+    # Merged tokens inserted per sample (methods that recycle dropped tokens); their rows in `kept_index`
+    # carry the position of the dropped token they represent.
+    merged: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -177,7 +180,7 @@ class TokenState:
     `fill` gives the value of re-padding rows (rows a sample does not need when others keep more).
     """
 
-    FILL = {"valid": False, "visual": False, "original_index": -1, "positions": 0}
+    FILL = {"valid": False, "visual": False, "original_index": -1, "positions": 0, "born": 0}
 
     def __init__(self, **tensors: torch.Tensor):
         self.__dict__["tensors"] = tensors
@@ -235,6 +238,28 @@ class DecodeState:
         self.original_len = original_len
         self.pruned_len = prefix_valid.shape[1]
         self.has_padding = has_padding
+        self.prefix_born: torch.Tensor | None = None  # [batch, pruned_len]: set when tokens were inserted
+
+    def hide_unborn(self, layer_idx: int, attention_mask, cache, query_len: int):
+        """The attention mask of decoder layer `layer_idx` for a decode step, hiding the cache rows of tokens
+        inserted at a later layer (their keys/values there are placeholders). None: nothing to hide."""
+        if self.prefix_born is None:
+            return None
+        hidden = self.prefix_born > layer_idx  # [batch, pruned_len]
+        if not bool(hidden.any()):
+            return None
+        batch, past = hidden.shape[0], cache.get_seq_length(layer_idx)
+        kv_len = past + query_len
+        hide = torch.zeros(batch, kv_len, dtype=torch.bool, device=hidden.device)
+        hide[:, : hidden.shape[1]] = hidden
+        hide = hide[:, None, None, :]
+        if attention_mask is None:  # build what the kernel would have used: causal over the new tokens
+            rows = torch.arange(query_len, device=hidden.device)[:, None] + past
+            allowed = torch.arange(kv_len, device=hidden.device)[None, :] <= rows
+            return (allowed[None, None] & ~hide).expand(batch, 1, query_len, kv_len)
+        if attention_mask.dtype == torch.bool:
+            return attention_mask & ~hide
+        return attention_mask.masked_fill(hide, torch.finfo(attention_mask.dtype).min)
 
     def map_inputs(self, attention_mask, position_ids, cache, query_len: int):
         decoded = cache.get_seq_length() - self.pruned_len  # tokens appended since the prefill
@@ -285,8 +310,10 @@ class PrunedPrefill:
             original_index=torch.arange(seq_len, device=device).unsqueeze(0).expand(batch, -1),
             cos=prefill.cos,
             sin=prefill.sin,
+            born=torch.zeros(batch, seq_len, dtype=torch.long, device=device),  # first layer a row exists in
             **prefill.extras,
         )
+        self.merged = False
         # Host sync (once per forward, before any layer runs): padding, and per sample the visual span,
         # visual count and real length that the first prune stage needs.
         batch_index = torch.arange(seq_len, device=device).expand(batch, -1)
@@ -327,6 +354,8 @@ class PrunedPrefill:
             # transformers has no slot for per-cache user state; the decode steps of this prefill find it
             # here (test_engine.py::test_decode_state_survives_on_the_cache fails if that ever breaks).
             cache._vtr_state = DecodeState(self.adapter, tokens.valid, seq_len, self.has_padding)
+            if self.merged:  # rows inserted at layer K have keys/values only from layer K on
+                cache._vtr_state.prefix_born = tokens.born
         logits = self.adapter.lm_head(slice_logits_to_keep(hidden, args.get("logits_to_keep", 0)))
         loss = None
         if args.get("labels") is not None:
@@ -386,6 +415,10 @@ class PrunedPrefill:
             return False
         scores = self._score(stage, prune_at - 1, tokens, scoring_input, cache, info, prefill)  # -1: pre-LLM
         keep_visual = self._select(stage, scores, tokens.visual, info)
+        if self.config.token_merge:
+            changed = self._merge_stage(stage, prune_at, tokens, scores, keep_visual, info, cache, stage_record)
+            stage_record.scoring_ms = (time.perf_counter() - start) * 1000
+            return changed
         keep_rows = ~tokens.visual | keep_visual
         # Host sync (one per stage): rows and visual tokens kept per sample, and the next stage's spans
         # measured in kept-row coordinates (shifted by each sample's re-padding below).
@@ -414,6 +447,61 @@ class PrunedPrefill:
                     cache_layer.values = gather_seq(cache_layer.values, index, 2)
         stage_record.scoring_ms = (time.perf_counter() - start) * 1000
         return changed
+
+    def _merge_stage(self, stage, prune_at, tokens: TokenState, scores, keep_visual, info, cache, record) -> bool:
+        """Prune and insert the strategy's merged tokens (`merge_tokens`) right after each sample's last kept
+        visual row. A merged row takes the RoPE position and identity of a representative dropped token; it
+        exists from layer `prune_at` on (`born`): in the layers before, its cache rows are placeholders that
+        no decode step may attend to (`DecodeState.hide_unborn`). Per-sample host syncs: this path is for
+        methods that merge, not the batched fast path."""
+        batch, seq_len = tokens.visual.shape
+        device = tokens.visual.device
+        orders, inserts, kept_visual_counts, merged_counts = [], [], [], []
+        for b, (span_start, _, count, _) in enumerate(info):
+            keep_b = (~tokens.visual[b] | keep_visual[b]).nonzero().reshape(-1)
+            kept_visual = keep_visual[b].nonzero().reshape(-1)
+            dropped = (tokens.visual[b] & ~keep_visual[b]).nonzero().reshape(-1)
+            merged, reps = None, torch.empty(0, dtype=torch.long, device=device)
+            if count and dropped.numel():
+                out = self.strategy.merge_tokens(
+                    tokens.hidden[b, dropped], scores[b, dropped], self.config, stage=stage, layer_idx=prune_at - 1
+                )
+                if out is not None:
+                    merged, which = out
+                    reps = dropped[which.to(device)]
+            anchor = int(kept_visual.max()) if kept_visual.numel() else span_start - 1
+            at = int((keep_b <= anchor).sum())
+            orders.append(torch.cat([keep_b[:at], reps, keep_b[at:]]))
+            inserts.append((at, merged))
+            kept_visual_counts.append(kept_visual.numel())
+            merged_counts.append(reps.numel())
+        new_len = max(o.numel() for o in orders)
+        index = torch.zeros(batch, new_len, dtype=torch.long, device=device)
+        new_valid = torch.zeros(batch, new_len, dtype=torch.bool, device=device)
+        for b, order in enumerate(orders):
+            index[b, new_len - order.numel() :] = order
+            new_valid[b, new_len - order.numel() :] = True
+        kept_mask = keep_visual.clone()
+        record.kept_positions = [tokens.original_index[b, keep_visual[b]] for b in range(batch)]
+        tokens.gather(index, new_valid)
+        for b, (at, merged) in enumerate(inserts):
+            if merged is not None and merged.numel():
+                rows = slice(new_len - orders[b].numel() + at, new_len - orders[b].numel() + at + merged.shape[0])
+                tokens.hidden[b, rows] = merged.to(tokens.hidden.dtype)
+                tokens.born[b, rows] = prune_at
+        del kept_mask
+        if cache is not None:
+            for cache_layer in cache.layers[:prune_at]:
+                cache_layer.keys = gather_seq(cache_layer.keys, index, 2)
+                cache_layer.values = gather_seq(cache_layer.values, index, 2)
+        self.merged = self.merged or any(merged_counts)
+        self.has_padding = self.has_padding or len({o.numel() for o in orders}) > 1
+        arange = torch.arange(new_len, device=device).expand(batch, -1)
+        self.info = _span_info(tokens.visual, tokens.valid, arange).tolist()
+        record.image_tokens_kept = kept_visual_counts
+        record.merged = merged_counts
+        record.seq_len_after = new_len
+        return True
 
     def _score(self, stage, layer_idx, tokens: TokenState, scoring_input, cache, info, prefill) -> torch.Tensor:
         """Scores [batch, seq] (float32; only visual positions are read), one compute_scores call per sample."""
@@ -531,6 +619,21 @@ class PrunedPrefill:
 # ----------------------------------------------------------------------------------------------- model mixin
 
 
+def _hide_unborn_hook(layer_idx: int):
+    def hook(module, args, kwargs):
+        cache = kwargs.get("past_key_values")
+        state = getattr(cache, "_vtr_state", None)
+        if state is None or state.prefix_born is None:
+            return None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        mask = state.hide_unborn(layer_idx, kwargs.get("attention_mask"), cache, hidden.shape[1])
+        if mask is None:
+            return None
+        return args, {**kwargs, "attention_mask": mask}
+
+    return hook
+
+
 class VTRModelMixin:
     """Mixed into a fork's subclass of the stock `...ForConditionalGeneration` (listed first).
 
@@ -545,6 +648,14 @@ class VTRModelMixin:
         self.vtr_last: VTRRecord | None = None
         self.vtr_adapter = self.vtr_adapter_class(self)
         self.set_vtr_config(vtr_config if vtr_config is not None else VTRConfig(enabled=False))
+        if not getattr(self, "_vtr_hooked", False):
+            # Decode steps run the stock forward, which builds one mask for all layers. After a prefill that
+            # inserted merged tokens at layer K, layers before K must not see them (their keys/values there
+            # are placeholders): a pre-hook per decoder layer narrows that layer's mask. It does nothing
+            # unless the cache carries such a prefill's DecodeState.
+            for i, layer in enumerate(self.vtr_adapter.language_model.layers):
+                layer.register_forward_pre_hook(_hide_unborn_hook(i), with_kwargs=True)
+            self._vtr_hooked = True
 
     @classmethod
     def from_stock(cls, model, vtr_config: VTRConfig | None = None):

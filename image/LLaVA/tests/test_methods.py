@@ -324,3 +324,148 @@ def test_clse_scores_are_factor_times_attention_at_the_first_stage_only(tiny_pat
     assert ((factor > 0) & (factor < 1)).all() and factor.std() > 0.01  # a real, varying sigmoid factor
     torch.testing.assert_close(second, attn2)
     assert not itertools.starmap(torch.equal, [(first, attn1)]).__next__()
+
+
+# ----------------------------------------------------------------------------------------- token merging
+
+
+@pytest.fixture
+def mean_merger():
+    """A test method that recycles every dropped token into one merged token: their mean, at the first
+    dropped token's position. Simple enough for the oracle below to recompute on its own."""
+    from llava.vtr import PruningStrategy, register_strategy
+
+    @register_strategy("test_mean_merge")
+    class MeanMerge(PruningStrategy):
+        supports_token_merge = True
+
+        def compute_scores(self, attention, image_token_range, config, **ctx):
+            return self._aggregate_attention(attention, image_token_range, config)
+
+        def merge_tokens(self, dropped_hidden, dropped_scores, config, **ctx):
+            return dropped_hidden.float().mean(0, keepdim=True).to(dropped_hidden.dtype), torch.tensor([0])
+
+    return "test_mean_merge"
+
+
+@torch.no_grad()
+def oracle_with_merged_token(stock, inputs, k, kept, steps):
+    """No pruning machinery: the full prompt plus one extra row M placed right after the last kept image
+    token, at the first dropped token's RoPE position. Layers < k: nobody sees M. At layer k, M's state
+    becomes the mean of the dropped tokens' states, and from layer k on the dropped tokens are hidden from
+    everyone while M is seen like any token. Decode rows never see a dropped token, and see M from layer k
+    on only. Greedy decode by recomputing everything; returns (tokens, step logits)."""
+    model, lm = stock.model, stock.model.language_model
+    ids = inputs["input_ids"][0]
+    image = (ids == stock.config.image_token_id).nonzero().reshape(-1)
+    dropped = image[~torch.isin(image, kept)]
+    slot = int(kept.max()) + 1  # M's row in the extended sequence
+    embeds = model.get_input_embeddings()(ids)[None]
+    feats = model.get_image_features(
+        pixel_values=inputs["pixel_values"], vision_feature_layer=-2, vision_feature_select_strategy="default"
+    ).pooler_output
+    embeds = embeds.masked_scatter((ids == stock.config.image_token_id)[None, :, None], torch.cat(feats))
+    prompt_len = ids.numel()
+    generated, step_logits = [], []
+    for _ in range(steps + 1):
+        seq = embeds.shape[1] + 1
+        order = torch.cat([torch.arange(slot), torch.tensor([-1]), torch.arange(slot, seq - 1)])  # -1 = M
+        positions = torch.where(order >= 0, order, dropped[0])[None]
+        h = torch.cat([embeds[:, :slot], torch.zeros_like(embeds[:, :1]), embeds[:, slot:]], 1)
+        cos, sin = lm.rotary_emb(h, positions)
+        is_m = order == -1
+        is_dropped = torch.isin(order, dropped)
+        is_decode = order >= prompt_len
+        causal = torch.ones(seq, seq, dtype=torch.bool).tril()
+        for i, layer in enumerate(lm.layers):
+            if i == k:
+                h[0, is_m] = h[0, is_dropped].mean(0, keepdim=True)
+            hidden_cols = (is_m if i < k else is_dropped)[None, :] | (is_decode[:, None] & is_dropped[None, :])
+            allowed = causal & ~hidden_cols
+            mask = torch.zeros(1, 1, seq, seq).masked_fill(~allowed[None, None], torch.finfo(torch.float32).min)
+            h = layer(h, attention_mask=mask, position_embeddings=(cos, sin))
+        logits = stock.lm_head(lm.norm(h))[0]
+        step_logits.append(logits[-1])
+        nxt = logits[-1].argmax()
+        generated.append(nxt)
+        embeds = torch.cat([embeds, model.get_input_embeddings()(nxt)[None, None]], 1)
+    return logits, order, torch.stack(generated[:steps]), torch.stack(step_logits[:steps])
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_merged_tokens_are_never_attended_before_they_exist(tiny_path, stock_models, single_inputs, mean_merger, impl):
+    model = load_model(
+        tiny_path,
+        VTRConfig(strategy=mean_merger, prune_layer=2, keep_tokens=6, token_merge=True),
+        attn_implementation=impl,
+    )
+    with torch.no_grad():
+        logits = model(**single_inputs).logits[0]
+    stage = model.vtr_last.stages[0]
+    assert stage.image_tokens_kept == [6] and stage.merged == [1]
+    steps = 4
+    expected, order, tokens, step_logits = oracle_with_merged_token(
+        stock_models["eager"], single_inputs, 2, stage.kept_positions[0], steps
+    )
+    # the model's rows are the oracle's prompt rows minus the dropped ones (M right after the last kept token)
+    ids = single_inputs["input_ids"][0]
+    image = (ids == model.config.image_token_id).nonzero().reshape(-1)
+    dropped = image[~torch.isin(image, stage.kept_positions[0])]
+    keep = (order < ids.numel()) & ~torch.isin(order, dropped)
+    torch.testing.assert_close(logits, expected[keep], atol=1e-5, rtol=0)
+    out = model.generate(**single_inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                         return_dict_in_generate=True, output_logits=True)  # fmt: skip
+    assert torch.equal(out.sequences[0, single_inputs["input_ids"].shape[1] :], tokens)
+    torch.testing.assert_close(torch.stack(out.logits, 1)[0], step_logits, atol=1e-5, rtol=0)
+
+
+def test_without_the_decode_mask_a_merged_token_would_draw_attention(tiny_path, single_inputs, mean_merger):
+    """The bug of filling the missing keys/values: if the layers before K could see M, decode would differ."""
+    model = load_model(tiny_path, VTRConfig(strategy=mean_merger, prune_layer=2, keep_tokens=6, token_merge=True))
+    with torch.no_grad():
+        out = model(**single_inputs)
+        cache = out.past_key_values
+        nxt = out.logits[:, -1:].argmax(-1)
+        right = model(input_ids=nxt, past_key_values=cache).logits
+        cache.crop(-1)
+        cache._vtr_state.prefix_born = None  # forget that M did not exist before layer 2
+        wrong = model(input_ids=nxt, past_key_values=cache).logits
+    assert (right - wrong).abs().max() > 1e-4
+
+
+def test_sparsevlm_recycles_the_best_dropped_tokens_into_density_peak_clusters():
+    from llava.vtr.strategy.sparsevlm import density_peak_clusters
+
+    torch.manual_seed(4)
+    blobs = [torch.randn(6, 3) * 0.05 + torch.tensor(c) for c in ([0.0, 0, 0], [5.0, 0, 0], [0.0, 5, 0])]
+    x = torch.cat(blobs)
+    centres, assignment = density_peak_clusters(x, 3)
+    groups = [set((assignment == c).nonzero().reshape(-1).tolist()) for c in range(3)]
+    assert sorted(map(sorted, groups)) == [list(range(0, 6)), list(range(6, 12)), list(range(12, 18))]
+    scores = torch.tensor([0.0] * 6 + [1.0] * 6 + [2.0] * 6)  # blobs 1 and 2 are the best-scored 2/3
+    cfg = VTRConfig(strategy="sparsevlm", token_merge=True, merge_ratio=2 / 3, merge_clusters=2)
+    merged, representative = get_strategy("sparsevlm")().merge_tokens(x, scores, cfg)
+    assert merged.shape == (2, 3) and set(representative.tolist()) <= set(range(6, 18))
+    order = merged[:, 1].argsort()  # blob 1 lies along x, blob 2 along y
+    torch.testing.assert_close(merged[order], torch.stack([x[6:12].mean(0), x[12:18].mean(0)]), atol=1e-5, rtol=0)
+
+
+def test_token_merge_is_refused_for_methods_that_do_not_recycle():
+    from llava.vtr import VTRConfigError
+
+    with pytest.raises(VTRConfigError, match="does not recycle dropped tokens"):
+        VTRConfig(strategy="fastv", token_merge=True)
+
+
+@pytest.mark.parametrize("backbone", ["llava-1.5", "llava-1.6"])
+def test_sparsevlm_recycling_runs_on_padded_batches_and_multi_stage(
+    backbone, tiny_path, batch_inputs, next_path, two_shapes
+):
+    path, inputs = (tiny_path, batch_inputs) if backbone == "llava-1.5" else (next_path, two_shapes)
+    cfg = VTRConfig(strategy="sparsevlm", prune_layer=[1, 3], keep_tokens=[12, 4], token_merge=True, merge_ratio=0.5)
+    model = load_model(path, cfg)
+    out = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    first, second = model.vtr_last.stages
+    assert first.image_tokens_kept == [12, 12] and all(m > 0 for m in first.merged)
+    assert second.image_tokens_before == [12 + first.merged[0], 12 + first.merged[1]], "merged tokens are candidates"
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 3

@@ -33,6 +33,9 @@ EVERY_FIELD = {
     "clse_cutoff": ("0.3", 0.3),
     "clse_temperature": ("2", 2.0),
     "clse_reference_layer": ("-1", -1),
+    "token_merge": ("false", False),
+    "merge_ratio": ("0.2", 0.2),
+    "merge_clusters": ("3", 3),
 }
 
 

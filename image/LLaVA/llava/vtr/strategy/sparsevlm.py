@@ -5,9 +5,16 @@ Raters are chosen once per sample, from the input embeddings: for each visual to
 tokens of the question (those after the visual span) of the visual-text similarity, averaged over the
 visual tokens; the raters are the text tokens above the mean. A visual token's score is the attention the
 raters pay it at the scoring layer (rows averaged per head, heads by `head_aggregation`). Later stages reuse
-the same raters. (The paper's optional recycling of dropped tokens into merged ones is not available: it
-needs an engine hook for inserted tokens, see docs/engine.md.)
+the same raters.
+
+Recycling (`token_merge=True`): the best-scored `merge_ratio` share of the dropped tokens is clustered by
+density peaks (kNN density; the centres are the tokens with the largest density x distance to a denser
+token; every token joins its nearest centre), and each cluster's mean is inserted after the kept visual
+tokens, at its centre's RoPE position. The engine makes it exist from the prune layer on only: no query
+ever attends to it in the layers before, where it has no keys/values of its own.
 """
+
+import math
 
 import torch
 
@@ -22,8 +29,37 @@ def choose_raters(visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     return raters if raters.numel() else relevance.argmax().reshape(1)
 
 
+def density_peak_clusters(x: torch.Tensor, clusters: int, neighbours: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """(centres [c] indices into x, assignment [n] cluster number of each row) for x [n, d]."""
+    n = x.shape[0]
+    clusters = max(1, min(clusters, n))
+    distance = torch.cdist(x.float(), x.float())
+    k = max(1, min(neighbours, n - 1))
+    nearest = distance.topk(k + 1, largest=False).values[:, 1:] if n > 1 else distance
+    density = torch.exp(-(nearest**2).mean(dim=1))
+    denser = density[None, :] > density[:, None]  # [i, j]: j is denser than i
+    to_denser = distance.masked_fill(~denser, float("inf")).amin(dim=1)
+    to_denser = torch.where(torch.isinf(to_denser), distance.amax(dim=1), to_denser)  # the densest point
+    centres = torch.topk(density * to_denser, clusters).indices
+    assignment = distance[:, centres].argmin(dim=1)
+    assignment[centres] = torch.arange(clusters, device=x.device)
+    return centres, assignment
+
+
 @register_strategy("sparsevlm")
 class SparseVLM(PruningStrategy):
+    supports_token_merge = True
+
+    def merge_tokens(self, dropped_hidden, dropped_scores, config, **ctx):
+        recycled = math.floor(config.merge_ratio * dropped_scores.numel() + 0.5)
+        if recycled == 0:
+            return None
+        best = torch.topk(dropped_scores.float(), recycled).indices
+        count = config.merge_clusters or max(1, round(math.sqrt(recycled)))
+        centres, assignment = density_peak_clusters(dropped_hidden[best], count)
+        merged = torch.stack([dropped_hidden[best][assignment == c].float().mean(0) for c in range(centres.numel())])
+        return merged.to(dropped_hidden.dtype), best[centres]
+
     def compute_scores(self, attention, image_token_range, config, **ctx):
         start, end = image_token_range
         state, current = ctx["vtr_ctx"], ctx["original_index"]

@@ -36,6 +36,16 @@ class PruningStrategy(ABC):
     #: True for methods that call `ctx["vision_importance"]()` (the vision encoder's own attention); the
     #: framework then keeps the vision states it needs, also through generate().
     needs_vision_attention: bool = False
+    #: True for methods that can recycle dropped tokens (`VTRConfig.token_merge=True` then calls
+    #: `merge_tokens` and inserts its tokens after the kept visual tokens).
+    supports_token_merge: bool = False
+
+    def merge_tokens(self, dropped_hidden: torch.Tensor, dropped_scores: torch.Tensor, config, **ctx):
+        """For `supports_token_merge` methods with `token_merge=True`: the tokens to insert after a sample's kept visual tokens, made from
+        the dropped ones. dropped_hidden: [n, hidden] their states at the prune point; dropped_scores: [n].
+        Returns (merged [m, hidden], representative [m] indices into the dropped tokens: each merged token
+        takes that token's RoPE position and identity), or None to insert nothing."""
+        return None
 
     @abstractmethod
     def compute_scores(self, attention, image_token_range: tuple[int, int], config, **ctx) -> torch.Tensor:
