@@ -294,6 +294,12 @@ class PrunedPrefill:
     def run(self):
         args, kwargs, lm = self.args, self.kwargs, self.adapter.language_model
         use_cache, return_dict = self._pop_options(kwargs)
+        kernel = getattr(lm.config, "_attn_implementation", "eager")
+        if self.config.token_merge and kernel not in ("eager", "sdpa"):
+            raise ValueError(
+                f"token_merge needs per-layer decode masks, which attn_implementation={kernel!r} cannot take; "
+                "load the model with attn_implementation='sdpa' or 'eager'"
+            )
         prefill = self.adapter.prefill_tokens(args)
         batch, seq_len = prefill.visual.shape
         cache = self._empty_cache(args.get("past_key_values"), use_cache, lm.config)

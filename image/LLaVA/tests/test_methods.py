@@ -469,3 +469,11 @@ def test_sparsevlm_recycling_runs_on_padded_batches_and_multi_stage(
     assert first.image_tokens_kept == [12, 12] and all(m > 0 for m in first.merged)
     assert second.image_tokens_before == [12 + first.merged[0], 12 + first.merged[1]], "merged tokens are candidates"
     assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+
+
+def test_recycling_under_a_kernel_without_4d_masks_is_refused(tiny_path, single_inputs):
+    model = load_model(tiny_path, VTRConfig(strategy="sparsevlm", prune_layer=2, keep_tokens=6, token_merge=True))
+    model.model.language_model.config._attn_implementation = "flash_attention_2"  # as if loaded so
+    with pytest.raises(ValueError, match="token_merge needs per-layer decode masks"):
+        with torch.no_grad():
+            model(**single_inputs)
