@@ -178,6 +178,7 @@ class LlavaVTR(lmms):
         self._stats = _RunStats(model.config.text_config)
         # requests handed to us (counted by lmms_eval_compat when --use_cache is on) vs computed here
         self.requests_seen: dict[str, int] = {}
+        self._merged_ranks = 0
         self.requests_computed = {"generate_until": 0, "loglikelihood": 0}
         model.register_forward_pre_hook(self._stats.before_forward, with_kwargs=True)
         model.register_forward_hook(self._stats.after_forward, with_kwargs=True)
@@ -339,6 +340,7 @@ class LlavaVTR(lmms):
             vtr_config={k: getattr(self.vtr_config, k) for k in VTRConfig.field_names()},
             rank=self.rank,
             world_size=self.world_size,
+            processes_merged=self._merged_ranks or 1,
             **self._stats.summary(),
         )
         from_cache = {
@@ -364,7 +366,8 @@ class LlavaVTR(lmms):
             path = Path(self.stats_path)
             path = path / f"vtr_stats_{self.vtr_tag}.json" if path.suffix != ".json" else path
         else:
-            suffix = f"_rank{self.rank}" if self.world_size > 1 else ""
+            # one record for the run: process 0 holds every process's figures after _merge_ranks
+            suffix = f"_rank{self.rank}" if self.world_size > 1 and not self._merged_ranks else ""
             path = Path(folder) / f"vtr_stats_{self.vtr_tag}_{date_id}{suffix}.json"
         summary = self.stats_summary(response_cache)
         summary["results_timestamp"] = date_id or None
@@ -373,7 +376,27 @@ class LlavaVTR(lmms):
         logger.info(f"llava_vtr: wrote efficiency stats to {path}")
         return path
 
+    def _merge_ranks(self) -> None:
+        """With several processes, gather every process's per-prefill figures and request counts into
+        process 0, whose record then covers the whole run (lmms-eval saves results from process 0 only)."""
+        import torch.distributed as dist
+
+        if self.world_size <= 1 or not (dist.is_available() and dist.is_initialized()) or self._merged_ranks:
+            return
+        mine = (self._stats.samples, self.requests_seen, self.requests_computed)
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, mine)
+        self._stats.samples = [sample for samples, _, _ in gathered for sample in samples]
+        for counts in ("requests_seen", "requests_computed"):
+            total: dict[str, int] = {}
+            for part in gathered:
+                for kind, n in part[1 if counts == "requests_seen" else 2].items():
+                    total[kind] = total.get(kind, 0) + n
+            setattr(self, counts, total)
+        self._merged_ranks = len(gathered)
+
     def clean(self):
+        self._merge_ranks()
         summary = self.stats_summary()
         logger.info(f"llava_vtr efficiency: {json.dumps({k: v for k, v in summary.items() if k != 'vtr_config'})}")
         if self.stats_path:  # an explicit path is written even when lmms-eval saves no results
