@@ -182,7 +182,8 @@ def main(argv=None) -> int:
     clock = Clock(cuda)
 
     settings = [("none", "-", VTRConfig(enabled=False))]
-    settings.append(("keep-all", "all", VTRConfig(strategy="fastv", keep_ratio=1.0, prune_layer=args.prune_layer)))
+    machinery = "fastv" if args.prune_layer > 0 else "random"  # K=0 admits only methods without attention
+    settings.append(("keep-all", "all", VTRConfig(strategy=machinery, keep_ratio=1.0, prune_layer=args.prune_layer)))
     for s in args.strategies.split(","):
         for b in args.budgets.split(","):
             settings.append((s, int(b), VTRConfig(strategy=s, keep_tokens=int(b), prune_layer=args.prune_layer)))
