@@ -104,6 +104,34 @@ def tiny_llava_config(
     )
 
 
+def _random_model(model_class, config, seed: int):
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    # Random init gives near-uniform attention; a larger embedding scale makes scores discriminative.
+    with torch.no_grad():
+        model.model.language_model.embed_tokens.weight.normal_(0, 1.0)
+    return model
+
+
+def _processor(processor_class, image_processor, tokenizer, config):
+    return processor_class(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=config.vision_config.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+
+
+def _save(path: Path, model, processor, stamp: Path, wanted: dict) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    stamp.write_text(json.dumps(wanted))
+    return path
+
+
 def build_tiny_llava(path, *, seed: int = 0, overwrite: bool = False, **shape) -> Path:
     """Write a random LLaVA checkpoint + processor to `path` (kept if it already holds the same shape)."""
     from transformers import CLIPImageProcessor, LlavaForConditionalGeneration, LlavaProcessor
@@ -115,29 +143,13 @@ def build_tiny_llava(path, *, seed: int = 0, overwrite: bool = False, **shape) -
         return path
     tokenizer = build_tokenizer()
     config = tiny_llava_config(tokenizer, **shape)
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
-    # Random init gives near-uniform attention; a larger embedding scale makes scores discriminative.
-    with torch.no_grad():
-        model.model.language_model.embed_tokens.weight.normal_(0, 1.0)
+    model = _random_model(LlavaForConditionalGeneration, config, seed)
     image_size = config.vision_config.image_size
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},
     )
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=config.vision_config.patch_size,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=LLAVA_CHAT_TEMPLATE,
-    )
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    stamp.write_text(json.dumps(wanted))
-    return path
+    return _save(path, model, _processor(LlavaProcessor, image_processor, tokenizer, config), stamp, wanted)
 
 
 def build_tiny_llava_next(
@@ -177,29 +189,14 @@ def build_tiny_llava_next(
         vision_feature_select_strategy="default",
         pad_token_id=tokenizer.pad_token_id,
     )
-    torch.manual_seed(seed)
-    model = LlavaNextForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        model.model.language_model.embed_tokens.weight.normal_(0, 1.0)
+    model = _random_model(LlavaNextForConditionalGeneration, config, seed)
     size = config.vision_config.image_size
     image_processor = LlavaNextImageProcessor(
         size={"shortest_edge": size},
         crop_size={"height": size, "width": size},
         image_grid_pinpoints=[list(p) for p in grid_pinpoints],
     )
-    processor = LlavaNextProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=config.vision_config.patch_size,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=LLAVA_CHAT_TEMPLATE,
-    )
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    stamp.write_text(json.dumps(wanted))
-    return path
+    return _save(path, model, _processor(LlavaNextProcessor, image_processor, tokenizer, config), stamp, wanted)
 
 
 def build_tiny_original_llava(path, *, seed: int = 0, **shape):
