@@ -128,6 +128,11 @@ def test_a_failing_run_is_a_row_and_the_sweep_goes_on_and_resumes(tiny, tmp_path
     assert rows[tiny["llava15"]]["error"] == "" and rows[tiny["llava15"]]["final_kept"] == "8.0"
     again = vtr_run(*args, *common(tiny, out))
     assert again.stdout.count("done before, skipped") == 1 and "running" in again.stdout  # only the failed one reruns
+    # another command (a different --param) never reuses those results
+    changed = vtr_run(*args, "--param", "query_aggregation=question", *common(tiny, out))
+    assert "done before, skipped" not in changed.stdout
+    rows = {row["pretrained"]: row for row in csv.DictReader(open(out / "summary.csv"))}
+    assert rows[tiny["llava15"]]["error"] == ""
 
 
 def test_two_processes_give_the_metrics_of_one_and_one_merged_record(tiny, tmp_path):

@@ -89,9 +89,17 @@ def test_pdrop_defaults_for_a_32_layer_model_and_explicit_values_win():
     assert PyramidDrop.schedule_defaults(VTRConfig(strategy="pdrop", prune_layer=[2, 4], keep_tokens=9), 32) == {}
 
 
-def test_pdrop_defaults_reach_the_model(tiny_path):
-    model = load_model(tiny_path, VTRConfig(strategy="pdrop"))  # 4 layers: stages at 1, 2, 3
+@pytest.mark.parametrize("backbone", ["llava-1.5", "llava-1.6"])
+def test_method_defaults_reach_the_model_whatever_the_backbone_budget(backbone, tiny_path, next_path):
+    path = tiny_path if backbone == "llava-1.5" else next_path  # 192 vs 320 default budgets
+    model = load_model(path, VTRConfig(strategy="pdrop"))  # 4 layers: stages at 1, 2, 3
     assert model.vtr_config.prune_layers == [1, 2, 3] and model.vtr_config.keep_ratio == [0.5, 0.5, 0.5]
+    clse = load_model(path, VTRConfig(strategy="clse")).vtr_config
+    assert (
+        isinstance(clse.keep_tokens, list) and len(clse.keep_tokens) == len(clse.prune_layers) >= 2
+    )  # 4 layers: [1, 3]
+    one_stage = load_model(path, VTRConfig(strategy="pdrop", keep_ratio=[0.5])).vtr_config
+    assert one_stage.prune_layers == [3] and one_stage.keep_ratio == [0.5], "per-stage budgets fix the stages"
 
 
 def test_pdrop_scores_with_the_last_instruction_token_whatever_the_query_rows():
@@ -467,8 +475,23 @@ def test_sparsevlm_recycling_runs_on_padded_batches_and_multi_stage(
     out = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
     first, second = model.vtr_last.stages
     assert first.image_tokens_kept == [12, 12] and all(m > 0 for m in first.merged)
-    assert second.image_tokens_before == [12 + first.merged[0], 12 + first.merged[1]], "merged tokens are candidates"
+    assert second.image_tokens_before == [12, 12], "merged tokens stay; later stages rank the real ones"
+    assert all(set(s.tolist()) <= set(f.tolist()) for s, f in zip(second.kept_positions, first.kept_positions))
     assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+
+
+@pytest.mark.parametrize(
+    "backbone,method", [("llava-1.5", "vispruner"), ("llava-1.6", "clse"), ("llava-1.6", "vispruner")]
+)
+def test_methods_reading_image_facts_work_with_beam_search(
+    backbone, method, tiny_path, single_inputs, next_path, square
+):
+    """generate() repeats each sample per beam; the vision states it keeps are the original samples'."""
+    path, inputs = (tiny_path, single_inputs) if backbone == "llava-1.5" else (next_path, square)
+    first = 0 if method == "vispruner" else 1
+    model = load_model(path, VTRConfig(strategy=method, prune_layer=[first, 3], keep_tokens=[12, 4]))
+    out = model.generate(**inputs, max_new_tokens=3, num_beams=2, num_return_sequences=2, do_sample=False)
+    assert out.shape[0] == 2 and [s.image_tokens_kept for s in model.vtr_last.stages] == [[12, 12], [4, 4]]
 
 
 def test_recycling_under_a_kernel_without_4d_masks_is_refused(tiny_path, single_inputs):

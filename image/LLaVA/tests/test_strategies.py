@@ -117,6 +117,10 @@ def test_question_rows_are_averaged_per_head_before_the_max_over_heads():
 
 def test_select_ranks_nan_last():
     assert select([float("nan"), 0.2, 0.1], keep_tokens=2) == [1, 2]
+    # below every number, -inf and the lowest float included
+    assert select([float("nan"), float("-inf")], keep_tokens=1) == [1]
+    assert select([float("nan"), float("-inf"), torch.finfo(torch.float32).min, 0.0], keep_tokens=2) == [2, 3]
+    assert select([float("nan"), float("-inf"), float("nan")], keep_tokens=2) == [0, 1]
 
 
 def test_per_stage_budgets_are_used_in_turn():

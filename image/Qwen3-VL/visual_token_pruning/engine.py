@@ -458,7 +458,8 @@ class PrunedPrefill:
         """Prune and insert the strategy's merged tokens (`merge_tokens`) right after each sample's last kept
         visual row. A merged row takes the RoPE position and identity of a representative dropped token; it
         exists from layer `prune_at` on (`born`): in the layers before, its cache rows are placeholders that
-        no decode step may attend to (`DecodeState.hide_unborn`). Per-sample host syncs: this path is for
+        no decode step may attend to (`DecodeState.hide_unborn`). Merged rows stay to the end: later stages
+        rank the real visual tokens only. Per-sample host syncs: this path is for
         methods that merge, not the batched fast path."""
         batch, seq_len = tokens.visual.shape
         device = tokens.visual.device
@@ -495,6 +496,7 @@ class PrunedPrefill:
                 rows = slice(new_len - orders[b].numel() + at, new_len - orders[b].numel() + at + merged.shape[0])
                 tokens.hidden[b, rows] = merged.to(tokens.hidden.dtype)
                 tokens.born[b, rows] = prune_at
+                tokens.visual[b, rows] = False  # kept from here on: later stages rank real tokens only
         del kept_mask
         if cache is not None:
             for cache_layer in cache.layers[:prune_at]:
@@ -680,8 +682,10 @@ class VTRModelMixin:
             raise TypeError(f"vtr_config must be a VTRConfig, got {type(vtr_config).__name__}")
         default = getattr(self.vtr_adapter, "default_keep_tokens", None)
         if vtr_config.budget_defaulted and default is not None and vtr_config.keep_tokens != default:
+            layers_defaulted = vtr_config.prune_layer_defaulted
             vtr_config = dataclasses.replace(vtr_config, keep_tokens=default)
-            vtr_config.budget_defaulted = True
+            # still "left unset by the user", for the method's schedule below
+            vtr_config.budget_defaulted, vtr_config.prune_layer_defaulted = True, layers_defaulted
         if vtr_config.enabled:  # a method's own schedule for what the user left unset (PDrop, CLSE)
             method = get_strategy(vtr_config.strategy)
             updates = method.schedule_defaults(vtr_config, self.vtr_adapter.num_layers)

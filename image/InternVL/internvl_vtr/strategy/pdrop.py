@@ -24,7 +24,8 @@ class PyramidDrop(PruningStrategy):
     def schedule_defaults(cls, config, num_layers: int) -> dict:
         updates = {}
         layers = config.prune_layers
-        if config.prune_layer_defaulted:
+        per_stage = any(isinstance(v, list) for v in (config.keep_tokens, config.score_threshold, config.keep_ratio))
+        if config.prune_layer_defaulted and not per_stage:  # the user's per-stage budgets fix the stages
             layers = sorted({max(1, num_layers * q // 4) for q in (1, 2, 3)})
             updates["prune_layer"] = layers
         if config.budget_defaulted:

@@ -444,8 +444,9 @@ class _RunStats:
             stages, schedule = [], []
             for stage in record.stages if record is not None else []:
                 before, kept = stage.image_tokens_before[b], stage.image_tokens_kept[b]
-                stages.append(dict(layer=stage.layer, image_in=before, image_kept=kept))
-                schedule.append((stage.layer, before - kept))
+                merged = stage.merged[b] if stage.merged else 0  # recycled tokens stay in the sequence
+                stages.append(dict(layer=stage.layer, image_in=before, image_kept=kept, merged=merged))
+                schedule.append((stage.layer, before - kept - merged))
             lengths = tokens_per_layer(seq_len, self.num_layers, schedule)
             self.samples.append(
                 dict(
@@ -479,6 +480,7 @@ class _RunStats:
                         layer=layer,
                         mean_image_tokens_in=mean(x["image_in"] for x in items),
                         mean_image_tokens_kept=mean(x["image_kept"] for x in items),
+                        mean_merged_tokens=mean(x["merged"] for x in items),
                     )
                     for layer, items in sorted(by_layer.items())
                 ],

@@ -98,14 +98,23 @@ class LlavaAdapter(BackboneAdapter):
                 cache["coords"] = self._image_coords(image_sizes, sum(cache["counts"]))  # per image, batch order
             if kind not in cache:
                 cache[kind] = cache["coords"] if kind == "coords" else self._image_importance(image_output, image_sizes)
-            counts, sizes = cache["counts"], [c.shape[0] for c in cache["coords"]]
-            first = 0
-            while sum(sizes[:first]) < sum(counts[:b]):  # skip the images of earlier samples
-                first += 1
-            last = first
-            while sum(sizes[first:last]) < counts[b]:
-                last += 1
-            chosen = cache[kind][first:last]
+            facts, counts = cache[kind], cache["counts"]
+            # generate(num_beams>1 / num_return_sequences>1) repeats each sample k times in a row; the vision
+            # states (and image sizes) it keeps are the original samples'
+            total = sum(f.shape[0] for f in facts)
+            repeats = sum(counts) // total if total and sum(counts) % total == 0 else 1
+            counts, b = counts[::repeats], b // repeats
+            chosen, first, need = [], sum(counts[:b]), counts[b]
+            for fact in facts:
+                if first > 0:  # the images of earlier samples
+                    first -= fact.shape[0]
+                elif need > 0:
+                    chosen.append(fact)
+                    need -= fact.shape[0]
+            if need != 0 or first != 0 or not chosen:
+                raise ValueError(
+                    f"{kind} for sample {b}: the visual tokens ({counts}) do not line up with the encoded images"
+                )
             if kind == "importance":
                 return torch.cat(chosen).to(visual.device)
             grids = []  # a group id per (image of this sample, tile); -1 stays off-grid

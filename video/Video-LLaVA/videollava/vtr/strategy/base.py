@@ -129,10 +129,12 @@ def select_batch(scores: torch.Tensor, visual: torch.Tensor, budget: StageBudget
 
     scores: [batch, seq] float (only visual positions are read); visual: [batch, seq] bool.
     """
-    finite_min = torch.finfo(torch.float32).min
-    ranked = torch.nan_to_num(scores.float(), nan=-math.inf).clamp_min(finite_min)  # NaN/-inf below numbers
-    ranked = ranked.masked_fill(~visual, -math.inf)  # non-visual below everything
-    order = torch.sort(ranked, dim=1, descending=True, stable=True).indices
+    values = scores.float()
+    nan = torch.isnan(values)
+    order = torch.sort(values.masked_fill(nan, -math.inf), dim=1, descending=True, stable=True).indices
+    # then, stably, numbers (-inf included) before NaN before non-visual positions
+    tier = (nan.to(torch.int8) + 2 * (~visual).to(torch.int8)).gather(1, order)
+    order = order.gather(1, torch.sort(tier, dim=1, stable=True).indices)
     rank = torch.empty_like(order).scatter_(
         1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
     )
