@@ -148,4 +148,10 @@ def describe(config: VTRConfig) -> str:
         parts.append(f"h{config.head_aggregation}")
     if config.strategy == "random":
         parts.append(f"seed{config.seed}")
+    # every other field that differs from its default (method options such as important_ratio=0.25)
+    named = {"enabled", "strategy", "prune_layer", "query_aggregation", "head_aggregation", "seed", *_BUDGET_TAGS}
+    for f in fields(VTRConfig):
+        if f.init and f.name not in named and getattr(config, f.name) != f.default:
+            value = getattr(config, f.name)
+            parts.append(f"{f.name}{'-'.join(map(str, value)) if isinstance(value, list) else value}")
     return "_".join(parts)

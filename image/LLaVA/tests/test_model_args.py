@@ -98,6 +98,10 @@ def test_range_errors_come_from_vtrconfig():
 
 def test_describe_tags_name_what_changes_results():
     assert describe(VTRConfig(strategy="none")) == "unpruned"
+    # method options that differ from their defaults are named too (distinct result folders)
+    tag = describe(VTRConfig(strategy="vispruner", prune_layer=0, keep_tokens=64, important_ratio=0.25))
+    assert tag == "vispruner_K0_keep64_important_ratio0.25"
+    assert describe(VTRConfig(strategy="sparsevlm", token_merge=True)).endswith("_token_mergeTrue")
     assert describe(VTRConfig(strategy="fastv", keep_tokens=64, prune_layer=2)) == "fastv_K2_keep64"
     tag = describe(VTRConfig(strategy="random", prune_layer=[2, 5], keep_ratio=[0.5, 0.25], seed=3))
     assert tag == "random_K2-5_ratio0.5-0.25_seed3"
