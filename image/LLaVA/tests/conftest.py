@@ -9,7 +9,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration, LlavaNext
 from llava.vtr.tiny import build_tiny_llava, build_tiny_llava_next, demo_image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from llava_testlib import chat  # noqa: E402
+from llava_testlib import BackboneCase, chat  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -79,3 +79,17 @@ def two_shapes(next_processor):
     texts = [chat(next_processor), chat(next_processor, "Describe the picture in detail. Is there a car?")]
     images = [demo_image(64), demo_image(64).resize((96, 40))]
     return next_processor(images=images, text=texts, return_tensors="pt", padding=True)
+
+
+@pytest.fixture(scope="session", params=["llava-1.5", "llava-1.6"])
+def backbone(request):
+    """The contract test's view of this fork: one case per model family it serves."""
+    if request.param == "llava-1.5":
+        path, processor, stock = (request.getfixturevalue(n) for n in ("tiny_path", "processor", "stock_models"))
+        single, batch = request.getfixturevalue("single_inputs"), request.getfixturevalue("batch_inputs")
+    else:
+        path, processor, stock = (request.getfixturevalue(n) for n in ("next_path", "next_processor", "next_stock"))
+        single, batch = request.getfixturevalue("square"), request.getfixturevalue("two_shapes")
+    text_only = processor(text="USER: Say something short. ASSISTANT:", return_tensors="pt")
+    token = stock["eager"].config.image_token_id
+    return BackboneCase(request.param, path, stock, single, batch, text_only, token)

@@ -36,19 +36,6 @@ def assert_matches_oracle(model, stock, inputs, stages):
     return tokens
 
 
-@pytest.mark.parametrize("impl", ["eager", "sdpa"])
-@pytest.mark.parametrize("cfg", [dict(keep_ratio=1.0), dict(enabled=False), dict(strategy="none")])
-def test_unpruned_equals_stock(tiny_path, stock_models, single_inputs, impl, cfg):
-    stock = stock_models[impl]
-    model = vtr_model(tiny_path, impl, prune_layer=2, **cfg)
-    with torch.no_grad():
-        expected = stock(**single_inputs).logits
-        got = model(**single_inputs).logits
-    assert got.shape == expected.shape
-    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
-    assert torch.equal(_generate(model, single_inputs), _generate(stock, single_inputs))
-
-
 def test_keep_all_equals_stock_on_a_padded_batch(tiny_path, stock_models, batch_inputs):
     stock = stock_models["sdpa"]
     model = vtr_model(tiny_path, "sdpa", prune_layer=[1, 3], keep_ratio=1.0, strategy="priortr")
@@ -135,14 +122,6 @@ def test_batch_mixing_image_and_text_only_prompts(tiny_path, stock_models, proce
     prompt_len = inputs["input_ids"].shape[1]
     stages = stage_drops(record, 2, prompt_len, _image_mask(model, inputs))
     assert_matches_oracle(model, stock_models["eager"], inputs, stages)
-
-
-def test_text_only_prompt_runs_unpruned(tiny_path, stock_models, processor):
-    inputs = processor(text="USER: Say something short. ASSISTANT:", return_tensors="pt")
-    model = vtr_model(tiny_path, "sdpa", prune_layer=2, keep_tokens=2)
-    with torch.no_grad():
-        torch.testing.assert_close(model(**inputs).logits, stock_models["sdpa"](**inputs).logits, atol=0, rtol=0)
-    assert model.vtr_last is None
 
 
 def test_keep_tokens_zero_drops_every_image_token(tiny_path, stock_models, single_inputs):

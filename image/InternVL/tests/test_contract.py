@@ -1,0 +1,112 @@
+# Copied from image/LLaVA/tests/test_contract.py with llava.vtr->internvl_vtr
+"""The contract every backbone of every fork meets, driven by the fork's `backbone` fixture (conftest.py).
+
+Copied into every fork (scripts/check_copies.py); a fork without a model adapter yet skips it. The
+fixture gives, per model family: a tiny checkpoint path, stock models by attn_implementation, a single
+prompt, a left-padded batch, a text-only prompt, the visual token id and the oracle's embedding step.
+"""
+
+import pytest
+import torch
+
+import internvl_vtr as fork
+
+if not getattr(fork, "BACKBONES", None):
+    pytest.skip("this fork has no model adapter yet", allow_module_level=True)
+
+from vtr_oracle import oracle_forward, oracle_greedy, stage_drops  # noqa: E402
+
+from internvl_vtr import (  # noqa: E402
+    PruningStrategy,
+    VTRConfig,
+    available_strategies,
+    get_strategy,
+    load_model,
+    register_strategy,  # noqa: E402
+)
+
+ATOL = 1e-5
+STEPS = 3
+
+
+def vtr(backbone, impl="sdpa", **cfg):
+    return load_model(backbone.path, VTRConfig(**cfg), attn_implementation=impl)
+
+
+def greedy(model, inputs, steps=STEPS):
+    out = model.generate(
+        **inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+        return_dict_in_generate=True, output_logits=True,
+    )  # fmt: skip
+    return out.sequences[:, inputs["input_ids"].shape[1] :], torch.stack(out.logits, 1)
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("cfg", [dict(keep_ratio=1.0, prune_layer=[1, 3]), dict(enabled=False), dict(strategy="none")])
+def test_nothing_pruned_is_the_stock_model(backbone, impl, cfg):
+    model, stock = vtr(backbone, impl, **cfg), backbone.stock[impl]
+    for inputs in (backbone.single, backbone.batch):
+        valid = inputs["attention_mask"].bool()
+        with torch.no_grad():
+            torch.testing.assert_close(model(**inputs).logits[valid], stock(**inputs).logits[valid], atol=ATOL, rtol=0)
+        assert torch.equal(greedy(model, inputs)[0], greedy(stock, inputs)[0])
+
+
+def test_a_text_only_prompt_runs_unpruned(backbone):
+    model = vtr(backbone, keep_tokens=2, prune_layer=2)
+    with torch.no_grad():
+        got, want = model(**backbone.text_only).logits, backbone.stock["sdpa"](**backbone.text_only).logits
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert model.vtr_last is None
+
+
+METHODS = sorted(m for m in available_strategies() if not m.startswith(("test_", "contract_")))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_keeps_its_budget_and_equals_the_oracle(backbone, method):
+    first = 0 if not get_strategy(method).needs_attention else 1  # pre-LLM methods start before layer 0
+    model = vtr(backbone, strategy=method, prune_layer=[first, 3], keep_tokens=[14, 5])
+    inputs, stock = backbone.batch, backbone.stock["eager"]
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    record = model.vtr_last
+    assert [s.image_tokens_kept for s in record.stages] == [[14, 14], [5, 5]]
+    prompt_len = inputs["input_ids"].shape[1]
+    visual = inputs["input_ids"] == backbone.visual_token_id
+    expected = oracle_forward(stock, inputs, stage_drops(record, 2, prompt_len, visual), prompt_len, backbone.embed)
+    for b in range(2):
+        rows = (record.kept_index[b] >= 0) & inputs["attention_mask"][b].bool()[record.kept_index[b].clamp_min(0)]
+        torch.testing.assert_close(logits[b, rows], expected[b, record.kept_index[b, rows]], atol=ATOL, rtol=0)
+    tokens, step_logits = greedy(model, inputs)
+    assert [s.image_tokens_kept for s in model.vtr_last.stages] == [[14, 14], [5, 5]], "generate prunes too"
+    stages = stage_drops(model.vtr_last, 2, prompt_len, visual)
+    want_tokens, want_logits = oracle_greedy(stock, inputs, stages, STEPS, backbone.embed)
+    assert torch.equal(tokens, want_tokens)
+    torch.testing.assert_close(step_logits, want_logits, atol=ATOL, rtol=0)
+
+
+CAPTURED = []
+
+
+@register_strategy("contract_capture")
+class Capture(PruningStrategy):
+    def compute_scores(self, attention, image_token_range, config, **ctx):
+        CAPTURED.append(attention.full()[0])
+        return self._aggregate_attention(attention, image_token_range, config)
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_scoring_attention_is_the_eager_causal_attention_of_layer_k_minus_1(backbone, impl):
+    CAPTURED.clear()
+    model = vtr(backbone, impl, strategy="contract_capture", prune_layer=2, keep_tokens=8)
+    inputs = backbone.batch
+    with torch.no_grad():
+        model(**inputs)
+        eager = backbone.stock["eager"](**inputs, output_attentions=True).attentions[1]
+    valid = inputs["attention_mask"].bool()
+    assert len(CAPTURED) == 2
+    for b, got in enumerate(CAPTURED):
+        rows = valid[b]
+        torch.testing.assert_close(got[:, rows][:, :, rows], eager[b][:, rows][:, :, rows], atol=ATOL, rtol=0)
+        assert torch.all(got.triu(1) == 0), "causal"

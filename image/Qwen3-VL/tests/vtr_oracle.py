@@ -1,0 +1,72 @@
+# Copied from image/LLaVA/tests/vtr_oracle.py
+"""The masking oracle every fork's tests compare against: no pruning machinery at all.
+
+The stock decoder layers run on the full sequence with a per-layer attention mask that hides the tokens
+dropped at each stage from layer K on, and hides every dropped token from rows after the prompt (decode
+steps) in every layer. Eager attention, explicit masks. Backbone-specific only in `embed(stock, inputs)`
+(the merged input embeddings) and, for M-RoPE backbones, the positions a fork passes in.
+"""
+
+import torch
+
+
+@torch.no_grad()
+def oracle_forward(stock, inputs, prune_stages, prompt_len, embed, position_ids=None):
+    """prune_stages: list of (K, dropped[batch, prompt_len] bool). Returns logits [batch, seq, vocab]."""
+    embeds = embed(stock, inputs)
+    batch, seq, _ = embeds.shape
+    valid = inputs.get("attention_mask", torch.ones(batch, seq)).bool()
+    if position_ids is None:
+        position_ids = torch.arange(seq).unsqueeze(0).expand(batch, -1)
+    lm = stock.model.language_model
+    cos, sin = lm.rotary_emb(embeds, position_ids)
+    causal = torch.ones(seq, seq, dtype=torch.bool).tril()
+    all_dropped = torch.zeros(batch, seq, dtype=torch.bool)
+    for _, dropped in prune_stages:
+        all_dropped[:, : dropped.shape[1]] |= dropped
+    is_decode_row = (torch.arange(seq) >= prompt_len)[None, :, None]
+    h = embeds
+    for i, layer in enumerate(lm.layers):
+        hidden_here = torch.zeros(batch, seq, dtype=torch.bool)
+        for k, dropped in prune_stages:
+            if i >= k:
+                hidden_here[:, : dropped.shape[1]] |= dropped
+        allowed = causal[None] & valid[:, None, :]
+        allowed = allowed & ~(hidden_here[:, None, :] | (is_decode_row & all_dropped[:, None, :]))
+        mask = torch.zeros(batch, 1, seq, seq).masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
+        h = layer(h, attention_mask=mask, position_embeddings=(cos, sin))
+    return stock.lm_head(lm.norm(h))
+
+
+def stage_drops(record, batch, prompt_len, visual_mask):
+    """(K, dropped[batch, prompt_len]) per stage, from what the model reports it kept."""
+    stages = []
+    alive = visual_mask.clone()
+    for stage in record.stages:
+        kept = torch.zeros(batch, prompt_len, dtype=torch.bool)
+        for b, positions in enumerate(stage.kept_positions):
+            kept[b, positions] = True
+        dropped = alive & ~kept
+        stages.append((stage.layer, dropped))
+        alive = alive & kept
+    return stages
+
+
+@torch.no_grad()
+def oracle_greedy(stock, inputs, prune_stages, steps, embed):
+    """Greedy decode with `oracle_forward`, recomputing the whole sequence each step; positions as generate()
+    makes them (cumulative sum of the attention mask). Returns (tokens [batch, steps], logits [batch, steps, vocab])."""
+    ids = inputs["input_ids"]
+    mask = inputs["attention_mask"]
+    prompt_len = ids.shape[1]
+    out, step_logits = [], []
+    for _ in range(steps):
+        pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        step_inputs = dict(inputs, input_ids=ids, attention_mask=mask)
+        logits = oracle_forward(stock, step_inputs, prune_stages, prompt_len, embed, position_ids=pos)
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        out.append(nxt)
+        step_logits.append(logits[:, -1])
+        ids = torch.cat([ids, nxt], 1)
+        mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+    return torch.cat(out, 1), torch.stack(step_logits, 1)
