@@ -274,21 +274,7 @@ class VTRLlavaForConditionalGeneration(VTRModelMixin, LlavaForConditionalGenerat
         mm_encoder_outputs=None,
         **kwargs,
     ):
-        stock_args = dict(
-            input_ids=input_ids,
-            pixel_values=pixel_values,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            vision_feature_layer=vision_feature_layer,
-            vision_feature_select_strategy=vision_feature_select_strategy,
-            labels=labels,
-            logits_to_keep=logits_to_keep,
-            image_sizes=image_sizes,
-            mm_encoder_outputs=mm_encoder_outputs,
-        )
-        return self.vtr_forward(super().forward, stock_args, kwargs)
+        return self.vtr_forward(super().forward, *self.forward_arguments(locals()))
 
 
 class VTRLlavaNextForConditionalGeneration(VTRModelMixin, LlavaNextForConditionalGeneration):
@@ -318,23 +304,7 @@ class VTRLlavaNextForConditionalGeneration(VTRModelMixin, LlavaNextForConditiona
         mm_encoder_outputs=None,
         **kwargs,
     ):
-        stock_args = dict(
-            input_ids=input_ids,
-            pixel_values=pixel_values,
-            image_sizes=image_sizes,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            vision_feature_layer=vision_feature_layer,
-            vision_feature_select_strategy=vision_feature_select_strategy,
-            labels=labels,
-            logits_to_keep=logits_to_keep,
-            mm_encoder_outputs=mm_encoder_outputs,
-        )
-        if use_cache is not None:
-            kwargs["use_cache"] = use_cache
-        return self.vtr_forward(super().forward, stock_args, kwargs)
+        return self.vtr_forward(super().forward, *self.forward_arguments(locals()))
 
 
 #: model_type of a checkpoint's config -> the VTR class that loads it.

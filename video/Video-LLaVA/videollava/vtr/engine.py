@@ -319,12 +319,10 @@ class PrunedPrefill:
             born=torch.zeros(batch, seq_len, dtype=torch.long, device=device),  # first layer a row exists in
             **prefill.extras,
         )
-        self.merged = False
         # Host sync (once per forward, before any layer runs): padding, and per sample the visual span,
         # visual count and real length that the first prune stage needs.
-        batch_index = torch.arange(seq_len, device=device).expand(batch, -1)
         host = torch.cat(
-            [prefill.valid.all(1, keepdim=True), _span_info(prefill.visual, prefill.valid, batch_index)], 1
+            [prefill.valid.all(1, keepdim=True), _span_info(prefill.visual, prefill.valid, tokens.original_index)], 1
         )
         host = host.tolist()
         self.has_padding = not all(row[0] for row in host)
@@ -343,15 +341,7 @@ class PrunedPrefill:
                 masks = self.adapter.layer_masks(tokens.hidden, tokens.valid if self.has_padding else None)
             if i + 1 in stages:
                 scoring_input = tokens.hidden  # input of the scoring layer, for recomputing its Q/K
-            tokens.hidden = layer(
-                tokens.hidden,
-                attention_mask=masks[getattr(layer, "attention_type", "full_attention")],
-                position_embeddings=(tokens.cos, tokens.sin),
-                past_key_values=cache,
-                use_cache=use_cache,
-                **kwargs,
-            )
-            tokens.hidden = self.adapter.after_layer(i, tokens)
+            tokens.hidden = self._run_layer(i, layer, tokens, masks, cache, use_cache, **kwargs)
             if i in snapshot_layers:
                 self.snapshots[i] = (tokens.hidden, tokens.original_index)
         hidden = lm.norm(tokens.hidden)
@@ -360,7 +350,7 @@ class PrunedPrefill:
             # transformers has no slot for per-cache user state; the decode steps of this prefill find it
             # here (test_engine.py::test_decode_state_survives_on_the_cache fails if that ever breaks).
             cache._vtr_state = DecodeState(self.adapter, tokens.valid, seq_len, self.has_padding)
-            if self.merged:  # rows inserted at layer K have keys/values only from layer K on
+            if any(any(stage.merged) for stage in self.record.stages):  # inserted at K: keys/values from K on
                 cache._vtr_state.prefix_born = tokens.born
         logits = self.adapter.lm_head(slice_logits_to_keep(hidden, args.get("logits_to_keep", 0)))
         loss = None
@@ -368,6 +358,18 @@ class PrunedPrefill:
             loss = self._loss(logits, args["labels"], tokens.original_index)
         output = self.adapter.output(loss, logits, cache, prefill)
         return output if return_dict else output.to_tuple()
+
+    def _run_layer(self, i: int, layer, tokens: TokenState, masks: dict, cache, use_cache: bool, **kwargs):
+        """Decoder layer `i` on the current tokens, then the adapter's after-layer hook; the new hidden states."""
+        tokens.hidden = layer(
+            tokens.hidden,
+            attention_mask=masks[getattr(layer, "attention_type", "full_attention")],
+            position_embeddings=(tokens.cos, tokens.sin),
+            past_key_values=cache,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        return self.adapter.after_layer(i, tokens)
 
     def _pop_options(self, kwargs):
         for unsupported in ("output_attentions", "output_hidden_states"):
@@ -488,7 +490,6 @@ class PrunedPrefill:
         for b, order in enumerate(orders):
             index[b, new_len - order.numel() :] = order
             new_valid[b, new_len - order.numel() :] = True
-        kept_mask = keep_visual.clone()
         record.kept_positions = [tokens.original_index[b, keep_visual[b]] for b in range(batch)]
         tokens.gather(index, new_valid)
         for b, (at, merged) in enumerate(inserts):
@@ -497,12 +498,10 @@ class PrunedPrefill:
                 tokens.hidden[b, rows] = merged.to(tokens.hidden.dtype)
                 tokens.born[b, rows] = prune_at
                 tokens.visual[b, rows] = False  # kept from here on: later stages rank real tokens only
-        del kept_mask
         if cache is not None:
             for cache_layer in cache.layers[:prune_at]:
                 cache_layer.keys = gather_seq(cache_layer.keys, index, 2)
                 cache_layer.values = gather_seq(cache_layer.values, index, 2)
-        self.merged = self.merged or any(merged_counts)
         self.has_padding = self.has_padding or len({o.numel() for o in orders}) > 1
         arange = torch.arange(new_len, device=device).expand(batch, -1)
         self.info = _span_info(tokens.visual, tokens.valid, arange).tolist()
@@ -576,14 +575,7 @@ class PrunedPrefill:
                 break
             padded = not bool(prefix.valid.all())
             masks = self.adapter.layer_masks(prefix.hidden, prefix.valid if padded else None)
-            prefix.hidden = layers[i](
-                prefix.hidden,
-                attention_mask=masks[getattr(layers[i], "attention_type", "full_attention")],
-                position_embeddings=(prefix.cos, prefix.sin),
-                past_key_values=None,
-                use_cache=False,
-            )
-            prefix.hidden = self.adapter.after_layer(i, prefix)
+            prefix.hidden = self._run_layer(i, layers[i], prefix, masks, None, False)
         shift = end - prefix.visual.shape[1]  # this sample's left re-padding in the current sequence
         if shift > 0:
             rows = torch.arange(end, device=prefix.hidden.device)[None]
@@ -646,7 +638,8 @@ class VTRModelMixin:
     """Mixed into a fork's subclass of the stock `...ForConditionalGeneration` (listed first).
 
     The subclass sets `vtr_adapter_class` and `vtr_stock_class`, restates the stock `forward` signature
-    (generate() inspects it) and makes its body `return self.vtr_forward(super().forward, stock_args, kwargs)`.
+    (generate() inspects it) and makes its body
+    `return self.vtr_forward(super().forward, *self.forward_arguments(locals()))`.
     """
 
     vtr_adapter_class: type[BackboneAdapter] = BackboneAdapter
@@ -708,6 +701,17 @@ class VTRModelMixin:
                     "default), or VTRConfig(enabled=False) for the unpruned model"
                 )
         return super().generate(*args, **kwargs)
+
+    @staticmethod
+    def forward_arguments(local_vars: dict) -> tuple[dict, dict]:
+        """(named arguments, extra kwargs) of a subclass's `forward`, from its `locals()` taken first thing.
+        `use_cache` travels with the extra kwargs, where the stock models and the engine read it."""
+        args = {k: v for k, v in local_vars.items() if k not in ("self", "kwargs", "__class__")}
+        kwargs = dict(local_vars.get("kwargs") or {})
+        if args.get("use_cache", None) is not None:
+            kwargs["use_cache"] = args["use_cache"]
+        args.pop("use_cache", None)
+        return args, kwargs
 
     def vtr_forward(self, stock_forward, args: dict, kwargs: dict):
         """Route one forward call: decode step after a pruned prefill, stock forward, or pruned prefill."""
