@@ -1,3 +1,3 @@
-"""Placeholder package: this fork's VTR code arrives with its own issue (see README, "Layout")."""
+"""Visual token reduction for Video-LLaVA: see videollava.vtr."""
 
 __version__ = "0.1.0"

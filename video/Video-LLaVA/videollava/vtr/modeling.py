@@ -1,0 +1,329 @@
+"""`VTRVideoLlavaForConditionalGeneration`: the stock transformers Video-LLaVA with physical visual token pruning.
+
+This fork's only model code: an adapter that tells the shared engine (engine.py, a copy-checked file)
+what Video-LLaVA's tokens are, and a subclass of the stock class whose forward is one call into the
+engine. No parameters are added; `LanguageBind/Video-LLaVA-7B-hf` loads and saves as it is.
+
+    <image>  -> image_tower -> layer `vision_feature_layer`, CLS dropped -> projector:  256 tokens (224 px / 14)
+    <video>  -> video_tower, per frame, CLS KEPT -> projector:               8 frames x 257 = 2056 tokens
+    both kinds in one prompt: every visual position is a candidate, under one global budget
+
+Strategies get `patch_grid` (16, 16), `video_frames` (t, 0 without a video) and `frame_tokens` (257), and
+on request `visual_grid()` ([num_visual, 3]: group = one image or one frame, row, col; CLS rows -1),
+`vision_importance()` (the CLS query's attention in the vision layer the projector reads; per frame for
+videos, where the CLS row gets its own self-attention) and `video_grid()` ([(t, h, w)] per video of
+the sample). Positions are 1-D (0..seq-1, or `position_ids`), so decode needs nothing special.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+from transformers import VideoLlavaForConditionalGeneration
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+from transformers.models.video_llava.modeling_video_llava import VideoLlavaCausalLMOutputWithPast
+
+from .config import VTRConfig
+from .engine import BackboneAdapter, PrefillTokens, StageRecord, VTRModelMixin, VTRRecord
+
+__all__ = ["StageRecord", "VTRRecord", "VTRVideoLlavaForConditionalGeneration", "VideoLlavaAdapter"]
+
+PIXEL_KEYS = ("pixel_values", "pixel_values_images", "pixel_values_videos")
+MODALITIES = ("image", "video")
+
+
+class VideoLlavaAdapter(BackboneAdapter):
+    """Video-LLaVA: `<image>` placeholders take an image's patch features, `<video>` placeholders a video's
+    frames one after the other (CLS first in each frame). Every one of them is a candidate."""
+
+    #: Budget when the user gives none (VTRConfig.budget_defaulted): a quarter of an 8-frame video
+    #: (2 frames' worth of the 2056 tokens); an image prompt (256 tokens) then keeps everything.
+    default_keep_tokens = 514
+
+    @property
+    def rope_fn(self):
+        module = importlib.import_module(type(self.language_model).__module__)  # Llama (Vicuna) in the release
+        return module.apply_rotary_pos_emb
+
+    def has_visual_input(self, args: dict) -> bool:
+        encoded = args.get("mm_encoder_outputs") or {}
+        return any(args.get(k) is not None for k in PIXEL_KEYS) or any(encoded.get(m) is not None for m in MODALITIES)
+
+    # ------------------------------------------------------------------ encoding
+
+    def vision_layers(self, feature_layer) -> list[int]:
+        """Tower hidden states to keep: the projector's input(s), and the input of the layer that produced
+        the last of them (whose CLS attention `vision_importance` recomputes)."""
+        states = self.model.config.vision_config.num_hidden_layers + 1
+        wanted = feature_layer if isinstance(feature_layer, (list, tuple)) else [feature_layer]
+        wanted = [i if i >= 0 else states + i for i in wanted]
+        return sorted({wanted[-1] - 1, *wanted})
+
+    def encode(self, args: dict) -> dict:
+        """{"image": ..., "video": ...}: the stock `get_image_features` / `get_video_features` outputs (or the
+        pre-encoded ones in `mm_encoder_outputs`), keeping the tower states `vision_importance` reads."""
+        model, config = self.model.model, self.model.config
+        encoded = dict(args.get("mm_encoder_outputs") or {})
+        images = args.get("pixel_values")
+        if args.get("pixel_values_images") is not None:
+            if images is not None:
+                raise ValueError("give the images as pixel_values or as pixel_values_images, not both")
+            images = args["pixel_values_images"]
+        layer = args.get("vision_feature_layer")
+        layer = layer if layer is not None else config.vision_feature_layer
+        select = args.get("vision_feature_select_strategy") or config.vision_feature_select_strategy
+        pixels = {"image": images, "video": args.get("pixel_values_videos")}
+        for modality, values in pixels.items():
+            if values is None:
+                continue
+            if encoded.get(modality) is not None:
+                raise ValueError(f"give the {modality}s as pixels or as mm_encoder_outputs['{modality}'], not both")
+            keep = self.vision_layers(layer)
+            if modality == "image":
+                out = model.get_image_features(
+                    pixel_values=values,
+                    vision_feature_layer=layer,
+                    vision_feature_select_strategy=select,
+                    return_dict=True,
+                    output_hidden_states=keep,
+                )
+            else:
+                if values.ndim != 5:
+                    raise ValueError(
+                        f"pixel_values_videos must be [videos, frames, 3, height, width]; got {tuple(values.shape)}"
+                    )
+                out = model.get_video_features(
+                    pixel_values_videos=values, vision_feature_layer=layer, return_dict=True, output_hidden_states=keep
+                )
+                out.vtr_frames = values.shape[1]
+            out.vtr_layer, out.vtr_select = layer, select if modality == "image" else "full"
+            encoded[modality] = out
+        return encoded
+
+    def pre_encode(self, generate_kwargs: dict) -> dict:
+        if not any(generate_kwargs.get(k) is not None for k in PIXEL_KEYS):
+            return generate_kwargs
+        kwargs = dict(generate_kwargs)
+        kwargs["mm_encoder_outputs"] = self.encode(kwargs)
+        for key in (*PIXEL_KEYS, "vision_feature_layer", "vision_feature_select_strategy"):
+            kwargs.pop(key, None)
+        return kwargs
+
+    @staticmethod
+    def _features(out, dtype, device) -> torch.Tensor | None:
+        """[1, tokens, hidden]: all projected features of one modality, in placeholder order."""
+        if out is None:
+            return None
+        feats = out.pooler_output
+        feats = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats]) if isinstance(feats, (list, tuple)) else feats
+        return feats.reshape(1, -1, feats.shape[-1]).to(device, dtype)
+
+    def prefill_tokens(self, args: dict) -> PrefillTokens:
+        model = self.model.model
+        input_ids, inputs_embeds = args.get("input_ids"), args.get("inputs_embeds")
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = model.get_input_embeddings()(input_ids)
+        encoded = self.encode(args)
+        image, video = (self._features(encoded.get(m), inputs_embeds.dtype, inputs_embeds.device) for m in MODALITIES)
+        image_mask, video_mask = model.get_placeholder_mask(
+            input_ids, inputs_embeds=inputs_embeds, image_features=image, video_features=video
+        )
+        hidden = inputs_embeds
+        if image is not None:
+            hidden = hidden.masked_scatter(image_mask, image[0])
+        if video is not None:
+            hidden = hidden.masked_scatter(video_mask, video[0])
+        masks = {"image": image_mask[..., 0] & (image is not None), "video": video_mask[..., 0] & (video is not None)}
+        visual = masks["image"] | masks["video"]
+        batch, seq_len, _ = hidden.shape
+        mask = args.get("attention_mask")
+        positions = args.get("position_ids")
+        if positions is None:
+            positions = torch.arange(seq_len, device=hidden.device).unsqueeze(0)
+        positions = positions.expand(batch, -1)
+        cos, sin = self.language_model.rotary_emb(hidden, positions)
+        side = self.patch_grid()
+        video_out = encoded.get("video")
+        return PrefillTokens(
+            hidden=hidden,
+            visual=visual,
+            valid=mask.bool() if mask is not None else torch.ones_like(visual),
+            positions=positions,
+            cos=cos,
+            sin=sin,
+            output_extras={
+                "image_hidden_states": image[0] if image is not None else None,
+                "video_hidden_states": video[0] if video is not None else None,
+            },
+            strategy_ctx={
+                "patch_grid": side,
+                "video_frames": getattr(video_out, "vtr_frames", 0) if video_out is not None else 0,
+                "frame_tokens": side[0] * side[1] + 1,
+            },
+            lazy_ctx=self._lazy_facts(visual, masks, encoded),
+        )
+
+    # ------------------------------------------------------------------ per-sample facts for strategies
+
+    def patch_grid(self) -> tuple[int, int]:
+        """(rows, cols) of one image's or frame's patch grid (16 x 16 for 224 px / 14 px)."""
+        vision = self.model.config.vision_config
+        side = vision.image_size // vision.patch_size
+        return (side, side)
+
+    def _item_coords(self, modality: str, count: int, frames: int) -> torch.Tensor:
+        """[count, tokens per item, 3]: (group, row, col) of every position of each image or video; one
+        group per image or frame, numbered within the modality; a frame's CLS row is (-1, -1, -1)."""
+        rows, cols = self.patch_grid()
+        r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+        grid = torch.stack([torch.zeros_like(r), r, c], -1).reshape(-1, 3)
+        if modality == "image":
+            out = grid.repeat(count, 1, 1)  # [count, h*w, 3]
+            out[..., 0] = torch.arange(count).view(-1, 1)
+            return out
+        frame = torch.cat([torch.full((1, 3), -1), grid])  # CLS first, as the tower orders it
+        out = frame.repeat(count * frames, 1, 1)  # [count * frames, 1 + h*w, 3]
+        group = torch.arange(count * frames).view(-1, 1)
+        out[:, 1:, 0] = group
+        return out.reshape(count, frames * frame.shape[0], 3)
+
+    def _item_importance(self, modality: str, out) -> torch.Tensor:
+        """[items, tokens per item]: the CLS attention each position got in its own image or frame."""
+        tower = self.model.model.image_tower if modality == "image" else self.model.model.video_tower
+        probs = self._cls_attention(tower, out)
+        if modality == "image":
+            return probs[:, 1:] if out.vtr_select == "default" else probs
+        return probs.reshape(-1, out.vtr_frames * probs.shape[-1])
+
+    def _cls_attention(self, tower, out) -> torch.Tensor:
+        """[views, tokens]: the CLS query's attention (mean over heads) in the tower layer whose output the
+        projector reads, recomputed for that one layer from the kept hidden states."""
+        index = self.vision_layers(out.vtr_layer)[-1]
+        states = getattr(out, "hidden_states", None)
+        if states is None or states[index - 1] is None:
+            raise ValueError(
+                "vision_importance needs the vision tower's hidden states, which these pre-encoded features lack; "
+                "pass pixel values (generate() and forward() encode them keeping what is needed)"
+            )
+        layer = getattr(tower, "vision_model", tower).encoder.layers[index - 1]
+        attn, x = layer.self_attn, layer.layer_norm1(states[index - 1])
+        views, length, _ = x.shape
+        q = attn.q_proj(x[:, :1]).view(views, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(views, length, attn.num_heads, attn.head_dim).transpose(1, 2)
+        probs = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * attn.scale, dim=-1)
+        return probs.mean(dim=1)[:, 0]  # [views, length]
+
+    def _lazy_facts(self, visual, masks, encoded) -> dict:
+        """`visual_grid(b)`, `vision_importance(b)` and `video_grid(b)`, computed on request (host syncs)."""
+        cache = {}
+
+        def per_token(kind: str) -> torch.Tensor:
+            """[batch, seq, ...] facts at every visual position (image and video placeholders alike)."""
+            if kind in cache:
+                return cache[kind]
+            batch, seq = visual.shape
+            shape = (batch, seq, 3) if kind == "coords" else (batch, seq)
+            fill = -1 if kind == "coords" else 0.0
+            table = torch.full(shape, fill, dtype=torch.long if kind == "coords" else torch.float32)
+            table = table.to(visual.device)
+            offset = 0
+            for modality in MODALITIES:
+                out, mask = encoded.get(modality), masks[modality]
+                if out is None:
+                    continue
+                frames = getattr(out, "vtr_frames", 1)
+                per_item = self._tokens_per_item(modality, frames)
+                counts = (mask.sum(1) // per_item).tolist()
+                if kind == "coords":
+                    items = self._item_coords(modality, sum(counts), frames)
+                    items[..., 0] = torch.where(items[..., 0] >= 0, items[..., 0] + offset, -1)
+                    offset += int(items[..., 0].max()) + 1 if items.numel() else 0
+                else:
+                    items = _expand_beams(self._item_importance(modality, out), counts, modality)
+                table[mask] = items.reshape(-1, *shape[2:]).to(table)
+            cache[kind] = table
+            return table
+
+        def video_grid(b: int):
+            out = encoded.get("video")
+            if out is None:
+                return []
+            per_item = self._tokens_per_item("video", out.vtr_frames)
+            return [(out.vtr_frames, *self.patch_grid())] * (int(masks["video"][b].sum()) // per_item)
+
+        return {
+            "visual_grid": lambda b: per_token("coords")[b][visual[b]],
+            "vision_importance": lambda b: per_token("importance")[b][visual[b]],
+            "video_grid": video_grid,
+        }
+
+    def _tokens_per_item(self, modality: str, frames: int) -> int:
+        rows, cols = self.patch_grid()
+        if modality == "image":
+            return rows * cols + (1 if self.model.config.vision_feature_select_strategy == "full" else 0)
+        return frames * (rows * cols + 1)
+
+    def output(self, loss, logits, cache, tokens: PrefillTokens):
+        return VideoLlavaCausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache, **tokens.output_extras)
+
+
+def _expand_beams(items: torch.Tensor, counts: list[int], modality: str) -> torch.Tensor:
+    """Per-item facts computed from the original batch, lined up with a batch that generate() expanded for
+    beam search / num_return_sequences (each sample repeated r times in a row, with all its items)."""
+    total = sum(counts)
+    if items.shape[0] == total:
+        return items
+    repeats = total // items.shape[0] if items.shape[0] and total % items.shape[0] == 0 else 0
+    if not repeats or sum(counts[::repeats]) != items.shape[0]:
+        raise ValueError(
+            f"the {modality} placeholders ({counts} per sample) do not line up with the encoded {modality}s"
+        )
+    chunks = items.split(counts[::repeats])
+    return torch.cat([chunk for chunk in chunks for _ in range(repeats)])
+
+
+class VTRVideoLlavaForConditionalGeneration(VTRModelMixin, VideoLlavaForConditionalGeneration):
+    """Stock Video-LLaVA + visual token reduction, configured by `self.vtr_config`."""
+
+    vtr_adapter_class = VideoLlavaAdapter
+    vtr_stock_class = VideoLlavaForConditionalGeneration
+
+    def __init__(self, config, vtr_config: VTRConfig | None = None):
+        super().__init__(config)
+        self._vtr_setup(vtr_config)
+
+    def forward(
+        self,
+        input_ids=None,
+        pixel_values=None,
+        pixel_values_images=None,
+        pixel_values_videos=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        vision_feature_layer=None,
+        vision_feature_select_strategy=None,
+        labels=None,
+        use_cache=None,
+        logits_to_keep=0,
+        mm_encoder_outputs=None,
+        **kwargs,
+    ):
+        args, kwargs = self.forward_arguments(locals())
+        images = args.pop("pixel_values_images")  # the processor's legacy name; the stock model renames it too
+        if images is not None:
+            if args["pixel_values"] is not None:
+                raise ValueError("give the images as pixel_values or as pixel_values_images, not both")
+            args["pixel_values"] = images
+        return self.vtr_forward(super().forward, args, kwargs)
+
+
+# transformers skips its built-in key renaming for classes defined outside the library; register the stock
+# mapping under this class name so Video-LLaVA checkpoints load (lm_head included) as with the stock class.
+register_checkpoint_conversion_mapping(
+    VTRVideoLlavaForConditionalGeneration.__name__, get_checkpoint_conversion_mapping("video_llava"), overwrite=True
+)
