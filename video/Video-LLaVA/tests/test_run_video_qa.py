@@ -1,0 +1,292 @@
+"""The native video QA runner (`python -m videollava.vtr.run_video_qa`) and its scorer.
+
+Flags, data files, chunking, resume, merge and scoring need no model; the end-to-end tests load one tiny
+random Video-LLaVA per module and answer 5 questions on 4 videos (two real, one missing, one corrupt).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from videollava.vtr import run_video_qa as rq
+from videollava.vtr import score
+from videollava.vtr.config import VTRConfig
+
+FORK = Path(__file__).resolve().parents[1]
+
+
+def parse(argv):
+    parser = rq.build_parser()
+    return rq.vtr_config_from_args(parser.parse_args(argv), parser)
+
+
+def write_json(path: Path, obj) -> Path:
+    path.write_text(json.dumps(obj))
+    return path
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+# ------------------------------------------------------------------------------------------ flags
+
+
+def test_every_vtr_field_has_a_flag_that_round_trips_its_default():
+    """Generated from the dataclass: a new VTRConfig field must get its flag with no flag code."""
+    parser = rq.build_parser()
+    flags = {s for action in parser._actions for s in action.option_strings}
+    baseline = VTRConfig()
+    for f in fields(VTRConfig):
+        if not f.init:
+            continue
+        assert f"--vtr_{f.name}" in flags, f.name
+        text = (
+            "none" if f.default is None else str(f.default).lower() if isinstance(f.default, bool) else str(f.default)
+        )
+        config = parse([f"--vtr_{f.name}", text])
+        assert getattr(config, f.name) == getattr(baseline, f.name), f.name
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--vtr_prune_layer", "1", "13", "24"], dict(prune_layer=[1, 13, 24], prune_layers=[1, 13, 24])),
+        (
+            ["--vtr_prune_layer", "2", "8", "--vtr_keep_tokens", "64", "32"],
+            dict(prune_layers=[2, 8], keep_tokens=[64, 32]),
+        ),
+        (["--vtr_prune_layer", "[2,8]"], dict(prune_layers=[2, 8])),
+        (["--vtr_prune_layer", "3", "--vtr_keep_tokens", "8"], dict(prune_layer=3, keep_tokens=8)),
+        (["--vtr_keep_ratio", "0.25"], dict(keep_ratio=0.25, keep_tokens=None)),
+        (["--vtr_enabled", "false"], dict(enabled=False)),
+        (["--vtr_strategy", "none"], dict(enabled=False)),
+        (["--vtr_strategy", "sparsevlm", "--vtr_token_merge"], dict(token_merge=True)),  # a bare bool flag
+        (["--vtr_clse_reference_layer", "-1"], dict(clse_reference_layer=-1)),
+        (["--vtr_clse_reference_layer", "none"], dict(clse_reference_layer=None)),
+        (["--vtr_query_aggregation", "question", "--vtr_seed", "7"], dict(query_aggregation="question", seed=7)),
+    ],
+)
+def test_vtr_flag_values(argv, expected):
+    config = parse(argv)
+    for name, value in expected.items():
+        assert getattr(config, name) == value, name
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--vtr_keep_tokenz", "5"], "--vtr_keep_tokens?"),  # unknown flag: the closest one is suggested
+        (["--vtr_keep_tok", "5"], "unrecognized arguments: --vtr_keep_tok"),  # no abbreviations
+        (["--vtr_keep_ratio", "2"], "argument --vtr_keep_ratio"),
+        (["--vtr_keep_tokens", "abc"], "argument --vtr_keep_tokens: 'abc' does not parse"),
+        (["--vtr_prune_layer", "3", "2"], "argument --vtr_prune_layer"),
+        (["--vtr_prune_layer", "1", "2", "--vtr_keep_tokens", "8", "4", "2"], "argument --vtr_keep_tokens"),
+        (["--vtr_enabled", "maybe"], "argument --vtr_enabled"),
+        (["--vtr_strategy", "nope"], "argument --vtr_strategy: unknown strategy 'nope'"),
+        (["--vtr_query_aggregation", "first"], "argument --vtr_query_aggregation"),
+    ],
+)
+def test_bad_flags_exit_2_naming_the_flag(argv, needle, capsys):
+    with pytest.raises(SystemExit) as info:
+        parse(argv)
+    assert info.value.code == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_run_arguments_are_checked_before_any_model(tmp_path, capsys):
+    q = write_json(tmp_path / "q.json", [])
+    base = ["--model_path", "x", "--video_dir", str(tmp_path), "--gt_file_question", str(q), "--output_dir", "o"]
+    for extra, needle in [
+        (["--num_chunks", "2", "--chunk_idx", "2"], "argument --chunk_idx"),
+        (["--num_frames", "0"], "argument --num_frames"),
+        (["--gt_file_answers", str(tmp_path / "nope.json")], "argument --gt_file_answers: file not found"),
+    ]:
+        with pytest.raises(SystemExit) as info:
+            rq.main(base + extra)
+        assert info.value.code == 2 and needle in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        rq.main(base[2:])  # no --model_path
+    assert "required: --model_path" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--vtr_keep_tokenz", "8"], "did you mean --vtr_keep_tokens?"),
+        (["--vtr_keep_ratio", "1.5"], "argument --vtr_keep_ratio: VTRConfig.keep_ratio=1.5 is invalid"),
+    ],
+)
+def test_cli_rejects_unknown_flag_and_bad_value_without_a_traceback(argv, needle, tmp_path):
+    q = write_json(tmp_path / "q.json", [{"question_id": "1", "video_name": "a", "question": "?"}])
+    cmd = [sys.executable, "-m", "videollava.vtr.run_video_qa", "--model_path", "unused", "--video_dir", str(tmp_path)]
+    cmd += ["--gt_file_question", str(q), "--output_dir", str(tmp_path / "out"), *argv]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=FORK, timeout=120)
+    assert done.returncode == 2
+    assert needle in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+def test_questions_activitynet_and_msvd_styles(tmp_path):
+    anet_q = write_json(
+        tmp_path / "anet_q.json",
+        [
+            {"video_name": "v_abc", "question_id": "v_abc_0", "question": "is it day"},
+            {"video_name": "v_abc", "question_id": "v_abc_1", "question": "what color"},
+        ],
+    )
+    anet_a = write_json(  # answers in another order: matched by id, not by position
+        tmp_path / "anet_a.json",
+        [
+            {"question_id": "v_abc_1", "answer": "red", "type": 4},
+            {"question_id": "v_abc_0", "answer": "yes", "type": 3},
+        ],
+    )
+    qs = rq.load_questions(anet_q, anet_a)
+    assert [(q.id, q.video, q.answer, q.answer_type) for q in qs] == [
+        ("v_abc_0", "v_abc", "yes", "3"),
+        ("v_abc_1", "v_abc", "red", "4"),
+    ]
+    msvd_q = write_jsonl(tmp_path / "msvd_q.jsonl", [{"video": "vid7", "id": 0, "question": "who"}])
+    msvd_a = write_json(tmp_path / "msvd_a.json", [{"question_id": 0, "answer": "man"}])
+    (q,) = rq.load_questions(msvd_q, msvd_a)
+    assert (q.id, q.video, q.question, q.answer, q.answer_type) == ("0", "vid7", "who", "man", None)
+    (q,) = rq.load_questions(msvd_q)  # no answers file: predictions only
+    assert q.answer is None
+
+
+@pytest.mark.parametrize(
+    "questions, answers, needle",
+    [
+        (
+            [{"question_id": 1, "video_name": "a", "question": "?"}],
+            [{"question_id": 2, "answer": "x"}],
+            "no answer for 1",
+        ),
+        ([{"question_id": 1, "video_name": "a", "question": "?"}] * 2, None, "appears twice"),
+        ([{"question_id": 1, "question": "?"}], None, "no 'video_name' or 'video' key"),
+        ({"question_id": 1}, None, "must hold a JSON list"),
+        ("not json", None, "cannot read"),
+    ],
+)
+def test_bad_question_files_name_the_file(tmp_path, questions, answers, needle):
+    q = tmp_path / "q.json"
+    q.write_text(questions if isinstance(questions, str) else json.dumps(questions))
+    a = write_json(tmp_path / "a.json", answers) if answers is not None else None
+    with pytest.raises(rq.DataError, match=needle) as info:
+        rq.load_questions(q, a)
+    assert "json" in str(info.value)
+
+
+def test_chunks_partition_the_questions_in_order():
+    for n in range(12):
+        items = list(range(n))
+        for num_chunks in range(1, 6):
+            parts = [rq.chunk(items, num_chunks, i) for i in range(num_chunks)]
+            assert sum(parts, []) == items
+            assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    assert rq.chunk(list(range(10)), 3, 1) == [3, 4, 5]
+
+
+def test_output_paths():
+    assert rq.output_path("out", "fastv") == Path("out/fastv.jsonl")
+    assert rq.output_path("out", "fastv.jsonl", 4, 2) == Path("out/fastv_4_2.jsonl")
+
+
+def test_prepare_resume_keeps_answers_and_retries_failures(tmp_path):
+    path = write_jsonl(
+        tmp_path / "run.jsonl",
+        [
+            {"id": "1", "pred": "yes", "error": None, "vtr": "fastv_K1_keep8", "num_frames": 8},
+            {"id": "2", "pred": None, "error": "VideoError: missing", "vtr": "fastv_K1_keep8", "num_frames": 8},
+            '{"id": "3", "pred": "tru',  # the run was killed mid-line
+        ],
+    )
+    done = rq.prepare_resume(path, dict(vtr="fastv_K1_keep8", num_frames=8))
+    assert list(done) == ["1"]
+    assert [json.loads(line)["id"] for line in path.read_text().splitlines()] == ["1"]  # failures left the file
+    with pytest.raises(rq.DataError, match="vtr='fastv_K1_keep8', but this run has vtr='unpruned'"):
+        rq.prepare_resume(path, dict(vtr="unpruned", num_frames=8))
+    assert rq.prepare_resume(tmp_path / "new.jsonl", dict(vtr="x")) == {}
+
+
+def test_merge_refuses_missing_parts_then_concatenates_in_chunk_order(tmp_path, capsys):
+    def part(i, ids):
+        write_jsonl(tmp_path / f"run_3_{i}.jsonl", [{"id": k, "pred": k, "error": None} for k in ids])
+
+    part(0, ["a", "b"])
+    part(2, ["e"])
+    assert rq.main(["--merge", "--output_dir", str(tmp_path), "--output_name", "run", "--num_chunks", "3"]) == 1
+    err = capsys.readouterr().err
+    assert "1 of 3 parts missing" in err and "run_3_1.jsonl" in err and not (tmp_path / "run.jsonl").exists()
+
+    part(1, ["c", "d"])
+    q = write_json(
+        tmp_path / "q.json", [{"question_id": k, "video_name": "v", "question": "?"} for k in ["a", "b", "c", "d", "e"]]
+    )
+    # name and chunk count found from the part files; every question answered
+    assert rq.main(["--merge", "--output_dir", str(tmp_path), "--gt_file_question", str(q), "--no_score"]) == 0
+    assert [r["id"] for r in rq.read_rows(tmp_path / "run.jsonl")[0]] == ["a", "b", "c", "d", "e"]
+
+    part(2, [])  # a chunk that wrote nothing: its questions are reported
+    assert rq.main(["--merge", "--output_dir", str(tmp_path), "--gt_file_question", str(q), "--no_score"]) == 1
+    assert "1 questions have no row (first: e)" in capsys.readouterr().err
+
+    part(1, ["x"])
+    write_jsonl(tmp_path / "other_2_0.jsonl", [])
+    with pytest.raises(rq.MergeError, match="several runs"):
+        rq.merge(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ scorer
+
+
+def test_scorer_numbers_on_a_hand_written_run(tmp_path, capsys):
+    def row(i, answer, pred, kept, prefill, answer_type, error=None):
+        return dict(
+            id=str(i),
+            answer=answer,
+            pred=pred,
+            error=error,
+            visual_tokens=128,
+            kept_tokens=kept,
+            prefill_ms=prefill,
+            vtr="fastv_K2_keep64",
+            answer_type=answer_type,
+        )
+
+    path = write_jsonl(
+        tmp_path / "run.jsonl",
+        [
+            row(1, "yes", "Yes.", [64], 10.0, "yn"),  # exact, contains
+            row(2, "dog", "a dog running", [64], 20.0, "obj"),  # contains only
+            row(3, "2", "two", [32], 30.0, "num"),  # neither
+            row(4, "the red car", "Red car!", [32], 40.0, "obj"),  # exact (articles, punctuation, case)
+            row(5, "cat", "category", [], 50.0, "obj"),  # neither (whole words); unpruned: kept = visual = 128
+            row(6, "no", None, None, None, "yn", error="VideoError: missing"),
+        ],
+    )
+    assert score.main([str(path)]) == 0
+    summary = json.loads((tmp_path / "run.score.json").read_text())
+    assert (summary["rows"], summary["scored"], summary["errors"]) == (6, 5, 1)
+    assert summary["exact_match"] == pytest.approx(2 / 5)
+    assert summary["contains"] == pytest.approx(3 / 5)
+    assert summary["coverage"] == pytest.approx(5 / 6)
+    assert summary["mean_kept_tokens"] == pytest.approx((64 + 64 + 32 + 32 + 128) / 5)
+    assert summary["mean_visual_tokens"] == 128
+    assert summary["mean_prefill_ms"] == pytest.approx(30.0)
+    assert summary["by_answer_type"]["obj"] == dict(scored=3, exact_match=pytest.approx(1 / 3), contains=2 / 3)
+    assert summary["by_answer_type"]["yn"]["scored"] == 1
+    out = capsys.readouterr().out
+    assert "| run.jsonl | fastv_K2_keep64 | 6 | 1 | 40.0 | 60.0 | 128.0 | 64.0 | 30.0 |" in out

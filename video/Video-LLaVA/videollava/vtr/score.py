@@ -1,0 +1,191 @@
+"""Score video QA outputs locally: exact match and contains, next to the kept visual tokens and timing.
+
+    python -m videollava.vtr.score results/anet/fastv256.jsonl results/anet/unpruned.jsonl
+
+For each file: a summary JSON beside it (`<name>.score.json`, or all of them in one `--output` file) and
+one row of the printed table. Both metrics compare normalised text (lower case, punctuation and the
+articles a/an/the removed, spaces collapsed):
+
+    exact_match   the prediction equals the answer
+    contains      the answer appears in the prediction as whole words ("Yes, he is." contains "yes")
+
+Rows with an `error` (missing or unreadable video) count in `errors`, not in the accuracies, which are
+over the `scored` rows (an answer and a prediction). `coverage` = scored / rows. The GPT-judge metric of
+the original Video-LLaVA workflow reads the same JSONL (docs/video-qa.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import string
+import sys
+from pathlib import Path
+
+_PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
+_ARTICLES = {"a", "an", "the"}
+
+
+def normalize(text) -> str:
+    words = _PUNCT.sub(" ", str(text).lower()).split()
+    return " ".join(w for w in words if w not in _ARTICLES)
+
+
+def exact_match(pred, answer) -> bool:
+    return normalize(pred) == normalize(answer)
+
+
+def contains(pred, answer) -> bool:
+    target = normalize(answer)
+    return bool(target) and f" {target} " in f" {normalize(pred)} "
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def score_rows(rows: list[dict]) -> dict:
+    """The summary of one run's rows (see the module docstring)."""
+    scored = [r for r in rows if not r.get("error") and r.get("answer") is not None and r.get("pred") is not None]
+    answered = [r for r in rows if not r.get("error")]
+
+    def accuracy(items, metric):
+        return sum(metric(r["pred"], r["answer"]) for r in items) / len(items) if items else None
+
+    summary = dict(
+        rows=len(rows),
+        scored=len(scored),
+        errors=sum(1 for r in rows if r.get("error")),
+        coverage=len(scored) / len(rows) if rows else None,
+        exact_match=accuracy(scored, exact_match),
+        contains=accuracy(scored, contains),
+        mean_visual_tokens=_mean(r.get("visual_tokens") for r in answered),
+        # the visual tokens left after the last prune stage (all of them when nothing was pruned)
+        mean_kept_tokens=_mean(
+            (r["kept_tokens"][-1] if r.get("kept_tokens") else r.get("visual_tokens")) for r in answered
+        ),
+        mean_prefill_ms=_mean(r.get("prefill_ms") for r in answered),
+        mean_generate_ms=_mean(r.get("generate_ms") for r in answered),
+        vtr=sorted({str(r["vtr"]) for r in rows if r.get("vtr") is not None}),
+    )
+    types = sorted({str(r["answer_type"]) for r in scored if r.get("answer_type") is not None})
+    if types:
+        summary["by_answer_type"] = {
+            t: dict(
+                scored=len(items),
+                exact_match=accuracy(items, exact_match),
+                contains=accuracy(items, contains),
+            )
+            for t in types
+            for items in [[r for r in scored if str(r.get("answer_type")) == t]]
+        }
+    return summary
+
+
+def read_jsonl(path: str | Path) -> tuple[list[dict], int]:
+    """(rows, unreadable lines). A repeated id keeps its last row (a later retry replaces a failure)."""
+    by_id, bad = {}, 0
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            bad += 1
+            continue
+        if not isinstance(row, dict) or "id" not in row:
+            bad += 1
+            continue
+        by_id[str(row["id"])] = row
+    return list(by_id.values()), bad
+
+
+def score_file(path: str | Path) -> dict:
+    rows, bad = read_jsonl(path)
+    summary = dict(file=str(path), **score_rows(rows))
+    summary["unreadable_lines"] = bad
+    return summary
+
+
+def summary_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name.removesuffix(".jsonl") + ".score.json")
+
+
+def write_summary(summary: dict, path: str | Path | None = None) -> Path:
+    target = Path(path) if path else summary_path(summary["file"])
+    target.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return target
+
+
+def _fmt(value, digits=1, percent=False) -> str:
+    if value is None:
+        return "-"
+    if percent:
+        return f"{100 * value:.{digits}f}"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def table(summaries: list[dict]) -> str:
+    """A markdown table, one row per scored file."""
+    head = "| file | vtr | rows | errors | exact % | contains % | visual tokens | kept tokens | prefill ms |"
+    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    for s in summaries:
+        cells = [
+            Path(s["file"]).name,
+            ",".join(s["vtr"]) or "-",
+            str(s["rows"]),
+            str(s["errors"]),
+            _fmt(s["exact_match"], percent=True),
+            _fmt(s["contains"], percent=True),
+            _fmt(s["mean_visual_tokens"]),
+            _fmt(s["mean_kept_tokens"]),
+            _fmt(s["mean_prefill_ms"]),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def print_table(summaries: list[dict], file=None) -> None:
+    print(table(summaries), file=file or sys.stdout)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m videollava.vtr.score",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    parser.add_argument("files", nargs="+", help="JSONL outputs of run_video_qa (merged, or single-chunk runs)")
+    parser.add_argument("--output", help="write every summary into this one JSON file (a list) instead")
+    parser.add_argument("--by_type", action="store_true", help="also print the accuracy per answer type")
+    args = parser.parse_args(argv)
+    for path in args.files:
+        if not Path(path).is_file():
+            parser.error(f"file not found: {path}")
+    summaries = [score_file(path) for path in args.files]
+    print_table(summaries)
+    if args.by_type:
+        for s in summaries:
+            for answer_type, block in (s.get("by_answer_type") or {}).items():
+                print(
+                    f"{Path(s['file']).name}  type {answer_type}: {block['scored']} scored, exact "
+                    f"{_fmt(block['exact_match'], percent=True)} %, contains {_fmt(block['contains'], percent=True)} %"
+                )
+    if args.output:
+        Path(args.output).write_text(json.dumps(summaries, indent=2) + "\n", encoding="utf-8")
+        written = [args.output]
+    else:
+        written = [str(write_summary(s)) for s in summaries]
+    for s in summaries:
+        if s["unreadable_lines"]:
+            print(f"warning: {s['file']}: {s['unreadable_lines']} unreadable lines skipped", file=sys.stderr)
+    print(f"summary: {', '.join(written)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
