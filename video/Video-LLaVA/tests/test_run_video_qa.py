@@ -290,3 +290,142 @@ def test_scorer_numbers_on_a_hand_written_run(tmp_path, capsys):
     assert summary["by_answer_type"]["yn"]["scored"] == 1
     out = capsys.readouterr().out
     assert "| run.jsonl | fastv_K2_keep64 | 6 | 1 | 40.0 | 60.0 | 128.0 | 64.0 | 30.0 |" in out
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+TIMING = ("prefill_ms", "generate_ms")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(path, model, processor): one tiny random Video-LLaVA (8 frames x 17 tokens = 136 video tokens)."""
+    import torch
+
+    from videollava.vtr import load_model, load_processor
+    from videollava.vtr.tiny import build_tiny_video_llava
+
+    path = str(build_tiny_video_llava(tmp_path_factory.mktemp("tiny-video-llava")))
+    return path, load_model(path, VTRConfig(), dtype=torch.float32), load_processor(path)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """Videos a (two questions) and v_b (found as `b`), c missing, d not a video; ActivityNet-style files."""
+    from videollava.vtr.video_io import write_test_video
+
+    root = tmp_path_factory.mktemp("video-qa")
+    write_test_video(root / "videos" / "a.mp4", num_frames=16)
+    write_test_video(root / "videos" / "v_b.mp4", num_frames=12, size=(48, 64))
+    (root / "videos" / "d.mp4").write_bytes(b"this is not a video" * 8)
+    items = [("a", "what happens", "walk"), ("a", "is it day", "yes"), ("b", "what color", "red")]
+    items += [("c", "who is there", "man"), ("d", "where is it", "park")]
+    write_json(
+        root / "q.json", [dict(question_id=f"q{i}", video_name=v, question=q) for i, (v, q, _) in enumerate(items)]
+    )
+    write_json(root / "a.json", [dict(question_id=f"q{i}", answer=a) for i, (_, _, a) in enumerate(items)])
+    return root
+
+
+def run_qa(tiny, dataset, out, *flags) -> int:
+    path, model, processor = tiny
+    argv = ["--model_path", path, "--video_dir", str(dataset / "videos"), "--output_dir", str(out)]
+    argv += ["--gt_file_question", str(dataset / "q.json"), "--gt_file_answers", str(dataset / "a.json")]
+    return rq.main([*argv, "--max_new_tokens", "3", *flags], model=model, processor=processor)
+
+
+def rows_of(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def visual_tokens_per_video(model) -> int:
+    vision = model.config.vision_config
+    return ((vision.image_size // vision.patch_size) ** 2 + 1) * 8  # CLS + patches, per frame, 8 frames
+
+
+FASTV = ("--vtr_strategy", "fastv", "--vtr_prune_layer", "1", "--vtr_keep_tokens", "8")
+
+
+@pytest.fixture(scope="module")
+def fastv_run(tiny, dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fastv-run")
+    assert run_qa(tiny, dataset, out, *FASTV) == 0
+    return out
+
+
+def test_end_to_end_kept_tokens_and_error_rows(tiny, fastv_run):
+    rows = rows_of(fastv_run / "fastv_K1_keep8.jsonl")  # default name: the settings tag
+    assert [r["id"] for r in rows] == ["q0", "q1", "q2", "q3", "q4"]
+    answered, (missing, corrupt) = rows[:3], rows[3:]
+    for row in answered:
+        assert row["error"] is None and isinstance(row["pred"], str)
+        assert row["kept_tokens"] == [8] and row["prune_layers"] == [1]
+        assert row["visual_tokens"] == visual_tokens_per_video(tiny[1])
+        assert row["vtr"] == "fastv_K1_keep8" and row["num_frames"] == 8 and row["prefill_ms"] > 0
+    assert [r["answer"] for r in answered] == ["walk", "yes", "red"]
+    assert missing["pred"] is None and "video 'c' not found" in missing["error"]
+    assert corrupt["pred"] is None and "cannot read video" in corrupt["error"] and "d.mp4" in corrupt["error"]
+    summary = json.loads((fastv_run / "fastv_K1_keep8.score.json").read_text())  # scored at the end
+    assert (summary["rows"], summary["scored"], summary["errors"], summary["mean_kept_tokens"]) == (5, 3, 2, 8)
+
+
+def test_rerun_resumes(tiny, dataset, fastv_run, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    path = out / "fastv_K1_keep8.jsonl"
+    path.write_text((fastv_run / path.name).read_text())
+    first = {r["id"]: r for r in rows_of(path)}
+    asked = []
+    real = rq.answer_batch
+
+    def spy(model, processor, batch, *args):
+        asked.extend(q.id for q, _ in batch)
+        return real(model, processor, batch, *args)
+
+    monkeypatch.setattr(rq, "answer_batch", spy)
+    assert run_qa(tiny, dataset, out, *FASTV) == 0
+    assert asked == []  # nothing recomputed; the two failed rows were retried and failed again
+    rows = rows_of(path)
+    assert sorted(r["id"] for r in rows) == ["q0", "q1", "q2", "q3", "q4"]
+    assert [r for r in rows if not r["error"]] == [first[k] for k in ("q0", "q1", "q2")]
+
+    path.write_text("".join(line + "\n" for line in path.read_text().splitlines() if '"q1"' not in line))
+    assert run_qa(tiny, dataset, out, *FASTV) == 0
+    assert asked == ["q1"]
+    again = {r["id"]: r for r in rows_of(path)}
+    assert len(again) == 5 and again["q1"]["pred"] == first["q1"]["pred"]
+
+    # the same file with other settings is refused, not mixed
+    assert run_qa(tiny, dataset, out, *FASTV, "--vtr_keep_tokens", "16", "--output_name", "fastv_K1_keep8") == 2
+    assert asked == ["q1"]
+
+
+def test_two_chunks_merged_equal_one_run(tiny, dataset, fastv_run, tmp_path):
+    for idx in ("0", "1"):
+        assert (
+            run_qa(tiny, dataset, tmp_path, *FASTV, "--output_name", "f", "--num_chunks", "2", "--chunk_idx", idx) == 0
+        )
+    assert [r["id"] for r in rows_of(tmp_path / "f_2_0.jsonl")] == ["q0", "q1"]
+    assert rq.main(["--merge", "--output_dir", str(tmp_path), "--output_name", "f", "--num_chunks", "2"]) == 0
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+    assert strip(rows_of(tmp_path / "f.jsonl")) == strip(rows_of(fastv_run / "fastv_K1_keep8.jsonl"))
+    assert (tmp_path / "f.score.json").is_file()
+
+
+def test_multi_stage_flags_batched(tiny, dataset, tmp_path):
+    flags = ("--vtr_strategy", "fastv", "--vtr_prune_layer", "1", "2", "--vtr_keep_tokens", "16", "8")
+    assert run_qa(tiny, dataset, tmp_path, *flags, "--num_samples", "3", "--batch_size", "2") == 0
+    rows = rows_of(tmp_path / "fastv_K1-2_keep16-8.jsonl")
+    assert [r["id"] for r in rows] == ["q0", "q1", "q2"]
+    assert all(r["kept_tokens"] == [16, 8] and r["prune_layers"] == [1, 2] and not r["error"] for r in rows)
+
+
+def test_unpruned_rows_and_a_prune_layer_past_the_model(tiny, dataset, tmp_path, capsys):
+    assert run_qa(tiny, dataset, tmp_path, "--vtr_strategy", "none", "--num_samples", "1", "--no_score") == 0
+    (row,) = rows_of(tmp_path / "unpruned.jsonl")
+    assert row["kept_tokens"] == [] and row["visual_tokens"] == visual_tokens_per_video(tiny[1])
+    assert run_qa(tiny, dataset, tmp_path, "--vtr_prune_layer", "4", "--num_samples", "1") == 2  # 4 layers
+    assert "argument --vtr_prune_layer" in capsys.readouterr().err
