@@ -3,7 +3,8 @@
 
 Copied into every fork (scripts/check_copies.py); a fork without a model adapter yet skips it. The
 fixture gives, per model family: a tiny checkpoint path, stock models by attn_implementation, a single
-prompt, a left-padded batch, a text-only prompt, the visual token id and the oracle's embedding step.
+prompt, a left-padded batch, a text-only prompt, the visual token id(s) and the oracle's embedding step
+(which may return a `vtr_oracle.Embedded`: embeddings plus M-RoPE positions and a per-layer hook).
 """
 
 import pytest
@@ -73,7 +74,7 @@ def test_every_method_keeps_its_budget_and_equals_the_oracle(backbone, method):
     record = model.vtr_last
     assert [s.image_tokens_kept for s in record.stages] == [[14, 14], [5, 5]]
     prompt_len = inputs["input_ids"].shape[1]
-    visual = inputs["input_ids"] == backbone.visual_token_id
+    visual = torch.isin(inputs["input_ids"], torch.tensor(backbone.visual_token_id).reshape(-1))  # id or ids
     expected = oracle_forward(stock, inputs, stage_drops(record, 2, prompt_len, visual), prompt_len, backbone.embed)
     for b in range(2):
         rows = (record.kept_index[b] >= 0) & inputs["attention_mask"][b].bool()[record.kept_index[b].clamp_min(0)]

@@ -3,17 +3,37 @@
 
 The stock decoder layers run on the full sequence with a per-layer attention mask that hides the tokens
 dropped at each stage from layer K on, and hides every dropped token from rows after the prompt (decode
-steps) in every layer. Eager attention, explicit masks. Backbone-specific only in `embed(stock, inputs)`
-(the merged input embeddings) and, for M-RoPE backbones, the positions a fork passes in.
+steps) in every layer. Eager attention, explicit masks. Backbone-specific only in `embed(stock, inputs)`:
+the merged input embeddings, or an `Embedded` that adds the RoPE positions (M-RoPE: [rows, batch, seq],
+covering decode rows too) and a hook run after every decoder layer (DeepStack).
 """
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass
+class Embedded:
+    """What `embed(stock, inputs)` may return instead of a bare embeddings tensor."""
+
+    embeds: torch.Tensor  # [batch, seq, hidden]
+    positions: torch.Tensor | None = None  # for the rotary embedding; None = the default positions
+    after_layer: Callable | None = None  # (layer_idx, hidden [batch, seq, hidden]) -> hidden
+
+
+def embedded(out) -> Embedded:
+    return out if isinstance(out, Embedded) else Embedded(out)
 
 
 @torch.no_grad()
 def oracle_forward(stock, inputs, prune_stages, prompt_len, embed, position_ids=None):
     """prune_stages: list of (K, dropped[batch, prompt_len] bool). Returns logits [batch, seq, vocab]."""
-    embeds = embed(stock, inputs)
+    emb = embedded(embed(stock, inputs))
+    embeds = emb.embeds
+    if emb.positions is not None:
+        position_ids = emb.positions
     batch, seq, _ = embeds.shape
     valid = inputs.get("attention_mask", torch.ones(batch, seq)).bool()
     if position_ids is None:
@@ -35,6 +55,8 @@ def oracle_forward(stock, inputs, prune_stages, prompt_len, embed, position_ids=
         allowed = allowed & ~(hidden_here[:, None, :] | (is_decode_row & all_dropped[:, None, :]))
         mask = torch.zeros(batch, 1, seq, seq).masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
         h = layer(h, attention_mask=mask, position_embeddings=(cos, sin))
+        if emb.after_layer is not None:
+            h = emb.after_layer(i, h)
     return stock.lm_head(lm.norm(h))
 
 
@@ -55,7 +77,7 @@ def stage_drops(record, batch, prompt_len, visual_mask):
 @torch.no_grad()
 def oracle_greedy(stock, inputs, prune_stages, steps, embed):
     """Greedy decode with `oracle_forward`, recomputing the whole sequence each step; positions as generate()
-    makes them (cumulative sum of the attention mask). Returns (tokens [batch, steps], logits [batch, steps, vocab])."""
+    makes them (cumulative sum of the attention mask, unless `embed` gives positions). Returns (tokens [batch, steps], logits [batch, steps, vocab])."""
     ids = inputs["input_ids"]
     mask = inputs["attention_mask"]
     prompt_len = ids.shape[1]
