@@ -1,3 +1,40 @@
-"""Placeholder package: this fork's VTR code arrives with its own issue (see README, "Layout")."""
+"""Visual token reduction for Qwen3-VL (dense and MoE) on transformers' stock
+`Qwen3VLForConditionalGeneration`: images and videos, M-RoPE and DeepStack kept exact.
+
+from visual_token_pruning import VTRConfig, load_model, load_processor
+model = load_model("Qwen/Qwen3-VL-2B-Instruct", VTRConfig(strategy="fastv", keep_tokens=64, prune_layer=2))
+model.generate(**inputs)
+model.vtr_last.stages[0].kept_positions   # what was kept
+"""
+
+from .api import load_model, load_processor, wrap
+from .config import VTRConfig, VTRConfigError
+from .modeling import (
+    StageRecord,
+    VTRQwen3VLForConditionalGeneration,
+    VTRQwen3VLMoeForConditionalGeneration,
+    VTRRecord,
+)
+from .strategy import PruningStrategy, available_strategies, get_strategy, register_strategy
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "BACKBONES",
+    "PruningStrategy",
+    "StageRecord",
+    "VTRConfig",
+    "VTRConfigError",
+    "VTRQwen3VLForConditionalGeneration",
+    "VTRQwen3VLMoeForConditionalGeneration",
+    "VTRRecord",
+    "available_strategies",
+    "get_strategy",
+    "load_model",
+    "load_processor",
+    "register_strategy",
+    "wrap",
+]
+
+#: Model families this fork has an adapter for (scripts/capability_matrix.py reads it).
+BACKBONES = ["Qwen3-VL", "Qwen3-VL-MoE"]

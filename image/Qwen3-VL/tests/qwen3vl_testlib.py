@@ -1,0 +1,96 @@
+"""Helpers for the Qwen3-VL fork's tests: prompts, the VTR loader, and the oracle's Qwen3-VL embedding step
+(merged embeddings, M-RoPE positions from the stock `get_rope_index`, DeepStack after the first layers)."""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import vtr_oracle
+from vtr_oracle import Embedded, stage_drops  # noqa: F401 (re-exported for the fork's tests)
+
+from visual_token_pruning import VTRConfig, load_model
+
+QUESTION = "What is shown in the image?"
+
+
+def chat(processor, question=QUESTION, images=1, videos=0):
+    content = [{"type": "image"}] * images + [{"type": "video"}] * videos + [{"type": "text", "text": question}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+def vtr_model(path, impl="sdpa", **cfg):
+    return load_model(path, VTRConfig(**cfg), attn_implementation=impl)
+
+
+def visual_ids(config):
+    return [config.image_token_id, config.video_token_id]
+
+
+def qwen_embed(stock, inputs):
+    """The stock model's merge, written out: features scattered into the placeholders of the prompt, the
+    3-row positions of the whole (prompt + decoded) sequence, and DeepStack added to every visual row."""
+    model, config = stock.model, stock.config
+    ids = inputs["input_ids"]
+    types = inputs["mm_token_type_ids"]
+    prompt_len = types.shape[1]
+    types = torch.nn.functional.pad(types, (0, ids.shape[1] - prompt_len))  # decoded tokens are text
+    embeds = model.get_input_embeddings()(ids)
+    visual = torch.zeros_like(ids, dtype=torch.bool)
+    joint = {}
+    for name, pixels, grid, token in (
+        ("image", "pixel_values", "image_grid_thw", config.image_token_id),
+        ("video", "pixel_values_videos", "video_grid_thw", config.video_token_id),
+    ):
+        if inputs.get(pixels) is None:
+            continue
+        fn = model.get_image_features if name == "image" else model.get_video_features
+        out = fn(inputs[pixels], inputs[grid], return_dict=True)
+        mask = torch.zeros_like(visual)
+        mask[:, :prompt_len] = ids[:, :prompt_len] == token
+        embeds = embeds.masked_scatter(mask[..., None], torch.cat(out.pooler_output))
+        visual |= mask
+        joint[name] = (mask, [torch.cat(f) for f in out.deepstack_features])
+    deepstack = []
+    for layer in range(len(config.vision_config.deepstack_visual_indexes)):
+        feats = embeds.new_zeros(int(visual.sum()), embeds.shape[-1])
+        for mask, per_layer in joint.values():
+            feats[mask[visual]] = per_layer[layer]
+        deepstack.append(feats)
+    positions, _ = model.get_rope_index(
+        ids,
+        types,
+        image_grid_thw=inputs.get("image_grid_thw"),
+        video_grid_thw=inputs.get("video_grid_thw"),
+        attention_mask=inputs.get("attention_mask"),
+    )
+
+    def after_layer(i, hidden):
+        if i >= len(deepstack) or not joint:
+            return hidden
+        hidden = hidden.clone()
+        hidden[visual] = hidden[visual] + deepstack[i]
+        return hidden
+
+    return Embedded(embeds, positions, after_layer)
+
+
+def oracle_forward(stock, inputs, prune_stages, prompt_len):
+    return vtr_oracle.oracle_forward(stock, inputs, prune_stages, prompt_len, qwen_embed)
+
+
+def oracle_greedy(stock, inputs, prune_stages, steps):
+    return vtr_oracle.oracle_greedy(stock, inputs, prune_stages, steps, qwen_embed)
+
+
+@dataclass
+class BackboneCase:
+    """What the shared contract test (test_contract.py) needs from this fork, per model family."""
+
+    name: str
+    path: str  # a tiny checkpoint saved to disk
+    stock: dict  # attn_implementation -> the stock model
+    single: dict  # one prompt with one image
+    batch: dict  # two prompts, left-padded, different images
+    text_only: dict  # one prompt without an image
+    visual_token_id: list  # image and video placeholder ids
+    embed: Callable = qwen_embed  # the oracle's embedding step

@@ -1,0 +1,222 @@
+"""Build small random Qwen3-VL checkpoints on disk, fully offline (tests, the demo, the benchmark).
+
+The result is an ordinary hub-style folder (config, safetensors, tokenizer, chat template, image and video
+processor configs naming the stock classes) that loads through the real `from_pretrained` path, exactly
+like a downloaded `Qwen/Qwen3-VL-*-Instruct` checkpoint. The vision tower has DeepStack layers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+#: Qwen3-VL's chat template, reduced to what the tests and the plugin use (roles, images, videos, text).
+QWEN3_VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif item['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+_CORPUS = [
+    "user What is shown in the image? assistant A red house with a blue roof under the sun.",
+    "Describe the picture in detail. Is there a cat, a dog, a car or a tree?",
+    "How many objects are there? Answer the question using a single word or phrase.",
+    "yes no one two three four five left right top bottom color shape large small",
+    "<0.5 seconds> <1.5 seconds> <2.5 seconds> 0 1 2 3 4 5 6 7 8 9 . seconds What happens in the video?",
+]
+
+
+def build_tokenizer(vocab_size: int = 360):
+    """A byte-level BPE tokenizer trained on a tiny built-in corpus, with Qwen3-VL's special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        extra_special_tokens={
+            "image_token": "<|image_pad|>",
+            "video_token": "<|video_pad|>",
+            "vision_start_token": "<|vision_start|>",
+            "vision_end_token": "<|vision_end|>",
+        },
+        padding_side="left",
+    )
+
+
+def tiny_qwen3_vl_config(
+    tokenizer,
+    *,
+    patch_size: int = 4,
+    hidden_size: int = 64,
+    num_layers: int = 4,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 128,
+    vision_hidden_size: int = 32,
+    vision_depth: int = 3,
+    deepstack_visual_indexes: tuple = (0, 1),
+    num_position_embeddings: int = 64,
+    moe: bool = False,
+):
+    """A Qwen3-VL config: text head_dim 16 with M-RoPE sections (4, 2, 2); DeepStack features from vision
+    blocks `deepstack_visual_indexes` are added after the first len(...) decoder layers."""
+    from transformers import Qwen3VLConfig, Qwen3VLMoeConfig
+
+    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in _TOKEN_FIELDS.items()}
+    head_dim = hidden_size // num_heads
+    half = head_dim // 2
+    mrope = [half - 2 * (half // 4), half // 4, half // 4]
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=4096,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": mrope,
+            "mrope_interleaved": True,
+        },
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    if moe:
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=intermediate_size // 2)
+    vision = dict(
+        depth=vision_depth,
+        hidden_size=vision_hidden_size,
+        intermediate_size=vision_hidden_size * 2,
+        num_heads=2,
+        patch_size=patch_size,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        out_hidden_size=hidden_size,
+        num_position_embeddings=num_position_embeddings,
+        deepstack_visual_indexes=list(deepstack_visual_indexes),
+    )
+    config_class = Qwen3VLMoeConfig if moe else Qwen3VLConfig
+    return config_class(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
+
+
+_TOKEN_FIELDS = {
+    "image_token_id": "<|image_pad|>",
+    "video_token_id": "<|video_pad|>",
+    "vision_start_token_id": "<|vision_start|>",
+    "vision_end_token_id": "<|vision_end|>",
+}
+
+
+def tiny_processor(tokenizer, patch_size: int, *, min_pixels: int = 32 * 32, max_pixels: int = 128 * 128):
+    """The processor this fork builds without torchvision (see processing.py), for a tiny checkpoint."""
+    from .processing import build_processor
+
+    return build_processor(
+        tokenizer,
+        patch_size=patch_size,
+        merge_size=2,
+        temporal_patch_size=2,
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
+        chat_template=QWEN3_VL_CHAT_TEMPLATE,
+    )
+
+
+def build_tiny_qwen3_vl(path, *, seed: int = 0, overwrite: bool = False, moe: bool = False, **shape) -> Path:
+    """Write a random Qwen3-VL (or Qwen3-VL-MoE) checkpoint + processor to `path` (kept if it already holds
+    the same shape). Defaults: 4 px patches merged 2x2, so a 64 x 64 image is 64 visual tokens."""
+    from transformers import Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration
+
+    path = Path(path)
+    stamp = path / "vtr_tiny.json"
+    wanted = {"seed": seed, "moe": moe, **shape}
+    if not overwrite and stamp.exists() and json.loads(stamp.read_text()) == wanted:
+        return path
+    tokenizer = build_tokenizer()
+    processor_shape = {k: shape.pop(k) for k in ("min_pixels", "max_pixels") if k in shape}
+    config = tiny_qwen3_vl_config(tokenizer, moe=moe, **shape)
+    torch.manual_seed(seed)
+    model_class = Qwen3VLMoeForConditionalGeneration if moe else Qwen3VLForConditionalGeneration
+    model = model_class(config).eval()
+    with torch.no_grad():  # random init gives near-uniform attention; a larger scale makes scores discriminative
+        model.model.language_model.embed_tokens.weight.normal_(0, 1.0)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    processor = tiny_processor(tokenizer, config.vision_config.patch_size, **processor_shape)
+    save_processor(processor, path)
+    stamp.write_text(json.dumps(wanted))
+    return path
+
+
+def save_processor(processor, path) -> None:
+    """Save as a hub checkpoint lays it out: the stock processor classes are named in the configs, so
+    `AutoProcessor` loads them where torchvision exists, and `load_processor` falls back here."""
+    from .processing import stock_layout
+
+    processor.save_pretrained(path)
+    stock_layout(path)
+
+
+def demo_image(size: int = 448, height: int | None = None):
+    """A small synthetic scene (sky, sun, house, tree, grass), drawn here so nothing is downloaded."""
+    from PIL import Image, ImageDraw
+
+    height = height or size
+    img = Image.new("RGB", (size, height), (135, 190, 235))
+    d = ImageDraw.Draw(img)
+    s, t = size / 336, height / 336
+    d.rectangle([0, 240 * t, size, height], fill=(70, 150, 60))
+    d.ellipse([250 * s, 25 * t, 310 * s, 85 * t], fill=(250, 210, 60))
+    d.rectangle([70 * s, 150 * t, 190 * s, 250 * t], fill=(190, 60, 50))
+    d.polygon([(55 * s, 150 * t), (130 * s, 90 * t), (205 * s, 150 * t)], fill=(60, 60, 150))
+    d.rectangle([115 * s, 200 * t, 145 * s, 250 * t], fill=(90, 50, 20))
+    d.rectangle([230 * s, 170 * t, 245 * s, 250 * t], fill=(100, 60, 30))
+    d.ellipse([205 * s, 120 * t, 270 * s, 185 * t], fill=(30, 110, 40))
+    return img
+
+
+def demo_video(num_frames: int = 8, size: int = 64):
+    """[t, h, w, 3] uint8 frames of the demo scene with the sun moving right (no file needed)."""
+    import numpy as np
+
+    frames = []
+    for i in range(num_frames):
+        img = demo_image(size)
+        from PIL import ImageDraw
+
+        d = ImageDraw.Draw(img)
+        x = (i + 1) * size // (num_frames + 2)
+        d.ellipse([x, 2, x + size // 8, 2 + size // 8], fill=(250, 250, 250))
+        frames.append(np.asarray(img))
+    return np.stack(frames)
