@@ -3,8 +3,9 @@
 """PriorTR: rank image tokens by their V-information S = P * log(P / Q).
 
 P is the attention the task query rows (`query_aggregation`) pay to each image token; Q is the attention
-paid by the anchor, the first token after the image, which under the causal mask sees only the prefix and
-the image and so carries a question-independent prior. Both are head-aggregated and normalised to sum 1
+paid by the anchor (`ctx["anchor_index"]`, the backbone's question-free row: LLaVA's first token after the
+image, InternVL's `\n` after `</img>`), which under the causal mask sees only the prefix and the image and so
+carries a question-independent prior. Both are head-aggregated and normalised to sum 1
 over the image tokens. A token scores high when the question attends to it much more than the prior
 does, even if its raw P is not the largest. Computed in float32, never cast back before Top-K.
 """
@@ -18,7 +19,7 @@ from .registry import register_strategy
 @register_strategy("priortr")
 class PriorTR(PruningStrategy):
     def compute_scores(self, attention, image_token_range, config, **ctx):
-        anchor = image_token_range[1]
+        anchor = ctx.get("anchor_index", image_token_range[1])
         seq_len = attention.shape[-1]
         if anchor >= seq_len:  # image at the very end: no anchor row exists, fall back to the query rows
             anchor = seq_len - 1

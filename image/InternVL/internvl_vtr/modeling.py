@@ -1,0 +1,231 @@
+"""`VTRInternVLForConditionalGeneration`: the stock transformers InternVL with physical visual token pruning.
+
+The fork's only model code: an adapter telling the shared engine (engine.py, a copy-checked file) what
+InternVL's tokens are, and a subclass of the stock class whose forward is one call into the engine. No new
+parameters: hub `OpenGVLab/InternVL3-*-hf` / `InternVL2_5-*-hf` checkpoints load and save as they are.
+
+InternVL's visual tokens: every 448 px tile (an image gives up to `max_patches` tiles plus a thumbnail; a
+video frame is one tile) runs through InternViT (a CLS token + 32 x 32 patches); the patch features are
+pixel-shuffled by 0.5 (each 2 x 2 block of patches becomes one token) and projected: 256 `<IMG_CONTEXT>`
+tokens per tile, written as `<img>` + tiles + `</img>`, and for videos `FrameN: <img>...</img>` per frame
+joined by newlines. Every `<IMG_CONTEXT>` token of a sample is a candidate under one global budget (also
+across frames, whose tokens are not contiguous). PriorTR's anchor is the `\n` the chat template writes
+after the last `</img>`. Positions are 1-D (Qwen2 / Llama decoders).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+from transformers import InternVLForConditionalGeneration
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+from transformers.models.internvl.modeling_internvl import InternVLCausalLMOutputWithPast
+
+from .config import VTRConfig
+from .engine import BackboneAdapter, PrefillTokens, StageRecord, VTRModelMixin, VTRRecord
+
+__all__ = ["InternVLAdapter", "StageRecord", "VTRInternVLForConditionalGeneration", "VTRRecord"]
+
+
+class InternVLAdapter(BackboneAdapter):
+    """InternVL2.5 / InternVL3: candidates are the `<IMG_CONTEXT>` positions (all tiles, thumbnails and video
+    frames); positions are the stock ones (`position_ids`, else 0..seq-1)."""
+
+    #: Budget when the user gives none: 192 tokens, about 11% of an image tiled 6 + thumbnail (1,792 tokens),
+    #: the share LLaVA-1.6 keeps by default (320 of 2,880).
+    default_keep_tokens = 192
+    output_class = InternVLCausalLMOutputWithPast
+
+    @property
+    def rope_fn(self):
+        # InternVL3 decodes with Qwen2, InternVL2.5 (-hf) with Qwen2 or Llama: that family's rotary function.
+        module = importlib.import_module(type(self.language_model).__module__)
+        return module.apply_rotary_pos_emb
+
+    def has_visual_input(self, args: dict) -> bool:
+        encoded = args.get("mm_encoder_outputs") or {}
+        return args.get("pixel_values") is not None or encoded.get("image") is not None
+
+    def anchor_row(self, span_end: int) -> int:
+        """`span_end` is the row of the `</img>` closing the last tile or frame; the `\\n` after it sees the
+        prefix and every visual token but no question."""
+        return span_end + 1
+
+    def _vision_kwargs(self, args: dict) -> dict:
+        config = self.model.config
+        return {
+            key: args.get(key) if args.get(key) is not None else getattr(config, key)
+            for key in ("vision_feature_layer", "vision_feature_select_strategy")
+        }
+
+    def prefill_tokens(self, args: dict) -> PrefillTokens:
+        model = self.model.model
+        input_ids, inputs_embeds = args.get("input_ids"), args.get("inputs_embeds")
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = model.get_input_embeddings()(input_ids)
+        image_output = (args.get("mm_encoder_outputs") or {}).get("image")
+        if image_output is None:
+            image_output = self.encode_images(args["pixel_values"], **self._vision_kwargs(args))
+        features = image_output.pooler_output.to(inputs_embeds.device, inputs_embeds.dtype)  # [tiles, T, d]
+        placeholder = model.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds, image_features=features)
+        hidden = inputs_embeds.masked_scatter(placeholder, features)
+        batch, seq_len, _ = hidden.shape
+        mask = args.get("attention_mask")
+        positions = args.get("position_ids")
+        if positions is None:
+            positions = torch.arange(seq_len, device=hidden.device).unsqueeze(0)
+        positions = positions.expand(batch, -1)
+        cos, sin = self.language_model.rotary_emb(hidden, positions)
+        visual = placeholder[..., 0]
+        return PrefillTokens(
+            hidden=hidden,
+            visual=visual,
+            valid=mask.bool() if mask is not None else torch.ones_like(visual),
+            positions=positions,
+            cos=cos,
+            sin=sin,
+            output_extras={"image_hidden_states": features},
+            strategy_ctx={"patch_grid": self.patch_grid()},
+            lazy_ctx=self._lazy_facts(visual, image_output),
+        )
+
+    # ------------------------------------------------------------------ per-tile facts for strategies
+
+    def patch_grid(self) -> tuple[int, int]:
+        """(rows, cols) of one tile's token grid after the pixel shuffle (16 x 16 for 448 px / 14 px)."""
+        vision, ratio = self.model.config.vision_config, self.model.config.downsample_ratio
+        rows, cols = (int(size // patch * ratio) for size, patch in zip(vision.image_size, vision.patch_size))
+        return (rows, cols)
+
+    def _lazy_facts(self, visual: torch.Tensor, image_output) -> dict:
+        """`visual_grid(b)` and `vision_importance(b)`, computed on request (a host sync each). A sample's
+        visual tokens are its tiles (or frames) in order, `rows * cols` tokens each, row-major."""
+        rows, cols = self.patch_grid()
+        per_tile = rows * cols
+        cache = {}
+
+        def counts():
+            if "counts" not in cache:
+                cache["counts"] = visual.sum(1).tolist()
+            return cache["counts"]
+
+        def visual_grid(b: int) -> torch.Tensor:
+            n = counts()[b]
+            index = torch.arange(n, device=visual.device)
+            within = index % per_tile
+            return torch.stack([index // per_tile, within // cols, within % cols], dim=-1)
+
+        def vision_importance(b: int) -> torch.Tensor:
+            if "importance" not in cache:
+                cache["importance"] = self._cls_attention(image_output).reshape(-1)  # every tile of the batch
+            importance, sample_counts = cache["importance"], counts()
+            # generate(num_beams>1 / num_return_sequences>1) repeats each sample k times in a row; the vision
+            # states it keeps are the original samples'
+            total = importance.numel()
+            repeats = sum(sample_counts) // total if total and sum(sample_counts) % total == 0 else 1
+            sample_counts, b = sample_counts[::repeats], b // repeats
+            first = sum(sample_counts[:b])
+            if sum(sample_counts) != total:
+                raise ValueError(
+                    f"vision_importance: the visual tokens ({sample_counts}) do not line up with the {total} "
+                    "encoded tile positions"
+                )
+            return importance[first : first + sample_counts[b]].to(visual.device)
+
+        return {"visual_grid": visual_grid, "vision_importance": vision_importance}
+
+    def vision_layers(self) -> list[int]:
+        """Indices into the tower's hidden states to keep: the projector's input and the input of the layer
+        that produced it (whose CLS attention `vision_importance` recomputes)."""
+        config = self.model.config
+        layer = config.vision_feature_layer
+        layer = layer[-1] if isinstance(layer, (list, tuple)) else layer
+        index = layer if layer >= 0 else config.vision_config.num_hidden_layers + 1 + layer
+        return sorted({index - 1, index})
+
+    def encode_images(self, pixel_values, **vision_kwargs):
+        """The stock `get_image_features`, also keeping the hidden states `vision_importance` needs."""
+        return self.model.model.get_image_features(
+            pixel_values=pixel_values, return_dict=True, output_hidden_states=self.vision_layers(), **vision_kwargs
+        )
+
+    def pre_encode(self, generate_kwargs: dict) -> dict:
+        if generate_kwargs.get("pixel_values") is None:
+            return generate_kwargs
+        kwargs = dict(generate_kwargs)
+        vision_kwargs = {
+            key: kwargs.pop(key, None) for key in ("vision_feature_layer", "vision_feature_select_strategy")
+        }
+        encoded = self.encode_images(kwargs.pop("pixel_values"), **self._vision_kwargs(vision_kwargs))
+        kwargs["mm_encoder_outputs"] = {**(kwargs.get("mm_encoder_outputs") or {}), "image": encoded}
+        return kwargs
+
+    def _cls_attention(self, image_output) -> torch.Tensor:
+        """[tiles, rows * cols]: the CLS query's attention (mean over heads) in the vision layer whose output
+        the projector reads, recomputed for that one layer, summed over each 2 x 2 patch block that the
+        pixel shuffle merges into one token (the stock `pixel_shuffle` does the grouping)."""
+        index = self.vision_layers()[-1]
+        hidden_states = getattr(image_output, "hidden_states", None)
+        if hidden_states is None or hidden_states[index - 1] is None:
+            raise ValueError(
+                "vision_importance needs the vision tower's hidden states, which these pre-encoded image features "
+                "lack; pass pixel_values (generate() does this for methods that set needs_vision_attention)"
+            )
+        layer = self.model.model.vision_tower.encoder.layer[index - 1]
+        attn, x = layer.attention, hidden_states[index - 1]
+        h = layer.layernorm_before(x)
+        tiles, length, _ = h.shape
+        q = attn.q_norm(attn.q_proj(h[:, :1])).view(tiles, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
+        k = attn.k_norm(attn.k_proj(h)).view(tiles, length, attn.num_heads, attn.head_dim).transpose(1, 2)
+        probs = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * attn.scale, dim=-1)  # [t, heads, 1, len]
+        patches = probs.mean(dim=1)[:, 0, 1:]  # CLS row, patch columns
+        side = int(patches.shape[1] ** 0.5)
+        grid = patches.reshape(tiles, side, side, 1)
+        shuffled = self.model.model.pixel_shuffle(grid, scale_factor=self.model.config.downsample_ratio)
+        return shuffled.sum(-1).reshape(tiles, -1)
+
+    def output(self, loss, logits, cache, tokens: PrefillTokens):
+        return self.output_class(loss=loss, logits=logits, past_key_values=cache, **tokens.output_extras)
+
+
+class VTRInternVLForConditionalGeneration(VTRModelMixin, InternVLForConditionalGeneration):
+    """Stock InternVL (2.5 / 3) + visual token reduction, configured by `self.vtr_config`."""
+
+    vtr_adapter_class = InternVLAdapter
+    vtr_stock_class = InternVLForConditionalGeneration
+
+    def __init__(self, config, vtr_config: VTRConfig | None = None):
+        super().__init__(config)
+        self._vtr_setup(vtr_config)
+
+    def forward(
+        self,
+        input_ids=None,
+        pixel_values=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        vision_feature_layer=None,
+        vision_feature_select_strategy=None,
+        labels=None,
+        logits_to_keep=0,
+        image_sizes=None,
+        mm_encoder_outputs=None,
+        **kwargs,
+    ):
+        return self.vtr_forward(super().forward, *self.forward_arguments(locals()))
+
+
+#: model_type of a checkpoint's config -> the VTR class that loads it.
+VTR_CLASSES = {"internvl": VTRInternVLForConditionalGeneration}
+
+# transformers skips its built-in key renaming for classes defined outside the library; register the stock
+# mapping under this class name so hub checkpoints load (and save) exactly as with the stock class.
+for _model_type, _cls in VTR_CLASSES.items():
+    register_checkpoint_conversion_mapping(
+        _cls.__name__, get_checkpoint_conversion_mapping(_model_type), overwrite=True
+    )

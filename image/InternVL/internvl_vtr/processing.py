@@ -1,0 +1,135 @@
+"""`load_processor`: the stock `InternVLProcessor`, also where torchvision cannot load.
+
+transformers' InternVL video processor (and the fast image processor) import torchvision, so without it
+`AutoProcessor.from_pretrained` fails even for images. Where torchvision imports, `load_processor` is
+`AutoProcessor.from_pretrained`. Elsewhere it builds the same `InternVLProcessor` from the checkpoint's own
+files with the PIL image processor (`GotOcr2ImageProcessorPil`: the same tiling, `crop_to_patches`, and
+statistics) and `InternVLVideoProcessorPil` below, and says so in one line. Prompts, token counts and the
+returned fields are the stock ones.
+
+Videos: InternVL gives every frame one tile (the frame resized to the tile size, no cropping) and writes
+`FrameN: <img><IMG_CONTEXT>*256</img>` per frame, frames joined by newlines. A video may be a file path
+(decoded here with decord, PyAV as fallback: `video_io.py`; never torchvision), a uint8 array
+[frames, h, w, 3], or a list of PIL frames.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import InternVLProcessor
+from transformers.image_processing_utils import BatchFeature
+from transformers.video_processing_utils import VideoProcessorMixin
+from transformers.video_utils import make_batched_videos
+
+HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "revision", "token", "subfolder")
+
+
+def torchvision_imports() -> bool:
+    try:
+        import torchvision  # noqa: F401
+    except Exception:  # a wheel built against another torch fails with all kinds of errors
+        return False
+    return True
+
+
+class InternVLVideoProcessorPil(VideoProcessorMixin):
+    """The InternVL video processor without torchvision: each frame resized to one tile (bicubic), rescaled
+    and normalised by the PIL image processor, exactly as a single-tile image. Returns
+    `pixel_values_videos` [videos, frames, 3, tile, tile]; file paths are decoded to `num_frames` frames
+    sampled uniformly (default 8)."""
+
+    model_input_names = ["pixel_values_videos"]
+
+    def __init__(self, image_processor=None, num_frames: int | None = None, **kwargs):
+        super().__init__(**{k: v for k, v in kwargs.items() if k in ("size", "image_mean", "image_std")})
+        if image_processor is None:
+            from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+            image_processor = GotOcr2ImageProcessorPil(**kwargs)
+        self.image_processor = image_processor
+        self.num_frames = num_frames
+
+    def to_dict(self):
+        return {"video_processor_type": type(self).__name__, "num_frames": self.num_frames}
+
+    def preprocess(self, videos, num_frames: int | None = None, return_tensors=None, **kwargs) -> BatchFeature:
+        from .video_io import load_video
+
+        num_frames = num_frames if num_frames is not None else self.num_frames
+        if isinstance(videos, Path):
+            videos = str(videos)
+        if isinstance(videos, (list, tuple)):
+            videos = [str(v) if isinstance(v, Path) else v for v in videos]
+        clips = []
+        for video in make_batched_videos(videos):
+            if isinstance(video, str):
+                video = load_video(video, num_frames=num_frames).frames
+            elif num_frames is not None and len(video) > num_frames:
+                picks = np.linspace(0, len(video) - 1, num_frames).round().astype(int)
+                video = video[picks]
+            frames = video.cpu().numpy() if isinstance(video, torch.Tensor) else np.asarray(video)
+            if frames.ndim != 4 or frames.shape[0] == 0:
+                raise ValueError(f"a video must be frames [t, h, w, 3] (or a file path); got shape {frames.shape}")
+            out = self.image_processor(list(frames), crop_to_patches=False, return_tensors="pt")
+            clips.append(out["pixel_values"])
+        if len({c.shape[0] for c in clips}) > 1:
+            raise ValueError(
+                f"videos of one batch must have the same number of frames, got {[c.shape[0] for c in clips]}; "
+                "pass num_frames"
+            )
+        return BatchFeature({"pixel_values_videos": torch.stack(clips)}, tensor_type=return_tensors)
+
+
+class InternVLProcessorPil(InternVLProcessor):
+    """The stock `InternVLProcessor`; only the sub-processor class check differs: transformers looks its
+    video base class up through a torchvision-only registry, so it would refuse any video processor here."""
+
+    def check_argument_for_proper_class(self, argument_name, argument):
+        if argument_name == "video_processor" and isinstance(argument, InternVLVideoProcessorPil):
+            return InternVLVideoProcessorPil
+        return super().check_argument_for_proper_class(argument_name, argument)
+
+
+def _video_config(pretrained: str, hub_kwargs: dict) -> dict:
+    from transformers.utils import cached_file
+
+    path = cached_file(
+        pretrained, "video_preprocessor_config.json", _raise_exceptions_for_missing_entries=False, **hub_kwargs
+    )
+    return json.loads(Path(path).read_text()) if path else {}
+
+
+def load_processor(pretrained: str, num_frames: int | None = None, **kwargs):
+    """The checkpoint's `InternVLProcessor` (stock where torchvision imports; otherwise the PIL image
+    processor and `InternVLVideoProcessorPil`, announced in one line on stderr). `kwargs` go to
+    `from_pretrained` (e.g. `min_patches`/`max_patches` override the tile limits). `num_frames`: frames a
+    video file is decoded to (fallback path; the stock path samples as its own processor does)."""
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+    if torchvision_imports():
+        return AutoProcessor.from_pretrained(pretrained, **kwargs)
+    print(
+        "internvl_vtr: torchvision is not importable; using the PIL image processor (GotOcr2ImageProcessorPil) "
+        "and a PIL video processor (frames decoded with decord/PyAV)",
+        file=sys.stderr,
+    )
+    hub_kwargs = {k: v for k, v in kwargs.items() if k in HUB_KWARGS}
+    image_kwargs = {k: v for k, v in kwargs.items() if k in ("min_patches", "max_patches", "crop_to_patches")}
+    image_processor = AutoImageProcessor.from_pretrained(pretrained, backend="pil", **hub_kwargs, **image_kwargs)
+    video = _video_config(pretrained, hub_kwargs)
+    video_kwargs = {k: video[k] for k in ("size", "image_mean", "image_std", "resample") if k in video}
+    tile = type(image_processor)(**{**image_processor.to_dict(), **video_kwargs, "crop_to_patches": False})
+    video_processor = InternVLVideoProcessorPil(
+        tile, num_frames=num_frames if num_frames is not None else video.get("num_frames")
+    )
+    tokenizer = AutoTokenizer.from_pretrained(pretrained, **hub_kwargs)
+    processor_dict, instantiation = InternVLProcessor.get_processor_dict(pretrained, **hub_kwargs)
+    rest = {k: v for k, v in kwargs.items() if k not in HUB_KWARGS and k not in image_kwargs}
+    return InternVLProcessorPil.from_args_and_dict(
+        [image_processor, tokenizer, video_processor], processor_dict, **instantiation, **rest
+    )
