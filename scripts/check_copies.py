@@ -40,6 +40,8 @@ SHARED_FILES = [
     "config.py",
     "model_args.py",
     "cost.py",
+    "lmms_eval_base.py",
+    "lmms_eval_compat.py",
     "strategy/__init__.py",
     "strategy/base.py",
     "strategy/registry.py",

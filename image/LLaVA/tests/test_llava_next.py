@@ -17,6 +17,8 @@ from llava.vtr.tiny import demo_image
 from llava.vtr.visualize import patch_coordinates
 from llava_testlib import chat, oracle_forward, oracle_greedy, stage_drops
 
+IMG = demo_image(64)  # any image: build_prompt only counts them
+
 ATOL = 1e-5
 STEPS = 5
 GRID = 4  # 32 px tiles, 8 px patches
@@ -156,12 +158,12 @@ def test_llava_16_prompt_formats(next_path):
     from llava.vtr.lmms_eval_plugin import VICUNA_SYSTEM, default_conv_template
 
     lm = make(next_path, "strategy=none")
-    assert lm.build_prompt("Is it red?", 1) == f"{VICUNA_SYSTEM} USER: <image>\nIs it red? ASSISTANT:"
+    assert lm.build_prompt("Is it red?", [IMG]) == f"{VICUNA_SYSTEM} USER: <image>\nIs it red? ASSISTANT:"
     mistral = make(next_path, "strategy=none,conv_template=mistral_instruct")
-    assert mistral.build_prompt("Is it red?", 1) == "[INST] <image>\nIs it red? [/INST]"
+    assert mistral.build_prompt("Is it red?", [IMG]) == "[INST] <image>\nIs it red? [/INST]"
     chatml = make(next_path, "strategy=none,conv_template=chatml_direct")
-    assert chatml.build_prompt("Q?", 1).startswith("<|im_start|>system\n") and "user\n<image>\nQ?<|im_end|>" in (
-        chatml.build_prompt("Q?", 1)
+    assert chatml.build_prompt("Q?", [IMG]).startswith("<|im_start|>system\n") and "user\n<image>\nQ?<|im_end|>" in (
+        chatml.build_prompt("Q?", [IMG])
     )
     config = LlavaNextConfig(text_config=MistralConfig(num_hidden_layers=1, hidden_size=16, intermediate_size=32))
     assert default_conv_template(config, lm.tokenizer) == "mistral_instruct"

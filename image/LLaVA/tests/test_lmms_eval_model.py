@@ -8,6 +8,8 @@ from llava.vtr.lmms_eval_plugin import VICUNA_SYSTEM, LlavaVTR
 from llava.vtr.tiny import build_tiny_original_llava, demo_image
 from llava_testlib import oracle_forward, stage_drops
 
+IMG = demo_image(64)  # any image: build_prompt only counts them
+
 DOCS = {i: {"q": q} for i, q in enumerate(["Is it red?", "What shape is shown in the picture?", "Any text?"])}
 
 
@@ -36,12 +38,13 @@ def gen_request(doc_id, visual_fn=visual, **gen_kwargs):
 
 def test_prompt_uses_the_llava_15_conversation_template(tiny_path):
     lm = make(tiny_path, "strategy=none")
-    assert lm.build_prompt("Is it red?", 1) == f"{VICUNA_SYSTEM} USER: <image>\nIs it red? ASSISTANT:"
+    assert lm.build_prompt("Is it red?", [IMG]) == f"{VICUNA_SYSTEM} USER: <image>\nIs it red? ASSISTANT:"
     assert (
-        lm.build_prompt("<image> first. Is it red?", 1) == f"{VICUNA_SYSTEM} USER: <image> first. Is it red? ASSISTANT:"
+        lm.build_prompt("<image> first. Is it red?", [IMG])
+        == f"{VICUNA_SYSTEM} USER: <image> first. Is it red? ASSISTANT:"
     )
     plain = make(tiny_path, "strategy=none,conv_template=plain")
-    assert plain.build_prompt("Q?", 2) == "<image>\n<image>\nQ?"
+    assert plain.build_prompt("Q?", [IMG, IMG]) == "<image>\n<image>\nQ?"
     with pytest.raises(ValueError, match="conv_template='chatml'"):
         make(tiny_path, "conv_template=chatml")
     with pytest.raises(ValueError, match="no automatic batch size"):
@@ -56,7 +59,7 @@ def test_loglikelihood_applies_pruning_and_equals_the_oracle(tiny_path, stock_mo
 
     # the oracle: the context alone is pruned (tokens dropped from layer 2 on); the continuation rows are
     # decode rows, which see no dropped token in any layer
-    inputs = lm._encode([lm.build_prompt(DOCS[1]["q"], 1)], visual(DOCS[1]))
+    inputs = lm.encode([lm.build_prompt(DOCS[1]["q"], visual(DOCS[1]))], [visual(DOCS[1])])
     target = lm.tokenizer(" yes no", add_special_tokens=False, return_tensors="pt")["input_ids"]
     ctx_len = inputs["input_ids"].shape[1]
     assert record.original_len == ctx_len, "pruning must see the context only"

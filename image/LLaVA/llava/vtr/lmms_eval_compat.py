@@ -1,8 +1,9 @@
-"""Every lmms-eval workaround the plugin needs, in one place, each guarded by a check of the installed version.
+# Shared vtr file: edit it in image/LLaVA/llava/vtr, then `make fix-copies` updates every fork.
+"""Every lmms-eval workaround the plugins need, in one place, each guarded by a check of the installed version.
 
 Written against lmms-eval 0.7.3 (requirements.txt pins it). Each function says what it works around and
-installs itself at most once; `install(plugin_class)` runs them all and is called when the plugin is
-imported (lmms-eval imports it only when `--model llava_vtr` is requested).
+installs itself at most once; `install(folder_name)` runs them all and is called when a fork's plugin is
+imported (lmms-eval imports it only when that `--model` is requested; see lmms_eval_base.install_compat).
 
 - `keep_loglikelihood_tuples`: 0.7.x turns every response into a string before scoring, which breaks
   multiple-choice tasks for every model.
