@@ -261,6 +261,8 @@ def test_scorer_numbers_on_a_hand_written_run(tmp_path, capsys):
             error=error,
             visual_tokens=128,
             kept_tokens=kept,
+            prune_layers=[2] * len(kept or []),
+            flops_ratio={64: 0.5, 32: 0.25}[kept[0]] if kept else 1.0,
             prefill_ms=prefill,
             vtr="fastv_K2_keep64",
             answer_type=answer_type,
@@ -286,6 +288,9 @@ def test_scorer_numbers_on_a_hand_written_run(tmp_path, capsys):
     assert summary["mean_kept_tokens"] == pytest.approx((64 + 64 + 32 + 32 + 128) / 5)
     assert summary["mean_visual_tokens"] == 128
     assert summary["mean_prefill_ms"] == pytest.approx(30.0)
+    assert summary["prefill_flops_ratio"] == pytest.approx((0.5 + 0.5 + 0.25 + 0.25 + 1.0) / 5)
+    assert summary["ideal_prefill_speedup"] == pytest.approx(2.0)
+    assert summary["per_prune_layer"] == [dict(layer=2, mean_image_tokens_in=128, mean_image_tokens_kept=48)]
     assert summary["by_answer_type"]["obj"] == dict(scored=3, exact_match=pytest.approx(1 / 3), contains=2 / 3)
     assert summary["by_answer_type"]["yn"]["scored"] == 1
     out = capsys.readouterr().out
@@ -362,6 +367,7 @@ def test_end_to_end_kept_tokens_and_error_rows(tiny, fastv_run):
         assert row["kept_tokens"] == [8] and row["prune_layers"] == [1]
         assert row["visual_tokens"] == visual_tokens_per_video(tiny[1])
         assert row["vtr"] == "fastv_K1_keep8" and row["num_frames"] == 8 and row["prefill_ms"] > 0
+        assert row["seq_len"] > row["visual_tokens"] and 0 < row["flops_ratio"] < 1
     assert [r["answer"] for r in answered] == ["walk", "yes", "red"]
     assert missing["pred"] is None and "video 'c' not found" in missing["error"]
     assert corrupt["pred"] is None and "cannot read video" in corrupt["error"] and "d.mp4" in corrupt["error"]
@@ -427,5 +433,22 @@ def test_unpruned_rows_and_a_prune_layer_past_the_model(tiny, dataset, tmp_path,
     assert run_qa(tiny, dataset, tmp_path, "--vtr_strategy", "none", "--num_samples", "1", "--no_score") == 0
     (row,) = rows_of(tmp_path / "unpruned.jsonl")
     assert row["kept_tokens"] == [] and row["visual_tokens"] == visual_tokens_per_video(tiny[1])
+    assert row["flops_ratio"] == 1.0
     assert run_qa(tiny, dataset, tmp_path, "--vtr_prune_layer", "4", "--num_samples", "1") == 2  # 4 layers
     assert "argument --vtr_prune_layer" in capsys.readouterr().err
+
+
+def test_torchrun_ranks_answer_one_chunk_each_and_rank0_merges(tiny, dataset, fastv_run, tmp_path):
+    """`scripts/vtr_run --gpus N` starts the runner under torch.distributed.run: each rank takes a chunk."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += ["-m", "videollava.vtr.run_video_qa", "--model_path", tiny[0], "--video_dir", str(dataset / "videos")]
+    cmd += ["--gt_file_question", str(dataset / "q.json"), "--gt_file_answers", str(dataset / "a.json")]
+    cmd += ["--output_dir", str(tmp_path), "--device", "cpu", "--max_new_tokens", "3", *FASTV]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=FORK, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [r["id"] for r in rows_of(tmp_path / "fastv_K1_keep8_2_0.jsonl")] == ["q0", "q1"]
+    merged = rows_of(tmp_path / "fastv_K1_keep8.jsonl")
+    single = rows_of(fastv_run / "fastv_K1_keep8.jsonl")
+    keys = ("id", "pred", "error", "kept_tokens", "visual_tokens", "flops_ratio")
+    assert [[r[k] for k in keys] for r in merged] == [[r[k] for k in keys] for r in single]
+    assert json.loads((tmp_path / "fastv_K1_keep8.score.json").read_text())["rows"] == 5

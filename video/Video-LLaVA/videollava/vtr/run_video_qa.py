@@ -14,9 +14,11 @@ The original Video-LLaVA evaluation workflow, with every `VTRConfig` field as a 
         v
     python -m videollava.vtr.score FILE         exact match / contains, kept tokens, prefill time
 
-A row: {"id", "video", "question", "answer", "pred", "error", "visual_tokens", "kept_tokens" (one count
-per prune stage), "prune_layers", "vtr" (the settings tag), "model", "num_frames", "prefill_ms",
-"generate_ms"}. A missing or unreadable video gives a row with `error` set and `pred` null, and the run
+A row: {"id", "video", "question", "answer", "pred", "error", "visual_tokens" (before pruning),
+"kept_tokens" (one count per prune stage; [] when nothing was pruned), "prune_layers", "seq_len",
+"flops_ratio" (analytic decoder prefill FLOPs, pruned / unpruned), "prefill_ms" (the LLM prefill forward),
+"generate_ms", "vtr" (the settings tag), "model", "num_frames"}, plus "answer_type" when the answers file
+has types and "merged_tokens" for methods that recycle dropped tokens. A missing or unreadable video gives a row with `error` set and `pred` null, and the run
 goes on. Rerunning the same command resumes: ids already answered are skipped, rows that failed before
 are tried again (and replaced).
 """
@@ -35,6 +37,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from .config import VTRConfig, VTRConfigError
+from .cost import ideal_speedup, text_config_dims, tokens_per_layer
 from .model_args import ModelArgsError, convert, describe, vtr_field_types
 
 VTR_PREFIX = "vtr_"
@@ -489,21 +492,35 @@ def answer_batch(model, processor, batch: list[tuple[Question, object]], max_new
     generate_ms = (time.perf_counter() - start) * 1000
     texts = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     visual_ids = torch.tensor(sorted(_visual_token_ids(model)), device=inputs["input_ids"].device)
+    text_config = model.config.text_config
+    dims, num_layers = text_config_dims(text_config), text_config.num_hidden_layers
     record, n = timer.record, len(batch)
+    mask = inputs.get("attention_mask")
     results = []
     for b, text in enumerate(texts):
         visual = int(torch.isin(inputs["input_ids"][b], visual_ids).sum())
+        seq_len = int(mask[b].sum()) if mask is not None else inputs["input_ids"].shape[1]
         stages = record.stages if record is not None else []
-        results.append(
-            dict(
-                pred=text.strip(),
-                visual_tokens=stages[0].image_tokens_before[b] if stages else visual,
-                kept_tokens=[stage.image_tokens_kept[b] for stage in stages],
-                prune_layers=[stage.layer for stage in stages],
-                prefill_ms=round(timer.ms / n, 3) if timer.ms is not None else None,
-                generate_ms=round(generate_ms / n, 3),
-            )
+        merged = [stage.merged[b] if stage.merged else 0 for stage in stages]  # recycled tokens stay in
+        schedule = [
+            (stage.layer, stage.image_tokens_before[b] - stage.image_tokens_kept[b] - m)
+            for stage, m in zip(stages, merged)
+        ]
+        lengths = tokens_per_layer(seq_len, num_layers, schedule)
+        row = dict(
+            pred=text.strip(),
+            visual_tokens=stages[0].image_tokens_before[b] if stages else visual,
+            kept_tokens=[stage.image_tokens_kept[b] for stage in stages],
+            prune_layers=[stage.layer for stage in stages],
+            seq_len=seq_len,
+            # analytic decoder prefill FLOPs, pruned / unpruned (cost.py); 1.0 when nothing was pruned
+            flops_ratio=round(1 / ideal_speedup(seq_len, lengths, *dims), 6),
+            prefill_ms=round(timer.ms / n, 3) if timer.ms is not None else None,
+            generate_ms=round(generate_ms / n, 3),
         )
+        if any(merged):
+            row["merged_tokens"] = merged
+        results.append(row)
     return results
 
 
@@ -511,7 +528,8 @@ def _row(q: Question, settings: dict, **fields_) -> dict:
     row = dict(id=q.id, video=q.video, question=q.question, answer=q.answer)
     if q.answer_type is not None:
         row["answer_type"] = q.answer_type
-    row.update(pred=None, error=None, visual_tokens=None, kept_tokens=None, prune_layers=None)
+    row.update(pred=None, error=None, visual_tokens=None, kept_tokens=None, prune_layers=None, seq_len=None)
+    row.update(flops_ratio=None, prefill_ms=None, generate_ms=None)
     row.update(settings)
     row.update(fields_)
     return row
@@ -561,7 +579,15 @@ def run(args, vtr_config: VTRConfig, model=None, processor=None) -> dict:
     videos = VideoCache(args.video_dir, args.num_frames)
     timer = _PrefillTimer(model)
     counts = dict(total=len(mine), skipped=len(mine) - len(pending), answered=0, errors=0, path=str(path))
-    bar = tqdm(total=len(mine), initial=counts["skipped"], desc=f"video QA {tag}", unit="q", dynamic_ncols=True)
+    launched = launcher_rank()
+    bar = tqdm(
+        total=len(mine),
+        initial=counts["skipped"],
+        desc=f"video QA {tag}",
+        unit="q",
+        dynamic_ncols=True,
+        disable=bool(launched) and launched[0] != 0,  # under torchrun: rank 0's bar only
+    )
     try:
         with path.open("a", encoding="utf-8") as out:
 
@@ -666,37 +692,62 @@ def merge(output_dir, output_name=None, num_chunks=None, questions: list[Questio
 # ------------------------------------------------------------------------------------------ main
 
 
+def launcher_rank() -> tuple[int, int, int] | None:
+    """(rank, world size, local rank) when started by torchrun / `python -m torch.distributed.run`."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None
+    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def merge_main(args, name: str | None = None, num_chunks: int | None = None) -> int:
+    """`--merge`: join the parts, report what is missing, score the result. 0 = complete, 1 = not."""
+    questions = None
+    try:
+        if args.gt_file_question:
+            questions = load_questions(args.gt_file_question)
+            questions = questions[: args.num_samples] if args.num_samples else questions
+        report = merge(args.output_dir, name or args.output_name, num_chunks or args.num_chunks, questions)
+    except (MergeError, DataError) as error:
+        print(f"run_video_qa --merge: error: {error}", file=sys.stderr)
+        return 1
+    print(
+        f"merged {report['parts']} parts into {report['path']}: {report['rows']} rows, {report['errors']} with an "
+        f"error, {report['unreadable_lines']} unreadable lines skipped",
+        file=sys.stderr,
+    )
+    status = 0
+    if report.get("unanswered"):
+        print(
+            f"run_video_qa --merge: {report['unanswered']} questions have no row "
+            f"(first: {', '.join(report['unanswered_ids'][:5])}); rerun their chunks to fill them in",
+            file=sys.stderr,
+        )
+        status = 1
+    if not args.no_score:
+        _score(report["path"])
+    return status
+
+
 def main(argv: list[str] | None = None, model=None, processor=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_args(args, parser)
     if args.merge:
-        questions = None
-        try:
-            if args.gt_file_question:
-                questions = load_questions(args.gt_file_question)
-                questions = questions[: args.num_samples] if args.num_samples else questions
-            report = merge(args.output_dir, args.output_name, args.num_chunks, questions)
-        except (MergeError, DataError) as error:
-            print(f"run_video_qa --merge: error: {error}", file=sys.stderr)
-            return 1
-        print(
-            f"merged {report['parts']} parts into {report['path']}: {report['rows']} rows, {report['errors']} with an "
-            f"error, {report['unreadable_lines']} unreadable lines skipped",
-            file=sys.stderr,
-        )
-        status = 0
-        if report.get("unanswered"):
-            print(
-                f"run_video_qa --merge: {report['unanswered']} questions have no row "
-                f"(first: {', '.join(report['unanswered_ids'][:5])}); rerun their chunks to fill them in",
-                file=sys.stderr,
-            )
-            status = 1
-        if not args.no_score:
-            _score(report["path"])
-        return status
+        return merge_main(args)
+    launched = launcher_rank()
+    if launched:  # one chunk per process; rank 0 merges once every rank is done
+        rank, world, local_rank = launched
+        if args.num_chunks != 1 or args.chunk_idx != 0:
+            parser.error(f"--num_chunks/--chunk_idx: set by the launcher (WORLD_SIZE={world}, RANK={rank}); leave out")
+        args.num_chunks, args.chunk_idx = world, rank
+        import torch
+
+        if args.device is None and torch.cuda.is_available():
+            args.device = f"cuda:{local_rank}"
     vtr_config = vtr_config_from_args(args, parser)
+    if launched:
+        return _launched_main(args, vtr_config, model, processor)
     try:
         counts = run(args, vtr_config, model=model, processor=processor)
     except DataError as error:
@@ -715,6 +766,29 @@ def main(argv: list[str] | None = None, model=None, processor=None) -> int:
     elif not args.no_score:
         _score(counts["path"])
     return 0
+
+
+def _launched_main(args, vtr_config: VTRConfig, model=None, processor=None) -> int:
+    """Under torchrun: answer this rank's chunk, wait for every rank (a gloo barrier, no GPU collective),
+    then rank 0 merges the parts into `<output_name>.jsonl` and scores it."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", timeout=timedelta(days=7))  # a barrier only; chunks may take hours
+    try:
+        try:
+            counts, status = run(args, vtr_config, model=model, processor=processor), 0
+        except (DataError, VTRConfigError) as error:  # the same on every rank: all of them stop
+            print(f"run_video_qa: error: {_name_the_flag(str(error))}", file=sys.stderr)
+            counts, status = None, 2
+        dist.barrier()
+        if status or dist.get_rank() != 0:
+            return status
+        name = PART_RE.match(Path(counts["path"]).name).group("name")
+        return merge_main(args, name, args.num_chunks)
+    finally:
+        dist.destroy_process_group()
 
 
 def _score(path) -> None:

@@ -70,6 +70,27 @@ def score_rows(rows: list[dict]) -> dict:
         mean_generate_ms=_mean(r.get("generate_ms") for r in answered),
         vtr=sorted({str(r["vtr"]) for r in rows if r.get("vtr") is not None}),
     )
+    # the same efficiency figures under the names of the lmms-eval plugins' record (vtr_stats_*.json)
+    flops = _mean(r.get("flops_ratio") for r in answered)
+    by_layer: dict[int, list[tuple[int, int]]] = {}
+    for r in answered:
+        before = r.get("visual_tokens")
+        for layer, kept in zip(r.get("prune_layers") or [], r.get("kept_tokens") or []):
+            by_layer.setdefault(layer, []).append((before, kept))
+            before = kept
+    summary.update(
+        mean_image_tokens=summary["mean_visual_tokens"],
+        per_prune_layer=[
+            dict(
+                layer=layer,
+                mean_image_tokens_in=_mean(b for b, _ in items),
+                mean_image_tokens_kept=_mean(k for _, k in items),
+            )
+            for layer, items in sorted(by_layer.items())
+        ],
+        prefill_flops_ratio=flops,
+        ideal_prefill_speedup=1 / flops if flops else None,  # analytic, not measured
+    )
     types = sorted({str(r["answer_type"]) for r in scored if r.get("answer_type") is not None})
     if types:
         summary["by_answer_type"] = {
