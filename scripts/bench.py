@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""Efficiency benchmark of the LLaVA fork: unpruned vs each strategy x budget, measured interleaved in one run.
+"""Efficiency benchmark of any fork: unpruned vs each strategy x budget, measured interleaved in one run.
 
-Builds a random LLaVA-shaped model (576 image tokens + ~35 text tokens by default) unless --model is
-given, then repeats rounds in which every setting runs in turn, so drift of the machine hits all settings
+`--backbone` picks the fork (llava, llava-next, internvl, qwen3vl, videollava). Builds a random model of
+that backbone with a realistic visual token count (the fork's `tiny.bench_case`: LLaVA-1.5 576 image tokens
++ ~35 text tokens) unless --model is given, then repeats rounds in which every setting runs in turn, so drift of the machine hits all settings
 alike; medians are reported. Per setting:
 
   ttft_ms        forward of the whole prompt (vision tower + projector + decoder, logits of the last row
@@ -16,7 +17,7 @@ alike; medians are reported. Per setting:
   peak_mib       peak memory during the prefill above the memory held before it (CUDA: allocator peak;
                  CPU: resident set sampled every 0.5 ms by a thread)
   kv_mib         bytes of the KV cache after the prefill
-  ideal          analytic ideal speedup of the decoder (llava/vtr/cost.py); `vs ideal` = measured llm
+  ideal          analytic ideal speedup of the decoder (the fork's cost.py); `vs ideal` = measured llm
                  speedup / ideal speedup
 
 `keep-all` (keep_ratio=1.0) runs the whole machinery and drops nothing: its cost is the overhead.
@@ -26,6 +27,7 @@ Writes a Markdown table to stdout and everything (all samples) to --out as JSON.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -37,10 +39,14 @@ from pathlib import Path
 
 import torch
 
-from llava.vtr import VTRConfig, load_model, load_processor
-from llava.vtr.cost import equivalent_tokens, ideal_speedup, text_config_dims, tokens_per_layer
-from llava.vtr.demo import build_prompt
-from llava.vtr.tiny import build_tiny_llava, build_tiny_llava_next, demo_image
+#: --backbone -> (fork package, extra keyword arguments of its `tiny.bench_case`)
+BACKBONES = {
+    "llava": ("llava.vtr", {}),
+    "llava-next": ("llava.vtr", {"anyres": True}),
+    "internvl": ("internvl_vtr", {}),
+    "qwen3vl": ("visual_token_pruning", {}),
+    "videollava": ("videollava.vtr", {}),
+}
 
 
 class Clock:
@@ -119,11 +125,12 @@ def run_setting(model, inputs, clock, decode_steps, cuda, samples):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="real llava-hf checkpoint (LLaVA-1.5 or 1.6) instead of the random one")
+    p.add_argument("--backbone", choices=sorted(BACKBONES), default="llava", help="which fork (default llava)")
+    p.add_argument("--model", help="a real checkpoint of that backbone instead of the random one")
     p.add_argument(
         "--anyres",
         action="store_true",
-        help="random LLaVA-1.6 (anyres) model instead: a 672x672 image gives the 336 px base view + 2x2 tiles "
+        help="same as --backbone llava-next: LLaVA-1.6, a 672x672 image gives the 336 px base view + 2x2 tiles "
         "+ a newline per feature row = 2,928 visual tokens",
     )
     p.add_argument("--hidden-size", type=int, default=1024)
@@ -146,39 +153,35 @@ def main(argv=None) -> int:
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if cuda else torch.float32)
-    if args.model:
-        path = args.model
-    else:
-        shape = dict(
-            image_size=336,
-            patch_size=14,
-            hidden_size=args.hidden_size,
-            num_layers=args.layers,
-            num_heads=args.heads,
-            num_kv_heads=args.kv_heads,
-            intermediate_size=args.intermediate_size,
-            vision_hidden_size=64,
-        )
-        name = "bench-llava-{hidden_size}x{num_layers}-kv{num_kv_heads}".format(**shape)
-        if args.anyres:
-            pinpoints = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))  # LLaVA-1.6's
-            path = str(
-                build_tiny_llava_next(Path(args.cache_dir) / (name + "-anyres"), grid_pinpoints=pinpoints, **shape)
-            )
-        else:
-            path = str(build_tiny_llava(Path(args.cache_dir) / name, **shape))
-    processor = load_processor(path)
-    model = load_model(path, VTRConfig(enabled=False), dtype=dtype, attn_implementation=args.attn).to(device)
-    prompt = build_prompt(processor, "What is shown in the image?")
+    backbone = "llava-next" if args.anyres else args.backbone
+    package, case_kwargs = BACKBONES[backbone]
+    fork = importlib.import_module(package)
+    VTRConfig = fork.VTRConfig
+    cost = importlib.import_module(f"{package}.cost")
+    shape = dict(
+        hidden_size=args.hidden_size,
+        num_layers=args.layers,
+        num_heads=args.heads,
+        num_kv_heads=args.kv_heads,
+        intermediate_size=args.intermediate_size,
+    )
+    case = importlib.import_module(f"{package}.tiny").bench_case(shape, args.cache_dir, model=args.model, **case_kwargs)
+    path = case["path"]
+    processor = fork.load_processor(path)
+    model = fork.load_model(path, VTRConfig(enabled=False), dtype=dtype, attn_implementation=args.attn).to(device)
     batch = args.batch_size
-    image = demo_image(672 if args.anyres else 336)
-    inputs = processor(images=[image] * batch, text=[prompt] * batch, return_tensors="pt").to(device)
-    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    inputs = case["inputs"](processor, batch).to(device)
+    for key in ("pixel_values", "pixel_values_images", "pixel_values_videos"):
+        if key in inputs:
+            inputs[key] = inputs[key].to(dtype)
     seq_len = inputs["input_ids"].shape[1]
-    num_image = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
-    text_cfg = model.config.text_config
+    model.set_vtr_config(VTRConfig(strategy="random", keep_ratio=1.0, prune_layer=args.prune_layer))
+    with torch.inference_mode():
+        model(**inputs, logits_to_keep=1)
+    num_image = model.vtr_last.stages[0].image_tokens_before[0]  # the adapter's own count of visual tokens
+    text_cfg = model.config.get_text_config()
     num_layers = text_cfg.num_hidden_layers
-    d, m, d_kv = text_config_dims(text_cfg)
+    d, m, d_kv = cost.text_config_dims(text_cfg)
     clock = Clock(cuda)
 
     settings = [("none", "-", VTRConfig(enabled=False))]
@@ -196,20 +199,14 @@ def main(argv=None) -> int:
             model.set_vtr_config(cfg)
             run_setting(model, inputs, clock, args.decode_steps, cuda, samples[i] if round_ else scratch)
         with torch.inference_mode(), clock.measure(vision_ms if round_ else []):
-            extra = {"image_sizes": inputs["image_sizes"]} if "image_sizes" in inputs else {}
-            model.model.get_image_features(
-                pixel_values=inputs["pixel_values"],
-                vision_feature_layer=model.config.vision_feature_layer,
-                vision_feature_select_strategy=model.config.vision_feature_select_strategy,
-                **extra,
-            )
+            case["vision"](model, inputs)
         print(f"round {round_}/{args.rounds} done", flush=True)
 
     vision = statistics.median(vision_ms)
     rows = []
     for (strategy, budget, _), s in zip(settings, samples):
         kept = num_image if budget in ("-", "all") else min(budget, num_image)
-        lengths = tokens_per_layer(
+        lengths = cost.tokens_per_layer(
             seq_len, num_layers, [(args.prune_layer, num_image - kept)] if kept < num_image else []
         )
         ttft = statistics.median(s["ttft_ms"])
@@ -223,8 +220,8 @@ def main(argv=None) -> int:
                 scoring_ms=statistics.median(s["scoring_ms"]),
                 peak_mib=statistics.median(s["peak_bytes"]) / 2**20,
                 kv_mib=statistics.median(s["kv_bytes"]) / 2**20,
-                ideal_speedup=ideal_speedup(seq_len, lengths, d, m, d_kv),
-                equivalent_tokens=equivalent_tokens(lengths),
+                ideal_speedup=cost.ideal_speedup(seq_len, lengths, d, m, d_kv),
+                equivalent_tokens=cost.equivalent_tokens(lengths),
                 samples=s,
             )
         )
@@ -240,6 +237,8 @@ def main(argv=None) -> int:
         attn_implementation=args.attn,
         threads=torch.get_num_threads(),
         torch=torch.__version__,
+        backbone=backbone,
+        input=case["description"],
         model=path,
         seq_len=seq_len,
         image_tokens=num_image,

@@ -275,3 +275,35 @@ def demo_image(size: int = 336):
     d.rectangle([230 * s, 170 * s, 245 * s, 250 * s], fill=(100, 60, 30))
     d.ellipse([205 * s, 120 * s, 270 * s, 185 * s], fill=(30, 110, 40))
     return img
+
+
+def bench_case(shape: dict, cache_dir, model: str | None = None, anyres: bool = False) -> dict:
+    """What scripts/bench.py needs for this fork: a checkpoint (random, 336 px / 14 = 576 image tokens, or
+    `model`), a batch builder and the vision-only step. `anyres`: LLaVA-1.6, a 672 px image = 2,928 tokens."""
+    from .demo import build_prompt
+
+    full = dict(image_size=336, patch_size=14, vision_hidden_size=64, **shape)
+    if model is None:
+        name = "bench-llava-{hidden_size}x{num_layers}-kv{num_kv_heads}".format(**full)
+        if anyres:
+            pinpoints = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))  # LLaVA-1.6's
+            model = str(build_tiny_llava_next(Path(cache_dir) / (name + "-anyres"), grid_pinpoints=pinpoints, **full))
+        else:
+            model = str(build_tiny_llava(Path(cache_dir) / name, **full))
+
+    def inputs(processor, batch: int):
+        prompt = build_prompt(processor, "What is shown in the image?")
+        image = demo_image(672 if anyres else 336)
+        return processor(images=[image] * batch, text=[prompt] * batch, return_tensors="pt")
+
+    def vision(vtr_model, batch_inputs):
+        extra = {"image_sizes": batch_inputs["image_sizes"]} if "image_sizes" in batch_inputs else {}
+        vtr_model.model.get_image_features(
+            pixel_values=batch_inputs["pixel_values"],
+            vision_feature_layer=vtr_model.config.vision_feature_layer,
+            vision_feature_select_strategy=vtr_model.config.vision_feature_select_strategy,
+            **extra,
+        )
+
+    what = "LLaVA-1.6, one 672 px image (anyres)" if anyres else "LLaVA-1.5, one 336 px image"
+    return dict(path=model, inputs=inputs, vision=vision, description=what)
