@@ -1,0 +1,183 @@
+"""What is InternVL's own: PriorTR's anchor (the newline after `</img>`), the per-tile facts strategies read,
+the no-torchvision processor (images, tiles, video files), and clear errors."""
+
+import pytest
+import torch
+from internvl_testlib import chat, vtr_model
+
+from internvl_vtr import PruningStrategy, VTRConfig, load_model, register_strategy, wrap
+from internvl_vtr.processing import InternVLVideoProcessorPil, load_processor
+from internvl_vtr.tiny import demo_image
+from internvl_vtr.video_io import VideoError, load_video, write_test_video
+
+CAPTURED = []
+
+
+@register_strategy("test_internvl_anchor")
+class AnchorCapture(PruningStrategy):
+    def compute_scores(self, attention, image_token_range, config, **ctx):
+        start, end = image_token_range
+        anchor = ctx["anchor_index"]
+        CAPTURED.append(
+            dict(
+                original=ctx["original_index"][anchor - 1 : anchor + 1].tolist(),
+                prior=attention[:, :, anchor, start:end].clone(),
+                last=attention[:, :, -1, start:end].clone(),
+            )
+        )
+        return self._aggregate_attention(attention, image_token_range, config)
+
+
+def _token(processor, text):
+    ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == 1
+    return ids[0]
+
+
+def test_anchor_is_the_newline_after_the_last_img_close_and_question_free(tiny_path, processor, image):
+    newline, close = _token(processor, "\n"), _token(processor, "</img>")
+    runs = []
+    for question in ("What is shown in the image?", "Is there a car? Answer yes or no."):
+        inputs = processor(images=image, text=chat(processor, question), return_tensors="pt")
+        CAPTURED.clear()
+        with torch.no_grad():
+            vtr_model(tiny_path, "eager", strategy="test_internvl_anchor", prune_layer=[1, 3], keep_tokens=[20, 5])(
+                **inputs
+            )
+        ids = inputs["input_ids"][0]
+        assert len(CAPTURED) == 2
+        for stage in CAPTURED:  # both stages (the second on the shortened sequence) find the same two tokens
+            before, anchor = stage["original"]
+            assert (int(ids[before]), int(ids[anchor])) == (close, newline)
+            assert (ids[anchor + 1 :] == processor.image_token_id).sum() == 0, "after the last visual token"
+        runs.append(CAPTURED[0])
+    torch.testing.assert_close(runs[0]["prior"], runs[1]["prior"], atol=1e-6, rtol=0)
+    assert not torch.allclose(runs[0]["last"], runs[1]["last"], atol=1e-4), "the question rows differ"
+
+
+def test_priortr_prior_comes_from_the_newline_row(tiny_path, stock_models, single_inputs, processor):
+    """PriorTR's kept tokens = Top-K of P log(P/Q) computed here from the stock model's eager attentions, with
+    Q = the attention of the newline after `</img>` (P: the last row; heads averaged)."""
+    model = vtr_model(tiny_path, "eager", strategy="priortr", prune_layer=2, keep_tokens=10)
+    with torch.no_grad():
+        model(**single_inputs)
+        attention = stock_models["eager"](**single_inputs, output_attentions=True).attentions[1][0]
+    ids = single_inputs["input_ids"][0]
+    visual = ids == processor.image_token_id
+    row = int((ids == _token(processor, "</img>")).nonzero()[-1]) + 1
+    assert int(ids[row]) == _token(processor, "\n")
+    eps = VTRConfig().priortr_eps
+    p, q = attention[:, -1, visual].mean(0), attention[:, row, visual].mean(0)
+    p, q = p / p.sum(), q / q.sum()
+    scores = p * (torch.log(p + eps) - torch.log(q + eps))
+    want = visual.nonzero().reshape(-1)[torch.topk(scores, 10).indices].sort().values
+    assert torch.equal(model.vtr_last.stages[0].kept_positions[0], want)
+
+
+FACTS = []
+
+
+@register_strategy("test_internvl_facts")
+class FactsCapture(PruningStrategy):
+    needs_attention = False
+    needs_vision_attention = True
+
+    def compute_scores(self, attention, image_token_range, config, **ctx):
+        FACTS.append((ctx["patch_grid"], ctx["visual_grid"](), ctx["vision_importance"]()))
+        return torch.zeros(image_token_range[1] - image_token_range[0])
+
+
+def test_tile_grids_and_vision_importance(tiny_path, stock_models, batch_inputs):
+    """One 4 x 4 grid per tile (group = tile), row-major; importance = the last vision layer's CLS attention
+    (eager output_attentions of the stock tower, heads averaged) summed over each 2 x 2 patch block."""
+    FACTS.clear()
+    with torch.no_grad():
+        vtr_model(tiny_path, strategy="test_internvl_facts", prune_layer=0, keep_tokens=8)(**batch_inputs)
+        tower = stock_models["eager"].model.vision_tower
+        cls = tower(batch_inputs["pixel_values"], output_attentions=True).attentions[-1][:, :, 0, 1:].mean(1)
+    pooled = cls.reshape(-1, 4, 2, 4, 2).sum((2, 4)).reshape(-1, 16)  # [tiles, 16]: 8 x 8 patches -> 4 x 4
+    tiles = [5, 3]  # 2 x 2 + thumbnail, 2 x 1 + thumbnail
+    assert len(FACTS) == 2
+    first = 0
+    for (grid_size, grid, importance), n in zip(FACTS, tiles):
+        assert grid_size == (4, 4)
+        want = [[t, r, c] for t in range(n) for r in range(4) for c in range(4)]
+        assert grid.tolist() == want
+        torch.testing.assert_close(importance, pooled[first : first + n].reshape(-1), atol=1e-6, rtol=0)
+        first += n
+
+
+def test_vision_attention_methods_run_under_beam_search(tiny_path, single_inputs):
+    model = vtr_model(tiny_path, strategy="vispruner", prune_layer=0, keep_tokens=6)
+    out = model.generate(**single_inputs, max_new_tokens=2, num_beams=2, num_return_sequences=2, do_sample=False)
+    assert out.shape[0] == 2 and model.vtr_last.stages[0].image_tokens_kept == [6, 6]
+
+
+# ------------------------------------------------------------------------------------------ processor
+
+
+def test_processor_falls_back_without_torchvision_in_one_line(tiny_path, capsys, image):
+    processor = load_processor(tiny_path)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "torchvision" in lines[0]
+    assert type(processor.image_processor).__name__ == "GotOcr2ImageProcessorPil"
+    assert isinstance(processor.video_processor, InternVLVideoProcessorPil)
+    inputs = processor(images=image, text=chat(processor), return_tensors="pt")
+    ids = inputs["input_ids"][0].tolist()
+    start = ids.index(_token(processor, "<img>"))
+    assert ids[start + 1 : start + 81] == [processor.image_token_id] * 80 and ids[start + 81] == _token(
+        processor, "</img>"
+    )
+    assert inputs["pixel_values"].shape == (5, 3, 32, 32)
+    one_tile = load_processor(tiny_path, max_patches=1)(images=image, text=chat(processor), return_tensors="pt")
+    assert one_tile["pixel_values"].shape[0] == 1 and (one_tile["input_ids"] == processor.image_token_id).sum() == 16
+
+
+def test_stock_processor_path_is_kept_where_torchvision_imports(tiny_path, monkeypatch):
+    import transformers
+
+    import internvl_vtr.processing as processing
+
+    calls = []
+    monkeypatch.setattr(processing, "torchvision_imports", lambda: True)
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", lambda *a, **k: calls.append((a, k)) or "stock")
+    assert load_processor(tiny_path, max_patches=6) == "stock"
+    assert calls == [((tiny_path,), {"max_patches": 6})]
+
+
+def test_video_file_is_decoded_without_torchvision_one_tile_per_frame(tmp_path, processor):
+    path = write_test_video(tmp_path / "clip.mp4", num_frames=12, size=(40, 24))
+    text = chat(processor, "What moves?", images=0, videos=1)
+    inputs = processor(videos=[str(path)], text=text, num_frames=4, return_tensors="pt")
+    decoded = processor.tokenizer.decode(inputs["input_ids"][0])
+    assert [f"Frame{i}: <img>" in decoded for i in range(1, 6)] == [True] * 4 + [False]
+    assert (inputs["input_ids"] == processor.image_token_id).sum() == 4 * 16
+    frames = load_video(path, num_frames=4).frames
+    want = processor.image_processor(list(frames), crop_to_patches=False, return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(inputs["pixel_values"], want)
+
+
+# ------------------------------------------------------------------------------------------ errors
+
+
+def test_clear_errors(tmp_path, tiny_path, processor, frames):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    other = tmp_path / "qwen2"
+    Qwen2ForCausalLM(
+        Qwen2Config(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=64)
+    ).save_pretrained(other)
+    with pytest.raises(ValueError, match="'qwen2' checkpoint.*InternVL"):
+        load_model(str(other))
+    with pytest.raises(TypeError, match="InternVLForConditionalGeneration"):
+        wrap(torch.nn.Linear(2, 2))
+    text = [chat(processor, images=0, videos=1)] * 2
+    with pytest.raises(ValueError, match="same number of frames"):
+        processor(videos=[frames, frames[:2]], text=text, return_tensors="pt", padding=True)
+    with pytest.raises(VideoError, match="missing.mp4"):
+        processor(videos=[str(tmp_path / "missing.mp4")], text=text[:1], return_tensors="pt")
+    with pytest.raises(ValueError, match="prune_layer"):
+        load_model(tiny_path, VTRConfig(prune_layer=9))
+    single = processor(images=demo_image(64, 64), text=chat(processor), return_tensors="pt")
+    with pytest.raises(ValueError, match="output_attentions"):
+        vtr_model(tiny_path, prune_layer=2, keep_tokens=4)(**single, output_attentions=True)
