@@ -3,7 +3,6 @@
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
 import vtr_oracle
 from vtr_oracle import stage_drops  # noqa: F401 (re-exported for the fork's tests)
 

@@ -9,7 +9,8 @@ engine. No parameters are added; `LanguageBind/Video-LLaVA-7B-hf` loads and save
     both kinds in one prompt: every visual position is a candidate, under one global budget
 
 Strategies get `patch_grid` (16, 16), `video_frames` (t, 0 without a video) and `frame_tokens` (257), and
-on request `visual_grid()` ([num_visual, 3]: group = one image or one frame, row, col; CLS rows -1),
+on request `visual_grid()` ([num_visual, 3]: group = the image or frame, numbered 0.. in prompt order,
+row, col; CLS rows -1),
 `vision_importance()` (the CLS query's attention in the vision layer the projector reads; per frame for
 videos, where the CLS row gets its own self-attention) and `video_grid()` ([(t, h, w)] per video of
 the sample). Positions are 1-D (0..seq-1, or `position_ids`), so decode needs nothing special.
@@ -255,7 +256,7 @@ class VideoLlavaAdapter(BackboneAdapter):
             return [(out.vtr_frames, *self.patch_grid())] * (int(masks["video"][b].sum()) // per_item)
 
         return {
-            "visual_grid": lambda b: per_token("coords")[b][visual[b]],
+            "visual_grid": lambda b: _number_groups(per_token("coords")[b][visual[b]]),
             "vision_importance": lambda b: per_token("importance")[b][visual[b]],
             "video_grid": video_grid,
         }
@@ -268,6 +269,17 @@ class VideoLlavaAdapter(BackboneAdapter):
 
     def output(self, loss, logits, cache, tokens: PrefillTokens):
         return VideoLlavaCausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache, **tokens.output_extras)
+
+
+def _number_groups(grid: torch.Tensor) -> torch.Tensor:
+    """Renumber a sample's groups 0, 1, ... in prompt order (each image or frame is one contiguous run)."""
+    on = grid[:, 0] >= 0
+    ids = grid[on, 0]
+    starts = torch.ones_like(ids, dtype=torch.bool)
+    starts[1:] = ids[1:] != ids[:-1]
+    grid = grid.clone()
+    grid[on, 0] = starts.cumsum(0) - 1
+    return grid
 
 
 def _expand_beams(items: torch.Tensor, counts: list[int], modality: str) -> torch.Tensor:
