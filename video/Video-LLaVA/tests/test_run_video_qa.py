@@ -117,6 +117,17 @@ def test_run_arguments_are_checked_before_any_model(tmp_path, capsys):
     assert "required: --model_path" in capsys.readouterr().err
 
 
+def test_unusable_model_path_or_device_exit_2_with_a_message(tmp_path, capsys):
+    q = write_json(tmp_path / "q.json", [{"question_id": "1", "video_name": "a", "question": "?"}])
+    base = ["--video_dir", str(tmp_path), "--gt_file_question", str(q), "--output_dir", str(tmp_path / "out")]
+    for extra, needle in [
+        (["--model_path", str(tmp_path)], f"cannot load --model_path {tmp_path}"),  # a folder, not a checkpoint
+        (["--model_path", str(tmp_path), "--device", "gpu"], "--device 'gpu' is not a device"),
+    ]:
+        assert rq.main(base + extra) == 2
+        assert needle in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "argv, needle",
     [
@@ -291,6 +302,7 @@ def test_scorer_numbers_on_a_hand_written_run(tmp_path, capsys):
     assert summary["prefill_flops_ratio"] == pytest.approx((0.5 + 0.5 + 0.25 + 0.25 + 1.0) / 5)
     assert summary["ideal_prefill_speedup"] == pytest.approx(2.0)
     assert summary["per_prune_layer"] == [dict(layer=2, mean_image_tokens_in=128, mean_image_tokens_kept=48)]
+    assert summary["results"] == {"video_qa": dict(exact_match=pytest.approx(0.4), contains=pytest.approx(0.6))}
     assert summary["by_answer_type"]["obj"] == dict(scored=3, exact_match=pytest.approx(1 / 3), contains=2 / 3)
     assert summary["by_answer_type"]["yn"]["scored"] == 1
     out = capsys.readouterr().out

@@ -396,6 +396,12 @@ def _device_and_dtype(args):
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        raise DataError(f"--device {device!r} is not a device (cuda, cuda:1, cpu, mps, ...)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise DataError(f"--device {device}: CUDA is not available here; use --device cpu")
     dtype = args.dtype or ("float16" if device.startswith("cuda") else "float32")
     return device, dtype if dtype == "auto" else getattr(torch, dtype)
 
@@ -543,8 +549,13 @@ def load(args, vtr_config: VTRConfig):
     kwargs = dict(dtype=dtype, device_map=device)
     if args.attn_implementation:
         kwargs["attn_implementation"] = args.attn_implementation
-    model = load_model(args.model_path, vtr_config, **kwargs)
-    return model, load_processor(args.model_path)
+    try:
+        model = load_model(args.model_path, vtr_config, **kwargs)
+        return model, load_processor(args.model_path)
+    except VTRConfigError:
+        raise
+    except (OSError, ValueError) as error:  # no such folder / hub id, not a Video-LLaVA checkpoint
+        raise DataError(f"cannot load --model_path {args.model_path}: {error}") from None
 
 
 def run(args, vtr_config: VTRConfig, model=None, processor=None) -> dict:

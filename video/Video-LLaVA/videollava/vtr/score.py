@@ -90,6 +90,8 @@ def score_rows(rows: list[dict]) -> dict:
         ],
         prefill_flops_ratio=flops,
         ideal_prefill_speedup=1 / flops if flops else None,  # analytic, not measured
+        # the accuracies as lmms-eval lays out its results ({task: {metric: value}}), for sweep tables
+        results={"video_qa": dict(exact_match=summary["exact_match"], contains=summary["contains"])},
     )
     types = sorted({str(r["answer_type"]) for r in scored if r.get("answer_type") is not None})
     if types:
