@@ -1,0 +1,90 @@
+"""lmms-eval model `video_llava_vtr`: any VTR strategy on Video-LLaVA from the command line.
+
+Registered through lmms-eval's `lmms_eval.models` entry points (video/Video-LLaVA/pyproject.toml):
+
+    python -m lmms_eval --model video_llava_vtr \\
+        --model_args pretrained=LanguageBind/Video-LLaVA-7B-hf,strategy=fastv,keep_tokens=514,prune_layer=2,num_frames=8 \\
+        --tasks <video task> --batch_size 4 --output_path ./results/fastv
+
+Every `VTRConfig` field is a `--model_args` key, plus the shared loading keys and `num_frames` (frames sampled
+uniformly per video, default 8 as Video-LLaVA was trained). A doc's visuals may be video paths (lmms-eval's
+video tasks hand over a path string; decoded by `video_io`, decord first, PyAV otherwise) and images (PIL, or
+an image file path), in any mix: each becomes its `<video>`/`<image>` line of the Video-LLaVA prompt
+(`prompts.video_prompt`, a newline after each placeholder). lmms-eval 0.7.3's own `video_llava` model
+crashes on every video (`read_video(path, 8)` against a keyword-only argument); this one does not.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .api import load_model, load_processor
+from .config import VTRConfig
+from .lmms_eval_base import VTRLmms, install_compat
+from .prompts import encode, video_prompt
+from .video_io import VIDEO_EXTENSIONS, load_video
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+
+
+class VideoLlavaVTR(VTRLmms):
+    """Video-LLaVA (`LanguageBind/Video-LLaVA-7B-hf`) with visual token reduction, videos and images."""
+
+    name = "video_llava_vtr"
+    default_pretrained = "LanguageBind/Video-LLaVA-7B-hf"
+    EXTRA_LOAD_ARGS = {"num_frames": int}
+
+    def check_load_args(self, load: dict) -> None:
+        if load.get("num_frames", 8) < 1:
+            raise ValueError(f"num_frames={load['num_frames']}: must be >= 1")
+
+    def load_backbone(self, load: dict, **kwargs):
+        model = load_model(self.pretrained, VTRConfig(enabled=False), **kwargs)
+        processor = load_processor(self.pretrained, **({"revision": load["revision"]} if "revision" in load else {}))
+        return model, processor
+
+    def configure(self, load: dict) -> None:
+        self.num_frames = load.get("num_frames", 8)
+
+    def prepare_visuals(self, visuals: list) -> list:
+        """Each visual as ("video", uint8 frames [t, h, w, 3]) or ("image", RGB PIL image)."""
+        out = []
+        for v in visuals:
+            if isinstance(v, Image.Image):
+                out.append(("image", v.convert("RGB")))
+            elif isinstance(v, (str, Path)) and Path(v).suffix.lower() in IMAGE_EXTENSIONS:
+                out.append(("image", Image.open(v).convert("RGB")))
+            elif isinstance(v, (str, Path)):
+                if Path(v).suffix.lower() not in VIDEO_EXTENSIONS and not Path(v).is_file():
+                    raise ValueError(f"{self.name}: {v!r} is neither a video file nor an image file")
+                out.append(("video", load_video(v, num_frames=self.num_frames).frames))
+            elif isinstance(v, np.ndarray) and v.ndim in (3, 4) and v.shape[-1] == 3:  # a picture / frames
+                out.append(("image", Image.fromarray(v)) if v.ndim == 3 else ("video", v))
+            else:
+                raise ValueError(f"{self.name} takes video paths and images; got a {type(v).__name__}")
+        return out
+
+    def build_prompt(self, context: str, visuals: list) -> str:
+        videos = sum(kind == "video" for kind, _ in visuals)
+        images = len(visuals) - videos
+        if "<video>" in context or "<image>" in context:  # the task placed them itself
+            return f"USER: {context} ASSISTANT:"
+        return video_prompt(context, num_videos=videos, num_images=images)
+
+    def encode(self, prompts: list[str], visuals: list[list]):
+        videos = [v for sample in visuals for kind, v in sample if kind == "video"]
+        images = [v for sample in visuals for kind, v in sample if kind == "image"]
+        inputs = encode(self.processor, prompts, videos=videos or None, images=images or None).to(self.device)
+        for key in ("pixel_values", "pixel_values_videos"):
+            if key in inputs:
+                inputs[key] = inputs[key].to(self._model.dtype)
+        return inputs
+
+
+#: Every loading key video_llava_vtr accepts (the shared ones and Video-LLaVA's own), with its type.
+LOAD_ARGS = VideoLlavaVTR.load_args()
+
+install_compat(VideoLlavaVTR)
