@@ -210,6 +210,17 @@ def test_chunks_partition_the_questions_in_order():
     assert rq.chunk(list(range(10)), 3, 1) == [3, 4, 5]
 
 
+def test_questions_are_grouped_by_video_in_first_appearance_order():
+    qs = [rq.Question(str(i), v, "?") for i, v in enumerate("abacb")]
+    assert [(q.video, q.id) for q in rq.group_by_video(qs)] == [
+        ("a", "0"),
+        ("a", "2"),
+        ("b", "1"),
+        ("b", "4"),
+        ("c", "3"),
+    ]
+
+
 def test_output_paths():
     assert rq.output_path("out", "fastv") == Path("out/fastv.jsonl")
     assert rq.output_path("out", "fastv.jsonl", 4, 2) == Path("out/fastv_4_2.jsonl")

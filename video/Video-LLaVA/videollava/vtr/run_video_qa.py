@@ -453,24 +453,46 @@ def _visual_token_ids(model) -> set[int]:
     return ids
 
 
-class VideoCache:
-    """The decoded frames of the last few videos (consecutive questions often share a video)."""
+def group_by_video(questions: list[Question]) -> list[Question]:
+    """The questions reordered so that each video's questions follow each other (videos in the order
+    they first appear; questions of one video in file order): each video is then decoded once."""
+    first: dict[str, int] = {}
+    for i, q in enumerate(questions):
+        first.setdefault(q.video, i)
+    return sorted(questions, key=lambda q: first[q.video])
 
-    def __init__(self, video_dir, num_frames: int, size: int = 4):
-        self.video_dir, self.num_frames, self.size = video_dir, num_frames, size
-        self.items: dict[str, tuple] = {}
 
-    def get(self, name: str):
-        """(path, frames) of video `name`; raises VideoError."""
+class VideoLoader:
+    """Decoded frames by video name, the next video decoded in a background thread while the model
+    answers questions on the current one. `order`: the video names in the order they will be asked for."""
+
+    def __init__(self, video_dir, num_frames: int, order: list[str]):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.video_dir, self.num_frames = video_dir, num_frames
+        names = list(dict.fromkeys(order))
+        self.next_of = dict(zip(names, names[1:]))
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="video-decode")
+        self.futures: dict[str, object] = {}
+
+    def _load(self, name: str):
         from .video_io import find_video, load_video
 
-        if name not in self.items:
-            path = find_video(self.video_dir, name)
-            clip = load_video(path, num_frames=self.num_frames)
-            if len(self.items) >= self.size:
-                self.items.pop(next(iter(self.items)))
-            self.items[name] = (path, clip.frames)
-        return self.items[name]
+        path = find_video(self.video_dir, name)
+        return path, load_video(path, num_frames=self.num_frames).frames
+
+    def get(self, name: str):
+        """(path, frames) of video `name`; raises what decoding raised (VideoError for a missing or bad file)."""
+        wanted = [name] + ([self.next_of[name]] if name in self.next_of else [])
+        for key in wanted:
+            if key not in self.futures:
+                self.futures[key] = self.pool.submit(self._load, key)
+        for key in [k for k in self.futures if k not in wanted]:
+            del self.futures[key]
+        return self.futures[name].result()
+
+    def close(self):
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 def answer_batch(model, processor, batch: list[tuple[Question, object]], max_new_tokens: int, timer) -> list[dict]:
@@ -579,7 +601,7 @@ def run(args, vtr_config: VTRConfig, model=None, processor=None) -> dict:
     path = output_path(args.output_dir, args.output_name or tag, args.num_chunks, args.chunk_idx)
     path.parent.mkdir(parents=True, exist_ok=True)
     done = prepare_resume(path, {k: v for k, v in settings.items() if k != "model"})
-    pending = [q for q in mine if q.id not in done]
+    pending = group_by_video([q for q in mine if q.id not in done])
     part = f" (chunk {args.chunk_idx} of {args.num_chunks})" if args.num_chunks > 1 else ""
     print(
         f"{len(mine)} questions{part}: {len(mine) - len(pending)} already in {path}, {len(pending)} to answer; "
@@ -587,7 +609,7 @@ def run(args, vtr_config: VTRConfig, model=None, processor=None) -> dict:
         file=sys.stderr,
     )
 
-    videos = VideoCache(args.video_dir, args.num_frames)
+    videos = VideoLoader(args.video_dir, args.num_frames, [q.video for q in pending])
     timer = _PrefillTimer(model)
     counts = dict(total=len(mine), skipped=len(mine) - len(pending), answered=0, errors=0, path=str(path))
     launched = launcher_rank()
@@ -612,7 +634,7 @@ def run(args, vtr_config: VTRConfig, model=None, processor=None) -> dict:
                 batch = []
                 for q in pending[start : start + args.batch_size]:
                     try:
-                        video_path, frames = videos.get(q.video)
+                        _, frames = videos.get(q.video)
                     except (VideoError, OSError) as error:
                         write(_row(q, settings, error=f"{type(error).__name__}: {error}"))
                         continue
@@ -624,6 +646,7 @@ def run(args, vtr_config: VTRConfig, model=None, processor=None) -> dict:
     finally:
         bar.close()
         timer.close()
+        videos.close()
     print(
         f"wrote {counts['answered']} answers and {counts['errors']} error rows to {path} "
         f"({counts['skipped']} were already there)",
