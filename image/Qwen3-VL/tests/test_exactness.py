@@ -125,10 +125,13 @@ def test_generate_prunes_the_visuals_it_pre_encodes(tiny_path, single_inputs):
     assert seen[1].get("mm_encoder_outputs") is None, "decode steps carry no visuals"
 
 
-def test_a_hand_written_decode_loop_without_positions(tiny_path, batch_inputs):
+@pytest.mark.parametrize("pruned", [True, False])
+def test_a_hand_written_decode_loop_without_positions(tiny_path, batch_inputs, pruned):
     """Decode steps given only ids, the grown 2-D mask and the cache continue the ORIGINAL positions: tokens
-    and logits equal generate()'s, which passes the positions itself."""
-    model = vtr_model(tiny_path, "sdpa", strategy="fastv", prune_layer=2, keep_tokens=10)
+    and logits equal generate()'s, which passes the positions itself (pruned, and unpruned, where the
+    stock 5.23 model crashes on such a step)."""
+    cfg = dict(strategy="fastv", prune_layer=2, keep_tokens=10) if pruned else dict(enabled=False)
+    model = vtr_model(tiny_path, "sdpa", **cfg)
     want_tokens, want_logits = greedy(model, batch_inputs)
     with torch.no_grad():
         out = model(**batch_inputs, use_cache=True)

@@ -187,6 +187,22 @@ class Qwen3VLAdapter(BackboneAdapter):
         positions = start[:, None] + decoded + steps[None]
         return positions[None].expand(3, batch, query_len)
 
+    def continued_positions(self, args: dict, cache) -> torch.Tensor:
+        """[3, batch, query_len] for a decode step after an UNPRUNED prefill given no positions: the text
+        positions (from the 2-D mask when there is one, else the cache length) plus the prompt's
+        `rope_deltas`, which is what the stock model means to compute (5.23 crashes on a 2-D mask there)."""
+        ids = args.get("input_ids")
+        batch, query_len = (ids if ids is not None else args["inputs_embeds"]).shape[:2]
+        mask = args.get("attention_mask")
+        if mask is not None and mask.ndim == 2:
+            text = (mask.long().cumsum(-1) - 1)[:, -query_len:]
+        else:
+            past = cache.get_seq_length()
+            text = torch.arange(past, past + query_len, device=cache.layers[0].keys.device).expand(batch, -1)
+        deltas = self.model.model.rope_deltas
+        deltas = deltas.repeat_interleave(batch // deltas.shape[0], dim=0).to(text.device)
+        return (text + deltas)[None].expand(3, -1, -1)
+
     def output(self, loss, logits, cache, tokens: PrefillTokens):
         self._deepstack = None  # one prefill's features; decode steps run the stock forward
         state = getattr(cache, "_vtr_state", None)
@@ -276,6 +292,19 @@ class _VTRQwen3VLMixin(VTRModelMixin):
     def __init__(self, config, vtr_config: VTRConfig | None = None):
         super().__init__(config)
         self._vtr_setup(vtr_config)
+
+    def vtr_forward(self, stock_forward, args: dict, kwargs: dict):
+        cache = args.get("past_key_values")
+        if (
+            args.get("position_ids") is None
+            and cache is not None
+            and getattr(cache, "_vtr_state", None) is None
+            and not self.vtr_adapter.has_visual_input(args)
+            and cache.get_seq_length() > 0
+            and self.model.rope_deltas is not None
+        ):
+            args["position_ids"] = self.vtr_adapter.continued_positions(args, cache)
+        return super().vtr_forward(stock_forward, args, kwargs)
 
 
 class VTRQwen3VLForConditionalGeneration(_VTRQwen3VLMixin, Qwen3VLForConditionalGeneration):

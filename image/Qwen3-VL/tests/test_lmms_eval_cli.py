@@ -1,0 +1,54 @@
+"""End to end: the real `python -m lmms_eval` CLI, offline, on a tiny Qwen3-VL and tiny local tasks (images:
+generation and multiple choice; videos: generation from file paths)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from visual_token_pruning.video_io import write_test_video
+
+TASK_DIR = Path(__file__).parent / "data" / "lmms_tiny"
+IMAGE_DOCS, VIDEO_DOCS = 4, 2
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lmms")
+    shutil.copytree(TASK_DIR, root / "task")
+    for i in range(VIDEO_DOCS):
+        write_test_video(root / "task" / "videos" / f"clip{i}.mp4", num_frames=12 + 4 * i, size=(32, 32), fps=8)
+    return root
+
+
+def run_cli(workdir, tiny_path, name, extra_args):
+    out = workdir / "results" / name
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(workdir / "hf"))
+    cmd = [sys.executable, "-m", "lmms_eval", "--model", "qwen3_vl_vtr"]
+    cmd += ["--model_args", f"pretrained={tiny_path},max_num_frames=4,{extra_args}"]
+    cmd += ["--tasks", "vtr_tiny_qa,vtr_tiny_mc,vtr_tiny_video", "--include_path", str(workdir / "task")]
+    cmd += ["--batch_size", "2", "--output_path", str(out)]
+    proc = subprocess.run(cmd, cwd=workdir / "task", env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    (results,) = out.rglob("*_results.json")
+    (stats,) = out.rglob("vtr_stats_*.json")
+    assert stats.parent == results.parent, "the efficiency record sits next to the scores"
+    return json.loads(results.read_text()), json.loads(stats.read_text()), proc
+
+
+def test_a_pruned_run_over_image_and_video_tasks(workdir, tiny_path):
+    results, stats, proc = run_cli(workdir, tiny_path, "fastv", "strategy=fastv,keep_tokens=8,prune_layer=2")
+    assert results["n-samples"]["vtr_tiny_qa"]["effective"] == IMAGE_DOCS
+    assert results["n-samples"]["vtr_tiny_video"]["effective"] == VIDEO_DOCS
+    for task, metric in (("vtr_tiny_qa", "exact_match,none"), ("vtr_tiny_mc", "acc,none")):
+        assert 0.0 <= results["results"][task][metric] <= 1.0
+    # one prefill per generation (4 images + 2 videos) and per (doc, choice) of the multiple choice task
+    assert stats["prefills"] == IMAGE_DOCS + VIDEO_DOCS + 2 * IMAGE_DOCS
+    (layer,) = stats["per_prune_layer"]
+    assert layer["layer"] == 2 and layer["mean_image_tokens_kept"] == 8
+    assert 0 < stats["prefill_flops_ratio"] < 1
+    assert proc.stdout.count("torchvision is unavailable") + proc.stderr.count("torchvision is unavailable") == 1

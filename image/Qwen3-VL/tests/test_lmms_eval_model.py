@@ -1,0 +1,106 @@
+"""The qwen3_vl_vtr lmms-eval model in process: images and videos, batching, loglikelihood pruned on the
+context, loading keys, bad arguments."""
+
+import pytest
+import torch
+from lmms_eval.api.instance import Instance
+from qwen3vl_testlib import oracle_forward, stage_drops, visual_ids
+
+from visual_token_pruning.lmms_eval_plugin import Qwen3VLVTR
+from visual_token_pruning.tiny import demo_image
+from visual_token_pruning.video_io import write_test_video
+
+DOCS = {i: {"q": q} for i, q in enumerate(["Is it red?", "What shape is shown in the picture?", "Any text?"])}
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    return str(write_test_video(tmp_path_factory.mktemp("clips") / "clip.mp4", num_frames=16, size=(32, 32), fps=8))
+
+
+def make(tiny_path, args):
+    lm = Qwen3VLVTR.create_from_arg_string(f"pretrained={tiny_path},{args}", {"batch_size": None, "device": None})
+    lm.task_dict = {"t": {"test": DOCS}}
+    return lm
+
+
+def image_visual(doc):
+    return [demo_image(64).rotate(90 * len(doc["q"]))]
+
+
+def _instance(kind, args, doc_id):
+    return Instance(kind, args, idx=0, metadata={"task": "t", "doc_id": doc_id, "repeats": 1})
+
+
+def gen_request(doc_id, visual_fn=image_visual):
+    kwargs = {"max_new_tokens": 4, "temperature": 0, "until": ["\n\n"]}
+    return _instance("generate_until", (DOCS[doc_id]["q"], kwargs, visual_fn, doc_id, "t", "test"), doc_id)
+
+
+def test_images_and_videos_in_batches_give_the_single_request_answers(tiny_path, clip):
+    def mixed(doc):  # doc 1: a video; the others an image and a video
+        return [clip] if len(doc["q"]) > 20 else [*image_visual(doc), clip]
+
+    requests = [gen_request(i, mixed) for i in DOCS]
+    args = "strategy=priortr,keep_tokens=8,prune_layer=2,max_num_frames=4,fps=2"
+    batched = make(tiny_path, args + ",batch_size=3")
+    answers = batched.generate_until(requests)
+    assert answers == make(tiny_path, args + ",batch_size=1").generate_until(requests) and len(answers) == 3
+    assert batched.model.vtr_last.stages[0].image_tokens_kept == [8, 8, 8]
+    prefill = batched._stats.samples[0]
+    assert prefill["stages"][0]["image_kept"] == 8 and prefill["image_tokens"] > 8
+
+
+def test_loglikelihood_prunes_the_context_and_equals_the_oracle(tiny_path, stock_models):
+    lm = make(tiny_path, "strategy=fastv,keep_tokens=6,prune_layer=2")
+    request = _instance("loglikelihood", (DOCS[1]["q"], " yes no", image_visual, 1, "t", "test"), 1)
+    ((score, _),) = lm.loglikelihood([request])
+    record = lm.model.vtr_last
+    assert record.stages[0].image_tokens_kept == [6]
+    visuals = lm.prepare_visuals(image_visual(DOCS[1]))
+    inputs = lm.encode([lm.build_prompt(DOCS[1]["q"], visuals)], [visuals])
+    target = lm.tokenizer(" yes no", add_special_tokens=False, return_tensors="pt")["input_ids"]
+    ctx_len = inputs["input_ids"].shape[1]
+    assert record.original_len == ctx_len, "pruning sees the context only"
+    full = dict(inputs, input_ids=torch.cat([inputs["input_ids"], target], 1))
+    full["attention_mask"] = torch.ones_like(full["input_ids"])
+    visual = torch.isin(inputs["input_ids"], torch.tensor(visual_ids(lm.model.config)))
+    logits = oracle_forward(stock_models["eager"], full, stage_drops(record, 1, ctx_len, visual), ctx_len)
+    logprobs = torch.log_softmax(logits[0, ctx_len - 1 : -1], -1)
+    assert score == pytest.approx(float(logprobs.gather(1, target[0][:, None]).sum()), abs=1e-4)
+    # unpruned: the continuation chunk runs on the stock path, given no positions
+    ((unpruned, _),) = make(tiny_path, "strategy=none").loglikelihood([request])
+    assert unpruned != pytest.approx(score, abs=1e-4)
+
+
+def test_loading_keys_reach_the_processor(tiny_path):
+    lm = make(tiny_path, "strategy=none,min_pixels=1024,max_pixels=2048,max_num_frames=6")
+    assert lm.processor.image_processor.size["longest_edge"] == 2048
+    assert lm.processor.video_processor.max_frames == 6
+    visuals = lm.prepare_visuals([demo_image(128)])
+    inputs = lm.encode([lm.build_prompt("Q?", visuals)], [visuals])
+    assert int(inputs["image_grid_thw"].prod()) * 16 <= 2048, "max_pixels bounds the image"
+    prompt = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Q?<|im_end|>\n<|im_start|>assistant\n"
+    assert lm.build_prompt("<image>Q?", visuals) == prompt
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        ("max_num_frames=0", "max_num_frames=0"),
+        ("min_pixels=4096,max_pixels=1024", "min_pixels=4096"),
+        ("frames=8", "frames"),
+    ],
+)
+def test_bad_arguments_are_refused_naming_the_key(tiny_path, args, message):
+    # (under the lmms-eval CLI the same errors end the process with status 2: lmms_eval_base)
+    with pytest.raises(ValueError, match=message):
+        make(tiny_path, args)
+
+
+def test_a_visual_of_another_kind_is_refused(tiny_path):
+    lm = make(tiny_path, "strategy=none")
+    with pytest.raises(ValueError, match="PIL images and video file paths"):
+        lm.prepare_visuals([torch.zeros(3)])
+    with pytest.raises(ValueError, match="video file not found"):
+        lm.prepare_visuals(["/no/such/video.mp4"])
