@@ -452,10 +452,22 @@ def test_multi_stage_flags_batched(tiny, dataset, tmp_path):
     assert all(r["kept_tokens"] == [16, 8] and r["prune_layers"] == [1, 2] and not r["error"] for r in rows)
 
 
-def test_unpruned_rows_and_a_prune_layer_past_the_model(tiny, dataset, tmp_path, capsys):
-    assert run_qa(tiny, dataset, tmp_path, "--vtr_strategy", "none", "--num_samples", "1", "--no_score") == 0
+def test_prompt_formats():
+    system = (
+        "A chat between a curious human and an artificial intelligence assistant. "
+        "The assistant gives helpful, detailed, and polite answers to the human's questions."
+    )
+    assert rq.build_prompt(" why? ") == f"{system} USER: <video>\nwhy? ASSISTANT:"
+    assert rq.build_prompt("why?", "plain") == "USER: <video>\nwhy? ASSISTANT:"
+
+
+def test_unpruned_rows_and_a_prune_layer_past_the_model(tiny, dataset, fastv_run, tmp_path, capsys):
+    flags = ("--vtr_strategy", "none", "--num_samples", "1", "--no_score", "--conv_mode", "plain")
+    assert run_qa(tiny, dataset, tmp_path, *flags) == 0
     (row,) = rows_of(tmp_path / "unpruned.jsonl")
     assert row["kept_tokens"] == [] and row["visual_tokens"] == visual_tokens_per_video(tiny[1])
+    assert row["conv_mode"] == "plain"
+    assert row["seq_len"] < rows_of(fastv_run / "fastv_K1_keep8.jsonl")[0]["seq_len"]  # no system line
     assert row["flops_ratio"] == 1.0
     assert run_qa(tiny, dataset, tmp_path, "--vtr_prune_layer", "4", "--num_samples", "1") == 2  # 4 layers
     assert "argument --vtr_prune_layer" in capsys.readouterr().err

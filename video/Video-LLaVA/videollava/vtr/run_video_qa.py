@@ -17,7 +17,7 @@ The original Video-LLaVA evaluation workflow, with every `VTRConfig` field as a 
 A row: {"id", "video", "question", "answer", "pred", "error", "visual_tokens" (before pruning),
 "kept_tokens" (one count per prune stage; [] when nothing was pruned), "prune_layers", "seq_len",
 "flops_ratio" (analytic decoder prefill FLOPs, pruned / unpruned), "prefill_ms" (the LLM prefill forward),
-"generate_ms", "vtr" (the settings tag), "model", "num_frames"}, plus "answer_type" when the answers file
+"generate_ms", "vtr" (the settings tag), "model", "num_frames", "conv_mode"}, plus "answer_type" when the answers file
 has types and "merged_tokens" for methods that recycle dropped tokens. A missing or unreadable video gives a row with `error` set and `pred` null, and the run
 goes on. Rerunning the same command resumes: ids already answered are skipped, rows that failed before
 are tried again (and replaced).
@@ -42,6 +42,12 @@ from .model_args import ModelArgsError, convert, describe, vtr_field_types
 
 VTR_PREFIX = "vtr_"
 DTYPES = ("auto", "float16", "bfloat16", "float32")
+#: The system line of each prompt format (`build_prompt`); llava_v1 is the original evaluation's.
+CONV_SYSTEM = {
+    "llava_v1": "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions.",
+    "plain": "",
+}
 PART_RE = re.compile(r"^(?P<name>.+)_(?P<num>\d+)_(?P<idx>\d+)\.jsonl$")
 
 EPILOG = """\
@@ -229,6 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", choices=DTYPES, help="model dtype (default: float16 on cuda, float32 on cpu; auto = checkpoint's)"
     )
     gen.add_argument("--attn_implementation", choices=("eager", "sdpa"), help="default: transformers' choice")
+    gen.add_argument(
+        "--conv_mode",
+        choices=tuple(CONV_SYSTEM),
+        default="llava_v1",
+        help="prompt format: llava_v1 (default; the original evaluation's, with its system line) or plain "
+        "(`USER: <video>\\n{question} ASSISTANT:`, the HF model card's)",
+    )
     gen.add_argument("--max_new_tokens", type=int, default=1024, help="default 1024 (the original workflow's)")
     gen.add_argument("--batch_size", type=int, default=1, help="questions per generate() call (default 1)")
     add_vtr_flags(parser)
@@ -495,13 +508,24 @@ class VideoLoader:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
-def answer_batch(model, processor, batch: list[tuple[Question, object]], max_new_tokens: int, timer) -> list[dict]:
+def build_prompt(question: str, conv_mode: str = "llava_v1") -> str:
+    """`llava_v1` (the original evaluation's): `{system} USER: <video>\n{question} ASSISTANT:`;
+    `plain`: the same without the system line (the HF model card's)."""
+    from .prompts import video_prompt
+
+    prompt = video_prompt(question)
+    return f"{CONV_SYSTEM[conv_mode]} {prompt}" if CONV_SYSTEM[conv_mode] else prompt
+
+
+def answer_batch(
+    model, processor, batch: list[tuple[Question, object]], max_new_tokens: int, timer, conv_mode: str = "llava_v1"
+) -> list[dict]:
     """Generate the answers of `batch` ([(question, frames)]) in one call; one row of results each."""
     import torch
 
-    from .prompts import encode, video_prompt
+    from .prompts import encode
 
-    prompts = [video_prompt(q.question) for q, _ in batch]
+    prompts = [build_prompt(q.question, conv_mode) for q, _ in batch]
     inputs = encode(processor, prompts, videos=[frames for _, frames in batch])
     dtype = model.dtype
     inputs = {
@@ -597,7 +621,7 @@ def run(args, vtr_config: VTRConfig, model=None, processor=None) -> dict:
     else:
         model.set_vtr_config(vtr_config)
     tag = describe(model.vtr_config)  # after the backbone filled in what was left to defaults
-    settings = dict(vtr=tag, model=str(args.model_path), num_frames=args.num_frames)
+    settings = dict(vtr=tag, model=str(args.model_path), num_frames=args.num_frames, conv_mode=args.conv_mode)
     path = output_path(args.output_dir, args.output_name or tag, args.num_chunks, args.chunk_idx)
     path.parent.mkdir(parents=True, exist_ok=True)
     done = prepare_resume(path, {k: v for k, v in settings.items() if k != "model"})
@@ -641,7 +665,9 @@ def run(args, vtr_config: VTRConfig, model=None, processor=None) -> dict:
                     batch.append((q, frames))
                 if not batch:
                     continue
-                for (q, _), result in zip(batch, answer_batch(model, processor, batch, args.max_new_tokens, timer)):
+                for (q, _), result in zip(
+                    batch, answer_batch(model, processor, batch, args.max_new_tokens, timer, args.conv_mode)
+                ):
                     write(_row(q, settings, **result))
     finally:
         bar.close()
