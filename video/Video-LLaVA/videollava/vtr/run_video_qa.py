@@ -17,10 +17,10 @@ The original Video-LLaVA evaluation workflow, with every `VTRConfig` field as a 
 A row: {"id", "video", "question", "answer", "pred", "error", "visual_tokens" (before pruning),
 "kept_tokens" (one count per prune stage; [] when nothing was pruned), "prune_layers", "seq_len",
 "flops_ratio" (analytic decoder prefill FLOPs, pruned / unpruned), "prefill_ms" (the LLM prefill forward),
-"generate_ms", "vtr" (the settings tag), "model", "num_frames", "conv_mode"}, plus "answer_type" when the answers file
-has types and "merged_tokens" for methods that recycle dropped tokens. A missing or unreadable video gives a row with `error` set and `pred` null, and the run
-goes on. Rerunning the same command resumes: ids already answered are skipped, rows that failed before
-are tried again (and replaced).
+"generate_ms", "vtr" (the settings tag), "model", "num_frames", "conv_mode"}, plus "answer_type" when
+the answers file has types and "merged_tokens" for methods that recycle dropped tokens. A missing or
+unreadable video gives a row with `error` set and `pred` null, and the run goes on. Rerunning the same
+command resumes: ids already answered are skipped, rows that failed before are tried again (and replaced).
 """
 
 from __future__ import annotations
