@@ -211,3 +211,37 @@ def demo_image(width: int = 448, height: int | None = None):
     d.rectangle([230 * sx, 170 * sy, 245 * sx, 250 * sy], fill=(100, 60, 30))
     d.ellipse([205 * sx, 120 * sy, 270 * sx, 185 * sy], fill=(30, 110, 40))
     return img
+
+
+#: A realistic InternVL tile: 448 px / 14 px patches, pixel-shuffled to 256 tokens (the real InternViT is
+#: wider; a narrow tower keeps the random model small, the token counts are the real ones).
+TILE_SHAPE = dict(image_size=448, patch_size=14, vision_hidden_size=64)
+
+
+def bench_case(shape: dict, cache_dir, model: str | None = None, max_patches: int = 6, image=(896, 672)) -> dict:
+    """What scripts/bench.py needs for this fork: a checkpoint (random InternVL3-shaped, 448 px tiles of 256
+    tokens, or `model`), a batch builder and the vision-only step. The default 896 x 672 image with
+    `max_patches=6` is tiled 3 x 2 + a thumbnail: 7 tiles, 1,792 visual tokens."""
+    if model is None:
+        full = dict(TILE_SHAPE, **shape)
+        name = "bench-internvl-{hidden_size}x{num_layers}-kv{num_kv_heads}-p{max_patches}".format(
+            max_patches=max_patches, **full
+        )
+        model = str(build_tiny_internvl(Path(cache_dir) / name, max_patches=max_patches, **full))
+
+    def inputs(processor, batch: int):
+        content = [{"type": "image"}, {"type": "text", "text": "What is shown in the image?"}]
+        prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        picture = demo_image(*image)
+        return processor(images=[picture] * batch, text=[prompt] * batch, return_tensors="pt", padding=True)
+
+    def vision(vtr_model, batch_inputs):
+        config = vtr_model.config
+        vtr_model.model.get_image_features(
+            pixel_values=batch_inputs["pixel_values"],
+            vision_feature_layer=config.vision_feature_layer,
+            vision_feature_select_strategy=config.vision_feature_select_strategy,
+        )
+
+    what = f"InternVL, one {image[0]}x{image[1]} image, max_patches={max_patches} (448 px tiles + thumbnail)"
+    return dict(path=model, inputs=inputs, vision=vision, description=what)

@@ -181,3 +181,19 @@ def test_clear_errors(tmp_path, tiny_path, processor, frames):
     single = processor(images=demo_image(64, 64), text=chat(processor), return_tensors="pt")
     with pytest.raises(ValueError, match="output_attentions"):
         vtr_model(tiny_path, prune_layer=2, keep_tokens=4)(**single, output_attentions=True)
+
+
+# ------------------------------------------------------------------------------------------ demo
+
+
+def test_demo_runs_on_an_image_and_a_video(tiny_path, tmp_path, capsys):
+    from internvl_vtr.demo import main
+
+    common = ["--model", tiny_path, "--strategies", "fastv", "--budgets", "20", "--repeats", "1"]
+    assert main([*common, "--max-new-tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "112 of them visual (7 tiles x 16)" in out  # 896 x 672: 3 x 2 tiles + thumbnail
+    assert "fastv" in out and "K=2 keep=20 | 20" in out
+    clip = write_test_video(tmp_path / "demo.mp4", num_frames=10, size=(40, 32))
+    assert main([*common, "--video", str(clip), "--num-frames", "4", "--max-new-tokens", "1"]) == 0
+    assert "64 of them visual (4 frames x 16)" in capsys.readouterr().out
