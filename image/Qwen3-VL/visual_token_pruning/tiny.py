@@ -220,3 +220,38 @@ def demo_video(num_frames: int = 8, size: int = 64):
         d.ellipse([x, 2, x + size // 8, 2 + size // 8], fill=(250, 250, 250))
         frames.append(np.asarray(img))
     return np.stack(frames)
+
+
+#: The vision side of the built-in demo / bench models: Qwen3-VL's 16 px patches merged 2 x 2 (one visual
+#: token per 32 x 32 pixels), a small ViT with three DeepStack layers, and the real processor pixel budget.
+VISION_SHAPE = dict(
+    patch_size=16,
+    vision_hidden_size=64,
+    vision_depth=4,
+    deepstack_visual_indexes=(1, 2, 3),
+    num_position_embeddings=2304,
+    min_pixels=256 * 256,
+    max_pixels=4096 * 4096,
+)
+
+
+def bench_case(shape: dict, cache_dir, model: str | None = None, image=(896, 672)) -> dict:
+    """What scripts/bench.py needs for this fork: a checkpoint (random Qwen3-VL-shaped with DeepStack, or
+    `model`), a batch builder and the vision-only step. The default 896 x 672 image is 56 x 42 patches of
+    16 px, merged 2 x 2: 588 visual tokens (Qwen3-VL's processor keeps the aspect ratio)."""
+    if model is None:
+        full = dict(VISION_SHAPE, **shape)
+        name = "bench-qwen3vl-{hidden_size}x{num_layers}-kv{num_kv_heads}".format(**full)
+        model = str(build_tiny_qwen3_vl(Path(cache_dir) / name, **full))
+
+    def inputs(processor, batch: int):
+        content = [{"type": "image"}, {"type": "text", "text": "What is shown in the image?"}]
+        prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        picture = demo_image(*image)
+        return processor(images=[picture] * batch, text=[prompt] * batch, return_tensors="pt", padding=True)
+
+    def vision(vtr_model, batch_inputs):
+        vtr_model.model.get_image_features(batch_inputs["pixel_values"], batch_inputs["image_grid_thw"])
+
+    what = f"Qwen3-VL, one {image[0]}x{image[1]} image (16 px patches merged 2x2, DeepStack)"
+    return dict(path=model, inputs=inputs, vision=vision, description=what)
