@@ -173,3 +173,28 @@ def demo_frames(num_frames: int = 8, size: int = 224):
         d.ellipse([x - 14 * s, 130 * s, x + 14 * s, 158 * s], fill=(250, 210, 60))
         frames.append(np.asarray(img))
     return np.stack(frames)
+
+
+def bench_case(shape: dict, cache_dir, model: str | None = None) -> dict:
+    """What scripts/bench.py needs for this fork: a checkpoint (random and Video-LLaVA-shaped: 224 px frames of
+    14 px patches, 8 frames x 257 tokens = 2,056 visual tokens; or `model`), a batch builder and the
+    vision-only step (video tower + projector). `shape`: hidden_size, num_layers, num_heads, num_kv_heads,
+    intermediate_size of the language model."""
+    from .prompts import encode, video_prompt
+
+    full = dict(image_size=224, patch_size=14, vision_hidden_size=64, **shape)
+    if model is None:
+        name = "bench-video-llava-{hidden_size}x{num_layers}-kv{num_kv_heads}".format(**full)
+        model = str(build_tiny_video_llava(Path(cache_dir) / name, **full))
+    frames = demo_frames(8, 224)
+
+    def inputs(processor, batch: int):
+        return encode(processor, [video_prompt("What happens in the video?")] * batch, videos=[frames] * batch)
+
+    def vision(vtr_model, batch_inputs):
+        vtr_model.model.get_video_features(
+            pixel_values_videos=batch_inputs["pixel_values_videos"],
+            vision_feature_layer=vtr_model.config.vision_feature_layer,
+        )
+
+    return dict(path=model, inputs=inputs, vision=vision, description="Video-LLaVA, one 8-frame 224 px video")
