@@ -107,12 +107,15 @@ def _video_config(pretrained: str, hub_kwargs: dict) -> dict:
 def load_processor(pretrained: str, num_frames: int | None = None, **kwargs):
     """The checkpoint's `InternVLProcessor` (stock where torchvision imports; otherwise the PIL image
     processor and `InternVLVideoProcessorPil`, announced in one line on stderr). `kwargs` go to
-    `from_pretrained` (e.g. `min_patches`/`max_patches` override the tile limits). `num_frames`: frames a
-    video file is decoded to (fallback path; the stock path samples as its own processor does)."""
+    `from_pretrained` (e.g. `min_patches`/`max_patches` override the tile limits). `num_frames`: frames
+    sampled uniformly from a video file (both paths; default: the checkpoint's setting, else 8)."""
     from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
     if torchvision_imports():
-        return AutoProcessor.from_pretrained(pretrained, **kwargs)
+        processor = AutoProcessor.from_pretrained(pretrained, **kwargs)
+        if num_frames is not None:  # the stock video processor samples only when asked to
+            processor.video_processor.num_frames, processor.video_processor.do_sample_frames = num_frames, True
+        return processor
     print(
         "internvl_vtr: torchvision is not importable; using the PIL image processor (GotOcr2ImageProcessorPil) "
         "and a PIL video processor (frames decoded with decord/PyAV)",
