@@ -469,7 +469,7 @@ def test_prompt_formats():
 def test_unpruned_rows_and_a_prune_layer_past_the_model(tiny, dataset, fastv_run, tmp_path, capsys):
     flags = ("--vtr_strategy", "none", "--num_samples", "1", "--no_score", "--conv_mode", "plain")
     assert run_qa(tiny, dataset, tmp_path, *flags) == 0
-    (row,) = rows_of(tmp_path / "unpruned.jsonl")
+    (row,) = rows_of(tmp_path / "unpruned_plain.jsonl")
     assert row["kept_tokens"] == [] and row["visual_tokens"] == visual_tokens_per_video(tiny[1])
     assert row["conv_mode"] == "plain"
     assert row["seq_len"] < rows_of(fastv_run / "fastv_K1_keep8.jsonl")[0]["seq_len"]  # no system line

@@ -216,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--output_dir", help="where the JSONL goes (created)")
     out.add_argument(
         "--output_name",
-        help="file name without .jsonl; default: the settings tag (e.g. fastv_K2_keep256, unpruned). "
+        help="file name without .jsonl; default: the settings tag (e.g. fastv_K2_keep256, unpruned; _f<N> and "
+        "_plain added for a non-default --num_frames / --conv_mode). "
         "With --num_chunks N > 1 each part is <output_name>_<N>_<chunk_idx>.jsonl",
     )
     out.add_argument("--num_chunks", type=int, default=1, help="split the questions into N contiguous parts")
@@ -604,6 +605,12 @@ def load(args, vtr_config: VTRConfig):
         raise DataError(f"cannot load --model_path {args.model_path}: {error}") from None
 
 
+def default_output_name(tag: str, args) -> str:
+    """The settings tag, plus the frame count and prompt format when they are not the defaults."""
+    name = tag if args.num_frames == 8 else f"{tag}_f{args.num_frames}"
+    return name if args.conv_mode == "llava_v1" else f"{name}_{args.conv_mode}"
+
+
 def run(args, vtr_config: VTRConfig, model=None, processor=None) -> dict:
     """Answer this chunk's questions not yet in the output file. `model`/`processor` may be given already
     loaded (tests, notebooks); the config is then set on the model. Returns counts and the output path."""
@@ -622,7 +629,9 @@ def run(args, vtr_config: VTRConfig, model=None, processor=None) -> dict:
         model.set_vtr_config(vtr_config)
     tag = describe(model.vtr_config)  # after the backbone filled in what was left to defaults
     settings = dict(vtr=tag, model=str(args.model_path), num_frames=args.num_frames, conv_mode=args.conv_mode)
-    path = output_path(args.output_dir, args.output_name or tag, args.num_chunks, args.chunk_idx)
+    path = output_path(
+        args.output_dir, args.output_name or default_output_name(tag, args), args.num_chunks, args.chunk_idx
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     done = prepare_resume(path, {k: v for k, v in settings.items() if k != "model"})
     pending = group_by_video([q for q in mine if q.id not in done])
