@@ -331,15 +331,13 @@ TIMING = ("prefill_ms", "generate_ms")
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """(path, model, processor): one tiny random Video-LLaVA (8 frames x 17 tokens = 136 video tokens)."""
+def tiny(tiny_path):
+    """(path, model, processor): the fork's tiny random Video-LLaVA (conftest), loaded once for this module."""
     import torch
 
     from videollava.vtr import load_model, load_processor
-    from videollava.vtr.tiny import build_tiny_video_llava
 
-    path = str(build_tiny_video_llava(tmp_path_factory.mktemp("tiny-video-llava")))
-    return path, load_model(path, VTRConfig(), dtype=torch.float32), load_processor(path)
+    return tiny_path, load_model(tiny_path, VTRConfig(), dtype=torch.float32), load_processor(tiny_path)
 
 
 @pytest.fixture(scope="module")
