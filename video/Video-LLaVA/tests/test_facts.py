@@ -104,9 +104,28 @@ def test_the_anchor_after_the_video_is_the_same_token_whatever_the_question(proc
 def test_pre_encoded_features_without_tower_states_are_refused_for_importance(tiny_path, stock_models, video_single):
     stock = stock_models["eager"]
     encoded = stock.model.get_video_features(pixel_values_videos=video_single["pixel_values_videos"])
-    encoded.hidden_states = None
-    encoded.vtr_layer, encoded.vtr_frames, encoded.vtr_select = -2, 8, "full"
+    encoded.hidden_states = None  # as from a plain stock call that kept none of the tower's states
     model = vtr_model(tiny_path, "sdpa", strategy="test_facts", prune_layer=0, keep_tokens=30)
     inputs = {k: v for k, v in video_single.items() if k != "pixel_values_videos"}
     with pytest.raises(ValueError, match="hidden states"):
         model(**inputs, mm_encoder_outputs={"video": encoded})
+
+
+def test_pre_encoded_features_are_a_prefill_to_prune_like_pixels(tiny_path, stock_models, mixed_batch):
+    """transformers' generate() hands over encoded visuals (`mm_encoder_outputs`): same tokens kept, same logits."""
+    model = vtr_model(tiny_path, "eager", strategy="vispruner", prune_layer=2, keep_tokens=40)
+    stock = stock_models["eager"].model
+    with torch.no_grad():
+        want = model(**mixed_batch).logits
+        kept = model.vtr_last.stages[0].kept_positions
+        encoded = {
+            "image": stock.get_image_features(pixel_values=mixed_batch["pixel_values"], output_hidden_states=True),
+            "video": stock.get_video_features(
+                pixel_values_videos=mixed_batch["pixel_values_videos"], output_hidden_states=True
+            ),
+        }
+        text = {k: mixed_batch[k] for k in ("input_ids", "attention_mask")}
+        got = model(**text, mm_encoder_outputs=encoded).logits
+    assert model.vtr_last is not None, "pruned, not passed through"
+    assert all(torch.equal(a, b) for a, b in zip(model.vtr_last.stages[0].kept_positions, kept))
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)

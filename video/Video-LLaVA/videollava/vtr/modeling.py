@@ -100,6 +100,11 @@ class VideoLlavaAdapter(BackboneAdapter):
                 out.vtr_frames = values.shape[1]
             out.vtr_layer, out.vtr_select = layer, select if modality == "image" else "full"
             encoded[modality] = out
+        for modality, out in encoded.items():  # features encoded elsewhere: the model's own settings
+            if out is not None and not hasattr(out, "vtr_layer"):
+                out.vtr_layer, out.vtr_select = layer, select if modality == "image" else "full"
+                if modality == "video":
+                    out.vtr_frames = config.video_seq_length // (self.patch_grid()[0] * self.patch_grid()[1] + 1)
         return encoded
 
     def pre_encode(self, generate_kwargs: dict) -> dict:
@@ -236,7 +241,7 @@ class VideoLlavaAdapter(BackboneAdapter):
                 if out is None:
                     continue
                 frames = getattr(out, "vtr_frames", 1)
-                per_item = self._tokens_per_item(modality, frames)
+                per_item = self._tokens_per_item(out)
                 counts = (mask.sum(1) // per_item).tolist()
                 if kind == "coords":
                     items = self._item_coords(modality, sum(counts), frames)
@@ -252,7 +257,7 @@ class VideoLlavaAdapter(BackboneAdapter):
             out = encoded.get("video")
             if out is None:
                 return []
-            per_item = self._tokens_per_item("video", out.vtr_frames)
+            per_item = self._tokens_per_item(out)
             return [(out.vtr_frames, *self.patch_grid())] * (int(masks["video"][b].sum()) // per_item)
 
         return {
@@ -261,11 +266,10 @@ class VideoLlavaAdapter(BackboneAdapter):
             "video_grid": video_grid,
         }
 
-    def _tokens_per_item(self, modality: str, frames: int) -> int:
+    def _tokens_per_item(self, out) -> int:
+        """Placeholders per image (CLS dropped unless `full`) or per video (every frame with its CLS)."""
         rows, cols = self.patch_grid()
-        if modality == "image":
-            return rows * cols + (1 if self.model.config.vision_feature_select_strategy == "full" else 0)
-        return frames * (rows * cols + 1)
+        return getattr(out, "vtr_frames", 1) * (rows * cols + (out.vtr_select == "full"))
 
     def output(self, loss, logits, cache, tokens: PrefillTokens):
         return VideoLlavaCausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache, **tokens.output_extras)
