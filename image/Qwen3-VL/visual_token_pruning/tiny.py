@@ -209,12 +209,11 @@ def demo_image(size: int = 448, height: int | None = None):
 def demo_video(num_frames: int = 8, size: int = 64):
     """[t, h, w, 3] uint8 frames of the demo scene with the sun moving right (no file needed)."""
     import numpy as np
+    from PIL import ImageDraw
 
     frames = []
     for i in range(num_frames):
         img = demo_image(size)
-        from PIL import ImageDraw
-
         d = ImageDraw.Draw(img)
         x = (i + 1) * size // (num_frames + 2)
         d.ellipse([x, 2, x + size // 8, 2 + size // 8], fill=(250, 250, 250))
