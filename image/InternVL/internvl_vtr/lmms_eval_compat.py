@@ -12,6 +12,10 @@ imported (lmms-eval imports it only when that `--model` is requested; see lmms_e
 - `write_stats_beside_results`: the efficiency record is written when the results are saved, into the
   results' own folder and stamped with the results' own timestamp (works with `--output_path` and
   with `--config file.yaml`; nothing is read from sys.argv).
+- `stable_response_cache_version`: the response cache keys every entry with lmms-eval's "version", which
+  is `git describe` run beside the lmms_eval package; with the virtualenv inside a git checkout (ours:
+  `.venv/` in this repository) that is OUR commit, so every commit silently emptied the cache. An
+  installed (site-packages) lmms-eval is keyed by its release version instead.
 - `count_response_cache_hits`: requests answered from `--use_cache` never reach the model; the record
   says how many.
 - `exit_on_argument_error`: the CLI catches every Exception from a run and exits 0; an argument error of
@@ -94,6 +98,31 @@ def write_stats_beside_results() -> None:
     EvaluationTracker.save_results_aggregated = save_results_aggregated
 
 
+def stable_response_cache_version() -> bool:
+    """Key the response cache by the installed lmms-eval release when lmms_eval lives in site-packages (a git
+    hash found there belongs to whatever repository holds the virtualenv). Returns whether it installed."""
+    import importlib.metadata
+    from pathlib import Path
+
+    import lmms_eval.utils
+
+    if "site-packages" not in Path(lmms_eval.__file__).parts:  # a source checkout of lmms-eval: keep its hash
+        return False
+    original = lmms_eval.utils.get_lmms_eval_cache_version
+    if getattr(original, "_vtr_stable", False):
+        return True
+
+    def cache_version() -> str:
+        try:
+            return importlib.metadata.version("lmms-eval")
+        except importlib.metadata.PackageNotFoundError:
+            return original()
+
+    cache_version._vtr_stable = True
+    lmms_eval.utils.get_lmms_eval_cache_version = cache_version
+    return True
+
+
 def count_response_cache_hits() -> None:
     """Count, per request type, the requests lmms-eval's response cache handed to a plugin instance: those
     it did not compute were answered from the cache (`model.requests_seen`)."""
@@ -140,4 +169,5 @@ def install(folder_name) -> None:
     keep_loglikelihood_tuples()
     name_outputs_after_settings(folder_name)
     write_stats_beside_results()
+    stable_response_cache_version()
     count_response_cache_hits()

@@ -110,3 +110,15 @@ def test_original_format_checkpoint_loads_through_the_plugin(tmp_path):
     (answer,) = lm.generate_until([gen_request(2)])
     assert isinstance(answer, str)
     assert lm.model.vtr_last.stages[0].image_tokens_kept == [4]
+
+
+def test_response_cache_is_keyed_by_the_lmms_eval_release_not_by_our_git_commit():
+    """The virtualenv sits inside this repository, so lmms-eval's `git describe` would name OUR commit and
+    every commit would silently empty the response cache; the plugin keys it by the installed release."""
+    import importlib.metadata
+
+    import lmms_eval.utils
+
+    import llava.vtr.lmms_eval_plugin  # noqa: F401  (importing the plugin installs the workarounds)
+
+    assert lmms_eval.utils.get_lmms_eval_cache_version() == importlib.metadata.version("lmms-eval")
