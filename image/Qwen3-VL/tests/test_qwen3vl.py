@@ -136,3 +136,15 @@ def test_a_budget_past_the_model_is_refused(tiny_path):
 
     with pytest.raises(VTRConfigError, match="prune_layer"):
         load_model(tiny_path, VTRConfig(strategy="fastv", prune_layer=9, keep_tokens=4))
+
+
+def test_beam_search_repeats_each_samples_facts(tiny_path, batch_inputs):
+    """generate(num_beams=2) repeats each sample; vision importance (VisPruner) follows, so every copy keeps
+    what the sample keeps in a plain forward."""
+    model = vtr_model(tiny_path, "sdpa", strategy="vispruner", prune_layer=2, keep_tokens=8)
+    with torch.no_grad():
+        model(**batch_inputs)
+    single = [p.tolist() for p in model.vtr_last.stages[0].kept_positions]
+    model.generate(**batch_inputs, max_new_tokens=2, num_beams=2, do_sample=False)
+    beams = [p.tolist() for p in model.vtr_last.stages[0].kept_positions]
+    assert beams == [single[0], single[0], single[1], single[1]]

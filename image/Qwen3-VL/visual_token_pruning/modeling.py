@@ -252,7 +252,17 @@ class Qwen3VLAdapter(BackboneAdapter):
         patches). This ViT has no CLS token; that block's attention is recomputed from its input."""
         values = torch.zeros(visual.shape, dtype=torch.float32, device=visual.device)
         for name, (mask, _) in masks.items():
-            values[mask] = self._merged_attention(encoded[name]).to(values.device)
+            received = self._merged_attention(encoded[name]).to(values.device)
+            total = int(mask.sum())
+            if total != received.numel():
+                # generate(num_beams>1 / num_return_sequences>1) repeats each sample k times in a row; the
+                # vision states it keeps are the original samples'
+                k = total // max(received.numel(), 1)
+                counts = mask.sum(1)[::k].tolist() if k >= 1 and total % max(received.numel(), 1) == 0 else []
+                if sum(counts) != received.numel():
+                    raise ValueError(f"vision_importance: the {name} tokens do not line up with the encoded {name}s")
+                received = torch.cat([chunk for chunk in received.split(counts) for _ in range(k)])
+            values[mask] = received
         return [values[b, visual[b]] for b in range(visual.shape[0])]
 
     def _merged_attention(self, out) -> torch.Tensor:
