@@ -103,13 +103,13 @@ def lmms_eval(workdir, model_args, tasks, *options):
 
 
 def test_cli_end_to_end_images_videos_generation_and_multiple_choice(tmp_path, tiny_path):
+    import importlib.util
+
     shutil.copytree(TASK_DIR, tmp_path / "task")
-    sys.path.insert(0, str(tmp_path / "task"))
-    try:
-        from utils import make_media
-    finally:
-        sys.path.pop(0)
-    make_media(tmp_path / "task")
+    spec = importlib.util.spec_from_file_location("internvl_lmms_tiny_utils", tmp_path / "task" / "utils.py")
+    task_utils = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(task_utils)
+    task_utils.make_media(tmp_path / "task")
     out = tmp_path / "results"
     args = f"pretrained={tiny_path},strategy=priortr,keep_tokens=[20,6],prune_layer=[1,3],num_frames=3"
     proc = lmms_eval(
