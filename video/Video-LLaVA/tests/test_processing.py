@@ -87,3 +87,14 @@ def test_older_checkpoint_layout_with_separate_preprocessor_files(tiny_path, tmp
     )
     frames = np.zeros((8, 40, 40, 3), np.uint8)
     assert tuple(encode(proc, video_prompt("q"), videos=[frames])["pixel_values_videos"].shape) == (1, 8, 3, 32, 32)
+
+
+def test_with_torchvision_the_stock_auto_processor_is_used(tiny_path, monkeypatch, capsys):
+    import transformers
+
+    calls = []
+    monkeypatch.setattr(processing, "_stock_available", lambda: True)
+    monkeypatch.setattr(processing, "_WARNED", False)
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", lambda path, **kw: calls.append(path) or "stock")
+    assert load_processor(tiny_path) == "stock" and calls == [tiny_path]
+    assert "torchvision" not in capsys.readouterr().out
