@@ -37,6 +37,7 @@ _FRAME_KEYS = (
     "resample",
     "do_convert_rgb",
 )
+_WARNED = False  # the fallback announces itself once per process
 _STOCK_DEFAULTS = {"size": {"shortest_edge": 224}, "crop_size": {"height": 224, "width": 224}}
 
 
@@ -68,7 +69,7 @@ class FrameVideoProcessor(VideoProcessorMixin):
             raise ValueError("videos: expected a uint8 array [frames, height, width, 3] or a list of them")
         out = []
         for i, video in enumerate(videos):
-            frames = list(video) if isinstance(video, np.ndarray) else list(video)
+            frames = list(video)  # an array [t, h, w, 3] or a list of frames
             if not frames:
                 raise ValueError(f"video {i} has no frames")
             pixels = self.frame_processor(frames, return_tensors="np", return_legacy_image_output=False)
@@ -146,9 +147,6 @@ def load_processor(pretrained: str, **kwargs):
         chat_template=_chat_template(pretrained, **hub),
         **{k: settings[k] for k in keys if settings.get(k) is not None},
     )
-
-
-_WARNED = False
 
 
 def _chat_template(pretrained: str, **hub) -> str | None:
