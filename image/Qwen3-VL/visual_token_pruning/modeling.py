@@ -112,14 +112,15 @@ class Qwen3VLAdapter(BackboneAdapter):
             embeds = embeds.masked_scatter(mask[..., None], features)
             visual |= mask
             masks[name] = (mask, [torch.cat(f) for f in out.deepstack_features])
-        # DeepStack features in the order of the visual positions (batch-major), images and videos joined
+        # DeepStack features laid out like the sequence ([b * s, hidden] per layer, zero off the visual rows);
+        # each token carries its flat row through the engine's gathers (no host sync here)
         for layer in range(len(self.model.config.vision_config.deepstack_visual_indexes)):
-            feats = embeds.new_zeros(int(visual.sum()), embeds.shape[-1])
+            full = torch.zeros_like(embeds)
             for mask, per_layer in masks.values():
-                feats[mask[visual]] = per_layer[layer].to(embeds.device, embeds.dtype)
-            deepstack.append(feats)
+                full = full.masked_scatter(mask[..., None], per_layer[layer].to(embeds.device, embeds.dtype))
+            deepstack.append(full.reshape(batch * seq_len, -1))
         self._deepstack = deepstack if masks else None
-        row = torch.cumsum(visual.reshape(-1).long(), 0).reshape(batch, seq_len) - 1
+        row = torch.arange(batch * seq_len, device=embeds.device).reshape(batch, seq_len)
         mask = args.get("attention_mask")
         valid = mask.bool() if mask is not None else torch.ones_like(visual)
         positions = self._positions(args, input_ids, mask, batch, seq_len)  # [3, b, s]
@@ -174,7 +175,7 @@ class Qwen3VLAdapter(BackboneAdapter):
             return tokens.hidden
         row = tokens.deepstack_row
         present = tokens.visual & (row >= 0)
-        added = features[layer_idx][row.clamp_min(0)]  # [b, s, hidden]
+        added = features[layer_idx].to(tokens.hidden.device)[row.clamp_min(0)]  # [b, s, hidden]
         return torch.where(present[..., None], tokens.hidden + added, tokens.hidden)
 
     def decode_positions(self, state, decoded: int, query_len: int, batch: int) -> torch.Tensor:
@@ -221,17 +222,16 @@ class Qwen3VLAdapter(BackboneAdapter):
         group = torch.unique(starts, return_inverse=True)[1]
         return torch.stack([group, pos[1] - starts, pos[2] - starts], dim=-1)
 
-    def _first_grids(self, visual, positions) -> list[tuple[int, int]]:
-        """Per sample, (rows, cols) of its first image or frame group after the 2 x 2 merge ((0, 0): none)."""
-        grids = []
-        for b in range(visual.shape[0]):
-            if not bool(visual[b].any()):
-                grids.append((0, 0))
-                continue
-            coords = self._grid_coords(visual[b], positions[:, b])
-            first = coords[coords[:, 0] == 0]
-            grids.append((int(first[:, 1].max()) + 1, int(first[:, 2].max()) + 1))
-        return grids
+    @staticmethod
+    def _first_grids(visual, positions) -> list[tuple[int, int]]:
+        """Per sample, (rows, cols) of its first image or frame group after the 2 x 2 merge ((0, 0): none);
+        one host sync for the batch."""
+        start = positions[0]
+        first = torch.where(visual, start, torch.iinfo(start.dtype).max).amin(1, keepdim=True)
+        in_first = visual & (start == first)
+        rows = torch.where(in_first, positions[1] - start, -1).amax(1) + 1
+        cols = torch.where(in_first, positions[2] - start, -1).amax(1) + 1
+        return [tuple(rc) for rc in torch.stack([rows, cols], 1).tolist()]
 
     def _lazy_facts(self, visual, positions, masks, encoded) -> dict:
         cache = {}
