@@ -28,13 +28,17 @@ FORKS = [
 ]
 
 
+def supported_list(package: str) -> list[str]:
+    return list(getattr(importlib.import_module(package), "BACKBONES", None) or [])
+
+
 def matrix() -> str:
     columns, methods, cells = [], set(), {}
     for package, planned in FORKS:
         registered = importlib.import_module(f"{package}.strategy").available_strategies()
-        supported = set(getattr(importlib.import_module(package), "BACKBONES", []))
+        supported = set(supported_list(package))
         methods.update(registered)
-        for backbone in planned:
+        for backbone in supported_list(package) or planned:  # the fork's own names once it has adapters
             columns.append(backbone)
             for method in registered:
                 cells[(method, backbone)] = backbone in supported

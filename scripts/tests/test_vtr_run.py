@@ -25,15 +25,14 @@ def vtr_run(*args, cwd=None):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from llava.vtr.tiny import build_tiny_llava, build_tiny_llava_next
+    from llava.vtr.tiny import build_tiny_llava
+    from visual_token_pruning.tiny import build_tiny_qwen3_vl
 
     root = tmp_path_factory.mktemp("vtr_run")
     shutil.copytree(TASK, root / "task")
     os.environ.setdefault("HF_HOME", str(root / "hf"))
     return dict(
-        root=root,
-        llava15=str(build_tiny_llava(root / "llava15")),
-        llava16=str(build_tiny_llava_next(root / "llava16")),
+        root=root, llava15=str(build_tiny_llava(root / "llava15")), qwen=str(build_tiny_qwen3_vl(root / "qwen"))
     )
 
 
@@ -74,7 +73,8 @@ def test_dry_run_prints_the_sweep_with_baseline_and_data_parallel_launch(tmp_pat
         (["--backbone", "qwen"], "unknown backbone 'qwen'"),
         (["--param", "keep_ratio=3"], "VTRConfig.keep_ratio=3.0 is invalid"),
         (["--param", "nonsense=1"], "unknown model_args key 'nonsense'"),
-        (["--backbone", "qwen3vl", "--method", "fastv"], "has no model adapter yet"),
+        (["--backbone", "videollava", "--method", "fastv"], "needs --video-dir, --questions, --answers"),
+        (["--backbone", "llava,qwen3vl", "--pretrained", "some/ckpt"], "as BACKBONE=PATH"),
     ],
 )
 def test_bad_requests_fail_before_running_anything(args, message, tmp_path):
@@ -85,8 +85,8 @@ def test_bad_requests_fail_before_running_anything(args, message, tmp_path):
 
 def test_a_sweep_over_two_methods_two_budgets_and_two_backbones(tiny, tmp_path):
     out = tmp_path / "sweep"
-    args = ["--method", "fastv,random", "--keep-tokens", "8,4", "--prune-layer", "2"]
-    args += ["--pretrained", f"{tiny['llava15']},{tiny['llava16']}", *common(tiny, out)]
+    args = ["--backbone", "llava,qwen3vl", "--method", "fastv,random", "--keep-tokens", "8,4", "--prune-layer", "2"]
+    args += ["--pretrained", f"llava={tiny['llava15']},qwen3vl={tiny['qwen']}", *common(tiny, out)]
     proc = vtr_run(*args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = list(csv.DictReader(open(out / "summary.csv")))
@@ -99,7 +99,10 @@ def test_a_sweep_over_two_methods_two_budgets_and_two_backbones(tiny, tmp_path):
             kept = int(row["budget"].split("=")[1])
             assert row["kept_per_stage"] == f"{kept}@L2" and float(row["final_kept"]) == kept
             assert 0 < float(row["flops_ratio"]) < 1 and float(row["measured_speedup"]) > 0
-    assert {row["pretrained"] for row in rows} == {tiny["llava15"], tiny["llava16"]}
+    assert {(row["backbone"], row["pretrained"]) for row in rows} == {
+        ("llava", tiny["llava15"]),
+        ("qwen3vl", tiny["qwen"]),
+    }
     table = (out / "summary.md").read_text()
     assert table.startswith("| backbone | pretrained | method | budget |") and table.count("\n") == 2 + len(rows)
     from PIL import Image
@@ -148,3 +151,40 @@ def test_two_processes_give_the_metrics_of_one_and_one_merged_record(tiny, tmp_p
         results[gpus] = ({k: v for k, v in row.items() if ":" in k}, record)
     assert results[1][0] == results[2][0], "same metrics"
     assert results[2][1]["processes_merged"] == 2 and results[2][1]["prefills"] == results[1][1]["prefills"]
+
+
+@pytest.fixture(scope="module")
+def video_qa(tmp_path_factory):
+    """A tiny Video-LLaVA and a 3-question video QA set over 2 generated videos."""
+    from videollava.vtr.tiny import build_tiny_video_llava
+    from videollava.vtr.video_io import write_test_video
+
+    root = tmp_path_factory.mktemp("video_qa")
+    for name in ("v_one", "two"):
+        write_test_video(root / "videos" / f"{name}.mp4", num_frames=12, size=(48, 40))
+    items = [("one", "what moves", "square"), ("one", "is it bright", "yes"), ("two", "what color", "red")]
+    questions = [dict(question_id=f"q{i}", video_name=v, question=q) for i, (v, q, _) in enumerate(items)]
+    answers = [dict(question_id=f"q{i}", answer=a) for i, (_, _, a) in enumerate(items)]
+    (root / "q.json").write_text(json.dumps(questions))
+    (root / "a.json").write_text(json.dumps(answers))
+    model = build_tiny_video_llava(root / "model")
+    data = ["--video-dir", str(root / "videos"), "--questions", str(root / "q.json"), "--answers", str(root / "a.json")]
+    return dict(model=str(model), data=data)
+
+
+def test_a_video_qa_sweep_runs_the_native_runner_and_scores_it(video_qa, tmp_path):
+    out = tmp_path / "video"
+    args = ["--backbone", "videollava", "--pretrained", video_qa["model"], "--method", "fastv", "--keep-tokens", "8"]
+    args += ["--prune-layer", "1", *video_qa["data"], "--output", str(out)]
+    proc = vtr_run(*args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {row["method"]: row for row in csv.DictReader(open(out / "summary.csv"))}
+    assert set(rows) == {"none", "fastv"}
+    for row in rows.values():
+        assert row["error"] == "" and 0 <= float(row["video_qa:exact_match"]) <= 1
+    assert rows["fastv"]["kept_per_stage"] == "8@L1" and float(rows["fastv"]["final_kept"]) == 8
+    assert rows["none"]["kept_per_stage"] == "all" and 0 < float(rows["fastv"]["flops_ratio"]) < 1
+    answers = (out / "runs").rglob("answers.jsonl")
+    assert all(len(path.read_text().splitlines()) == 3 for path in answers)
+    again = vtr_run(*args)
+    assert again.returncode == 0 and again.stdout.count("done before, skipped") == 2
