@@ -7,8 +7,14 @@ FORKS := image/LLaVA image/InternVL image/Qwen3-VL video/Video-LLaVA
 STAMP := $(VENV)/.vtr-installed
 # Extra pip arguments, e.g. PIP_ARGS="--index-url https://download.pytorch.org/whl/cu128" (see README).
 PIP_ARGS ?=
-# Real checkpoint for `make demo` (hub id or local folder); empty = a built-in tiny random LLaVA.
+# Real checkpoint for `make demo` (hub id or local folder); empty = a built-in random model of BACKBONE.
 MODEL ?=
+# Which fork `make demo` runs: llava (default), internvl, qwen3vl or videollava.
+BACKBONE ?= llava
+DEMO_llava := llava.vtr.demo
+DEMO_internvl := internvl_vtr.demo
+DEMO_qwen3vl := visual_token_pruning.demo
+DEMO_videollava := videollava.vtr.demo
 # Arguments for the benchmark script.
 BENCH_ARGS ?=
 
@@ -27,7 +33,8 @@ test: install check-copies
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: install
-	$(PY) -m llava.vtr.demo $(if $(MODEL),--model $(MODEL))
+	@test -n "$(DEMO_$(BACKBONE))" || { echo "BACKBONE=$(BACKBONE): choose llava, internvl, qwen3vl or videollava" >&2; exit 2; }
+	$(PY) -m $(DEMO_$(BACKBONE)) $(if $(MODEL),--model $(MODEL))
 
 bench: install
 	$(PY) scripts/bench.py $(BENCH_ARGS)
