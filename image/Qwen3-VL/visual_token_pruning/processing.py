@@ -210,8 +210,10 @@ def load_processor(pretrained: str, min_pixels: int | None = None, max_pixels: i
         overrides["size"] = {"shortest_edge": min_pixels or 56 * 56, "longest_edge": max_pixels or 28 * 28 * 1280}
     if _torchvision_available():
         processor = AutoProcessor.from_pretrained(pretrained, **kwargs)
-        if overrides:
-            processor.image_processor.size = overrides["size"]
+        if overrides:  # the fast image processor keeps a SizeDict, the slow one a dict
+            current = processor.image_processor.size
+            size = overrides["size"]
+            processor.image_processor.size = size if isinstance(current, dict) else type(current)(**size)
         return processor
     from transformers.image_processing_base import ImageProcessingMixin
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
