@@ -184,3 +184,23 @@ def test_anchor_and_question_rows_are_the_eager_causal_rows_under_sdpa(tiny_path
     torch.testing.assert_close(anchor_row[0, :, 0], eager[0, :, anchor], atol=ATOL, rtol=0)
     torch.testing.assert_close(question_rows[0], eager[0, :, anchor + 1 :], atol=ATOL, rtol=0)
     assert torch.all(anchor_row[0, :, 0, anchor + 1 :] == 0), "the anchor sees no question token"
+
+
+def test_a_padded_batch_of_an_image_prompt_and_a_video_prompt(tiny_path, stock_models, processor):
+    """Left padding shifts a video prompt's M-RoPE rows; keep-all equals stock and pruning equals the oracle."""
+    from visual_token_pruning.tiny import demo_video
+
+    texts = [chat(processor, "Is it red?"), chat(processor, "What happens in the video?", images=0, videos=1)]
+    inputs = processor(
+        images=[demo_image(48)], videos=[demo_video(8, 32)], text=texts, return_tensors="pt", padding=True,
+        video_metadata=[{"total_num_frames": 8, "fps": 4.0, "frames_indices": list(range(8))}],
+    )  # fmt: skip
+    assert not bool(inputs["attention_mask"].all())
+    valid = inputs["attention_mask"].bool()
+    keep_all = vtr_model(tiny_path, "sdpa", keep_ratio=1.0, prune_layer=1)
+    with torch.no_grad():
+        got, want = keep_all(**inputs).logits, stock_models["sdpa"](**inputs).logits
+    torch.testing.assert_close(got[valid], want[valid], atol=ATOL, rtol=0)
+    model = vtr_model(tiny_path, "sdpa", strategy="priortr", prune_layer=1, keep_tokens=10)
+    record = assert_equals_oracle(model, stock_models["eager"], inputs)
+    assert record.stages[0].image_tokens_kept == [10, 10]
