@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 from transformers.image_processing_backends import TorchvisionBackend
 from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
@@ -97,9 +96,6 @@ def _processor_class():
 def read_video(path, sample_indices_fn=None):
     """Decode the frames of `path` chosen by `sample_indices_fn(metadata=VideoMetadata)` (all frames when
     None), with decord, else PyAV. Returns (uint8 [t, h, w, 3] array, VideoMetadata)."""
-    path = Path(path)
-    if not path.is_file():
-        raise video_io.VideoError(f"video file not found: {path}")
     chosen = {}
 
     def pick(total, fps):
@@ -108,22 +104,12 @@ def read_video(path, sample_indices_fn=None):
         chosen["metadata"] = metadata
         return [int(i) for i in indices]
 
-    errors = []
-    # video_io's two readers take a `pick(total, fps)` callback; load_video only offers its own sampling.
-    for reader in (video_io._decord_read, video_io._pyav_read):
-        try:
-            frames, indices, fps, total = reader(path, pick)
-        except Exception as error:  # the next decoder may read it
-            errors.append(f"{reader.__name__.strip('_')}: {type(error).__name__}: {error}")
-            continue
-        if not len(indices):
-            raise video_io.VideoError(f"video {path} has no frames")
-        metadata = chosen["metadata"]
-        metadata.frames_indices = list(indices)
-        metadata.height, metadata.width = frames.shape[1:3]
-        metadata.video_backend = reader.__name__.strip("_").split("_")[0]
-        return np.ascontiguousarray(frames), metadata
-    raise video_io.VideoError(f"cannot read video {path}: " + "; ".join(errors))
+    clip = video_io.load_video(path, pick=pick)
+    metadata = chosen["metadata"]
+    metadata.frames_indices = list(clip.indices)
+    metadata.height, metadata.width = clip.frames.shape[1:3]
+    metadata.video_backend = clip.backend
+    return clip.frames, metadata
 
 
 def build_processor(

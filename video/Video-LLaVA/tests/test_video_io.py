@@ -52,3 +52,15 @@ def test_missing_and_broken_files_are_clear_errors(tmp_path):
     broken.write_bytes(b"not a video")
     with pytest.raises(VideoError, match="cannot read video .*broken.mp4"):
         load_video(broken, num_frames=8)
+
+
+def test_a_custom_frame_picker_replaces_the_sampling(clip_path):
+    seen = []
+
+    def every_fifth(total, fps):
+        seen.append((total, fps))
+        return list(range(0, total, 5))
+
+    clip = load_video(clip_path, pick=every_fifth)
+    assert seen == [(16, 8.0)] and clip.indices == [0, 5, 10, 15] and clip.frames.shape[0] == 4
+    assert clip.backend == "decord"

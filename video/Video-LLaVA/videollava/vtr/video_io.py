@@ -33,6 +33,7 @@ class VideoClip:
     timestamps: list[float]  # seconds
     fps: float  # the file's frame rate
     total_frames: int
+    backend: str = ""  # the decoder that read it: "decord" or "pyav"
 
     @property
     def duration(self) -> float:
@@ -110,15 +111,21 @@ def _pyav_read(path: Path, pick):
 
 
 def load_video(
-    path: str | Path, num_frames: int | None = None, fps: float | None = None, max_frames: int | None = None
+    path: str | Path,
+    num_frames: int | None = None,
+    fps: float | None = None,
+    max_frames: int | None = None,
+    pick=None,
 ) -> VideoClip:
-    """Decode the sampled frames of `path` (see the module docstring). `num_frames` wins over `fps`."""
+    """Decode the sampled frames of `path` (see the module docstring). `num_frames` wins over `fps`.
+    `pick(total_frames, file_fps) -> frame numbers` replaces the sampling (e.g. a processor's own rule)."""
     path = Path(path)
     if not path.is_file():
         raise VideoError(f"video file not found: {path}")
+    if pick is None:
 
-    def pick(total, file_fps):
-        return sample_indices(total, file_fps, num_frames, fps, max_frames)
+        def pick(total, file_fps):
+            return sample_indices(total, file_fps, num_frames, fps, max_frames)
 
     errors = []
     for reader in (_decord_read, _pyav_read):
@@ -133,7 +140,8 @@ def load_video(
         if not indices:
             raise VideoError(f"video {path} has no frames")
         timestamps = [i / file_fps if file_fps else float(i) for i in indices]
-        return VideoClip(np.ascontiguousarray(frames), list(indices), timestamps, file_fps, total)
+        backend = reader.__name__[1:-5]
+        return VideoClip(np.ascontiguousarray(frames), list(indices), timestamps, file_fps, total, backend)
     raise VideoError(f"cannot read video {path}: " + "; ".join(errors))
 
 
