@@ -44,7 +44,7 @@ from loguru import logger
 from tqdm import tqdm
 
 from . import lmms_eval_compat as compat
-from .config import VTRConfig, VTRConfigError
+from .config import VTRConfig
 from .cost import equivalent_tokens, ideal_speedup, text_config_dims, tokens_per_layer
 from .model_args import describe, parse_model_args, split_args
 
@@ -63,6 +63,12 @@ LOAD_ARGS: dict[str, object] = {
     "stats_path": str | None,
     "max_new_tokens": int,
 }
+
+
+#: a task's generation_kwargs handed to generate() as they are
+PASSED_GENERATION_KWARGS = ("repetition_penalty", "length_penalty", "no_repeat_ngram_size", "min_new_tokens")
+#: generation_kwargs read above (or by lmms-eval itself) that need no warning when not passed on
+HANDLED_GENERATION_KWARGS = {"until", "temperature", "do_sample", "top_p", "top_k", "num_beams", "max_new_tokens"}
 
 
 def output_name(pretrained: str, config: VTRConfig) -> str:
@@ -142,6 +148,7 @@ class VTRLmms(lmms):
 
     def __init__(self, **model_args) -> None:
         super().__init__()
+        self._warned: set = set()
         try:
             load, vtr_config = self._parse(model_args)
         except ValueError as error:  # unknown key, bad value: stop the run, not just this task
@@ -185,13 +192,13 @@ class VTRLmms(lmms):
                 kwargs[key] = load[key]
         if device_map:
             kwargs["device_map"] = device_map
-        model, processor = self.load_backbone(load, **kwargs)
-        try:
+        try:  # a checkpoint that is not there or not this backbone, a device that does not exist, ...
+            model, processor = self.load_backbone(load, **kwargs)
             model.set_vtr_config(vtr_config)  # checks that depend on the model (prune layer vs depth)
-        except VTRConfigError as error:
+            if not device_map:
+                model.to(device)
+        except (OSError, ValueError, TypeError, RuntimeError, ImportError) as error:
             compat.exit_on_argument_error(error, self.name)
-        if not device_map:
-            model.to(device)
         # with device_map, inputs go where the embeddings are
         self._device = torch.device(device) if not device_map else model.get_input_embeddings().weight.device
         processor.tokenizer.padding_side = "left"
@@ -252,9 +259,33 @@ class VTRLmms(lmms):
             kwargs["temperature"] = temperature or 1.0
             if gen_kwargs.get("top_p") is not None:
                 kwargs["top_p"] = float(gen_kwargs["top_p"])
+            if gen_kwargs.get("top_k") is not None:
+                kwargs["top_k"] = int(gen_kwargs["top_k"])
+        for key in PASSED_GENERATION_KWARGS:
+            if gen_kwargs.get(key) is not None:
+                kwargs[key] = gen_kwargs[key]
+        ignored = sorted(set(gen_kwargs) - set(kwargs) - HANDLED_GENERATION_KWARGS)
+        if ignored and tuple(ignored) not in self._warned:
+            self._warned.add(tuple(ignored))
+            logger.warning(f"{self.name}: generation_kwargs {ignored} are not used by this model")
         return kwargs
 
     def generate_until(self, requests) -> list[str]:
+        try:
+            return self._generate_until(requests)
+        except Exception as error:  # lmms-eval's CLI would log it and exit 0
+            compat.exit_on_run_error(error, self.name)
+
+    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+        """Log-probability of each continuation. The context (visuals + question) is pruned on its own, as
+        for generation, and the continuation is then scored against that pruned KV cache: every option
+        of a multiple-choice question sees the same kept visual tokens, and the answer never picks them."""
+        try:
+            return self._loglikelihood(requests)
+        except Exception as error:
+            compat.exit_on_run_error(error, self.name)
+
+    def _generate_until(self, requests) -> list[str]:
         self.requests_computed["generate_until"] += len(requests)
         self._stats.kind = "generate_until"
         results = []
@@ -291,10 +322,7 @@ class VTRLmms(lmms):
         bar.close()
         return collator.get_original(results)
 
-    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
-        """Log-probability of each continuation. The context (visuals + question) is pruned on its own, as
-        for generation, and the continuation is then scored against that pruned KV cache: every option
-        of a multiple-choice question sees the same kept visual tokens, and the answer never picks them."""
+    def _loglikelihood(self, requests) -> list[tuple[float, bool]]:
         self.requests_computed["loglikelihood"] += len(requests)
         self._stats.kind = "loglikelihood"
         results = []

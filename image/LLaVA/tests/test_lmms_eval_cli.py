@@ -154,6 +154,7 @@ def test_unknown_model_arg_fails_the_cli_with_the_valid_keys(workdir, tiny_path)
         ("keep_ratio=1.5", "VTRConfig.keep_ratio=1.5 is invalid"),
         ("strategy=fastvv", "unknown strategy 'fastvv'"),
         ("prune_layer=99", "has 4 decoder layers"),
+        ("device=nodevice", "nodevice"),  # a loading error: lmms-eval alone would log it and exit 0
     ],
 )
 def test_bad_values_stop_the_cli_with_a_non_zero_status(workdir, tiny_path, bad, message):

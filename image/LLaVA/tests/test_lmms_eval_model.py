@@ -122,3 +122,32 @@ def test_response_cache_is_keyed_by_the_lmms_eval_release_not_by_our_git_commit(
     import llava.vtr.lmms_eval_plugin  # noqa: F401  (importing the plugin installs the workarounds)
 
     assert lmms_eval.utils.get_lmms_eval_cache_version() == importlib.metadata.version("lmms-eval")
+
+
+def test_under_the_cli_a_failing_request_ends_the_process_with_status_1(tiny_path, monkeypatch, capsys):
+    """lmms-eval's CLI logs any exception and exits 0; a request that fails inside our model stops the run."""
+    from llava.vtr import lmms_eval_compat as compat
+
+    lm = make(tiny_path, "strategy=fastv,keep_tokens=6,prune_layer=2")
+    bad = ll_request(1, " yes", visual_fn=lambda doc: ["not an image"])
+    with pytest.raises(ValueError, match="images only"):  # outside the CLI: the error itself
+        lm.loglikelihood([bad])
+    monkeypatch.setattr(compat, "under_lmms_eval_cli", lambda: True)
+    with pytest.raises(SystemExit) as stop:
+        lm.loglikelihood([bad])
+    assert stop.value.code == 1 and "llava_vtr: the run failed: ValueError" in capsys.readouterr().err
+
+
+def test_generation_kwargs_reach_generate_and_unknown_ones_are_named(tiny_path):
+    from loguru import logger
+
+    lm = make(tiny_path, "strategy=fastv,keep_tokens=6,prune_layer=2")
+    messages = []
+    handler = logger.add(messages.append, level="WARNING")
+    try:
+        kwargs = lm.generation_kwargs({"max_new_tokens": 3, "repetition_penalty": 1.3, "image_aspect_ratio": "pad"})
+    finally:
+        logger.remove(handler)
+    assert kwargs["repetition_penalty"] == 1.3 and kwargs["max_new_tokens"] == 3
+    assert "image_aspect_ratio" not in kwargs
+    assert any("['image_aspect_ratio'] are not used" in m for m in messages)

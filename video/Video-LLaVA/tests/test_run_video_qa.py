@@ -490,3 +490,23 @@ def test_torchrun_ranks_answer_one_chunk_each_and_rank0_merges(tiny, dataset, fa
     keys = ("id", "pred", "error", "kept_tokens", "visual_tokens", "flops_ratio")
     assert [[r[k] for k in keys] for r in merged] == [[r[k] for k in keys] for r in single]
     assert json.loads((tmp_path / "fastv_K1_keep8.score.json").read_text())["rows"] == 5
+
+
+def test_a_rank_that_fails_reports_it_and_nobody_waits_forever(monkeypatch, tmp_path, capsys):
+    """Under torchrun any failure of a rank (not only bad data) reaches the others through the status
+    exchange that replaces the barrier, so no rank waits at it and nothing is merged."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(rq, "run", boom)
+    assert rq._launched_main(None, VTRConfig()) == 1
+    assert "CUDA out of memory (simulated)" in capsys.readouterr().err

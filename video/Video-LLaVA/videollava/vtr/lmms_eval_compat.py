@@ -18,8 +18,9 @@ imported (lmms-eval imports it only when that `--model` is requested; see lmms_e
   installed (site-packages) lmms-eval is keyed by its release version instead.
 - `count_response_cache_hits`: requests answered from `--use_cache` never reach the model; the record
   says how many.
-- `exit_on_argument_error`: the CLI catches every Exception from a run and exits 0; an argument error of
-  our plugin must stop the process with a non-zero status.
+- `exit_on_argument_error` / `exit_on_run_error`: the CLI catches every Exception from a run, logs it and
+  exits 0; an argument or loading error of our plugin (status 2) and a failure while answering requests
+  (status 1) must stop the process with a non-zero status.
 """
 
 from __future__ import annotations
@@ -163,6 +164,21 @@ def exit_on_argument_error(error: Exception, model_name: str):
     logger.error(message)
     print(message, file=sys.stderr, flush=True)
     raise SystemExit(2) from error
+
+
+def exit_on_run_error(error: Exception, model_name: str):
+    """A failure while answering requests (a missing video, an out-of-memory, a bug): under the lmms-eval
+    CLI print the traceback and end the process with status 1 (no partial results pass as a finished run);
+    elsewhere re-raise."""
+    if not under_lmms_eval_cli():
+        raise error
+    import traceback
+
+    traceback.print_exception(error, file=sys.stderr)
+    message = f"{model_name}: the run failed: {type(error).__name__}: {error}"
+    logger.error(message)
+    print(message, file=sys.stderr, flush=True)
+    raise SystemExit(1) from error
 
 
 def install(folder_name) -> None:

@@ -846,14 +846,27 @@ def _launched_main(args, vtr_config: VTRConfig, model=None, processor=None) -> i
 
     dist.init_process_group("gloo", timeout=timedelta(days=7))  # a barrier only; chunks may take hours
     try:
+        import torch
+
         try:
             counts, status = run(args, vtr_config, model=model, processor=processor), 0
-        except (DataError, VTRConfigError) as error:  # the same on every rank: all of them stop
+        except (DataError, VTRConfigError) as error:
             print(f"run_video_qa: error: {_name_the_flag(str(error))}", file=sys.stderr)
             counts, status = None, 2
-        dist.barrier()
-        if status or dist.get_rank() != 0:
-            return status
+        except Exception:  # any other failure of this rank: report it, and let every rank know (no hang)
+            import traceback
+
+            traceback.print_exc()
+            counts, status = None, 1
+        # the barrier: every rank reports its status; the worst one decides whether rank 0 merges
+        worst = torch.tensor([status])
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+        if worst.item() and not status:
+            print(
+                f"run_video_qa: another rank failed (status {worst.item()}); the parts were not merged", file=sys.stderr
+            )
+        if worst.item() or dist.get_rank() != 0:
+            return status or int(worst.item())
         name = PART_RE.match(Path(counts["path"]).name).group("name")
         return merge_main(args, name, args.num_chunks)
     finally:
