@@ -24,7 +24,7 @@ from PIL import Image
 from .api import load_model, load_processor
 from .config import VTRConfig
 from .lmms_eval_base import VTRLmms, install_compat
-from .video_io import VideoError
+from .video_io import IMAGE_EXTENSIONS, VideoError
 
 #: Placeholders lmms-eval task prompts may carry; the visuals are placed by the chat template instead.
 TASK_PLACEHOLDERS = ("<image>", "<video>")
@@ -59,6 +59,8 @@ class InternVLVTR(VTRLmms):
         for v in visuals:
             if isinstance(v, Image.Image):
                 out.append(v.convert("RGB"))
+            elif isinstance(v, (str, Path)) and Path(v).suffix.lower() in IMAGE_EXTENSIONS:
+                out.append(Image.open(v).convert("RGB"))
             elif isinstance(v, (str, Path)):
                 if not Path(v).is_file():
                     raise VideoError(f"video file not found: {v}")

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
+#: a doc visual given as a path with one of these suffixes is an image, not a video
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
 class VideoError(ValueError):
@@ -123,6 +125,11 @@ def load_video(
     path = Path(path)
     if not path.is_file():
         raise VideoError(f"video file not found: {path}")
+    for name, value in (("num_frames", num_frames), ("max_frames", max_frames)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise VideoError(f"{name}={value!r}: must be an integer >= 1")
+    if fps is not None and not fps > 0:
+        raise VideoError(f"fps={fps!r}: must be > 0")
     if pick is None:
 
         def pick(total, file_fps):

@@ -12,6 +12,7 @@ import pytest
 import torch
 from internvl_testlib import oracle_forward, stage_drops
 from lmms_eval.api.instance import Instance
+from PIL import Image
 
 from internvl_vtr.lmms_eval_plugin import InternVLVTR
 from internvl_vtr.tiny import demo_image
@@ -50,6 +51,10 @@ def test_prompts_and_visuals(tiny_path, clip):
         lm.prepare_visuals([3])
     with pytest.raises(VideoError, match="nowhere.mp4"):
         lm.prepare_visuals(["/nowhere.mp4"])
+    saved = Path(clip).with_suffix(".png")  # an image given as a file path is an image, not a video
+    image.save(saved)
+    (loaded,) = lm.prepare_visuals([str(saved)])
+    assert isinstance(loaded, Image.Image) and loaded.size == image.size
     for bad, message in [
         ("max_patches=0", "max_patches=0"),
         ("min_patches=3,max_patches=2", "min_patches=3 > max_patches=2"),

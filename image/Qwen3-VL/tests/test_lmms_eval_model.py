@@ -104,3 +104,13 @@ def test_a_visual_of_another_kind_is_refused(tiny_path):
         lm.prepare_visuals([torch.zeros(3)])
     with pytest.raises(ValueError, match="video file not found"):
         lm.prepare_visuals(["/no/such/video.mp4"])
+
+
+def test_an_image_file_path_is_an_image_and_task_placeholders_are_dropped(tiny_path, tmp_path):
+    lm = make(tiny_path, "strategy=none")
+    path = tmp_path / "picture.jpg"
+    demo_image(64).save(path)
+    ((kind, image),) = lm.prepare_visuals([str(path)])
+    assert kind == "image" and image.size == (64, 64)
+    prompt = lm.build_prompt("<video>\n<image>\nWhat is it?", [(kind, image)])
+    assert "<video>" not in prompt and "<image>" not in prompt and prompt.count("<|vision_start|>") == 1

@@ -22,7 +22,7 @@ from PIL import Image
 from .api import load_model, load_processor
 from .config import VTRConfig
 from .lmms_eval_base import VTRLmms, install_compat
-from .video_io import VideoError
+from .video_io import IMAGE_EXTENSIONS, VideoError
 
 
 class Qwen3VLVTR(VTRLmms):
@@ -62,6 +62,8 @@ class Qwen3VLVTR(VTRLmms):
         for v in visuals:
             if isinstance(v, Image.Image):
                 prepared.append(("image", v.convert("RGB")))
+            elif isinstance(v, (str, Path)) and Path(v).suffix.lower() in IMAGE_EXTENSIONS:
+                prepared.append(("image", Image.open(v).convert("RGB")))
             elif isinstance(v, (str, Path)):
                 if not Path(v).is_file():
                     raise VideoError(f"video file not found: {v}")
@@ -72,7 +74,9 @@ class Qwen3VLVTR(VTRLmms):
 
     def build_prompt(self, context: str, visuals: list) -> str:
         content = [{"type": kind} for kind, _ in visuals]
-        content.append({"type": "text", "text": context.replace("<image>", "").strip()})
+        for placeholder in ("<image>", "<video>"):  # the chat template places the visuals itself
+            context = context.replace(placeholder + "\n", "").replace(placeholder, "")
+        content.append({"type": "text", "text": context.strip()})
         return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
     def encode(self, prompts: list[str], visuals: list[list]):

@@ -64,3 +64,9 @@ def test_a_custom_frame_picker_replaces_the_sampling(clip_path):
     clip = load_video(clip_path, pick=every_fifth)
     assert seen == [(16, 8.0)] and clip.indices == [0, 5, 10, 15] and clip.frames.shape[0] == 4
     assert clip.backend == "decord"
+
+
+@pytest.mark.parametrize("kwargs", [dict(num_frames=0), dict(num_frames=2.5), dict(fps=0), dict(fps=1, max_frames=0)])
+def test_bad_sampling_settings_are_named_not_reported_as_a_broken_file(clip_path, kwargs):
+    with pytest.raises(VideoError, match=f"{next(iter(kwargs)) if 'max_frames' not in kwargs else 'max_frames'}="):
+        load_video(clip_path, **kwargs)
