@@ -133,7 +133,7 @@ def test_patch_coordinates_follow_the_anyres_layout(next_path, next_processor):
 
 
 def test_lmms_eval_plugin_runs_llava_16_with_different_tile_counts_in_one_batch(next_path):
-    from test_lmms_eval_model import DOCS, gen_request, ll_request, make
+    from llava_lmms_testlib import DOCS, gen_request, ll_request, make
 
     def wide_visual(doc):  # a different aspect ratio per question: 3, 5 or 3 tiles
         return [demo_image(64).resize((96, 40) if len(doc["q"]) % 2 else (64, 64))]
@@ -152,10 +152,10 @@ def test_lmms_eval_plugin_runs_llava_16_with_different_tile_counts_in_one_batch(
 
 
 def test_llava_16_prompt_formats(next_path):
-    from test_lmms_eval_model import make
     from transformers import LlavaNextConfig, MistralConfig
 
     from llava.vtr.lmms_eval_plugin import VICUNA_SYSTEM, default_conv_template
+    from llava_lmms_testlib import make
 
     lm = make(next_path, "strategy=none")
     assert lm.build_prompt("Is it red?", [IMG]) == f"{VICUNA_SYSTEM} USER: <image>\nIs it red? ASSISTANT:"

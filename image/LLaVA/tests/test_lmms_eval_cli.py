@@ -151,9 +151,7 @@ def test_unknown_model_arg_fails_the_cli_with_the_valid_keys(workdir, tiny_path)
 @pytest.mark.parametrize(
     "bad,message",
     [
-        ("keep_ratio=1.5", "VTRConfig.keep_ratio=1.5 is invalid"),
-        ("strategy=fastvv", "unknown strategy 'fastvv'"),
-        ("prune_layer=99", "has 4 decoder layers"),
+        ("prune_layer=99", "has 4 decoder layers"),  # (keep_ratio=1.5, strategy=fastvv: test_model_args.py)
         ("device=nodevice", "nodevice"),  # a loading error: lmms-eval alone would log it and exit 0
     ],
 )

@@ -2,38 +2,13 @@
 
 import pytest
 import torch
-from lmms_eval.api.instance import Instance
 
-from llava.vtr.lmms_eval_plugin import VICUNA_SYSTEM, LlavaVTR
+from llava.vtr.lmms_eval_plugin import VICUNA_SYSTEM
 from llava.vtr.tiny import build_tiny_original_llava, demo_image
+from llava_lmms_testlib import DOCS, gen_request, ll_request, make, visual  # noqa: F401
 from llava_testlib import oracle_forward, stage_drops
 
 IMG = demo_image(64)  # any image: build_prompt only counts them
-
-DOCS = {i: {"q": q} for i, q in enumerate(["Is it red?", "What shape is shown in the picture?", "Any text?"])}
-
-
-def make(tiny_path, args):
-    lm = LlavaVTR.create_from_arg_string(f"pretrained={tiny_path},{args}", {"batch_size": None, "device": None})
-    lm.task_dict = {"t": {"test": DOCS}}
-    return lm
-
-
-def visual(doc):
-    return [demo_image(64).rotate(90 * len(doc["q"]))]
-
-
-def _instance(kind, args, doc_id):
-    return Instance(kind, args, idx=0, metadata={"task": "t", "doc_id": doc_id, "repeats": 1})
-
-
-def ll_request(doc_id, continuation=" yes", visual_fn=visual):
-    return _instance("loglikelihood", (DOCS[doc_id]["q"], continuation, visual_fn, doc_id, "t", "test"), doc_id)
-
-
-def gen_request(doc_id, visual_fn=visual, **gen_kwargs):
-    kwargs = {"max_new_tokens": 5, "temperature": 0, "until": ["\n\n"], **gen_kwargs}
-    return _instance("generate_until", (DOCS[doc_id]["q"], kwargs, visual_fn, doc_id, "t", "test"), doc_id)
 
 
 def test_prompt_uses_the_llava_15_conversation_template(tiny_path):
