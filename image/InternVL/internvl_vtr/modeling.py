@@ -15,8 +15,6 @@ after the last `</img>`. Positions are 1-D (Qwen2 / Llama decoders).
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 from transformers import InternVLForConditionalGeneration
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
@@ -36,12 +34,6 @@ class InternVLAdapter(BackboneAdapter):
     #: the share LLaVA-1.6 keeps by default (320 of 2,880).
     default_keep_tokens = 192
     output_class = InternVLCausalLMOutputWithPast
-
-    @property
-    def rope_fn(self):
-        # InternVL3 decodes with Qwen2, InternVL2.5 (-hf) with Qwen2 or Llama: that family's rotary function.
-        module = importlib.import_module(type(self.language_model).__module__)
-        return module.apply_rotary_pos_emb
 
     def has_visual_input(self, args: dict) -> bool:
         encoded = args.get("mm_encoder_outputs") or {}

@@ -51,11 +51,6 @@ class Qwen3VLAdapter(BackboneAdapter):
         super().__init__(model)
         self._deepstack: list[torch.Tensor] | None = None  # per DeepStack layer: [num_visual, hidden], one prefill
 
-    @property
-    def rope_fn(self):
-        module = importlib.import_module(type(self.language_model).__module__)
-        return module.apply_rotary_pos_emb
-
     def has_visual_input(self, args: dict) -> bool:
         encoded = args.get("mm_encoder_outputs") or {}
         return any(args.get(pixels) is not None or encoded.get(name) is not None for name, pixels, _ in MODALITIES)

@@ -9,8 +9,6 @@ positions re-mapped onto the shortened cache.
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
@@ -37,12 +35,6 @@ class LlavaAdapter(BackboneAdapter):
     #: Budget when the user gives none (VTRConfig.budget_defaulted): how LLaVA-1.5 was evaluated.
     default_keep_tokens = 192
     output_class = LlavaCausalLMOutputWithPast
-
-    @property
-    def rope_fn(self):
-        # The text model may be Llama (Vicuna), Mistral or Qwen2: use its own family's rotary function.
-        module = importlib.import_module(type(self.language_model).__module__)
-        return module.apply_rotary_pos_emb
 
     def has_visual_input(self, args: dict) -> bool:
         encoded = args.get("mm_encoder_outputs") or {}

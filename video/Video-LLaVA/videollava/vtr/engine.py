@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import time
 from dataclasses import dataclass, field
 
@@ -112,8 +113,9 @@ class BackboneAdapter:
 
     @property
     def rope_fn(self):
-        """`apply_rotary_pos_emb(q, k, cos, sin) -> (q, k)` of the decoder's model family."""
-        raise NotImplementedError
+        """`apply_rotary_pos_emb(q, k, cos, sin) -> (q, k)` of the decoder's model family: by default the one
+        defined beside the language model's class (Llama, Mistral, Qwen2, Qwen3-VL's M-RoPE text model, ...)."""
+        return importlib.import_module(type(self.language_model).__module__).apply_rotary_pos_emb
 
     def has_visual_input(self, args: dict) -> bool:
         """True when `forward(**args)` carries pixels or pre-encoded visual features (a prefill to prune)."""

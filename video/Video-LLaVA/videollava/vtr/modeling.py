@@ -18,8 +18,6 @@ the sample). Positions are 1-D (0..seq-1, or `position_ids`), so decode needs no
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 from transformers import VideoLlavaForConditionalGeneration
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
@@ -41,11 +39,6 @@ class VideoLlavaAdapter(BackboneAdapter):
     #: Budget when the user gives none (VTRConfig.budget_defaulted): a quarter of an 8-frame video
     #: (2 frames' worth of the 2056 tokens); an image prompt (256 tokens) then keeps everything.
     default_keep_tokens = 514
-
-    @property
-    def rope_fn(self):
-        module = importlib.import_module(type(self.language_model).__module__)  # Llama (Vicuna) in the release
-        return module.apply_rotary_pos_emb
 
     def has_visual_input(self, args: dict) -> bool:
         encoded = args.get("mm_encoder_outputs") or {}
