@@ -13,8 +13,9 @@ from visual_token_pruning.video_io import VideoError, write_test_video
 
 def test_load_processor_falls_back_with_one_line(tiny_path, capsys):
     processor = load_processor(tiny_path)
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
-    assert len(lines) == 1 and "torchvision" in lines[0]
+    out, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if line.startswith("visual_token_pruning:")]
+    assert len(lines) == 1 and "torchvision" in lines[0] and "visual_token_pruning" not in out, "one line, on stderr"
     assert type(processor.image_processor).__name__ == "Qwen2VLImageProcessorPil"
     assert processor.video_processor.patch_size == 4 and processor.image_processor.patch_size == 4
     assert processor.chat_template

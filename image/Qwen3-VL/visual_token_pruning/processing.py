@@ -15,6 +15,7 @@ per-frame `<t seconds>` timestamps and `mm_token_type_ids` are the stock code) a
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -204,7 +205,7 @@ def load_processor(pretrained: str, min_pixels: int | None = None, max_pixels: i
     from transformers.image_processing_base import ImageProcessingMixin
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    print(_FALLBACK_NOTICE)
+    print(_FALLBACK_NOTICE, file=sys.stderr)
     image_dict, _ = ImageProcessingMixin.get_image_processor_dict(pretrained, **kwargs)
     image_dict = {k: v for k, v in image_dict.items() if k not in ("image_processor_type", "processor_class")}
     image_dict.update(overrides)

@@ -59,7 +59,7 @@ def test_encode_takes_a_decoded_clip_and_refuses_mismatches(processor, video_fil
 def test_the_fallback_says_so_once_and_saves_a_stock_loadable_folder(tiny_path, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(processing, "_WARNED", False)
     first, _ = load_processor(tiny_path), load_processor(tiny_path)
-    lines = [line for line in capsys.readouterr().out.splitlines() if "torchvision" in line]
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("videollava.vtr: torchvision")]
     assert len(lines) == 1
     first.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "processor_config.json").read_text())
@@ -97,4 +97,4 @@ def test_with_torchvision_the_stock_auto_processor_is_used(tiny_path, monkeypatc
     monkeypatch.setattr(processing, "_WARNED", False)
     monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", lambda path, **kw: calls.append(path) or "stock")
     assert load_processor(tiny_path) == "stock" and calls == [tiny_path]
-    assert "torchvision" not in capsys.readouterr().out
+    assert "videollava.vtr: torchvision" not in capsys.readouterr().err

@@ -13,6 +13,7 @@ from torchvision's resize in the last bits.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -133,7 +134,9 @@ def load_processor(pretrained: str, **kwargs):
         return AutoProcessor.from_pretrained(pretrained, **kwargs)
     global _WARNED
     if not _WARNED:
-        print("videollava.vtr: torchvision is not installed; videos go through the PIL frame processor")
+        print(
+            "videollava.vtr: torchvision is not installed; videos go through the PIL frame processor", file=sys.stderr
+        )
         _WARNED = True
     hub = {k: v for k, v in kwargs.items() if k in ("revision", "cache_dir", "token", "local_files_only")}
     # processor_config.json holds the sub-processors' settings in newer checkpoints; older ones keep them
