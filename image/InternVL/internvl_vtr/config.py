@@ -24,6 +24,22 @@ DEFAULT_KEEP_TOKENS = 192
 QUERY_AGGREGATIONS = ("last", "question")
 HEAD_AGGREGATIONS = ("mean", "max")
 
+# The engine conventions a method inherits from its paper (see `PruningStrategy`): each a strategy attribute
+# (the official choice), overridable per config. `convention="common"` runs every method under COMMON.
+CONVENTIONS = {
+    # whose attention scores a stage at prune layer K: layer K-1's (computed inside it, FastV) or layer K's own
+    # q/k applied to the hidden states entering it (PyramidDrop)
+    "scoring_layer": ("previous", "own"),
+    # RoPE positions of the kept tokens: the prompt's original ones (gaps where tokens were dropped), or
+    # renumbered without gaps after each drop, decode continuing each layer's own numbering
+    "positions": ("original", "compact"),
+    # KV cache of the layers before a prune layer: kept whole (decode steps there still see every token), or
+    # trimmed to the kept tokens (CLSE)
+    "earlier_cache": ("keep", "trim"),
+}
+COMMON_CONVENTIONS = {"scoring_layer": "previous", "positions": "original", "earlier_cache": "keep"}
+CONVENTION_MODES = ("official", "common")
+
 
 class StageBudget(NamedTuple):
     """The budget of one prune stage, already resolved from scalar-or-list fields."""
@@ -38,6 +54,15 @@ class StageBudget(NamedTuple):
         if self.score_threshold is not None:
             return f"score_threshold={self.score_threshold}"
         return f"keep_ratio={self.keep_ratio}"
+
+
+class Conventions(NamedTuple):
+    """The engine conventions one run uses, resolved from the config and the method (`VTRConfig.conventions`)."""
+
+    scoring_layer: str
+    positions: str
+    earlier_cache: str
+    token_merge: bool
 
 
 class VTRConfigError(ValueError):
@@ -79,14 +104,18 @@ class VTRConfig:
     priortr_eps: epsilon added to P and Q inside PriorTR's log ratio.
     important_ratio: VisPruner's share of the budget kept as important tokens (by the vision encoder's
         own attention); the rest is filled with diverse tokens.
-    clse_cutoff: CLSE's Gaussian high-pass cutoff, as a fraction of the largest grid frequency.
+    clse_cutoff: CLSE's Gaussian high-pass cutoff sigma, as a fraction of min(h//2, w//2) of the token grid.
     clse_temperature: CLSE's sigmoid temperature on the z-scored evolution factor.
-    clse_reference_layer: CLSE's reference: the output of that decoder layer (it must come before the first
-        scoring layer), or None/-1 for the input embeddings.
+    clse_reference_layer: CLSE's reference: the hidden states entering that decoder layer (0 = the input
+        embeddings, the default; it must come before the first prune layer).
     token_merge: recycle dropped tokens into merged ones inserted after the kept visual tokens (methods
-        with `supports_token_merge`, e.g. sparsevlm); merge_ratio: the best-scored share of the dropped
-        tokens that is recycled; merge_clusters: how many merged tokens (0 = about the square root of the
-        recycled count).
+        with `supports_token_merge`, e.g. sparsevlm); None = the method's own default (SparseVLM: on).
+        merge_ratio: int(merge_ratio x dropped) + 1 of the best-scored dropped tokens are recycled;
+        merge_clusters: how many merged tokens (0 = int(recycled / 10) + 1, SparseVLM's count).
+    convention: `official` (each method runs with the conventions of its official code) or `common` (every
+        method runs with scoring_layer=previous, positions=original, earlier_cache=keep: an apples-to-apples
+        comparison). scoring_layer / positions / earlier_cache: override one convention (None = as
+        `convention` says); see CONVENTIONS and docs/methods.md.
 
     A field left unset may be filled by the model when the config is set on it: the budget by the
     backbone's default (`budget_defaulted`), and a method's own schedule (e.g. PDrop's three stages) when
@@ -104,12 +133,16 @@ class VTRConfig:
     seed: int = 0
     priortr_eps: float = 1e-6
     important_ratio: float = 0.5
-    clse_cutoff: float = 0.25
-    clse_temperature: float = 1.0
-    clse_reference_layer: int | None = None
-    token_merge: bool = False
+    clse_cutoff: float = 0.1
+    clse_temperature: float = 0.1
+    clse_reference_layer: int = 0
+    token_merge: bool | None = None
     merge_ratio: float = 0.3
     merge_clusters: int = 0
+    convention: str = "official"
+    scoring_layer: str | None = None
+    positions: str | None = None
+    earlier_cache: str | None = None
     # Filled in __post_init__: the prune layers as a sorted list; which fields were left to defaults.
     prune_layers: list[int] = field(init=False, repr=False, compare=False, default_factory=list)
     budget_defaulted: bool = field(init=False, repr=False, compare=False, default=False)
@@ -170,10 +203,16 @@ class VTRConfig:
         ):
             raise _bad("clse_temperature", self.clse_temperature, "must be a number > 0")
         ref = self.clse_reference_layer
-        if ref is not None and (isinstance(ref, bool) or not isinstance(ref, int) or ref < -1):
-            raise _bad("clse_reference_layer", ref, "must be None, -1 (the input embeddings) or a layer index >= 0")
-        if not isinstance(self.token_merge, bool):
-            raise _bad("token_merge", self.token_merge, "must be True or False")
+        if isinstance(ref, bool) or not isinstance(ref, int) or ref < 0:
+            raise _bad("clse_reference_layer", ref, "must be a decoder layer index >= 0 (0 = the input embeddings)")
+        if self.token_merge is not None and not isinstance(self.token_merge, bool):
+            raise _bad("token_merge", self.token_merge, "must be True, False or None (the method's default)")
+        if self.convention not in CONVENTION_MODES:
+            raise _bad("convention", self.convention, f"choose one of {list(CONVENTION_MODES)}")
+        for name, allowed in CONVENTIONS.items():
+            value = getattr(self, name)
+            if value is not None and value not in allowed:
+                raise _bad(name, value, f"choose one of {list(allowed)} (or leave it unset: the method's own)")
         if not self._valid_ratio(self.merge_ratio):
             raise _bad("merge_ratio", self.merge_ratio, "must be a number in [0, 1]")
         if isinstance(self.merge_clusters, bool) or not isinstance(self.merge_clusters, int) or self.merge_clusters < 0:
@@ -193,13 +232,14 @@ class VTRConfig:
             strategy = get_strategy(self.strategy)
             if self.token_merge and not strategy.supports_token_merge:
                 raise _bad("token_merge", True, f"{self.strategy!r} does not recycle dropped tokens (sparsevlm does)")
-            if layers[0] == 0 and strategy.needs_attention:
+            if layers[0] == 0 and strategy.needs_attention and self.conventions().scoring_layer == "previous":
                 raise _bad(
                     "prune_layer",
                     self.prune_layer,
                     f"each prune layer must be an integer >= 1 for {self.strategy!r}, which scores from the "
                     "attention of layer K-1; 0 (before the first decoder layer) is only for strategies that "
-                    "read no attention (needs_attention = False)",
+                    "read no attention (needs_attention = False) or score with layer K's own q/k "
+                    "(scoring_layer='own')",
                 )
 
     @staticmethod
@@ -228,6 +268,25 @@ class VTRConfig:
         for v in values:
             if not valid(v):
                 raise _bad(name, value, f"each value must be {allowed}")
+
+    def conventions(self) -> Conventions:
+        """The conventions this config runs with: an explicit field, else `COMMON_CONVENTIONS` under
+        `convention="common"`, else the method's own (its class attributes)."""
+        from .strategy import get_strategy
+
+        method = get_strategy(self.strategy) if self.enabled else None
+        chosen = {}
+        for name in CONVENTIONS:
+            value = getattr(self, name)
+            if value is None:
+                value = COMMON_CONVENTIONS[name] if self.convention == "common" or method is None else getattr(method, name)
+            chosen[name] = value
+        merge = self.token_merge
+        if merge is None:
+            merge = bool(method is not None and method.supports_token_merge and method.token_merge_default)
+            if self.convention == "common":
+                merge = False
+        return Conventions(token_merge=merge, **chosen)
 
     def stage_budget(self, stage: int) -> StageBudget:
         """The budget of prune stage `stage` (0-based position in `prune_layers`)."""

@@ -64,27 +64,49 @@ def test_a_text_only_prompt_runs_unpruned(backbone):
 METHODS = sorted(m for m in available_strategies() if not m.startswith(("test_", "contract_")))
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_every_method_keeps_its_budget_and_equals_the_oracle(backbone, method):
-    first = 0 if not get_strategy(method).needs_attention else 1  # pre-LLM methods start before layer 0
-    model = vtr(backbone, strategy=method, prune_layer=[first, 3], keep_tokens=[14, 5])
+def check_against_oracle(backbone, model, kept=((14, 14), (5, 5))):
+    """The pruned prefill and greedy decode of `model` on the padded batch equal the oracle run with the same
+    drops under the model's conventions."""
     inputs, stock = backbone.batch, backbone.stock["eager"]
+    conventions = model.vtr_config.conventions()
     with torch.no_grad():
         logits = model(**inputs).logits
     record = model.vtr_last
-    assert [s.image_tokens_kept for s in record.stages] == [[14, 14], [5, 5]]
+    kept = [list(k) for k in kept]
+    assert [s.image_tokens_kept for s in record.stages] == kept
     prompt_len = inputs["input_ids"].shape[1]
     visual = torch.isin(inputs["input_ids"], torch.tensor(backbone.visual_token_id).reshape(-1))  # id or ids
-    expected = oracle_forward(stock, inputs, stage_drops(record, 2, prompt_len, visual), prompt_len, backbone.embed)
+    drops = stage_drops(record, 2, prompt_len, visual)
+    expected = oracle_forward(stock, inputs, drops, prompt_len, backbone.embed, conventions=conventions)
     for b in range(2):
         rows = (record.kept_index[b] >= 0) & inputs["attention_mask"][b].bool()[record.kept_index[b].clamp_min(0)]
         torch.testing.assert_close(logits[b, rows], expected[b, record.kept_index[b, rows]], atol=ATOL, rtol=0)
     tokens, step_logits = greedy(model, inputs)
-    assert [s.image_tokens_kept for s in model.vtr_last.stages] == [[14, 14], [5, 5]], "generate prunes too"
+    assert [s.image_tokens_kept for s in model.vtr_last.stages] == kept, "generate prunes too"
     stages = stage_drops(model.vtr_last, 2, prompt_len, visual)
-    want_tokens, want_logits = oracle_greedy(stock, inputs, stages, STEPS, backbone.embed)
+    want_tokens, want_logits = oracle_greedy(stock, inputs, stages, STEPS, backbone.embed, conventions)
     assert torch.equal(tokens, want_tokens)
     torch.testing.assert_close(step_logits, want_logits, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_keeps_its_budget_and_equals_the_oracle(backbone, method):
+    """Each method under its own (official) conventions; recycling has its own oracle test."""
+    strategy = get_strategy(method)
+    first = 0 if not strategy.needs_attention or strategy.scoring_layer == "own" else 1  # K=0: before layer 0
+    merge = dict(token_merge=False) if strategy.supports_token_merge else {}
+    check_against_oracle(backbone, vtr(backbone, strategy=method, prune_layer=[first, 3], keep_tokens=[14, 5], **merge))
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("scoring", ["previous", "own"])
+@pytest.mark.parametrize("positions,cache", [("original", "keep"), ("compact", "keep"), ("original", "trim"), ("compact", "trim")])
+def test_every_convention_equals_the_oracle(backbone, impl, scoring, positions, cache):
+    """Scoring layer x positions of kept tokens x the earlier layers' cache, prefill and greedy decode."""
+    cfg = dict(strategy="fastv", prune_layer=[1, 3], keep_tokens=[14, 5])
+    model = vtr(backbone, impl, scoring_layer=scoring, positions=positions, earlier_cache=cache, **cfg)
+    assert tuple(model.vtr_config.conventions())[:3] == (scoring, positions, cache)
+    check_against_oracle(backbone, model)
 
 
 CAPTURED = []
@@ -98,13 +120,15 @@ class Capture(PruningStrategy):
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
-def test_scoring_attention_is_the_eager_causal_attention_of_layer_k_minus_1(backbone, impl):
+@pytest.mark.parametrize("scoring,layer", [("previous", 1), ("own", 2)])
+def test_scoring_attention_is_the_eager_causal_attention_of_the_scoring_layer(backbone, impl, scoring, layer):
+    """prune_layer=2: layer 1's attention (FastV's convention), or layer 2's own (PyramidDrop's)."""
     CAPTURED.clear()
-    model = vtr(backbone, impl, strategy="contract_capture", prune_layer=2, keep_tokens=8)
+    model = vtr(backbone, impl, strategy="contract_capture", prune_layer=2, keep_tokens=8, scoring_layer=scoring)
     inputs = backbone.batch
     with torch.no_grad():
         model(**inputs)
-        eager = backbone.stock["eager"](**inputs, output_attentions=True).attentions[1]
+        eager = backbone.stock["eager"](**inputs, output_attentions=True).attentions[layer]
     valid = inputs["attention_mask"].bool()
     assert len(CAPTURED) == 2
     for b, got in enumerate(CAPTURED):

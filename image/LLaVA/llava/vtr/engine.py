@@ -116,6 +116,22 @@ class BackboneAdapter:
         defined beside the language model's class (Llama, Mistral, Qwen2, Qwen3-VL's M-RoPE text model, ...)."""
         return importlib.import_module(type(self.language_model).__module__).apply_rotary_pos_emb
 
+    def rotary(self, hidden: torch.Tensor, positions: torch.Tensor):
+        """(cos, sin) of the decoder's rotary embedding for `positions` in the engine's layout: [b, s], or
+        [b, s, rows] for M-RoPE (the model's own layout is [rows, b, s])."""
+        if positions.ndim == 3:
+            positions = positions.permute(2, 0, 1)
+        return self.language_model.rotary_emb(hidden, positions)
+
+    @staticmethod
+    def engine_positions(position_ids: torch.Tensor) -> torch.Tensor:
+        """A decode step's model-level `position_ids` in the engine's layout (M-RoPE rows last; a leading text
+        row that generate() adds for mask creation, as Qwen-VL's 4-row ids carry, is dropped)."""
+        if position_ids.ndim == 3:
+            rows = position_ids[1:] if position_ids.shape[0] == 4 else position_ids
+            return rows.permute(1, 2, 0)
+        return position_ids
+
     def has_visual_input(self, args: dict) -> bool:
         """True when `forward(**args)` carries pixels or pre-encoded visual features (a prefill to prune)."""
         raise NotImplementedError
@@ -181,7 +197,7 @@ class TokenState:
     `fill` gives the value of re-padding rows (rows a sample does not need when others keep more).
     """
 
-    FILL = {"valid": False, "visual": False, "original_index": -1, "positions": 0, "born": 0}
+    FILL = {"valid": False, "visual": False, "original_index": -1, "positions": 0, "born": 0, "merged": False}
 
     def __init__(self, **tensors: torch.Tensor):
         self.__dict__["tensors"] = tensors
@@ -219,6 +235,33 @@ def _span_info(visual: torch.Tensor, valid: torch.Tensor, position: torch.Tensor
     ).long()
 
 
+def _next_position(positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """[batch]: one past the largest position of each sample's valid rows (M-RoPE: over every row)."""
+    per_token = positions.amax(-1) if positions.ndim == 3 else positions
+    return torch.where(valid, per_token, -1).amax(1) + 1
+
+
+def compact_positions(positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Positions renumbered without the gaps dropped tokens left, as if the kept tokens had been the prompt.
+
+    1-D [b, s]: each sample's valid rows get first position + 0, 1, 2, ... M-RoPE [b, s, rows]: every row of
+    a token moves down by the gaps before it, where a token's gap is how far its lowest row lies above the
+    highest position before it, plus one (so text continues right after the previous maximum, and a visual
+    token keeps its grid offsets within its image). Re-padding rows are left as they are.
+    """
+    if positions.ndim == 2:
+        first = torch.where(valid, positions, torch.iinfo(positions.dtype).max).amin(1, keepdim=True)
+        rank = valid.long().cumsum(1) - 1
+        return torch.where(valid, first + rank, positions)
+    low, high = positions.amin(-1), positions.amax(-1)
+    floor = torch.iinfo(positions.dtype).min // 2
+    high = torch.where(valid, high, floor)
+    before = torch.cummax(high, dim=1).values
+    before = torch.cat([torch.full_like(before[:, :1], floor), before[:, :-1]], dim=1)
+    gap = torch.where(valid & (before > floor), (low - before - 1).clamp_min(0), 0)
+    return torch.where(valid[..., None], positions - gap.cumsum(1)[..., None], positions)
+
+
 def gather_seq(t: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
     """Gather `t` along its sequence dimension `dim` with a [batch, new_len] index."""
     if t.shape[0] != index.shape[0]:
@@ -230,16 +273,92 @@ def gather_seq(t: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.gather(t, dim, index.reshape(shape).expand(full))
 
 
-class DecodeState:
-    """Attached to a KV cache that a pruned prefill shortened; maps later decode inputs onto it."""
+@dataclass
+class Segment:
+    """The layers [first_layer, next segment's first) of a pruned prefill: the rows they ran on."""
 
-    def __init__(self, adapter: BackboneAdapter, prefix_valid: torch.Tensor, original_len: int, has_padding: bool):
+    first_layer: int
+    valid: torch.Tensor  # [batch, len] bool: the rows those layers' KV cache holds (False = re-padding)
+    next_position: torch.Tensor  # [batch] long: the position after the last one those layers used
+
+
+class DecodeState:
+    """Attached to a KV cache that a pruned prefill shortened; maps later decode inputs onto it.
+
+    Each layer's cache holds the rows of its segment (`earlier_cache="keep"`: the layers before a prune
+    layer keep every token) or of the last one (`"trim"`). Decode positions continue the original prompt;
+    under `positions="compact"` each layer continues its own numbering, `shift` positions lower.
+    """
+
+    def __init__(self, adapter, segments: list[Segment], original_len: int, has_padding: bool, conventions):
         self.adapter = adapter
-        self.prefix_valid = prefix_valid  # [batch, pruned_len] bool
+        self.segments = segments
         self.original_len = original_len
-        self.pruned_len = prefix_valid.shape[1]
         self.has_padding = has_padding
-        self.prefix_born: torch.Tensor | None = None  # [batch, pruned_len]: set when tokens were inserted
+        self.trim = conventions.earlier_cache == "trim"
+        self.compact = conventions.positions == "compact"
+        self.prefix_born: torch.Tensor | None = None  # [batch, final_len]: set when tokens were inserted
+        self.step: dict = {}  # the current decode step's model-level inputs, for the per-layer hooks
+        layer0 = self.mask_segment(0)
+        self.prefix_valid = layer0.valid  # [batch, len]: the layout of layer 0's cache (the model-level mask)
+        self.pruned_len = self.prefix_valid.shape[1]
+
+    def position_segment(self, layer_idx: int) -> Segment:
+        """The segment whose positions layer `layer_idx` ran with in the prefill."""
+        return [seg for seg in self.segments if seg.first_layer <= layer_idx][-1]
+
+    def mask_segment(self, layer_idx: int) -> Segment:
+        """The segment whose rows layer `layer_idx`'s cache holds."""
+        return self.segments[-1] if self.trim else self.position_segment(layer_idx)
+
+    def shift(self, layer_idx: int) -> torch.Tensor | None:
+        """[batch]: how much lower than the original numbering layer `layer_idx` continues (None: not at all)."""
+        if not self.compact:
+            return None
+        return self.segments[0].next_position - self.position_segment(layer_idx).next_position
+
+    def layer_inputs(self, layer_idx: int, kwargs: dict, cache, hidden: torch.Tensor) -> dict | None:
+        """The attention mask and rotary tables of decoder layer `layer_idx` for a decode step, where they differ
+        from the model-level ones (mapped onto layer 0): another cache layout, other positions, or rows
+        of tokens inserted at a later layer to hide. None: nothing differs."""
+        updates, query_len = {}, hidden.shape[1]
+        segment, first = self.mask_segment(layer_idx), self.mask_segment(0)
+        mask = kwargs.get("attention_mask")
+        if segment is not first:
+            mask = self._layer_mask(segment.valid, mask, cache, layer_idx, query_len)
+            updates["attention_mask"] = mask
+        narrowed = self.hide_unborn(layer_idx, mask, cache, query_len)
+        if narrowed is not None:
+            updates["attention_mask"] = narrowed
+        if self.compact and self.position_segment(layer_idx) is not self.position_segment(0):
+            positions = self.step["positions"]
+            delta = self.shift(layer_idx) - self.shift(0)
+            positions = positions - delta.view(-1, *[1] * (positions.ndim - 1))
+            updates["position_embeddings"] = self.adapter.rotary(hidden, positions)
+        return updates or None
+
+    def _layer_mask(self, prefix_valid, model_mask, cache, layer_idx: int, query_len: int):
+        """A 4-D mask over this layer's cache: its own prefix rows, then the decoded tokens (causal)."""
+        new_valid = self.step["new_valid"]  # [batch, decoded + query_len]
+        kernel = getattr(self.adapter.language_model.config, "_attn_implementation", "eager")
+        if model_mask is None and not self.has_padding and bool(new_valid.all()) and query_len == 1:
+            return None  # one new query row sees every cached row: no mask, whatever the layer's length
+        if kernel not in ("eager", "sdpa"):
+            raise ValueError(
+                f"decoding a padded batch after a pruned prefill whose layers keep different cache lengths needs "
+                f"per-layer masks, which attn_implementation={kernel!r} cannot take; load the model with "
+                "attn_implementation='sdpa' or 'eager', or set VTRConfig(earlier_cache='trim')"
+            )
+        batch, past = prefix_valid.shape[0], cache.get_seq_length(layer_idx)
+        kv_len = past + query_len
+        allowed = torch.cat([prefix_valid, new_valid], dim=1)[:, None, None, :kv_len]
+        rows = torch.arange(query_len, device=allowed.device)[:, None] + past
+        causal = torch.arange(kv_len, device=allowed.device)[None, :] <= rows
+        allowed = (allowed & causal[None, None]).expand(batch, 1, query_len, kv_len)
+        if model_mask is not None and model_mask.dtype != torch.bool:
+            dtype = model_mask.dtype
+            return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+        return allowed
 
     def hide_unborn(self, layer_idx: int, attention_mask, cache, query_len: int):
         """The attention mask of decoder layer `layer_idx` for a decode step, hiding the cache rows of tokens
@@ -265,6 +384,8 @@ class DecodeState:
     def map_inputs(self, attention_mask, position_ids, cache, query_len: int):
         decoded = cache.get_seq_length() - self.pruned_len  # tokens appended since the prefill
         batch = self.prefix_valid.shape[0]
+        device = self.prefix_valid.device
+        new_valid = torch.ones(batch, decoded + query_len, dtype=torch.bool, device=device)
         if attention_mask is not None:
             expected = self.original_len + decoded + query_len
             if attention_mask.ndim != 2 or attention_mask.shape[1] != expected:
@@ -272,13 +393,17 @@ class DecodeState:
                     f"after a pruned prefill, decode steps need a 2-D attention_mask over the original prompt plus "
                     f"the new tokens ({expected} columns); got shape {tuple(attention_mask.shape)}"
                 )
+            new_valid = attention_mask[:, self.original_len :].bool()
             prefix = self.prefix_valid.to(attention_mask.dtype)
             attention_mask = torch.cat([prefix, attention_mask[:, self.original_len :]], dim=1)
         elif self.has_padding:
-            new = torch.ones(batch, decoded + query_len, dtype=torch.long, device=self.prefix_valid.device)
-            attention_mask = torch.cat([self.prefix_valid.long(), new], dim=1)
+            attention_mask = torch.cat([self.prefix_valid.long(), new_valid.long()], dim=1)
         if position_ids is None:
             position_ids = self.adapter.decode_positions(self, decoded, query_len, batch)
+        shift = self.shift(0)
+        if shift is not None:  # layer 0's own numbering; other layers re-shift in their hook
+            position_ids = position_ids - shift.view(-1, 1) if position_ids.ndim == 2 else position_ids - shift.view(1, -1, 1)
+        self.step = {"new_valid": new_valid, "positions": self.adapter.engine_positions(position_ids)}
         return attention_mask, position_ids
 
 
@@ -291,12 +416,13 @@ class PrunedPrefill:
     def __init__(self, adapter: BackboneAdapter, config: VTRConfig, args: dict, kwargs: dict):
         self.adapter, self.config, self.args, self.kwargs = adapter, config, args, kwargs
         self.strategy: PruningStrategy = get_strategy(config.strategy)()
+        self.conventions = config.conventions()
 
     def run(self):
         args, kwargs, lm = self.args, self.kwargs, self.adapter.language_model
         use_cache, return_dict = self._pop_options(kwargs)
         kernel = getattr(lm.config, "_attn_implementation", "eager")
-        if self.config.token_merge and kernel not in ("eager", "sdpa"):
+        if self.conventions.token_merge and self.conventions.earlier_cache == "trim" and kernel not in ("eager", "sdpa"):
             raise ValueError(
                 f"token_merge needs per-layer decode masks, which attn_implementation={kernel!r} cannot take; "
                 "load the model with attn_implementation='sdpa' or 'eager'"
@@ -318,6 +444,7 @@ class PrunedPrefill:
             cos=prefill.cos,
             sin=prefill.sin,
             born=torch.zeros(batch, seq_len, dtype=torch.long, device=device),  # first layer a row exists in
+            merged=torch.zeros(batch, seq_len, dtype=torch.bool, device=device),  # rows a strategy inserted
             **prefill.extras,
         )
         # Host sync (once per forward, before any layer runs): padding, and per sample the visual span,
@@ -332,6 +459,8 @@ class PrunedPrefill:
         self.sample_ctx = [{} for _ in range(batch)]  # one vtr_ctx per sample, shared by its stages
         self.snapshots: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.layer0 = TokenState(**tokens.tensors)  # the unpruned layer-0 inputs, for prior forwards
+        self.segments = [Segment(0, tokens.valid, _next_position(tokens.positions, tokens.valid))]
+        self.original_counts = prefill.visual.sum(1)  # [batch]: for budgets counted from the prompt
         snapshot_layers = set(self.strategy.snapshot_layers(self.config))
         stages = {k: stage for stage, k in enumerate(self.config.prune_layers)}
         masks = self.adapter.layer_masks(tokens.hidden, tokens.valid if self.has_padding else None)
@@ -350,9 +479,9 @@ class PrunedPrefill:
         if pruned and cache is not None:
             # transformers has no slot for per-cache user state; the decode steps of this prefill find it
             # here (test_engine.py::test_decode_state_survives_on_the_cache fails if that ever breaks).
-            cache._vtr_state = DecodeState(self.adapter, tokens.valid, seq_len, self.has_padding)
-            if any(any(stage.merged) for stage in self.record.stages):  # inserted at K: keys/values from K on
-                cache._vtr_state.prefix_born = tokens.born
+            cache._vtr_state = DecodeState(self.adapter, self.segments, seq_len, self.has_padding, self.conventions)
+            if self.conventions.earlier_cache == "trim" and any(any(stage.merged) for stage in self.record.stages):
+                cache._vtr_state.prefix_born = tokens.born  # inserted at K: the trimmed earlier layers hold placeholders
         logits = self.adapter.lm_head(slice_logits_to_keep(hidden, args.get("logits_to_keep", 0)))
         loss = None
         if args.get("labels") is not None:
@@ -422,9 +551,12 @@ class PrunedPrefill:
         if sum(counts) == 0:
             stage_record.kept_positions = [tokens.original_index[b, :0] for b in range(batch)]
             return False
-        scores = self._score(stage, prune_at - 1, tokens, scoring_input, cache, info, prefill)  # -1: pre-LLM
+        if self.conventions.scoring_layer == "own":  # layer K's own q/k on the hidden states entering it
+            scores = self._score(stage, prune_at, tokens, tokens.hidden, None, info, prefill)
+        else:  # the attention inside layer K-1 (-1: a pre-LLM stage)
+            scores = self._score(stage, prune_at - 1, tokens, scoring_input, cache, info, prefill)
         keep_visual = self._select(stage, scores, tokens.visual, info)
-        if self.config.token_merge:
+        if self.conventions.token_merge:
             changed = self._merge_stage(stage, prune_at, tokens, scores, keep_visual, info, cache, stage_record)
             stage_record.scoring_ms = (time.perf_counter() - start) * 1000
             return changed
@@ -450,20 +582,19 @@ class PrunedPrefill:
             new_valid = keep_rows.gather(1, index)
             tokens.gather(index, new_valid)
             self.has_padding = self.has_padding or len(set(kept[0])) > 1
-            if cache is not None:
-                for cache_layer in cache.layers[:prune_at]:
-                    cache_layer.keys = gather_seq(cache_layer.keys, index, 2)
-                    cache_layer.values = gather_seq(cache_layer.values, index, 2)
+            self._after_gather(prune_at, tokens, index, cache)
         stage_record.scoring_ms = (time.perf_counter() - start) * 1000
         return changed
 
     def _merge_stage(self, stage, prune_at, tokens: TokenState, scores, keep_visual, info, cache, record) -> bool:
         """Prune and insert the strategy's merged tokens (`merge_tokens`) right after each sample's last kept
-        visual row. A merged row takes the RoPE position and identity of a representative dropped token; it
-        exists from layer `prune_at` on (`born`): in the layers before, its cache rows are placeholders that
-        no decode step may attend to (`DecodeState.hide_unborn`). Merged rows stay to the end: later stages
-        rank the real visual tokens only. Per-sample host syncs: this path is for
-        methods that merge, not the batched fast path."""
+        visual row (SparseVLM: the end of the visual segment). A merged row takes the RoPE position and
+        identity of a representative dropped token (`compact` then renumbers it with the rest); it exists
+        from layer `prune_at` on (`born`): under `earlier_cache="keep"` the layers before never hold it,
+        under `"trim"` their cache rows for it are placeholders that no decode step may attend to
+        (`DecodeState.hide_unborn`). Merged rows are visual tokens for later stages, which may keep, drop or
+        recycle them again (as SparseVLM does); `kept_positions` lists real tokens only. Per-sample host
+        syncs: this path is for methods that merge, not the batched fast path."""
         batch, seq_len = tokens.visual.shape
         device = tokens.visual.device
         orders, inserts, kept_visual_counts, merged_counts = [], [], [], []
@@ -474,7 +605,8 @@ class PrunedPrefill:
             merged, reps = None, torch.empty(0, dtype=torch.long, device=device)
             if count and dropped.numel():
                 out = self.strategy.merge_tokens(
-                    tokens.hidden[b, dropped], scores[b, dropped], self.config, stage=stage, layer_idx=prune_at - 1
+                    tokens.hidden[b, dropped], scores[b, dropped], self.config, stage=stage, layer_idx=prune_at - 1,
+                    hidden_size=tokens.hidden.shape[-1],
                 )
                 if out is not None:
                     merged, which = out
@@ -491,25 +623,36 @@ class PrunedPrefill:
         for b, order in enumerate(orders):
             index[b, new_len - order.numel() :] = order
             new_valid[b, new_len - order.numel() :] = True
-        record.kept_positions = [tokens.original_index[b, keep_visual[b]] for b in range(batch)]
+        real = keep_visual & ~tokens.merged
+        record.kept_positions = [tokens.original_index[b, real[b]] for b in range(batch)]
         tokens.gather(index, new_valid)
         for b, (at, merged) in enumerate(inserts):
             if merged is not None and merged.numel():
                 rows = slice(new_len - orders[b].numel() + at, new_len - orders[b].numel() + at + merged.shape[0])
                 tokens.hidden[b, rows] = merged.to(tokens.hidden.dtype)
                 tokens.born[b, rows] = prune_at
-                tokens.visual[b, rows] = False  # kept from here on: later stages rank real tokens only
-        if cache is not None:
-            for cache_layer in cache.layers[:prune_at]:
-                cache_layer.keys = gather_seq(cache_layer.keys, index, 2)
-                cache_layer.values = gather_seq(cache_layer.values, index, 2)
+                tokens.visual[b, rows] = True  # a candidate at later stages
+                tokens.merged[b, rows] = True
         self.has_padding = self.has_padding or len({o.numel() for o in orders}) > 1
+        self._after_gather(prune_at, tokens, index, cache)
         arange = torch.arange(new_len, device=device).expand(batch, -1)
         self.info = _span_info(tokens.visual, tokens.valid, arange).tolist()
         record.image_tokens_kept = kept_visual_counts
         record.merged = merged_counts
         record.seq_len_after = new_len
         return True
+
+    def _after_gather(self, prune_at: int, tokens: TokenState, index: torch.Tensor, cache) -> None:
+        """After a stage shortened the sequence: renumber positions (`compact`), trim the cache of the layers
+        before (`trim`), and open the segment of layers that run on these rows."""
+        if self.conventions.positions == "compact":
+            tokens.positions = compact_positions(tokens.positions, tokens.valid)
+            tokens.cos, tokens.sin = self.adapter.rotary(tokens.hidden, tokens.positions)
+        if cache is not None and self.conventions.earlier_cache == "trim":
+            for cache_layer in cache.layers[:prune_at]:
+                cache_layer.keys = gather_seq(cache_layer.keys, index, 2)
+                cache_layer.values = gather_seq(cache_layer.values, index, 2)
+        self.segments.append(Segment(prune_at, tokens.valid, _next_position(tokens.positions, tokens.valid)))
 
     def _score(self, stage, layer_idx, tokens: TokenState, scoring_input, cache, info, prefill) -> torch.Tensor:
         """Scores [batch, seq] (float32; only visual positions are read), one compute_scores call per sample."""
@@ -596,7 +739,11 @@ class PrunedPrefill:
         """[batch, seq] bool: the visual tokens to keep. One batched Top-K unless the strategy overrides
         `select_tokens` (then it is called per sample)."""
         if type(self.strategy).select_tokens is PruningStrategy.select_tokens:
-            return select_batch(scores, visual, self.config.stage_budget(stage))
+            budget, limit = self.config.stage_budget(stage), None
+            if budget.keep_tokens is None and budget.score_threshold is None:
+                current = visual.sum(1)
+                limit = self.strategy.ratio_keep_count(self.config, stage, current, self.original_counts)
+            return select_batch(scores, visual, budget, limit)
         keep = torch.zeros_like(visual)
         for b, (start, end, count, _) in enumerate(info):
             if count:
@@ -620,17 +767,19 @@ class PrunedPrefill:
 # ----------------------------------------------------------------------------------------------- model mixin
 
 
-def _hide_unborn_hook(layer_idx: int):
+def _decode_layer_hook(layer_idx: int):
     def hook(module, args, kwargs):
         cache = kwargs.get("past_key_values")
         state = getattr(cache, "_vtr_state", None)
-        if state is None or state.prefix_born is None:
+        if state is None:
             return None
         hidden = args[0] if args else kwargs["hidden_states"]
-        mask = state.hide_unborn(layer_idx, kwargs.get("attention_mask"), cache, hidden.shape[1])
-        if mask is None:
+        if hidden.shape[1] == 0 or "new_valid" not in state.step:
             return None
-        return args, {**kwargs, "attention_mask": mask}
+        updates = state.layer_inputs(layer_idx, kwargs, cache, hidden)
+        if updates is None:
+            return None
+        return args, {**kwargs, **updates}
 
     return hook
 
@@ -651,12 +800,13 @@ class VTRModelMixin:
         self.vtr_adapter = self.vtr_adapter_class(self)
         self.set_vtr_config(vtr_config if vtr_config is not None else VTRConfig(enabled=False))
         if not getattr(self, "_vtr_hooked", False):
-            # Decode steps run the stock forward, which builds one mask for all layers. After a prefill that
-            # inserted merged tokens at layer K, layers before K must not see them (their keys/values there
-            # are placeholders): a pre-hook per decoder layer narrows that layer's mask. It does nothing
-            # unless the cache carries such a prefill's DecodeState.
+            # Decode steps run the stock forward, which builds one mask and one set of rotary tables for all
+            # layers, fitted to layer 0. After a pruned prefill a layer may differ: its cache holds other rows
+            # (earlier_cache="keep"), it continues other positions (positions="compact"), or it holds
+            # placeholder rows of tokens inserted at a later layer. A pre-hook per decoder layer gives that
+            # layer its own mask / tables; it does nothing unless the cache carries a pruned prefill's DecodeState.
             for i, layer in enumerate(self.vtr_adapter.language_model.layers):
-                layer.register_forward_pre_hook(_hide_unborn_hook(i), with_kwargs=True)
+                layer.register_forward_pre_hook(_decode_layer_hook(i), with_kwargs=True)
             self._vtr_hooked = True
 
     @classmethod

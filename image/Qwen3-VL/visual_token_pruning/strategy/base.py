@@ -39,6 +39,17 @@ class PruningStrategy(ABC):
     #: True for methods that can recycle dropped tokens (`VTRConfig.token_merge=True` then calls
     #: `merge_tokens` and inserts its tokens after the kept visual tokens).
     supports_token_merge: bool = False
+    #: Whether recycling is on when `VTRConfig.token_merge` is left unset (None).
+    token_merge_default: bool = False
+
+    # The conventions of the method's official code (config.CONVENTIONS; a VTRConfig field of the same name,
+    # or `convention="common"`, overrides them). Declared here so `--describe` shows them.
+    #: "previous": score with the attention inside layer K-1 (FastV); "own": layer K's own q/k on its input.
+    scoring_layer: str = "previous"
+    #: "original": kept tokens keep their prompt positions; "compact": renumbered without gaps after each drop.
+    positions: str = "original"
+    #: "keep": layers before K keep every token in their KV cache; "trim": their cache keeps the kept tokens only.
+    earlier_cache: str = "keep"
 
     def merge_tokens(self, dropped_hidden: torch.Tensor, dropped_scores: torch.Tensor, config, **ctx):
         """For `supports_token_merge` methods with `token_merge=True`: the tokens to insert after a sample's kept visual tokens, made from
@@ -94,6 +105,13 @@ class PruningStrategy(ABC):
         keep = select_batch(scores, visual, config.stage_budget(stage))
         return keep[0].nonzero().reshape(-1)
 
+    def ratio_keep_count(self, config, stage: int, current: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+        """[batch] how many visual tokens a `keep_ratio` budget keeps at `stage`, given the visual tokens still
+        there (`current`, [batch] long) and the prompt's (`original`). Default: round half up of ratio x
+        current. Override for a method whose official code counts otherwise (PyramidDrop: of the original)."""
+        ratio = config.stage_budget(stage).keep_ratio
+        return torch.floor(current.double() * ratio + 0.5).long().clamp_max(current)
+
     def _budget_count(self, config, stage: int, num_tokens: int) -> int | None:
         """How many of `num_tokens` visual tokens this stage keeps (None for a score threshold): for methods
         that select a set rather than rank tokens."""
@@ -124,10 +142,11 @@ class PruningStrategy(ABC):
         return heads.reshape(-1)
 
 
-def select_batch(scores: torch.Tensor, visual: torch.Tensor, budget: StageBudget) -> torch.Tensor:
+def select_batch(scores: torch.Tensor, visual: torch.Tensor, budget: StageBudget, limit=None) -> torch.Tensor:
     """Top-K over a batch without host syncs: `[batch, seq]` bool of the visual tokens to keep.
 
-    scores: [batch, seq] float (only visual positions are read); visual: [batch, seq] bool.
+    scores: [batch, seq] float (only visual positions are read); visual: [batch, seq] bool; limit: [batch]
+    counts for a keep_ratio budget (default: round half up of ratio x the visual count).
     """
     values = scores.float()
     nan = torch.isnan(values)
@@ -145,6 +164,8 @@ def select_batch(scores: torch.Tensor, visual: torch.Tensor, budget: StageBudget
     counts = visual.sum(dim=1, keepdim=True)
     if budget.keep_tokens is not None:
         limit = counts.clamp_max(budget.keep_tokens)
+    elif limit is not None:
+        limit = limit.reshape(-1, 1).to(counts.device).clamp_max(counts)
     else:  # round half up, in float64 like Python's math.floor(ratio * n + 0.5)
         limit = torch.floor(counts.double() * budget.keep_ratio + 0.5).long().clamp_max(counts)
     return visual & (rank < limit)
