@@ -40,8 +40,8 @@ def llava_embed(stock, inputs):
     return embeds
 
 
-def oracle_forward(stock, inputs, prune_stages, prompt_len, position_ids=None):
-    return vtr_oracle.oracle_forward(stock, inputs, prune_stages, prompt_len, llava_embed, position_ids)
+def oracle_forward(stock, inputs, prune_stages, prompt_len, position_ids=None, conventions=None):
+    return vtr_oracle.oracle_forward(stock, inputs, prune_stages, prompt_len, llava_embed, position_ids, conventions)
 
 
 def oracle_greedy(stock, inputs, prune_stages, steps):

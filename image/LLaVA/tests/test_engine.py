@@ -122,7 +122,10 @@ def test_decode_state_survives_on_the_cache(tiny_path, single_inputs):
     assert isinstance(cache, DynamicCache)
     state = cache._vtr_state
     assert state.original_len == single_inputs["input_ids"].shape[1]
-    assert state.pruned_len == cache.get_seq_length() == single_inputs["input_ids"].shape[1] - 64 + 8
+    full = single_inputs["input_ids"].shape[1]
+    # earlier_cache="keep" (FastV's): layers 0-1 hold every token, layers 2-3 the kept ones
+    assert state.pruned_len == cache.get_seq_length() == full
+    assert [cache.get_seq_length(i) for i in range(4)] == [full, full, full - 64 + 8, full - 64 + 8]
     with torch.no_grad():
         model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=cache)
     assert cache._vtr_state is state and cache.get_seq_length() == state.pruned_len + 1

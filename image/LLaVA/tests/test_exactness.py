@@ -208,7 +208,8 @@ def test_manual_decode_loop_without_positions_matches_generate(tiny_path, single
         for _ in range(STEPS):
             tokens.append(nxt)
             nxt = model(input_ids=nxt, past_key_values=cache).logits[:, -1].argmax(-1, keepdim=True)
-    assert cache.get_seq_length() == model.vtr_last.kept_index.shape[1] + STEPS
+    last = model.vtr_adapter.num_layers - 1  # layers before K keep every token (earlier_cache="keep")
+    assert cache.get_seq_length(last) == model.vtr_last.kept_index.shape[1] + STEPS
     assert torch.equal(torch.cat(tokens, 1), expected)
 
 

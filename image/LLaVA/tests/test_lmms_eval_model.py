@@ -27,13 +27,13 @@ def test_prompt_uses_the_llava_15_conversation_template(tiny_path):
 
 
 def test_loglikelihood_applies_pruning_and_equals_the_oracle(tiny_path, stock_models):
-    lm = make(tiny_path, "strategy=fastv,keep_tokens=6,prune_layer=2")
+    lm = make(tiny_path, "strategy=fastv,keep_tokens=6,prune_layer=1")
     ((score, greedy),) = lm.loglikelihood([ll_request(1, " yes no")])
     record = lm.model.vtr_last
     assert record is not None and record.stages[0].image_tokens_kept == [6]
 
-    # the oracle: the context alone is pruned (tokens dropped from layer 2 on); the continuation rows are
-    # decode rows, which see no dropped token in any layer
+    # the oracle: the context alone is pruned (tokens dropped from layer 1 on); the continuation rows are
+    # decode rows, which see the dropped tokens in layer 0 only (FastV keeps those layers' cache whole)
     inputs = lm.encode([lm.build_prompt(DOCS[1]["q"], visual(DOCS[1]))], [visual(DOCS[1])])
     target = lm.tokenizer(" yes no", add_special_tokens=False, return_tensors="pt")["input_ids"]
     ctx_len = inputs["input_ids"].shape[1]
@@ -41,7 +41,9 @@ def test_loglikelihood_applies_pruning_and_equals_the_oracle(tiny_path, stock_mo
     full = dict(inputs, input_ids=torch.cat([inputs["input_ids"], target], 1))
     full["attention_mask"] = torch.ones_like(full["input_ids"])
     stages = stage_drops(record, 1, ctx_len, inputs["input_ids"] == lm.model.config.image_token_id)
-    logits = oracle_forward(stock_models["eager"], full, stages, ctx_len)
+    conventions = lm.model.vtr_config.conventions()
+    assert conventions.earlier_cache == "keep"
+    logits = oracle_forward(stock_models["eager"], full, stages, ctx_len, conventions=conventions)
     logprobs = torch.log_softmax(logits[0, ctx_len - 1 : -1], -1)
     expected = float(logprobs.gather(1, target[0][:, None]).sum())
     assert score == pytest.approx(expected, abs=1e-4)

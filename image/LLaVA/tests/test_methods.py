@@ -9,7 +9,7 @@ import torch
 
 from llava.vtr import VTRConfig, available_strategies, get_strategy, load_model
 from llava.vtr.cost import equivalent_tokens, tokens_per_layer
-from llava.vtr.strategy.clse import PRESETS, evolution_factor, high_frequency_change
+from llava.vtr.strategy.clse import PRESETS, evolution_factor, high_pass_score
 from llava.vtr.strategy.divprune import max_min_order
 from llava.vtr.strategy.sparsevlm import choose_raters
 from llava.vtr.strategy.vispruner import remove_duplicates
@@ -48,7 +48,7 @@ def test_pdrop_defaults_for_a_32_layer_model_and_explicit_values_win():
     from llava.vtr.strategy.pdrop import PyramidDrop
 
     assert PyramidDrop.schedule_defaults(VTRConfig(strategy="pdrop"), 32) == dict(
-        prune_layer=[8, 16, 24], keep_tokens=None, keep_ratio=[0.5, 0.5, 0.5]
+        prune_layer=[8, 16, 24], keep_tokens=None, keep_ratio=[0.5, 0.25, 0.125]
     )
     assert PyramidDrop.schedule_defaults(VTRConfig(strategy="pdrop", prune_layer=[2, 4], keep_tokens=9), 32) == {}
 
@@ -57,7 +57,7 @@ def test_pdrop_defaults_for_a_32_layer_model_and_explicit_values_win():
 def test_method_defaults_reach_the_model_whatever_the_backbone_budget(backbone, tiny_path, next_path):
     path = tiny_path if backbone == "llava-1.5" else next_path  # 192 vs 320 default budgets
     model = load_model(path, VTRConfig(strategy="pdrop"))  # 4 layers: stages at 1, 2, 3
-    assert model.vtr_config.prune_layers == [1, 2, 3] and model.vtr_config.keep_ratio == [0.5, 0.5, 0.5]
+    assert model.vtr_config.prune_layers == [1, 2, 3] and model.vtr_config.keep_ratio == [0.5, 0.25, 0.125]
     clse = load_model(path, VTRConfig(strategy="clse")).vtr_config
     assert (
         isinstance(clse.keep_tokens, list) and len(clse.keep_tokens) == len(clse.prune_layers) >= 2
@@ -74,12 +74,38 @@ def test_pdrop_scores_with_the_last_instruction_token_whatever_the_query_rows():
     torch.testing.assert_close(scores, torch.tensor([0.1, 0.4, 0.2, 0.3]))
 
 
+def test_pdrop_counts_int_of_the_original_visual_tokens_at_every_stage():
+    """PyramidDrop keeps int(n0 * r_s) of the ORIGINAL count n0 (r = its ratio list, or lambda^(s+1))."""
+    method = get_strategy("pdrop")()
+    original = torch.tensor([577, 576, 10])
+    listed = VTRConfig(strategy="pdrop", prune_layer=[8, 16, 24], keep_ratio=[0.5, 0.25, 0.125])
+    scalar = VTRConfig(strategy="pdrop", prune_layer=[8, 16, 24], keep_ratio=0.3)
+    current = original
+    for stage, (want_list, want_scalar) in enumerate([([288, 288, 5], [173, 172, 3]),
+                                                       ([144, 144, 2], [51, 51, 0]),
+                                                       ([72, 72, 1], [15, 15, 0])]):  # fmt: skip
+        got = method.ratio_keep_count(listed, stage, current, original)
+        assert got.tolist() == want_list
+        assert method.ratio_keep_count(scalar, stage, original, original).tolist() == want_scalar
+        current = got
+    # the framework's default for other methods: round half up of the share of what is still there
+    assert get_strategy("fastv")().ratio_keep_count(scalar, 1, torch.tensor([5]), original[:1]).tolist() == [2]
+
+
+def test_pdrop_prunes_with_the_counts_of_the_original_tokens(tiny_path, single_inputs):
+    model = load_model(tiny_path, VTRConfig(strategy="pdrop", prune_layer=[1, 2, 3], keep_ratio=[0.3, 0.2, 0.1]))
+    with torch.no_grad():
+        model(**single_inputs)
+    assert [s.image_tokens_kept for s in model.vtr_last.stages] == [[19], [12], [6]]  # int(64 * r)
+    assert model.vtr_config.conventions()[:3] == ("own", "compact", "keep")
+
+
 # Schedules for LLaVA-1.5 (576 visual tokens, 32 layers) documented in docs/methods.md: prune layers and
-# per-stage ratios whose average visual tokens per layer are 192 / 128 / 64.
+# PyramidDrop ratio lists (shares of the original count) whose average visual tokens per layer are 192 / 128 / 64.
 PDROP_SCHEDULES = {
-    192: ([8, 16, 24], [0.25, 0.25, 0.25], 192),
-    128: ([5, 11, 17], [0.25, 0.25, 0.25], 128),
-    64: ([2, 6, 10], [0.25, 0.25, 0.25], 64),
+    192: ([8, 16, 24], [0.25, 0.0625, 0.015625], 192),
+    128: ([5, 11, 17], [0.25, 0.0625, 0.015625], 128),
+    64: ([2, 6, 10], [0.25, 0.0625, 0.015625], 64),
 }
 
 
@@ -88,7 +114,7 @@ def test_documented_pdrop_schedules_hit_their_average_token_counts(average):
     layers, ratios, _ = PDROP_SCHEDULES[average]
     kept, schedule = 576, []
     for layer, ratio in zip(layers, ratios):
-        new = math.floor(kept * ratio + 0.5)
+        new = int(576 * ratio)
         schedule.append((layer, kept - new))
         kept = new
     visual = tokens_per_layer(576, 32, schedule)
@@ -138,36 +164,106 @@ def test_divprune_keeps_one_of_each_duplicate_first():
 # ----------------------------------------------------------------------------------------- VisPruner
 
 
-def test_vispruner_keeps_the_most_important_then_diverse_tokens():
-    torch.manual_seed(1)
-    n = 10
-    features = torch.randn(n, 6)
-    features[7] = features[6] * 1.0001  # a near-duplicate pair among the unimportant tokens
-    importance = torch.tensor([0.1, 0.5, 0.05, 0.2, 0.01, 0.02, 0.03, 0.04, 0.0, 0.05])
+def _vispruner_reference(importance, features, budget, ratio):
+    """VisPruner's selection restated literally, in float64 Python lists: (important, diverse) index sets."""
+    n = len(importance)
+    order = sorted(range(n), key=lambda i: -importance[i])  # descending; ties by index
+    t_imp = int(budget * ratio)
+    t_div = budget - t_imp
+    important, queue = order[:t_imp], order[t_imp:]
+    x = [[v / math.sqrt(sum(u * u for u in row)) for v in row] for row in features.double().tolist()]
+    while True:
+        r = min(8, len(queue) - t_div)
+        if r <= 0:
+            break
+        a, b = queue[0::2], queue[1::2]
+        best = [max(sum(p * q for p, q in zip(x[i], x[j])) for j in b) for i in a]
+        ranked = sorted(range(len(a)), key=lambda k: -best[k])
+        queue = [a[k] for k in ranked[r:]] + b
+    return set(important), set(queue)
+
+
+def _vispruner_scores(importance, features, budget, ratio):
+    n = len(importance)
     ctx = dict(
         stage=0,
-        hidden_states=features[None],
+        hidden_states=torch.zeros(1, n, 3),  # not what the diverse step reads when vision features exist
         image_token_indices=torch.arange(n),
         original_index=torch.arange(n),
-        vision_importance=lambda: importance,
+        vision_importance=lambda: torch.tensor(importance),
+        vision_features=lambda: features,
         vtr_ctx={},
     )
-    cfg = VTRConfig(strategy="vispruner", keep_tokens=8, important_ratio=0.25)
-    scores = get_strategy("vispruner")().compute_scores(None, (0, n), cfg, **ctx)
-    assert (scores == 2).nonzero().reshape(-1).tolist() == [1, 3]  # top-2 (= 0.25 x 8) by importance
-    diverse = (scores == 1).nonzero().reshape(-1).tolist()
-    assert len(diverse) == 6 and not {6, 7} <= set(diverse), "one of the duplicate pair goes"
+    cfg = VTRConfig(strategy="vispruner", keep_tokens=budget, important_ratio=ratio)
+    return get_strategy("vispruner")().compute_scores(None, (0, n), cfg, **ctx)
+
+
+@pytest.mark.parametrize("budget,ratio", [(64, 0.5), (32, 0.75), (20, 0.5)])
+def test_vispruner_keeps_the_official_important_and_diverse_sets(budget, ratio):
+    torch.manual_seed(budget)
+    n = 144
+    importance = torch.rand(n).tolist()
+    features = torch.randn(n, 16)
+    scores = _vispruner_scores(importance, features, budget, ratio)
+    important, diverse = _vispruner_reference(importance, features, budget, ratio)
+    assert set((scores == 2).nonzero().reshape(-1).tolist()) == important
+    assert set((scores == 1).nonzero().reshape(-1).tolist()) == diverse
+    assert len(important) == int(budget * ratio) and len(important | diverse) == budget
+
+
+def test_vispruner_diverse_step_is_not_positional():
+    """Same attention, other features: the diverse set must change (a positional rule would not)."""
+    torch.manual_seed(0)
+    importance = torch.rand(144).tolist()
+    first = _vispruner_scores(importance, torch.randn(144, 16), 64, 0.5)
+    second = _vispruner_scores(importance, torch.randn(144, 16), 64, 0.5)
+    assert torch.equal(first == 2, second == 2), "importance alone picks the important set"
+    assert not torch.equal(first == 1, second == 1)
+
+
+def test_vispruner_removes_one_of_a_duplicate_pair_and_needs_a_count():
+    torch.manual_seed(1)
+    features = torch.randn(40, 6)
+    features[31] = features[30] * 1.0001
+    importance = [1.0 - i / 100 for i in range(40)]  # 30 and 31 are unimportant, next to each other in the queue
+    scores = _vispruner_scores(importance, features, 38, 0.5)
+    assert (scores[30:32] == 1).sum() == 1
     with pytest.raises(ValueError, match="keep_tokens or keep_ratio"):
         get_strategy("vispruner")().compute_scores(
-            None, (0, n), VTRConfig(score_threshold=0.1), **dict(ctx, vtr_ctx={})
+            None, (0, 3), VTRConfig(score_threshold=0.1), stage=0, image_token_indices=torch.arange(3), vtr_ctx={}
         )
 
 
-def test_remove_duplicates_keeps_distinct_directions():
-    base = torch.eye(3)
-    x = torch.cat([base, base * 2, base * 3])  # three copies of three directions
-    kept = remove_duplicates(x, 3)
-    assert sorted((kept % 3).tolist()) == [0, 1, 2]
+def test_pre_llm_methods_default_to_prune_layer_0_with_compact_positions(tiny_path):
+    for method in ("vispruner", "divprune"):
+        cfg = load_model(tiny_path, VTRConfig(strategy=method, keep_tokens=16)).vtr_config
+        assert cfg.prune_layers == [0] and cfg.conventions().positions == "compact"
+        assert load_model(tiny_path, VTRConfig(strategy=method, prune_layer=2)).vtr_config.prune_layers == [2]
+
+
+def test_vispruner_reads_the_features_before_the_projector(tiny_path, single_inputs):
+    """vision_features is the tower's select-layer output (CLS dropped), not the projected tokens."""
+    from transformers import LlavaForConditionalGeneration
+
+    stock = LlavaForConditionalGeneration.from_pretrained(tiny_path).eval()
+    seen = {}
+    original = get_strategy("vispruner").compute_scores
+
+    def spy(self, attention, image_token_range, config, **ctx):
+        seen["features"] = ctx["vision_features"]()
+        return original(self, attention, image_token_range, config, **ctx)
+
+    get_strategy("vispruner").compute_scores = spy
+    try:
+        model = load_model(tiny_path, VTRConfig(strategy="vispruner", keep_tokens=16))
+        with torch.no_grad():
+            model(**single_inputs)
+    finally:
+        get_strategy("vispruner").compute_scores = original
+    with torch.no_grad():
+        tower = stock.model.vision_tower(single_inputs["pixel_values"], output_hidden_states=True)
+    expected = tower.hidden_states[stock.config.vision_feature_layer][0, 1:]
+    torch.testing.assert_close(seen["features"], expected)
 
 
 def test_vision_importance_is_the_cls_attention_of_the_feature_layer(tiny_path, single_inputs):
@@ -230,49 +326,89 @@ def test_sparsevlm_scores_are_the_raters_attention():
 # ----------------------------------------------------------------------------------------- CLSE
 
 
-def _dft_high_pass(field, cutoff):
-    """An independent 2-D DFT by explicit matrices, Gaussian high-pass on the frequency radius."""
+def _centred_high_pass(field, cutoff):
+    """CLSE's high-pass score restated with explicit DFT matrices and a centred (fftshift-ed) spectrum:
+    D = distance of each shifted bin to (h//2, w//2), sigma = cutoff * min(h//2, w//2), magnitude of the
+    inverse, mean over channels. float64."""
     h, w, _ = field.shape
-    fy = torch.tensor([(k if k < (h + 1) // 2 else k - h) / h for k in range(h)])
-    fx = torch.tensor([(k if k < (w + 1) // 2 else k - w) / w for k in range(w)])
     wy = torch.exp(-2j * math.pi * torch.outer(torch.arange(h), torch.arange(h)).double() / h)
     wx = torch.exp(-2j * math.pi * torch.outer(torch.arange(w), torch.arange(w)).double() / w)
     spectrum = torch.einsum("uy,yxc,vx->uvc", wy, field.to(torch.complex128), wx)
-    radius2 = fy[:, None] ** 2 + fx[None, :] ** 2
-    gain = 1 - torch.exp(-radius2 / (2 * (cutoff * radius2.max().sqrt()) ** 2))
-    back = torch.einsum("uy,yxc,vx->uvc", wy.conj(), spectrum * gain[..., None], wx.conj()) / (h * w)
-    return back.real.abs().mean(-1).float()
+    shifted = torch.roll(spectrum, shifts=(h // 2, w // 2), dims=(0, 1))  # zero frequency at (h//2, w//2)
+    d2 = (torch.arange(h)[:, None] - h // 2).double() ** 2 + (torch.arange(w)[None, :] - w // 2).double() ** 2
+    sigma = cutoff * min(h // 2, w // 2)
+    filtered = shifted * (1 - torch.exp(-d2 / (2 * sigma**2)))[..., None]
+    back = torch.roll(filtered, shifts=(-(h // 2), -(w // 2)), dims=(0, 1))
+    out = torch.einsum("uy,yxc,vx->uvc", wy.conj(), back, wx.conj()) / (h * w)
+    return out.abs().mean(-1)
 
 
-def test_clse_high_pass_energy_matches_an_explicit_dft():
+@pytest.mark.parametrize("h,w", [(4, 6), (5, 7), (24, 24)])
+def test_clse_high_pass_score_matches_a_centred_explicit_dft(h, w):
     torch.manual_seed(3)
-    grid = torch.tensor([(0, r, c) for r in range(4) for c in range(6)])
-    change = torch.randn(24, 3)
-    got = high_frequency_change(change, grid, cutoff=0.3)
-    expected = _dft_high_pass(change.reshape(4, 6, 3).double(), 0.3).reshape(-1)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
-    flat = high_frequency_change(torch.ones(24, 3), grid, cutoff=0.3)
-    assert flat.abs().max() < 1e-5, "a uniform change has no high frequencies"
-    off_grid = high_frequency_change(torch.randn(3, 3), torch.tensor([[0, 0, 0], [0, 0, 1], [-1, -1, -1]]), 0.3)
+    grid = torch.tensor([(0, r, c) for r in range(h) for c in range(w)])
+    hidden = torch.randn(h * w, 3)
+    got = high_pass_score(hidden, grid, cutoff=0.1 if h == 24 else 0.6)
+    expected = _centred_high_pass(hidden.reshape(h, w, 3).double(), 0.1 if h == 24 else 0.6).reshape(-1)
+    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-4)
+    flat = high_pass_score(torch.ones(h * w, 3), grid, cutoff=0.3)
+    assert flat.abs().max() < 1e-5, "a uniform field has no high frequencies"
+    off_grid = high_pass_score(torch.randn(3, 3), torch.tensor([[0, 0, 0], [0, 0, 1], [-1, -1, -1]]), 0.3)
     assert torch.isnan(off_grid[2]) and not torch.isnan(off_grid[:2]).any()
 
 
-def test_clse_evolution_factor_is_a_sigmoid_of_the_z_scored_energy():
-    energy = torch.tensor([1.0, 2.0, 3.0, float("nan")])
-    e = torch.tensor([1.0, 2.0, 3.0]) / 3
-    z = (e - e.mean()) / e.std()
-    torch.testing.assert_close(evolution_factor(energy, 2.0), torch.cat([torch.sigmoid(z / 2), torch.tensor([0.5])]))
+def test_clse_evolution_factor_follows_the_official_formula():
+    now = torch.tensor([1.0, 2.0, 3.0, 9.0, float("nan")])
+    ref = torch.tensor([1.5, 1.0, 3.5, 1.0, float("nan")])
+    s, r = now[:4].double(), ref[:4].double()
+    evo = ((s - r).abs() / (r.mean() + r + 1e-6)).clamp(max=1)  # 9 vs 1: clamped at 1
+    assert evo[3] == 1
+    z = (evo - evo.mean()) / (evo.std() + 1e-6)
+    want = torch.cat([torch.sigmoid(z / 0.1).float(), torch.tensor([0.5])])
+    torch.testing.assert_close(evolution_factor(now, ref, 0.1), want)
 
 
-@pytest.mark.parametrize("layers,schedule", [(32, [1, 11, 21]), (28, [1, 10, 19]), (36, [1, 13, 24])])
+@pytest.mark.parametrize("layers,schedule", [(32, [1, 11, 21]), (28, [1, 10, 19]), (36, [1, 12, 24])])
 def test_clse_default_schedules_and_presets(layers, schedule):
     from llava.vtr.strategy.clse import CLSE
 
-    for budget, preset in PRESETS.items():
+    published = {192: [330, 210, 62], 128: [220, 140, 41], 64: [110, 70, 20]}
+    for budget, preset in published.items():
         updates = CLSE.schedule_defaults(VTRConfig(strategy="clse", keep_tokens=budget), layers)
         assert updates == dict(prune_layer=schedule, keep_tokens=preset)
+    # other budgets: int(b x [1.72, 1.09, 0.32]), the official factors
+    assert CLSE.schedule_defaults(VTRConfig(strategy="clse", keep_tokens=200), layers)["keep_tokens"] == [344, 218, 64]
     assert CLSE.schedule_defaults(VTRConfig(strategy="clse", prune_layer=[2, 4], keep_tokens=64), layers) == {}
-    assert PRESETS == {192: [330, 210, 62], 128: [220, 140, 41], 64: [110, 70, 20]}
+    assert get_strategy("clse").earlier_cache == "trim"
+    assert (VTRConfig().clse_cutoff, VTRConfig().clse_temperature, VTRConfig().clse_reference_layer) == (0.1, 0.1, 0)
+
+
+def test_clse_reference_is_the_input_of_the_reference_layer(tiny_path, single_inputs):
+    """clse_reference_layer=r compares with the hidden states ENTERING layer r (0 = the input embeddings)."""
+    got = {}
+    original = get_strategy("clse").compute_scores
+
+    def spy(self, attention, image_token_range, config, **ctx):
+        got[config.clse_reference_layer] = ctx["snapshots"]
+        return original(self, attention, image_token_range, config, **ctx)
+
+    get_strategy("clse").compute_scores = spy
+    try:
+        for ref in (0, 1):
+            model = load_model(tiny_path, VTRConfig(strategy="clse", prune_layer=3, keep_tokens=9, clse_reference_layer=ref))
+            with torch.no_grad():
+                model(**single_inputs)
+        with pytest.raises(ValueError, match="must come before the first prune layer"):
+            load_model(tiny_path, VTRConfig(strategy="clse", prune_layer=2, keep_tokens=9, clse_reference_layer=2))(
+                **single_inputs
+            )
+    finally:
+        get_strategy("clse").compute_scores = original
+    assert set(got[1]) == {-1, 0} and set(got[0]) == {-1}, "layer 1's input is layer 0's output"
+    stock = load_model(tiny_path, VTRConfig(enabled=False))
+    with torch.no_grad():
+        states = stock(**single_inputs, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(got[1][0][0], states[1])  # hidden_states[1]: what enters layer 1
 
 
 def test_clse_scores_are_factor_times_attention_at_the_first_stage_only(tiny_path, single_inputs):
@@ -293,7 +429,7 @@ def test_clse_scores_are_factor_times_attention_at_the_first_stage_only(tiny_pat
         get_strategy("clse").compute_scores = original
     (first, attn1), (second, attn2) = captured["runs"]
     factor = first / attn1
-    assert ((factor > 0) & (factor < 1)).all() and factor.std() > 0.01  # a real, varying sigmoid factor
+    assert ((factor >= 0) & (factor <= 1)).all() and factor.std() > 0.01  # a real, varying sigmoid factor
     torch.testing.assert_close(second, attn2)
     assert not itertools.starmap(torch.equal, [(first, attn1)]).__next__()
 
@@ -368,7 +504,7 @@ def oracle_with_merged_token(stock, inputs, k, kept, steps):
 def test_merged_tokens_are_never_attended_before_they_exist(tiny_path, stock_models, single_inputs, mean_merger, impl):
     model = load_model(
         tiny_path,
-        VTRConfig(strategy=mean_merger, prune_layer=2, keep_tokens=6, token_merge=True),
+        VTRConfig(strategy=mean_merger, prune_layer=2, keep_tokens=6, token_merge=True, earlier_cache="trim"),
         attn_implementation=impl,
     )
     with torch.no_grad():
@@ -393,7 +529,8 @@ def test_merged_tokens_are_never_attended_before_they_exist(tiny_path, stock_mod
 
 def test_without_the_decode_mask_a_merged_token_would_draw_attention(tiny_path, single_inputs, mean_merger):
     """The bug of filling the missing keys/values: if the layers before K could see M, decode would differ."""
-    model = load_model(tiny_path, VTRConfig(strategy=mean_merger, prune_layer=2, keep_tokens=6, token_merge=True))
+    cfg = VTRConfig(strategy=mean_merger, prune_layer=2, keep_tokens=6, token_merge=True, earlier_cache="trim")
+    model = load_model(tiny_path, cfg)
     with torch.no_grad():
         out = model(**single_inputs)
         cache = out.past_key_values
@@ -409,17 +546,19 @@ def test_sparsevlm_recycles_the_best_dropped_tokens_into_density_peak_clusters()
     from llava.vtr.strategy.sparsevlm import density_peak_clusters
 
     torch.manual_seed(4)
-    blobs = [torch.randn(6, 3) * 0.05 + torch.tensor(c) for c in ([0.0, 0, 0], [5.0, 0, 0], [0.0, 5, 0])]
+    blobs = [torch.randn(6, 3) * 0.3 + torch.tensor(c) for c in ([0.0, 0, 0], [5.0, 0, 0], [0.0, 5, 0])]
     x = torch.cat(blobs)
     centres, assignment = density_peak_clusters(x, 3)
     groups = [set((assignment == c).nonzero().reshape(-1).tolist()) for c in range(3)]
     assert sorted(map(sorted, groups)) == [list(range(0, 6)), list(range(6, 12)), list(range(12, 18))]
     scores = torch.tensor([0.0] * 6 + [1.0] * 6 + [2.0] * 6)  # blobs 1 and 2 are the best-scored 2/3
-    cfg = VTRConfig(strategy="sparsevlm", token_merge=True, merge_ratio=2 / 3, merge_clusters=2)
+    cfg = VTRConfig(strategy="sparsevlm", token_merge=True, merge_ratio=0.62, merge_clusters=2)  # int(.62*18)+1 = 12
     merged, representative = get_strategy("sparsevlm")().merge_tokens(x, scores, cfg)
     assert merged.shape == (2, 3) and set(representative.tolist()) <= set(range(6, 18))
-    order = merged[:, 1].argsort()  # blob 1 lies along x, blob 2 along y
-    torch.testing.assert_close(merged[order], torch.stack([x[6:12].mean(0), x[12:18].mean(0)]), atol=1e-5, rtol=0)
+    centres, assignment = density_peak_clusters(x[6:], 2)  # the 12 best-scored, in score order (ties: first)
+    assert representative.tolist() == (centres + 6).tolist()
+    means = torch.stack([x[6:][assignment == c].mean(0) for c in range(2)])
+    torch.testing.assert_close(merged, means, atol=1e-6, rtol=0)  # each cluster's plain mean
 
 
 def test_token_merge_is_refused_for_methods_that_do_not_recycle():
@@ -439,7 +578,7 @@ def test_sparsevlm_recycling_runs_on_padded_batches_and_multi_stage(
     out = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
     first, second = model.vtr_last.stages
     assert first.image_tokens_kept == [12, 12] and all(m > 0 for m in first.merged)
-    assert second.image_tokens_before == [12, 12], "merged tokens stay; later stages rank the real ones"
+    assert second.image_tokens_before == [12 + m for m in first.merged], "merged tokens are candidates again"
     assert all(set(s.tolist()) <= set(f.tolist()) for s, f in zip(second.kept_positions, first.kept_positions))
     assert out.shape[1] == inputs["input_ids"].shape[1] + 3
 
@@ -459,8 +598,75 @@ def test_methods_reading_image_facts_work_with_beam_search(
 
 
 def test_recycling_under_a_kernel_without_4d_masks_is_refused(tiny_path, single_inputs):
-    model = load_model(tiny_path, VTRConfig(strategy="sparsevlm", prune_layer=2, keep_tokens=6, token_merge=True))
+    cfg = VTRConfig(strategy="sparsevlm", prune_layer=2, keep_tokens=6, token_merge=True, earlier_cache="trim")
+    model = load_model(tiny_path, cfg)
     model.model.language_model.config._attn_implementation = "flash_attention_2"  # as if loaded so
     with pytest.raises(ValueError, match="token_merge needs per-layer decode masks"):
         with torch.no_grad():
             model(**single_inputs)
+
+
+# ----------------------------------------------------------------------------------------- SparseVLM, official
+
+
+def _dpc_reference(x, clusters):
+    """SparseVLM's DPC-kNN restated in float64: distances / sqrt(width), k = clusters nearest (self included),
+    density exp(-mean d^2), delta to a denser row (else the largest distance), centres = top delta x density."""
+    x = x.double()
+    n, width = x.shape
+    d = torch.cdist(x, x) / math.sqrt(width)
+    density = torch.exp(-(d.sort(dim=1).values[:, :clusters] ** 2).mean(1))
+    delta = torch.stack([d[i][density > density[i]].min() if (density > density[i]).any() else d.max() for i in range(n)])
+    centres = sorted(range(n), key=lambda i: -(delta[i] * density[i]).item())[:clusters]
+    return centres, density
+
+
+def test_sparsevlm_density_does_not_underflow_at_width_4096():
+    """Raw distances of 4096-wide states make exp(-mean d^2) exactly 0 for every token (arbitrary centres);
+    SparseVLM divides distances by sqrt(width)."""
+    from llava.vtr.strategy.sparsevlm import density_peak_clusters
+
+    torch.manual_seed(5)
+    x = torch.randn(40, 4096)
+    raw = torch.cdist(x, x)
+    assert torch.exp(-(raw.sort(dim=1).values[:, :5] ** 2).mean(1)).max() == 0, "the failure this guards against"
+    centres, assignment = density_peak_clusters(x, 5)
+    want, density = _dpc_reference(x, 5)
+    assert (density > 0).all() and centres.tolist() == want
+    assert assignment[centres].tolist() == list(range(5))
+
+
+def test_sparsevlm_recycles_int_0_3_n_plus_1_into_int_m_over_10_plus_1_clusters():
+    torch.manual_seed(6)
+    dropped, scores = torch.randn(50, 8), torch.rand(50)
+    merged, representative = get_strategy("sparsevlm")().merge_tokens(dropped, scores, VTRConfig(strategy="sparsevlm"))
+    recycled = int(0.3 * 50) + 1  # 16 tokens, the best-scored
+    assert merged.shape == (int(recycled / 10) + 1, 8)  # 2 clusters
+    best = scores.argsort(descending=True)[:recycled]
+    assert set(representative.tolist()) <= set(best.tolist())
+    want, _ = _dpc_reference(dropped[best], 2)
+    assert representative.tolist() == best[want].tolist()
+
+
+def test_sparsevlm_official_schedule_and_budgets():
+    from llava.vtr.strategy.sparsevlm import SparseVLM
+
+    published = {192: [300, 200, 110], 128: [303, 110, 36], 96: [238, 48, 26], 64: [66, 30, 17]}
+    for budget, counts in published.items():
+        assert SparseVLM.schedule_defaults(VTRConfig(strategy="sparsevlm", keep_tokens=budget), 32) == dict(
+            prune_layer=[3, 7, 16], keep_tokens=counts
+        )
+    cfg = VTRConfig(strategy="sparsevlm")
+    assert cfg.conventions() == ("previous", "compact", "keep", True), "recycling on, as the official default"
+    assert VTRConfig(strategy="sparsevlm", convention="common").conventions() == ("previous", "original", "keep", False)
+
+
+def test_sparsevlm_merged_tokens_can_be_dropped_at_a_later_stage(tiny_path, single_inputs):
+    model = load_model(tiny_path, VTRConfig(strategy="sparsevlm", prune_layer=[1, 3], keep_tokens=[30, 2]))
+    with torch.no_grad():
+        model(**single_inputs)
+    first, second = model.vtr_last.stages
+    merged = first.merged[0]
+    assert merged == int((int(0.3 * 34) + 1) / 10) + 1  # 34 dropped -> 11 recycled -> 2 clusters
+    assert second.image_tokens_before == [30 + merged] and second.image_tokens_kept == [2]
+    assert second.seq_len_after == first.seq_len_after - (30 + merged - 2) + second.merged[0]

@@ -32,8 +32,12 @@ EVERY_FIELD = {
     "important_ratio": ("0.25", 0.25),
     "clse_cutoff": ("0.3", 0.3),
     "clse_temperature": ("2", 2.0),
-    "clse_reference_layer": ("-1", -1),
+    "clse_reference_layer": ("1", 1),
     "token_merge": ("false", False),
+    "convention": ("common", "common"),
+    "scoring_layer": ("own", "own"),
+    "positions": ("compact", "compact"),
+    "earlier_cache": ("trim", "trim"),
     "merge_ratio": ("0.2", 0.2),
     "merge_clusters": ("3", 3),
 }

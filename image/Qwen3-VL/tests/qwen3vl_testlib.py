@@ -74,8 +74,8 @@ def qwen_embed(stock, inputs):
     return Embedded(embeds, positions, after_layer)
 
 
-def oracle_forward(stock, inputs, prune_stages, prompt_len):
-    return vtr_oracle.oracle_forward(stock, inputs, prune_stages, prompt_len, qwen_embed)
+def oracle_forward(stock, inputs, prune_stages, prompt_len, conventions=None):
+    return vtr_oracle.oracle_forward(stock, inputs, prune_stages, prompt_len, qwen_embed, conventions=conventions)
 
 
 def oracle_greedy(stock, inputs, prune_stages, steps):

@@ -61,13 +61,14 @@ def test_one_global_budget_over_video_and_image_equals_the_oracle(tiny_path, sto
     first = record.stages[0].image_tokens_before
     assert first == [152, 136]
     stages = stage_drops(record, 2, prompt_len, visual_mask(stock, inputs))
-    expected = oracle_forward(stock, inputs, stages, prompt_len)
+    conventions = model.vtr_config.conventions()  # vispruner: compact positions
+    expected = oracle_forward(stock, inputs, stages, prompt_len, conventions=conventions)
     for b in range(2):
         rows = (record.kept_index[b] >= 0) & inputs["attention_mask"][b].bool()[record.kept_index[b].clamp_min(0)]
         torch.testing.assert_close(logits[b, rows], expected[b, record.kept_index[b, rows]], atol=ATOL, rtol=0)
     tokens, step_logits = _generate(model, inputs)
     stages = stage_drops(model.vtr_last, 2, prompt_len, visual_mask(stock, inputs))
-    want_tokens, want_logits = oracle_greedy(stock, inputs, stages, STEPS)
+    want_tokens, want_logits = oracle_greedy(stock, inputs, stages, STEPS, conventions)
     assert torch.equal(tokens, want_tokens)
     torch.testing.assert_close(step_logits, want_logits, atol=ATOL, rtol=0)
 

@@ -69,8 +69,8 @@ def test_every_vtr_field_has_a_flag_that_round_trips_its_default():
         (["--vtr_enabled", "false"], dict(enabled=False)),
         (["--vtr_strategy", "none"], dict(enabled=False)),
         (["--vtr_strategy", "sparsevlm", "--vtr_token_merge"], dict(token_merge=True)),  # a bare bool flag
-        (["--vtr_clse_reference_layer", "-1"], dict(clse_reference_layer=-1)),
-        (["--vtr_clse_reference_layer", "none"], dict(clse_reference_layer=None)),
+        (["--vtr_clse_reference_layer", "2"], dict(clse_reference_layer=2)),
+        (["--vtr_positions", "compact", "--vtr_scoring_layer", "none"], dict(positions="compact", scoring_layer=None)),
         (["--vtr_query_aggregation", "question", "--vtr_seed", "7"], dict(query_aggregation="question", seed=7)),
     ],
 )

@@ -42,12 +42,12 @@ def visual_mask(stock, inputs):
     return (ids == stock.config.image_token_id) | (ids == stock.config.video_token_id)
 
 
-def oracle_forward(stock, inputs, prune_stages, prompt_len, position_ids=None):
-    return vtr_oracle.oracle_forward(stock, inputs, prune_stages, prompt_len, videollava_embed, position_ids)
+def oracle_forward(stock, inputs, prune_stages, prompt_len, position_ids=None, conventions=None):
+    return vtr_oracle.oracle_forward(stock, inputs, prune_stages, prompt_len, videollava_embed, position_ids, conventions)
 
 
-def oracle_greedy(stock, inputs, prune_stages, steps):
-    return vtr_oracle.oracle_greedy(stock, inputs, prune_stages, steps, videollava_embed)
+def oracle_greedy(stock, inputs, prune_stages, steps, conventions=None):
+    return vtr_oracle.oracle_greedy(stock, inputs, prune_stages, steps, videollava_embed, conventions)
 
 
 @dataclass

@@ -89,7 +89,12 @@ class LlavaAdapter(BackboneAdapter):
                 cache["counts"] = visual.sum(1).tolist()
                 cache["coords"] = self._image_coords(image_sizes, sum(cache["counts"]))  # per image, batch order
             if kind not in cache:
-                cache[kind] = cache["coords"] if kind == "coords" else self._image_importance(image_output, image_sizes)
+                if kind == "coords":
+                    cache[kind] = cache["coords"]
+                elif kind == "importance":
+                    cache[kind] = self._image_importance(image_output, image_sizes)
+                else:
+                    cache[kind] = self._arrange(self._vision_features(image_output), image_sizes)
             facts, counts = cache[kind], cache["counts"]
             # generate(num_beams>1 / num_return_sequences>1) repeats each sample k times in a row; the vision
             # states (and image sizes) it keeps are the original samples'
@@ -107,7 +112,7 @@ class LlavaAdapter(BackboneAdapter):
                 raise ValueError(
                     f"{kind} for sample {b}: the visual tokens ({counts}) do not line up with the encoded images"
                 )
-            if kind == "importance":
+            if kind != "coords":
                 return torch.cat(chosen).to(visual.device)
             grids = []  # a group id per (image of this sample, tile); -1 stays off-grid
             for j, coords in enumerate(chosen):
@@ -118,6 +123,7 @@ class LlavaAdapter(BackboneAdapter):
         return {
             "visual_grid": lambda b: per_sample(b, "coords"),
             "vision_importance": lambda b: per_sample(b, "importance"),
+            "vision_features": lambda b: per_sample(b, "features"),
         }
 
     @staticmethod
@@ -134,7 +140,24 @@ class LlavaAdapter(BackboneAdapter):
 
     def _image_importance(self, image_output, image_sizes) -> list[torch.Tensor]:
         """Per image of the batch, in order: the CLS attention each of its visual positions gets."""
-        return list(self._cls_attention(image_output))
+        return self._arrange(self._cls_attention(image_output), image_sizes)
+
+    def _arrange(self, per_view: torch.Tensor, image_sizes) -> list[torch.Tensor]:
+        """Per image of the batch, in order: the rows of `per_view` [views, patches, ...] at its visual
+        positions (LLaVA-1.5: one view per image)."""
+        return list(per_view)
+
+    def _vision_features(self, image_output) -> torch.Tensor:
+        """[views, patches, width]: the vision tower's features the projector reads (before it), per patch."""
+        index = self.vision_layers()[-1]
+        hidden_states = getattr(image_output, "hidden_states", None)
+        if hidden_states is None or hidden_states[index] is None:
+            raise ValueError(
+                "vision_features needs the vision tower's hidden states, which these pre-encoded image features "
+                "lack; pass pixel_values (generate() does this for methods that set needs_vision_attention)"
+            )
+        features = hidden_states[index]
+        return features[:, 1:] if self.model.config.vision_feature_select_strategy == "default" else features
 
     def pre_encode(self, generate_kwargs: dict) -> dict:
         if generate_kwargs.get("pixel_values") is None:
@@ -219,23 +242,23 @@ class LlavaNextAdapter(LlavaAdapter):
             raise ValueError("LLaVA-1.6's patch grid needs image_sizes (the processor returns them)")
         return [patch_coordinates(self.model, size) for size in image_sizes.tolist()]
 
-    def _image_importance(self, image_output, image_sizes) -> list[torch.Tensor]:
-        """The CLS attention of each position's own view (base view or tile; 0 for the row-closing newline
+    def _arrange(self, per_view: torch.Tensor, image_sizes) -> list[torch.Tensor]:
+        """Each position's value from its own view (base view or tile; zeros for the row-closing newline
         tokens), packed as the stock model packs the features."""
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
         config = self.model.config
-        importance = self._cls_attention(image_output)  # [all views of all images, patches]
+        values = per_view if per_view.ndim == 3 else per_view[..., None]  # [views, patches, width]
         packed_all, first = [], 0
         for size in image_sizes.tolist():
             views = image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
             packed, _ = self.model.model.pack_image_features(
-                [importance[first : first + views, :, None]],
+                [values[first : first + views]],
                 torch.tensor([size]),
                 vision_feature_select_strategy=config.vision_feature_select_strategy,
-                image_newline=torch.zeros(1, dtype=importance.dtype, device=importance.device),
+                image_newline=torch.zeros(values.shape[-1], dtype=values.dtype, device=values.device),
             )
-            packed_all.append(packed[0][:, 0])
+            packed_all.append(packed[0] if per_view.ndim == 3 else packed[0][:, 0])
             first += views
         return packed_all
 

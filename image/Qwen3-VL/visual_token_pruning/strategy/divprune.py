@@ -2,11 +2,12 @@
 # Shared vtr file: edit it in image/LLaVA/llava/vtr, then `make fix-copies` updates every fork.
 """DivPrune (Alvar et al., 2025): keep the most diverse visual tokens, by greedy max-min diversity.
 
-Works on the visual tokens' features at the scoring point; meant for `prune_layer=0`, where they are the
-projected vision features (pre-LLM: every decoder layer then runs short). Distance is the cosine distance.
-The first pick is the token farthest from its nearest neighbour; each next pick maximises its distance to
-the nearest token already picked. The scores encode the pick order (earlier = higher; greedy stops at the
-stage's budget), so Top-K keeps exactly what greedy max-min picks for that budget.
+As the official code (vbdi/divprune, `llava_arch.py`): before the LLM (`prune_layer=0` by default), on the
+projected visual features spliced into the prompt, whose kept tokens then get contiguous positions.
+Distance is the cosine distance. The first pick is the token farthest from its nearest neighbour; each next
+pick maximises its distance to the nearest token already picked (ties: the first index). The scores encode
+the pick order (earlier = higher; greedy stops at the stage's budget), so Top-K keeps exactly what greedy
+max-min picks for that budget.
 """
 
 import torch
@@ -37,6 +38,11 @@ def max_min_order(features: torch.Tensor, picks: int | None = None) -> torch.Ten
 @register_strategy("divprune")
 class DivPrune(PruningStrategy):
     needs_attention = False
+    positions = "compact"
+
+    @classmethod
+    def schedule_defaults(cls, config, num_layers: int) -> dict:
+        return {"prune_layer": 0} if config.prune_layer_defaulted else {}
 
     def compute_scores(self, attention, image_token_range, config, **ctx):
         start, end = image_token_range
