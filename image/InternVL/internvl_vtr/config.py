@@ -279,7 +279,9 @@ class VTRConfig:
         for name in CONVENTIONS:
             value = getattr(self, name)
             if value is None:
-                value = COMMON_CONVENTIONS[name] if self.convention == "common" or method is None else getattr(method, name)
+                value = (
+                    COMMON_CONVENTIONS[name] if self.convention == "common" or method is None else getattr(method, name)
+                )
             chosen[name] = value
         merge = self.token_merge
         if merge is None:

@@ -9,10 +9,9 @@ import torch
 
 from llava.vtr import VTRConfig, available_strategies, get_strategy, load_model
 from llava.vtr.cost import equivalent_tokens, tokens_per_layer
-from llava.vtr.strategy.clse import PRESETS, evolution_factor, high_pass_score
+from llava.vtr.strategy.clse import evolution_factor, high_pass_score
 from llava.vtr.strategy.divprune import max_min_order
 from llava.vtr.strategy.sparsevlm import choose_raters
-from llava.vtr.strategy.vispruner import remove_duplicates
 
 METHODS = sorted(m for m in available_strategies() if not m.startswith(("test_", "contract_")))
 STEPS = 3
@@ -395,7 +394,9 @@ def test_clse_reference_is_the_input_of_the_reference_layer(tiny_path, single_in
     get_strategy("clse").compute_scores = spy
     try:
         for ref in (0, 1):
-            model = load_model(tiny_path, VTRConfig(strategy="clse", prune_layer=3, keep_tokens=9, clse_reference_layer=ref))
+            model = load_model(
+                tiny_path, VTRConfig(strategy="clse", prune_layer=3, keep_tokens=9, clse_reference_layer=ref)
+            )
             with torch.no_grad():
                 model(**single_inputs)
         with pytest.raises(ValueError, match="must come before the first prune layer"):
@@ -616,7 +617,9 @@ def _dpc_reference(x, clusters):
     n, width = x.shape
     d = torch.cdist(x, x) / math.sqrt(width)
     density = torch.exp(-(d.sort(dim=1).values[:, :clusters] ** 2).mean(1))
-    delta = torch.stack([d[i][density > density[i]].min() if (density > density[i]).any() else d.max() for i in range(n)])
+    delta = torch.stack(
+        [d[i][density > density[i]].min() if (density > density[i]).any() else d.max() for i in range(n)]
+    )
     centres = sorted(range(n), key=lambda i: -(delta[i] * density[i]).item())[:clusters]
     return centres, density
 

@@ -100,7 +100,9 @@ def test_every_method_keeps_its_budget_and_equals_the_oracle(backbone, method):
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 @pytest.mark.parametrize("scoring", ["previous", "own"])
-@pytest.mark.parametrize("positions,cache", [("original", "keep"), ("compact", "keep"), ("original", "trim"), ("compact", "trim")])
+@pytest.mark.parametrize(
+    "positions,cache", [("original", "keep"), ("compact", "keep"), ("original", "trim"), ("compact", "trim")]
+)
 def test_every_convention_equals_the_oracle(backbone, impl, scoring, positions, cache):
     """Scoring layer x positions of kept tokens x the earlier layers' cache, prefill and greedy decode."""
     cfg = dict(strategy="fastv", prune_layer=[1, 3], keep_tokens=[14, 5])

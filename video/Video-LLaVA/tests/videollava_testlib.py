@@ -43,7 +43,9 @@ def visual_mask(stock, inputs):
 
 
 def oracle_forward(stock, inputs, prune_stages, prompt_len, position_ids=None, conventions=None):
-    return vtr_oracle.oracle_forward(stock, inputs, prune_stages, prompt_len, videollava_embed, position_ids, conventions)
+    return vtr_oracle.oracle_forward(
+        stock, inputs, prune_stages, prompt_len, videollava_embed, position_ids, conventions
+    )
 
 
 def oracle_greedy(stock, inputs, prune_stages, steps, conventions=None):

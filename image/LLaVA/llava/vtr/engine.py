@@ -7,12 +7,15 @@ does everything else:
 
     adapter.prefill_tokens()      merged embeddings, visual mask, positions, cos/sin, extra per-token rows
     layers [0, K)                 all tokens, the stock decoder layers on the configured kernel
-    score (layer K-1)             causal attention recomputed from that layer's own Q/K (attention.py),
+    score (layer K-1, or K)       causal attention recomputed from that layer's own Q/K (attention.py): layer
+                                  K-1 (scoring_layer="previous") or layer K on its input ("own"),
                                   strategy.compute_scores per sample, one batched Top-K for the batch
-    gather                        every per-token tensor (TokenState) and the KV cache of layers [0, K)
-                                  keep the selected rows; samples that keep fewer rows are left re-padded
-    layers [K, ...)               the kept rows only; a list of prune layers repeats score + gather
-    decode                        `DecodeState` on the cache re-maps later masks and positions
+    gather                        every per-token tensor (TokenState) keeps the selected rows; samples that
+                                  keep fewer rows are left re-padded
+    layers [K, ...)               the kept rows only (positions="compact": renumbered); a list of prune
+                                  layers repeats score + gather; earlier_cache="trim" also trims [0, K)
+    decode                        `DecodeState` on the cache re-maps later masks and positions, per layer
+                                  where layers hold different rows or continue different numberings
 
 Host syncs: one before the first layer (padding; each sample's visual span, count and length) and one per
 prune stage (the kept counts, with the next stage's spans), whatever the batch size; only the stage's
@@ -44,7 +47,7 @@ from .strategy.base import PruningStrategy, select_batch
 class StageRecord:
     """What one prune stage did, per sample."""
 
-    layer: int  # K: layers from index K on run pruned; scores came from layer K-1
+    layer: int  # K: layers from index K on run pruned; scores came from layer K-1 (or K, scoring_layer="own")
     budget: str
     seq_len_before: int
     seq_len_after: int
@@ -357,7 +360,9 @@ class DecodeState:
         allowed = (allowed & causal[None, None]).expand(batch, 1, query_len, kv_len)
         if model_mask is not None and model_mask.dtype != torch.bool:
             dtype = model_mask.dtype
-            return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+            return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+                ~allowed, torch.finfo(dtype).min
+            )
         return allowed
 
     def hide_unborn(self, layer_idx: int, attention_mask, cache, query_len: int):
@@ -402,7 +407,9 @@ class DecodeState:
             position_ids = self.adapter.decode_positions(self, decoded, query_len, batch)
         shift = self.shift(0)
         if shift is not None:  # layer 0's own numbering; other layers re-shift in their hook
-            position_ids = position_ids - shift.view(-1, 1) if position_ids.ndim == 2 else position_ids - shift.view(1, -1, 1)
+            position_ids = (
+                position_ids - shift.view(-1, 1) if position_ids.ndim == 2 else position_ids - shift.view(1, -1, 1)
+            )
         self.step = {"new_valid": new_valid, "positions": self.adapter.engine_positions(position_ids)}
         return attention_mask, position_ids
 
@@ -422,7 +429,11 @@ class PrunedPrefill:
         args, kwargs, lm = self.args, self.kwargs, self.adapter.language_model
         use_cache, return_dict = self._pop_options(kwargs)
         kernel = getattr(lm.config, "_attn_implementation", "eager")
-        if self.conventions.token_merge and self.conventions.earlier_cache == "trim" and kernel not in ("eager", "sdpa"):
+        if (
+            self.conventions.token_merge
+            and self.conventions.earlier_cache == "trim"
+            and kernel not in ("eager", "sdpa")
+        ):
             raise ValueError(
                 f"token_merge needs per-layer decode masks, which attn_implementation={kernel!r} cannot take; "
                 "load the model with attn_implementation='sdpa' or 'eager'"
@@ -481,7 +492,9 @@ class PrunedPrefill:
             # here (test_engine.py::test_decode_state_survives_on_the_cache fails if that ever breaks).
             cache._vtr_state = DecodeState(self.adapter, self.segments, seq_len, self.has_padding, self.conventions)
             if self.conventions.earlier_cache == "trim" and any(any(stage.merged) for stage in self.record.stages):
-                cache._vtr_state.prefix_born = tokens.born  # inserted at K: the trimmed earlier layers hold placeholders
+                cache._vtr_state.prefix_born = (
+                    tokens.born
+                )  # inserted at K: the trimmed earlier layers hold placeholders
         logits = self.adapter.lm_head(slice_logits_to_keep(hidden, args.get("logits_to_keep", 0)))
         loss = None
         if args.get("labels") is not None:
@@ -605,7 +618,11 @@ class PrunedPrefill:
             merged, reps = None, torch.empty(0, dtype=torch.long, device=device)
             if count and dropped.numel():
                 out = self.strategy.merge_tokens(
-                    tokens.hidden[b, dropped], scores[b, dropped], self.config, stage=stage, layer_idx=prune_at - 1,
+                    tokens.hidden[b, dropped],
+                    scores[b, dropped],
+                    self.config,
+                    stage=stage,
+                    layer_idx=prune_at - 1,
                     hidden_size=tokens.hidden.shape[-1],
                 )
                 if out is not None:
