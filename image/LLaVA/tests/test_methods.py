@@ -458,7 +458,7 @@ def mean_merger():
 
 
 @torch.no_grad()
-def oracle_with_merged_token(stock, inputs, k, kept, steps):
+def oracle_with_merged_token(stock, inputs, k, kept, steps, trim=True):
     """No pruning machinery: the full prompt plus one extra row M placed right after the last kept image
     token, at the first dropped token's RoPE position. Layers < k: nobody sees M. At layer k, M's state
     becomes the mean of the dropped tokens' states, and from layer k on the dropped tokens are hidden from
@@ -489,7 +489,9 @@ def oracle_with_merged_token(stock, inputs, k, kept, steps):
         for i, layer in enumerate(lm.layers):
             if i == k:
                 h[0, is_m] = h[0, is_dropped].mean(0, keepdim=True)
-            hidden_cols = (is_m if i < k else is_dropped)[None, :] | (is_decode[:, None] & is_dropped[None, :])
+            hidden_cols = (is_m if i < k else is_dropped)[None, :]
+            if trim:  # the layers before k hold no dropped token for decode rows either
+                hidden_cols = hidden_cols | (is_decode[:, None] & is_dropped[None, :])
             allowed = causal & ~hidden_cols
             mask = torch.zeros(1, 1, seq, seq).masked_fill(~allowed[None, None], torch.finfo(torch.float32).min)
             h = layer(h, attention_mask=mask, position_embeddings=(cos, sin))
@@ -502,10 +504,13 @@ def oracle_with_merged_token(stock, inputs, k, kept, steps):
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
-def test_merged_tokens_are_never_attended_before_they_exist(tiny_path, stock_models, single_inputs, mean_merger, impl):
+@pytest.mark.parametrize("cache", ["trim", "keep"])
+def test_merged_tokens_are_never_attended_before_they_exist(
+    tiny_path, stock_models, single_inputs, mean_merger, impl, cache
+):
     model = load_model(
         tiny_path,
-        VTRConfig(strategy=mean_merger, prune_layer=2, keep_tokens=6, token_merge=True, earlier_cache="trim"),
+        VTRConfig(strategy=mean_merger, prune_layer=2, keep_tokens=6, token_merge=True, earlier_cache=cache),
         attn_implementation=impl,
     )
     with torch.no_grad():
@@ -514,7 +519,7 @@ def test_merged_tokens_are_never_attended_before_they_exist(tiny_path, stock_mod
     assert stage.image_tokens_kept == [6] and stage.merged == [1]
     steps = 4
     expected, order, tokens, step_logits = oracle_with_merged_token(
-        stock_models["eager"], single_inputs, 2, stage.kept_positions[0], steps
+        stock_models["eager"], single_inputs, 2, stage.kept_positions[0], steps, trim=cache == "trim"
     )
     # the model's rows are the oracle's prompt rows minus the dropped ones (M right after the last kept token)
     ids = single_inputs["input_ids"][0]
