@@ -678,3 +678,18 @@ def test_sparsevlm_merged_tokens_can_be_dropped_at_a_later_stage(tiny_path, sing
     assert merged == int((int(0.3 * 34) + 1) / 10) + 1  # 34 dropped -> 11 recycled -> 2 clusters
     assert second.image_tokens_before == [30 + merged] and second.image_tokens_kept == [2]
     assert second.seq_len_after == first.seq_len_after - (30 + merged - 2) + second.merged[0]
+
+
+def test_pdrop_at_k_ranks_like_fastv_at_k_plus_1(tiny_path, single_inputs):
+    """PyramidDrop scores with the attention layer K is about to compute; FastV at K+1 reads that same layer."""
+    kept = {}
+    for method, k in (("pdrop", 2), ("fastv", 3)):
+        model = load_model(tiny_path, VTRConfig(strategy=method, prune_layer=k, keep_tokens=9))
+        with torch.no_grad():
+            model(**single_inputs)
+        kept[method] = model.vtr_last.stages[0].kept_positions[0].tolist()
+    assert kept["pdrop"] == kept["fastv"]
+    common = load_model(tiny_path, VTRConfig(strategy="pdrop", prune_layer=2, keep_tokens=9, convention="common"))
+    with torch.no_grad():
+        common(**single_inputs)
+    assert common.vtr_last.stages[0].kept_positions[0].tolist() != kept["pdrop"], "layer 1's attention differs"
