@@ -88,13 +88,10 @@ class LlavaAdapter(BackboneAdapter):
             if "counts" not in cache:
                 cache["counts"] = visual.sum(1).tolist()
                 cache["coords"] = self._image_coords(image_sizes, sum(cache["counts"]))  # per image, batch order
-            if kind not in cache:
-                if kind == "coords":
-                    cache[kind] = cache["coords"]
-                elif kind == "importance":
-                    cache[kind] = self._image_importance(image_output, image_sizes)
-                else:
-                    cache[kind] = self._arrange(self._vision_features(image_output), image_sizes)
+            if kind == "importance" and kind not in cache:
+                cache[kind] = self._image_importance(image_output, image_sizes)
+            elif kind == "features" and kind not in cache:
+                cache[kind] = self._arrange(self._vision_features(image_output), image_sizes)
             facts, counts = cache[kind], cache["counts"]
             # generate(num_beams>1 / num_return_sequences>1) repeats each sample k times in a row; the vision
             # states (and image sizes) it keeps are the original samples'

@@ -109,8 +109,7 @@ class PruningStrategy(ABC):
         """[batch] how many visual tokens a `keep_ratio` budget keeps at `stage`, given the visual tokens still
         there (`current`, [batch] long) and the prompt's (`original`). Default: round half up of ratio x
         current. Override for a method whose official code counts otherwise (PyramidDrop: of the original)."""
-        ratio = config.stage_budget(stage).keep_ratio
-        return torch.floor(current.double() * ratio + 0.5).long().clamp_max(current)
+        return ratio_count(current, config.stage_budget(stage).keep_ratio)
 
     def _budget_count(self, config, stage: int, num_tokens: int) -> int | None:
         """How many of `num_tokens` visual tokens this stage keeps (None for a score threshold): for methods
@@ -166,6 +165,12 @@ def select_batch(scores: torch.Tensor, visual: torch.Tensor, budget: StageBudget
         limit = counts.clamp_max(budget.keep_tokens)
     elif limit is not None:
         limit = limit.reshape(-1, 1).to(counts.device).clamp_max(counts)
-    else:  # round half up, in float64 like Python's math.floor(ratio * n + 0.5)
-        limit = torch.floor(counts.double() * budget.keep_ratio + 0.5).long().clamp_max(counts)
+    else:
+        limit = ratio_count(counts, budget.keep_ratio)
     return visual & (rank < limit)
+
+
+def ratio_count(counts: torch.Tensor, ratio: float) -> torch.Tensor:
+    """How many of `counts` tokens a keep_ratio keeps: round half up, in float64 like Python's
+    math.floor(ratio * n + 0.5), never more than there are."""
+    return torch.floor(counts.double() * ratio + 0.5).long().clamp_max(counts)

@@ -302,43 +302,46 @@ class DecodeState:
         self.trim = conventions.earlier_cache == "trim"
         self.compact = conventions.positions == "compact"
         self.prefix_born: torch.Tensor | None = None  # [batch, final_len]: set when tokens were inserted
-        self.step: dict = {}  # the current decode step's model-level inputs, for the per-layer hooks
-        layer0 = self.mask_segment(0)
-        self.prefix_valid = layer0.valid  # [batch, len]: the layout of layer 0's cache (the model-level mask)
+        self.step: dict = {}  # the current decode step's model-level inputs, and what its layers share
+        # per layer: the segment it ran its prefill positions with, and the one whose rows its cache holds
+        self.position_index = [
+            max(j for j, seg in enumerate(segments) if seg.first_layer <= i) for i in range(adapter.num_layers)
+        ]
+        self.mask_index = [len(segments) - 1] * adapter.num_layers if self.trim else self.position_index
+        self.prefix_valid = segments[self.mask_index[0]].valid  # [batch, len]: layer 0's cache (model-level mask)
         self.pruned_len = self.prefix_valid.shape[1]
-
-    def position_segment(self, layer_idx: int) -> Segment:
-        """The segment whose positions layer `layer_idx` ran with in the prefill."""
-        return [seg for seg in self.segments if seg.first_layer <= layer_idx][-1]
-
-    def mask_segment(self, layer_idx: int) -> Segment:
-        """The segment whose rows layer `layer_idx`'s cache holds."""
-        return self.segments[-1] if self.trim else self.position_segment(layer_idx)
 
     def shift(self, layer_idx: int) -> torch.Tensor | None:
         """[batch]: how much lower than the original numbering layer `layer_idx` continues (None: not at all)."""
         if not self.compact:
             return None
-        return self.segments[0].next_position - self.position_segment(layer_idx).next_position
+        return self.segments[0].next_position - self.segments[self.position_index[layer_idx]].next_position
 
     def layer_inputs(self, layer_idx: int, kwargs: dict, cache, hidden: torch.Tensor) -> dict | None:
         """The attention mask and rotary tables of decoder layer `layer_idx` for a decode step, where they differ
         from the model-level ones (mapped onto layer 0): another cache layout, other positions, or rows
-        of tokens inserted at a later layer to hide. None: nothing differs."""
+        of tokens inserted at a later layer to hide. None: nothing differs. Layers of one segment share
+        what is built for it within a step."""
         updates, query_len = {}, hidden.shape[1]
-        segment, first = self.mask_segment(layer_idx), self.mask_segment(0)
+        segment = self.mask_index[layer_idx]
         mask = kwargs.get("attention_mask")
-        if segment is not first:
-            mask = self._layer_mask(segment.valid, mask, cache, layer_idx, query_len)
-            updates["attention_mask"] = mask
+        if segment != self.mask_index[0]:
+            key = ("mask", segment)
+            if key not in self.step:
+                self.step[key] = self._layer_mask(self.segments[segment].valid, mask, cache, layer_idx, query_len)
+            mask = updates["attention_mask"] = self.step[key]
         narrowed = self.hide_unborn(layer_idx, mask, cache, query_len)
         if narrowed is not None:
             updates["attention_mask"] = narrowed
-        if self.compact and self.position_segment(layer_idx) is not self.position_segment(0):
-            positions = self.step["positions"]
-            delta = self.shift(layer_idx) - self.shift(0)
-            positions = positions - delta.view(-1, *[1] * (positions.ndim - 1))
-            updates["position_embeddings"] = self.adapter.rotary(hidden, positions)
+        segment = self.position_index[layer_idx]
+        if self.compact and segment != self.position_index[0]:
+            key = ("rotary", segment)
+            if key not in self.step:
+                positions = self.step["positions"]
+                delta = self.shift(layer_idx) - self.shift(0)
+                positions = positions - delta.view(-1, *[1] * (positions.ndim - 1))
+                self.step[key] = self.adapter.rotary(hidden, positions)
+            updates["position_embeddings"] = self.step[key]
         return updates or None
 
     def _layer_mask(self, prefix_valid, model_mask, cache, layer_idx: int, query_len: int):
@@ -493,9 +496,8 @@ class PrunedPrefill:
             # here (test_engine.py::test_decode_state_survives_on_the_cache fails if that ever breaks).
             cache._vtr_state = DecodeState(self.adapter, self.segments, seq_len, self.has_padding, self.conventions)
             if self.conventions.earlier_cache == "trim" and any(any(stage.merged) for stage in self.record.stages):
-                cache._vtr_state.prefix_born = (
-                    tokens.born
-                )  # inserted at K: the trimmed earlier layers hold placeholders
+                # inserted at K: the trimmed earlier layers hold placeholder rows for them
+                cache._vtr_state.prefix_born = tokens.born
         logits = self.adapter.lm_head(slice_logits_to_keep(hidden, args.get("logits_to_keep", 0)))
         loss = None
         if args.get("labels") is not None:
@@ -624,7 +626,6 @@ class PrunedPrefill:
                     self.config,
                     stage=stage,
                     layer_idx=prune_at - 1,
-                    hidden_size=tokens.hidden.shape[-1],
                 )
                 if out is not None:
                     merged, which = out
