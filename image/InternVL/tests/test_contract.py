@@ -137,3 +137,36 @@ def test_scoring_attention_is_the_eager_causal_attention_of_the_scoring_layer(ba
         rows = valid[b]
         torch.testing.assert_close(got[:, rows][:, :, rows], eager[b][:, rows][:, :, rows], atol=ATOL, rtol=0)
         assert torch.all(got.triu(1) == 0), "causal"
+
+
+@pytest.mark.parametrize("positions,cache", [("original", "keep"), ("compact", "trim")])
+def test_a_follow_up_turn_on_the_pruned_cache_equals_the_oracle(backbone, positions, cache):
+    """generate(history + a new question, past_key_values=the pruned cache) feeds only the new tokens and
+    equals the oracle run of the whole conversation with the first turn's drops (no re-encoding)."""
+    model = vtr(backbone, strategy="fastv", prune_layer=[1, 3], keep_tokens=[14, 5], positions=positions,
+                earlier_cache=cache)  # fmt: skip
+    inputs, stock = backbone.batch, backbone.stock["eager"]
+    first = model.generate(**inputs, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+    prompt_len = inputs["input_ids"].shape[1]
+    visual = torch.isin(inputs["input_ids"], torch.tensor(backbone.visual_token_id).reshape(-1))
+    stages = stage_drops(model.vtr_last, 2, prompt_len, visual)
+    question = backbone.text_only["input_ids"][:, -5:].expand(2, -1)
+    history = torch.cat([first.sequences, question], 1)
+    mask = torch.cat([inputs["attention_mask"], torch.ones_like(history[:, prompt_len:])], 1)
+    fed = []
+    handle = model.register_forward_pre_hook(lambda m, a, k: fed.append(k["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        out = model.generate(
+            input_ids=history, attention_mask=mask, past_key_values=first.past_key_values, max_new_tokens=STEPS,
+            min_new_tokens=STEPS, do_sample=False, return_dict_in_generate=True, output_logits=True,
+        )  # fmt: skip
+    finally:
+        handle.remove()
+    assert fed[0] == 1 + question.shape[1], "the last answer token and the question, nothing the cache holds"
+    turn2 = dict(inputs, input_ids=history, attention_mask=mask)
+    conventions = model.vtr_config.conventions()
+    want, want_logits = oracle_greedy(stock, turn2, stages, STEPS, backbone.embed, conventions, prompt_len)
+    assert torch.equal(out.sequences[:, history.shape[1] :], want)
+    torch.testing.assert_close(torch.stack(out.logits, 1), want_logits, atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="text only"):  # a new image cannot join a pruned cache
+        model(**inputs, past_key_values=out.past_key_values)

@@ -109,12 +109,14 @@ def stage_drops(record, batch, prompt_len, visual_mask):
 
 
 @torch.no_grad()
-def oracle_greedy(stock, inputs, prune_stages, steps, embed, conventions=None):
+def oracle_greedy(stock, inputs, prune_stages, steps, embed, conventions=None, prompt_len=None):
     """Greedy decode with `oracle_forward`, recomputing the whole sequence each step; positions as generate()
-    makes them (cumulative sum of the attention mask, unless `embed` gives positions). Returns (tokens [batch, steps], logits [batch, steps, vocab])."""
+    makes them (cumulative sum of the attention mask, unless `embed` gives positions). `prompt_len`: where the
+    pruned prompt ends (default: all of `inputs`); the rows after it (an earlier turn's answer and a follow-up
+    question) are decode rows. Returns (tokens [batch, steps], logits [batch, steps, vocab])."""
     ids = inputs["input_ids"]
     mask = inputs["attention_mask"]
-    prompt_len = ids.shape[1]
+    prompt_len = ids.shape[1] if prompt_len is None else prompt_len
     out, step_logits = [], []
     for _ in range(steps):
         pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)

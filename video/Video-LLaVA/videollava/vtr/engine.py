@@ -390,6 +390,11 @@ class DecodeState:
             return attention_mask & ~hide
         return attention_mask.masked_fill(hide, torch.finfo(attention_mask.dtype).min)
 
+    def conversation_length(self, cache) -> int:
+        """How many tokens of the conversation the (shorter) cache stands for: the original prompt and every
+        token appended since."""
+        return self.original_len + cache.get_seq_length() - self.pruned_len
+
     def map_inputs(self, attention_mask, position_ids, cache, query_len: int):
         decoded = cache.get_seq_length() - self.pruned_len  # tokens appended since the prefill
         batch = self.prefix_valid.shape[0]
@@ -872,6 +877,26 @@ class VTRModelMixin:
                 )
         return super().generate(*args, **kwargs)
 
+    def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, is_first_iteration=False, **kwargs):
+        cache = kwargs.get("past_key_values")
+        state = getattr(cache, "_vtr_state", None)
+        if state is not None and is_first_iteration and next_sequence_length is not None:
+            # generate() continuing a conversation on a pruned cache (full history as input) cut the history at
+            # the cache's shortened length; the new tokens start after the whole conversation the cache holds
+            embeds = kwargs.get("inputs_embeds")
+            total = (embeds if embeds is not None else input_ids).shape[1]
+            held = state.conversation_length(cache)
+            if total <= held:
+                raise ValueError(
+                    f"this pruned KV cache holds a conversation of {held} tokens; to continue it, pass the whole "
+                    f"history plus at least one new token ({total} given), or only the new tokens with an "
+                    "attention_mask over the whole history"
+                )
+            next_sequence_length = total - held
+        return super().prepare_inputs_for_generation(
+            input_ids, next_sequence_length=next_sequence_length, is_first_iteration=is_first_iteration, **kwargs
+        )
+
     @staticmethod
     def forward_arguments(local_vars: dict) -> tuple[dict, dict]:
         """(named arguments, extra kwargs) of a subclass's `forward`, from its `locals()` taken first thing.
@@ -889,7 +914,13 @@ class VTRModelMixin:
         has_visual = adapter.has_visual_input(args)
         cache = args.get("past_key_values")
         state = getattr(cache, "_vtr_state", None)
-        if state is not None and not has_visual:
+        if state is not None and has_visual:
+            raise ValueError(
+                "this KV cache holds a pruned prefill: a follow-up turn on it may add text only, since a new image "
+                "would need its own pruning and positions among tokens already dropped; start a new conversation "
+                "(all images in the first forward) for another image"
+            )
+        if state is not None:
             ids = args.get("input_ids")
             query_len = (ids if ids is not None else args["inputs_embeds"]).shape[1]
             args["attention_mask"], args["position_ids"] = state.map_inputs(
