@@ -1,5 +1,7 @@
 """The llava_vtr lmms-eval model in process: loglikelihood with pruning, batching, prompts, loading."""
 
+import json
+
 import pytest
 import torch
 
@@ -27,6 +29,8 @@ def test_prompt_uses_the_llava_15_conversation_template(tiny_path):
 
 
 def test_loglikelihood_applies_pruning_and_equals_the_oracle(tiny_path, stock_models):
+    """The value is a loss (mean negative log-likelihood per token), as lmms-eval's own models return it: its
+    multiple_choice scoring picks the option with the SMALLEST value."""
     lm = make(tiny_path, "strategy=fastv,keep_tokens=6,prune_layer=1")
     ((score, greedy),) = lm.loglikelihood([ll_request(1, " yes no")])
     record = lm.model.vtr_last
@@ -45,7 +49,7 @@ def test_loglikelihood_applies_pruning_and_equals_the_oracle(tiny_path, stock_mo
     assert conventions.earlier_cache == "keep"
     logits = oracle_forward(stock_models["eager"], full, stages, ctx_len, conventions=conventions)
     logprobs = torch.log_softmax(logits[0, ctx_len - 1 : -1], -1)
-    expected = float(logprobs.gather(1, target[0][:, None]).sum())
+    expected = -float(logprobs.gather(1, target[0][:, None]).mean())
     assert score == pytest.approx(expected, abs=1e-4)
     assert greedy == bool((logprobs.argmax(-1) == target[0]).all())
 
@@ -128,3 +132,62 @@ def test_generation_kwargs_reach_generate_and_unknown_ones_are_named(tiny_path):
     assert kwargs["repetition_penalty"] == 1.3 and kwargs["max_new_tokens"] == 3
     assert "image_aspect_ratio" not in kwargs
     assert any("['image_aspect_ratio'] are not used" in m for m in messages)
+
+
+class FakeAccelerator:
+    """Process 5 of 8 over two nodes of 4 (local process 1 of the second node)."""
+
+    process_index, local_process_index, num_processes = 5, 1, 8
+
+
+def test_requests_are_sharded_by_the_global_rank(tiny_path, monkeypatch):
+    """lmms-eval splits the requests by `lm.rank` / `lm.world_size`: with several nodes the local rank would
+    give two processes the same shard and leave another one unanswered."""
+    from llava.vtr import lmms_eval_base
+
+    monkeypatch.setattr(lmms_eval_base, "Accelerator", FakeAccelerator)
+    lm = make(tiny_path, "strategy=none")
+    assert (lm.rank, lm.world_size) == (5, 8)
+    assert lm.device == torch.device("cpu")
+
+
+def test_with_several_processes_one_record_is_written(tiny_path, tmp_path):
+    """After the merge every process holds the whole run's record: process 0 alone writes it (to stats_path=
+    too); processes that could not be merged each write their own `_rank<r>` file."""
+    lm = make(tiny_path, f"strategy=fastv,keep_tokens=6,prune_layer=2,stats_path={tmp_path / 'run.json'}")
+    lm.generate_until([gen_request(0)])
+    lm._world_size = 2
+    lm._merged_ranks, lm._rank = 2, 1
+    assert lm.write_stats(tmp_path, "") is None and not list(tmp_path.iterdir())
+    lm._rank = 0
+    assert lm.write_stats(tmp_path, "") == tmp_path / "run.json"
+    record = json.loads((tmp_path / "run.json").read_text())
+    assert (record["processes_merged"], record["prefills"]) == (2, 1)
+    lm._merged_ranks, lm._rank = 0, 1
+    assert lm.write_stats(tmp_path, "") == tmp_path / "run_rank1.json"
+    lm.stats_path = None
+    assert (
+        lm.write_stats(tmp_path / "out", "20260101")
+        == tmp_path / "out" / "vtr_stats_fastv_K2_keep6_20260101_rank1.json"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "run.json", "run_rank1.json"]
+
+
+class RecordingCacheHook:
+    def __init__(self):
+        self.calls = []
+
+    def add_partial(self, *args):
+        self.calls.append(args)
+
+
+def test_answers_are_not_handed_to_a_cache_keyed_on_the_context_alone(tiny_path):
+    """lmms-eval's cache hook keys an answer by (context, gen_kwargs): the same question under another image,
+    pruning setting or option list would get this answer back. The plugin hands it nothing (the response
+    cache of --use_cache keys on the model args and the doc instead)."""
+    lm = make(tiny_path, "strategy=fastv,keep_tokens=6,prune_layer=2")
+    hook = RecordingCacheHook()
+    lm.set_cache_hook(hook)
+    lm.generate_until([gen_request(0), gen_request(1)])
+    lm.loglikelihood([ll_request(1, " yes")])
+    assert hook.calls == []

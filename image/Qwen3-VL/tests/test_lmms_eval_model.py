@@ -67,7 +67,7 @@ def test_loglikelihood_prunes_the_context_and_equals_the_oracle(tiny_path, stock
     visual = torch.isin(inputs["input_ids"], torch.tensor(visual_ids(lm.model.config)))
     logits = oracle_forward(stock_models["eager"], full, stage_drops(record, 1, ctx_len, visual), ctx_len)
     logprobs = torch.log_softmax(logits[0, ctx_len - 1 : -1], -1)
-    assert score == pytest.approx(float(logprobs.gather(1, target[0][:, None]).sum()), abs=1e-4)
+    assert score == pytest.approx(-float(logprobs.gather(1, target[0][:, None]).mean()), abs=1e-4), "the mean NLL"
     # unpruned: the continuation chunk runs on the stock path, given no positions
     ((unpruned, _),) = make(tiny_path, "strategy=none").loglikelihood([request])
     assert unpruned != pytest.approx(score, abs=1e-4)

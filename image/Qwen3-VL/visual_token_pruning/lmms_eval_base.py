@@ -11,9 +11,11 @@ What the base does (identical in every fork):
   status 2 and a one-line reason (lmms-eval's CLI would otherwise log it and exit 0).
 - device, dtype and data parallel (one model per `accelerate`/`torch.distributed` process);
 - `generate_until` in batches (left padding, longest prompts first, a progress bar), `loglikelihood` with the
-  context pruned on its own and the continuation scored against that pruned cache;
+  context pruned on its own and the continuation scored against that pruned cache (the value is a loss, as
+  lmms-eval's own models return it: its multiple-choice scoring picks the smallest);
 - the efficiency record: per prefill the kept visual tokens per stage, the analytic FLOPs ratio (cost.py)
-  and the measured prefill time, merged over processes and written beside lmms-eval's results.
+  and the measured prefill time, merged over processes into one record that process 0 writes beside
+  lmms-eval's results (or to `stats_path=`).
 
 What a fork's subclass writes (its `lmms_eval_plugin.py`, ~100 lines):
 
@@ -208,7 +210,8 @@ class VTRLmms(lmms):
         self.vtr_config = model.vtr_config
         self.vtr_tag = describe(self.vtr_config)
         self.accelerator = accelerator
-        self._rank, self._world_size = accelerator.local_process_index, accelerator.num_processes
+        # the global rank and world size: lmms-eval shards the requests by them (the local rank repeats per node)
+        self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
         self._stats = RunStats(model.config.get_text_config(), self.visual_token_ids())
         # requests handed to us (counted by lmms_eval_compat when --use_cache is on) vs computed here
         self.requests_seen: dict[str, int] = {}
@@ -277,9 +280,11 @@ class VTRLmms(lmms):
             compat.exit_on_run_error(error, self.name)
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
-        """Log-probability of each continuation. The context (visuals + question) is pruned on its own, as
-        for generation, and the continuation is then scored against that pruned KV cache: every option
-        of a multiple-choice question sees the same kept visual tokens, and the answer never picks them."""
+        """(loss, is_greedy) of each continuation: the loss is its mean negative log-likelihood per token, what
+        lmms-eval's own models return (its multiple_choice scoring takes the option with the smallest). The
+        context (visuals + question) is pruned on its own, as for generation, and the continuation is then
+        scored against that pruned KV cache: every option of a multiple-choice question sees the same kept
+        visual tokens, and the answer never picks them."""
         try:
             return self._loglikelihood(requests)
         except Exception as error:
@@ -311,13 +316,12 @@ class VTRLmms(lmms):
             with torch.inference_mode():
                 output = self._model.generate(**inputs, **self.generation_kwargs(gen_kwargs))
             texts = self.tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-            for context, text in zip(contexts, texts):
+            for text in texts:
                 for stop in until:
                     if stop:
                         text = text.split(stop)[0]
                 text = text.strip()
                 results.append(text)
-                self.cache_hook.add_partial("generate_until", (context, all_gen_kwargs[0]), text)
             bar.update(1)
         bar.close()
         return collator.get_original(results)
@@ -336,10 +340,9 @@ class VTRLmms(lmms):
             target = target.to(self._device)
             logprobs = self.continuation_logprobs(inputs, target)
             tokens = target[0]
-            score = float(logprobs.gather(1, tokens[:, None]).sum())
+            loss = -float(logprobs.gather(1, tokens[:, None]).mean())
             greedy = bool((logprobs.argmax(-1) == tokens).all())
-            results.append((score, greedy))
-            self.cache_hook.add_partial("loglikelihood", (context, continuation), (score, greedy))
+            results.append((loss, greedy))
         return results
 
     @torch.inference_mode()
@@ -380,7 +383,14 @@ class VTRLmms(lmms):
         }
         summary["requests"] = dict(computed=dict(self.requests_computed), from_response_cache=from_cache)
         summary["response_cache"] = response_cache
-        if from_cache:
+        # answers lmms-eval took from its response cache: no prefill ran for them, so no figure covers them
+        summary["from_cache"] = sum(from_cache.values())
+        if from_cache and not any(self.requests_computed.values()):
+            summary["note"] = (
+                "every answer came from lmms-eval's response cache (--use_cache): nothing was computed, so "
+                "prefills is 0 and the means are null; rerun without --use_cache to measure"
+            )
+        elif from_cache:
             summary["note"] = (
                 "some answers came from lmms-eval's response cache (--use_cache) and were not recomputed; "
                 "the timings and kept-token figures cover the computed requests only"
@@ -389,15 +399,20 @@ class VTRLmms(lmms):
 
     def write_stats(self, folder: Path, date_id: str, response_cache: str | None = None) -> Path | None:
         """Write the efficiency record beside `<date_id>_results.json` in `folder` (lmms_eval_compat calls
-        this when lmms-eval saves the results), or to `stats_path=` when that was given."""
+        this when lmms-eval saves the results), or to `stats_path=` when that was given. With several
+        processes, once `_merge_ranks` gathered every process's figures, process 0 alone writes the one
+        record; processes that could not be merged (no torch.distributed) each write `..._rank<r>.json`."""
         if self.stats_path and date_id:  # clean() writes to the explicit path
             return None
+        merged = self.world_size <= 1 or self._merged_ranks
+        if merged and self.rank != 0:  # process 0 holds the same merged record
+            return None
+        suffix = "" if merged else f"_rank{self.rank}"
         if self.stats_path:
             path = Path(self.stats_path)
             path = path / f"vtr_stats_{self.vtr_tag}.json" if path.suffix != ".json" else path
+            path = path.with_name(f"{path.stem}{suffix}.json")
         else:
-            # one record for the run: process 0 holds every process's figures after _merge_ranks
-            suffix = f"_rank{self.rank}" if self.world_size > 1 and not self._merged_ranks else ""
             path = Path(folder) / f"vtr_stats_{self.vtr_tag}_{date_id}{suffix}.json"
         summary = self.stats_summary(response_cache)
         summary["results_timestamp"] = date_id or None

@@ -86,7 +86,7 @@ def test_loglikelihood_prunes_the_context_and_equals_the_oracle(tiny_path, stock
     stages = stage_drops(record, 1, ctx_len, visual_mask(stock_models["eager"], inputs))
     logits = oracle_forward(stock_models["eager"], full, stages, ctx_len)
     logprobs = torch.log_softmax(logits[0, ctx_len - 1 : -1], -1)
-    assert score == pytest.approx(float(logprobs.gather(1, target[0][:, None]).sum()), abs=1e-4)
+    assert score == pytest.approx(-float(logprobs.gather(1, target[0][:, None]).mean()), abs=1e-4), "the mean NLL"
     assert greedy == bool((logprobs.argmax(-1) == target[0]).all())
 
 
