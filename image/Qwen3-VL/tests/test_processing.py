@@ -5,6 +5,7 @@ and writes the per-group timestamps the way the stock Qwen3-VL video processor d
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from qwen3vl_testlib import chat
 
 from visual_token_pruning import load_processor
@@ -55,3 +56,26 @@ def test_a_video_file_is_sampled_and_timestamped_like_the_stock_processor(proces
 def test_a_missing_video_file_is_a_clear_error(processor, tmp_path):
     with pytest.raises(VideoError, match="nothere.mp4"):
         processor(videos=[str(tmp_path / "nothere.mp4")], text=chat(processor, images=0, videos=1))
+
+
+def test_one_pixel_bound_keeps_the_checkpoints_other_bound(tiny_path):
+    """max_pixels alone changes only the image's upper bound: the lower one and the video budget stay the
+    checkpoint's (not the Qwen2-VL class defaults)."""
+    base = load_processor(tiny_path)
+    low, high = base.image_processor.size["shortest_edge"], base.image_processor.size["longest_edge"]
+    video = dict(base.video_processor.size)
+    only_max = load_processor(tiny_path, max_pixels=high // 2)
+    assert dict(only_max.image_processor.size) == {"shortest_edge": low, "longest_edge": high // 2}
+    assert dict(only_max.video_processor.size) == video
+    only_min = load_processor(tiny_path, min_pixels=low * 2)
+    assert dict(only_min.image_processor.size) == {"shortest_edge": low * 2, "longest_edge": high}
+    big = Image.new("RGB", (512, 512))
+    grid = only_max.image_processor(images=big, return_tensors="pt")["image_grid_thw"]
+    patch = base.image_processor.patch_size
+    assert (
+        int(grid.prod()) * patch * patch
+        <= high // 2
+        < int(base.image_processor(images=big)["image_grid_thw"].prod()) * patch * patch
+    )
+    with pytest.raises(ValueError, match="min_pixels"):
+        load_processor(tiny_path, min_pixels=high * 2)

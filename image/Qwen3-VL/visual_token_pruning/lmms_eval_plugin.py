@@ -7,7 +7,7 @@ Registered through lmms-eval's `lmms_eval.models` entry-point group (image/Qwen3
         --tasks mme --batch_size 4 --output_path ./results/fastv
 
 Besides every `VTRConfig` field and the shared loading keys, it takes `min_pixels` / `max_pixels` (the
-image processor's pixel budget), `max_num_frames` and `fps` (video frame sampling: `fps` frames per
+image processor's pixel bounds; a bound not given stays the checkpoint's, videos keep theirs), `max_num_frames` and `fps` (video frame sampling: `fps` frames per
 second, at most `max_num_frames`). A doc's visuals may be PIL images and video file paths, several per
 prompt; all of them share one budget. Inputs go to the device of the model's embeddings (never a
 hard-coded "cuda"), and preprocessing needs no torchvision (processing.py).

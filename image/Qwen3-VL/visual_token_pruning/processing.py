@@ -189,34 +189,41 @@ def _torchvision_available() -> bool:
 def load_processor(pretrained: str, min_pixels: int | None = None, max_pixels: int | None = None, **kwargs):
     """The checkpoint's processor: the stock `AutoProcessor` where torchvision imports; else the same
     `Qwen3VLProcessor` built from the checkpoint's tokenizer and processor configs (one notice line).
-    `min_pixels` / `max_pixels` override the image processor's pixel budget (and the videos' lower one)."""
+    `min_pixels` / `max_pixels` replace that bound of the IMAGE processor's pixel budget; the bound not given
+    stays the checkpoint's, and videos keep the checkpoint's video budget."""
     from transformers import AutoProcessor, AutoTokenizer
 
-    overrides = {}
-    if min_pixels is not None or max_pixels is not None:
-        overrides["size"] = {"shortest_edge": min_pixels or 56 * 56, "longest_edge": max_pixels or 28 * 28 * 1280}
     if _torchvision_available():
         processor = AutoProcessor.from_pretrained(pretrained, **kwargs)
-        if overrides:  # the fast image processor keeps a SizeDict, the slow one a dict
-            current = processor.image_processor.size
-            size = overrides["size"]
-            processor.image_processor.size = size if isinstance(current, dict) else type(current)(**size)
-        return processor
-    from transformers.image_processing_base import ImageProcessingMixin
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    else:
+        from transformers.image_processing_base import ImageProcessingMixin
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    print(_FALLBACK_NOTICE, file=sys.stderr)
-    image_dict, _ = ImageProcessingMixin.get_image_processor_dict(pretrained, **kwargs)
-    image_dict = {k: v for k, v in image_dict.items() if k not in ("image_processor_type", "processor_class")}
-    image_dict.update(overrides)
-    image_processor = Qwen2VLImageProcessorPil(**image_dict)
-    video_dict = _video_dict(pretrained, **kwargs)
-    video_processor = Qwen3VLVideoProcessorNoTV(**video_dict)
-    tokenizer = AutoTokenizer.from_pretrained(pretrained, **kwargs)
-    template = getattr(tokenizer, "chat_template", None) or _chat_template(pretrained)
-    return _processor_class()(
-        image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor, chat_template=template
-    )
+        print(_FALLBACK_NOTICE, file=sys.stderr)
+        image_dict, _ = ImageProcessingMixin.get_image_processor_dict(pretrained, **kwargs)
+        image_dict = {k: v for k, v in image_dict.items() if k not in ("image_processor_type", "processor_class")}
+        image_processor = Qwen2VLImageProcessorPil(**image_dict)
+        video_processor = Qwen3VLVideoProcessorNoTV(**_video_dict(pretrained, **kwargs))
+        tokenizer = AutoTokenizer.from_pretrained(pretrained, **kwargs)
+        template = getattr(tokenizer, "chat_template", None) or _chat_template(pretrained)
+        processor = _processor_class()(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            video_processor=video_processor,
+            chat_template=template,
+        )
+    if min_pixels is not None or max_pixels is not None:
+        image = processor.image_processor
+        current = image.size  # the fast image processor keeps a SizeDict, the slow one a dict
+        low = current["shortest_edge"] if min_pixels is None else min_pixels
+        high = current["longest_edge"] if max_pixels is None else max_pixels
+        if low > high:
+            raise ValueError(
+                f"min_pixels={low} is larger than max_pixels={high} (the bound not given is the checkpoint's)"
+            )
+        size = {"shortest_edge": low, "longest_edge": high}
+        image.size = size if isinstance(current, dict) else type(current)(**size)
+    return processor
 
 
 def _video_dict(pretrained, **kwargs) -> dict:
