@@ -24,6 +24,7 @@ from visual_token_pruning import (  # noqa: E402
     get_strategy,
     load_model,
     register_strategy,  # noqa: E402
+    wrap,
 )
 
 ATOL = 1e-5
@@ -51,6 +52,21 @@ def test_nothing_pruned_is_the_stock_model(backbone, impl, cfg):
         with torch.no_grad():
             torch.testing.assert_close(model(**inputs).logits[valid], stock(**inputs).logits[valid], atol=ATOL, rtol=0)
         assert torch.equal(greedy(model, inputs)[0], greedy(stock, inputs)[0])
+
+
+def test_no_config_means_nothing_pruned_through_every_entry(backbone):
+    """load_model(path), wrap(stock) and from_pretrained on the VTR class agree: without a VTRConfig nothing
+    is pruned, and the logits are the stock model's."""
+    stock = backbone.stock["sdpa"]
+    loaded = load_model(backbone.path, attn_implementation="sdpa")
+    wrapped = wrap(type(stock).from_pretrained(backbone.path, attn_implementation="sdpa").eval())
+    direct = type(loaded).from_pretrained(backbone.path, attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        want = stock(**backbone.single).logits
+        for model in (loaded, wrapped, direct):
+            assert model.vtr_config.enabled is False
+            torch.testing.assert_close(model(**backbone.single).logits, want, atol=0, rtol=0)
+            assert model.vtr_last is None
 
 
 def test_a_text_only_prompt_runs_unpruned(backbone):

@@ -28,19 +28,22 @@ def load_model(pretrained: str, vtr_config: VTRConfig | None = None, **from_pret
     """Load a llava-hf LLaVA-1.5 or LLaVA-1.6 checkpoint (hub id or local folder) as its VTR class.
 
     `from_pretrained_kwargs` go to transformers unchanged (dtype, device_map, attn_implementation, ...).
+    No `vtr_config`: nothing is pruned (VTRConfig(enabled=False)), as with `from_pretrained` on the VTR class
+    and `wrap`; pass a VTRConfig to prune, e.g. VTRConfig() for FastV at the backbone's default budget.
     """
     cls = vtr_class_for(pretrained, **from_pretrained_kwargs)
     model = cls.from_pretrained(pretrained, **from_pretrained_kwargs)
-    model.set_vtr_config(vtr_config if vtr_config is not None else VTRConfig())
+    model.set_vtr_config(vtr_config if vtr_config is not None else VTRConfig(enabled=False))
     return model.eval()
 
 
 def wrap(model, vtr_config: VTRConfig | None = None):
     """Add VTR to an already loaded stock `LlavaForConditionalGeneration` or
-    `LlavaNextForConditionalGeneration`, in place; returns it."""
+    `LlavaNextForConditionalGeneration`, in place; returns it.
+    No `vtr_config`: nothing is pruned until `set_vtr_config`."""
     for cls in VTR_CLASSES.values():
         if isinstance(model, cls.vtr_stock_class):
-            return cls.from_stock(model, vtr_config if vtr_config is not None else VTRConfig())
+            return cls.from_stock(model, vtr_config)
     raise TypeError(
         f"expected a LlavaForConditionalGeneration or LlavaNextForConditionalGeneration, got {type(model).__name__}"
     )

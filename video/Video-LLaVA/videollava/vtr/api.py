@@ -19,7 +19,8 @@ def load_model(pretrained: str, vtr_config: VTRConfig | None = None, **from_pret
     """Load a Video-LLaVA checkpoint (hub id or local folder) as `VTRVideoLlavaForConditionalGeneration`.
 
     `from_pretrained_kwargs` go to transformers unchanged (dtype, device_map, attn_implementation, ...).
-    No `vtr_config`: VTRConfig() (FastV at the default layer and the backbone's default budget).
+    No `vtr_config`: nothing is pruned (VTRConfig(enabled=False)), as with `from_pretrained` on the VTR class
+    and `wrap`; pass a VTRConfig to prune, e.g. VTRConfig() for FastV at the backbone's default budget.
     """
     from transformers import AutoConfig
 
@@ -31,12 +32,11 @@ def load_model(pretrained: str, vtr_config: VTRConfig | None = None, **from_pret
             "(LLaVA-1.5/1.6, InternVL and Qwen3-VL have their own forks)"
         )
     model = VTRVideoLlavaForConditionalGeneration.from_pretrained(pretrained, **from_pretrained_kwargs)
-    model.set_vtr_config(vtr_config if vtr_config is not None else VTRConfig())
+    model.set_vtr_config(vtr_config if vtr_config is not None else VTRConfig(enabled=False))
     return model.eval()
 
 
 def wrap(model, vtr_config: VTRConfig | None = None):
-    """Add VTR to an already loaded stock `VideoLlavaForConditionalGeneration`, in place; returns it."""
-    return VTRVideoLlavaForConditionalGeneration.from_stock(
-        model, vtr_config if vtr_config is not None else VTRConfig()
-    )
+    """Add VTR to an already loaded stock `VideoLlavaForConditionalGeneration`, in place; returns it.
+    No `vtr_config`: nothing is pruned until `set_vtr_config`."""
+    return VTRVideoLlavaForConditionalGeneration.from_stock(model, vtr_config)
