@@ -927,7 +927,8 @@ class VTRModelMixin:
                 args.get("attention_mask"), args.get("position_ids"), cache, query_len
             )
             return stock_forward(**args, **kwargs)
-        self.vtr_last = None
+        if cache is None or cache.get_seq_length() == 0 or has_visual:  # a new prompt (not a decode step)
+            self.vtr_last = None
         if not self.vtr_config.enabled or not has_visual:
             return stock_forward(**args, **kwargs)
         self.vtr_config.validate_for_model(adapter.num_layers)

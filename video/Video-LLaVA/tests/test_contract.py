@@ -52,6 +52,9 @@ def test_nothing_pruned_is_the_stock_model(backbone, impl, cfg):
         with torch.no_grad():
             torch.testing.assert_close(model(**inputs).logits[valid], stock(**inputs).logits[valid], atol=ATOL, rtol=0)
         assert torch.equal(greedy(model, inputs)[0], greedy(stock, inputs)[0])
+        if model.vtr_config.enabled and model.vtr_config.strategy != "none":  # generate() reports what it kept
+            visual = torch.isin(inputs["input_ids"], torch.tensor(backbone.visual_token_id).reshape(-1)) & valid
+            assert model.vtr_last.stages[0].image_tokens_kept == visual.sum(1).tolist()
 
 
 def test_no_config_means_nothing_pruned_through_every_entry(backbone):
