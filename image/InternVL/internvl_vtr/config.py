@@ -162,10 +162,15 @@ class VTRConfig:
             self.prune_layer_defaulted = True
         layers = _as_list(self.prune_layer)
         if not layers:
-            raise _bad("prune_layer", self.prune_layer, "give at least one layer index >= 1")
+            raise _bad("prune_layer", self.prune_layer, "give at least one decoder layer index")
         for k in layers:
             if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-                raise _bad("prune_layer", self.prune_layer, "each prune layer must be an integer >= 1")
+                raise _bad(
+                    "prune_layer",
+                    self.prune_layer,
+                    "each prune layer must be a decoder layer index: an integer >= 0 (0 = before the first "
+                    "decoder layer, for methods that allow it)",
+                )
         if any(b <= a for a, b in zip(layers, layers[1:])):
             raise _bad("prune_layer", self.prune_layer, "a list of prune layers must be strictly increasing")
         self.prune_layers = layers
@@ -176,6 +181,13 @@ class VTRConfig:
         self._check_budget("keep_tokens", self._valid_keep_tokens, "an integer >= 0")
         self._check_budget("score_threshold", self._valid_threshold, "a finite number")
         self._check_budget("keep_ratio", self._valid_ratio, "a number in [0, 1]")
+        counts = self.keep_tokens if isinstance(self.keep_tokens, (list, tuple)) else []
+        if any(b > a for a, b in zip(counts, counts[1:])):
+            logger.warning(
+                "VTRConfig: keep_tokens=%s rises from one stage to the next; a stage keeps at most what the stage "
+                "before it left, so a larger count there keeps every remaining visual token",
+                list(counts),
+            )
         given = [n for n in ("keep_tokens", "score_threshold", "keep_ratio") if getattr(self, n) is not None]
         if len(given) > 1:
             logger.warning("VTRConfig: %s are all set; %s takes priority.", " and ".join(given), given[0])
@@ -306,8 +318,8 @@ class VTRConfig:
             raise _bad(
                 "prune_layer",
                 self.prune_layer,
-                f"the language model has {num_layers} decoder layers, so a prune layer must be in "
-                f"[1, {num_layers - 1}]",
+                f"the language model has {num_layers} decoder layers, so a prune layer must be at most "
+                f"{num_layers - 1} (layers from K on run pruned)",
             )
 
     @classmethod

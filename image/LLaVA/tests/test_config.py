@@ -29,7 +29,8 @@ def test_none_strategy_disables():
 @pytest.mark.parametrize(
     "kwargs,field,fragment",
     [
-        (dict(prune_layer=0), "prune_layer", ">= 1"),
+        (dict(prune_layer=0), "prune_layer", ">= 1 for 'fastv'"),
+        (dict(prune_layer=-1), "prune_layer", "integer >= 0 (0 = before the first decoder layer"),
         (dict(prune_layer=[3, 3]), "prune_layer", "strictly increasing"),
         (dict(prune_layer=[5, 2]), "prune_layer", "strictly increasing"),
         (dict(prune_layer=[]), "prune_layer", "at least one"),
@@ -67,10 +68,19 @@ def test_several_budgets_warn_which_one_wins(caplog):
     assert "keep_tokens takes priority" in caplog.text
 
 
+def test_rising_per_stage_counts_warn(caplog):
+    with caplog.at_level(logging.WARNING):
+        VTRConfig(prune_layer=[2, 4], keep_tokens=[16, 8])
+    assert "rises" not in caplog.text
+    with caplog.at_level(logging.WARNING):
+        VTRConfig(prune_layer=[2, 4], keep_tokens=[8, 16])
+    assert "keep_tokens=[8, 16] rises" in caplog.text
+
+
 def test_prune_layer_past_the_last_layer_is_rejected_with_the_layer_count(tiny_path):
     from llava.vtr import load_model
 
-    with pytest.raises(VTRConfigError, match=r"4 decoder layers.*\[1, 3\]"):
+    with pytest.raises(VTRConfigError, match=r"4 decoder layers, so a prune layer must be at most 3"):
         load_model(tiny_path, VTRConfig(prune_layer=4))
     model = load_model(tiny_path, VTRConfig(prune_layer=3))
     model.vtr_config = VTRConfig(prune_layer=[2, 9])  # set behind the setter's back: still caught at forward
