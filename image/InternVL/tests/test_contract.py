@@ -23,6 +23,7 @@ from internvl_vtr import (  # noqa: E402
     available_strategies,
     get_strategy,
     load_model,
+    load_processor,
     register_strategy,  # noqa: E402
     wrap,
 )
@@ -70,6 +71,17 @@ def test_no_config_means_nothing_pruned_through_every_entry(backbone):
             assert model.vtr_config.enabled is False
             torch.testing.assert_close(model(**backbone.single).logits, want, atol=0, rtol=0)
             assert model.vtr_last is None
+
+
+def test_a_missing_or_empty_checkpoint_folder_is_named(tmp_path):
+    """Not transformers' "Repo id must be in the form ..." but the folder and what is wrong with it."""
+    missing, empty = tmp_path / "no-such-model", tmp_path / "empty"
+    empty.mkdir()
+    for load in (load_model, load_processor):
+        for path, why in ((missing, "does not exist"), (empty, "holds no config.json"), ("./runs/x/y", "does not exist")):
+            with pytest.raises(FileNotFoundError, match=why) as err:
+                load(str(path))
+            assert str(path) in str(err.value)
 
 
 def test_a_text_only_prompt_runs_unpruned(backbone):

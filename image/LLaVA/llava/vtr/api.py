@@ -7,12 +7,15 @@ LLaVA-1.5 (`llava-hf/llava-1.5-*`, model_type `llava`) and LLaVA-1.6 (`llava-hf/
 from __future__ import annotations
 
 from .config import VTRConfig
+from .model_args import check_checkpoint
 from .modeling import VTR_CLASSES
 
 
 def vtr_class_for(pretrained: str, **kwargs) -> type:
     """The VTR class for a checkpoint (hub id or local folder), chosen from its config's model_type."""
     from transformers import AutoConfig
+
+    check_checkpoint(pretrained)
 
     keys = ("revision", "trust_remote_code", "cache_dir", "token", "local_files_only")
     model_type = AutoConfig.from_pretrained(pretrained, **{k: v for k, v in kwargs.items() if k in keys}).model_type
@@ -52,4 +55,5 @@ def wrap(model, vtr_config: VTRConfig | None = None):
 def load_processor(pretrained: str, **kwargs):
     from transformers import AutoProcessor
 
+    check_checkpoint(pretrained)
     return AutoProcessor.from_pretrained(pretrained, **kwargs)

@@ -7,6 +7,7 @@ accepted; anything else is refused with a clear error naming the fork that handl
 from __future__ import annotations
 
 from .config import VTRConfig
+from .model_args import check_checkpoint
 from .modeling import VTRVideoLlavaForConditionalGeneration
 from .processing import load_processor
 
@@ -24,6 +25,7 @@ def load_model(pretrained: str, vtr_config: VTRConfig | None = None, **from_pret
     """
     from transformers import AutoConfig
 
+    check_checkpoint(pretrained)
     hub = {k: v for k, v in from_pretrained_kwargs.items() if k in _HUB_KEYS}
     model_type = AutoConfig.from_pretrained(pretrained, **hub).model_type
     if model_type != "video_llava":

@@ -24,6 +24,35 @@ class ModelArgsError(ValueError):
     """A `--model_args` entry is unknown or has the wrong type."""
 
 
+class CheckpointNotFoundError(FileNotFoundError):
+    """A checkpoint given as a local folder that does not exist or holds no model config."""
+
+
+def check_checkpoint(pretrained) -> None:
+    """Fail clearly on a local checkpoint folder that is missing or is not a saved model (transformers would
+    answer "Repo id must be in the form 'repo_name' or 'namespace/repo_name'"). A hub id (`name` or
+    `namespace/name`) that is not a local path passes through to transformers."""
+    import os
+    from pathlib import Path
+
+    text = os.fspath(pretrained)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise CheckpointNotFoundError(f"model folder {text!r} holds no config.json: not a saved checkpoint")
+        return
+    parts = text.replace("\\", "/").split("/")
+    looks_local = (
+        text.startswith((".", "/", "~")) or len(parts) > 2 or "" in parts or (len(parts) == 2 and path.parent.is_dir())
+    )
+    if path.is_file():
+        raise CheckpointNotFoundError(f"model path {text!r} is a file; give the checkpoint's folder (or a hub id)")
+    if looks_local:
+        raise CheckpointNotFoundError(
+            f"model folder {text!r} does not exist (a local path; a hub id has the form 'namespace/name')"
+        )
+
+
 def split_args(arg_string: str) -> dict[str, str]:
     """`a=1,b=[2,3],c=x` -> {'a': '1', 'b': '[2,3]', 'c': 'x'} (commas inside brackets/quotes kept)."""
     parts, current, depth, quote = [], [], 0, None

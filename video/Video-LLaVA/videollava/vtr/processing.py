@@ -21,6 +21,8 @@ from transformers import VideoLlavaProcessor
 from transformers.image_processing_utils import BatchFeature
 from transformers.video_processing_utils import VideoProcessorMixin
 
+from .model_args import check_checkpoint
+
 __all__ = ["FrameVideoProcessor", "VideoLlavaFrameProcessor", "load_processor"]
 
 VIDEO_CONFIG = "video_preprocessor_config.json"
@@ -130,6 +132,7 @@ def load_processor(pretrained: str, **kwargs):
     `FrameVideoProcessor` for videos (one line says so, once)."""
     from transformers import AutoProcessor, AutoTokenizer, VideoLlavaImageProcessor
 
+    check_checkpoint(pretrained)
     if _stock_available():
         return AutoProcessor.from_pretrained(pretrained, **kwargs)
     global _WARNED
