@@ -7,6 +7,7 @@ FORKS := image/LLaVA image/InternVL image/Qwen3-VL video/Video-LLaVA
 STAMP := $(VENV)/.vtr-installed
 # Extra pip arguments, e.g. PIP_ARGS="--index-url https://download.pytorch.org/whl/cu128" (see README).
 PIP_ARGS ?=
+space := $(subst ,, )
 # Real checkpoint for `make demo` (hub id or local folder); empty = a built-in random model of BACKBONE.
 MODEL ?=
 # Which fork `make demo` runs: llava (default), internvl, qwen3vl or videollava.
@@ -18,7 +19,7 @@ DEMO_videollava := videollava.vtr.demo
 # Arguments for the benchmark script.
 BENCH_ARGS ?=
 
-.PHONY: install test demo bench lint check-copies fix-copies clean
+.PHONY: install test demo bench lint check-copies fix-copies share-method clean
 
 install: $(STAMP)
 
@@ -48,6 +49,12 @@ check-copies: install
 
 fix-copies: install
 	$(PY) scripts/check_copies.py --fix
+
+# A method written in one fork (strategy/$(METHOD).py + its import line) into every fork, and the README matrix.
+share-method:
+	@test -n "$(METHOD)" || { echo "usage: make share-method METHOD=<strategy file name without .py>" >&2; exit 2; }
+	$(PY) scripts/check_copies.py --share $(METHOD)
+	PYTHONPATH=$(subst $(space),:,$(FORKS)) $(PY) scripts/capability_matrix.py --write
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .ruff_cache

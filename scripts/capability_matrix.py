@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The method x backbone matrix, read from the forks' own registries (never written by hand).
 
-Each fork package registers its methods (`<package>.strategy.available_strategies()`) and names the model
+Each fork package registers its methods (`<package>.strategy.available_strategies()`; only those of the
+shared core count, not one written in a single fork and not yet shared) and names the model
 families it has an adapter for (`<package>.BACKBONES`; a fork without one lists none yet). A cell is "yes"
 when the fork that serves the backbone registers the method.
 
@@ -32,10 +33,23 @@ def supported_list(package: str) -> list[str]:
     return list(getattr(importlib.import_module(package), "BACKBONES", None) or [])
 
 
+def shipped(package: str) -> list[str]:
+    """The methods a fork registers from its shared core (files carrying the shared header or a copy
+    marker); a method written in one fork and not yet shared (`make share-method`) is left out."""
+    strategy = importlib.import_module(f"{package}.strategy")
+    names = []
+    for name in strategy.available_strategies():
+        module = sys.modules[strategy.get_strategy(name).__module__]
+        first = Path(module.__file__).read_text(encoding="utf-8").split("\n", 1)[0] if module.__file__ else ""
+        if first.startswith(("# Shared vtr file:", "# Copied from ")):
+            names.append(name)
+    return names
+
+
 def matrix() -> str:
     columns, methods, cells = [], set(), {}
     for package, planned in FORKS:
-        registered = importlib.import_module(f"{package}.strategy").available_strategies()
+        registered = shipped(package)
         supported = set(supported_list(package))
         methods.update(registered)
         for backbone in supported_list(package) or planned:  # the fork's own names once it has adapters

@@ -13,8 +13,13 @@ The shared core (engine, config, strategies, scoring attention, model_args, cost
 MANIFEST below: every fork must hold a byte-identical copy of every shared file, so a fork that never got
 a file, or a copy whose header was deleted, is an error rather than a new origin.
 
-    scripts/check_copies.py                  check every copy and the manifest; exit 1 on drift, with a diff
+    scripts/check_copies.py                  check every copy and the manifest; exit 1 on drift, with a diff.
+                                             A copy that is behind only because you edited its origin
+                                             (uncommitted; the copy has no edits of its own) is brought up
+                                             to date and named, not reported: nothing can be lost.
     scripts/check_copies.py --fix            rewrite drifted copies from their origins, create missing ones
+    scripts/check_copies.py --share METHOD   put strategy/METHOD.py, written in one fork, into every fork
+                                             (`make share-method METHOD=...`; see docs/adding-a-method.md)
     scripts/check_copies.py --add SRC DST [--sub old->new ...]
                                              drop a new copy of SRC at DST (how a method moves to a fork)
     --root DIR                               the tree to work on (default: this repository)
@@ -25,6 +30,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import re
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +48,7 @@ SHARED_FILES = [
     "cost.py",
     "lmms_eval_base.py",
     "lmms_eval_compat.py",
-    "strategy/__init__.py",
+    "strategy/builtin.py",
     "strategy/base.py",
     "strategy/registry.py",
     "strategy/fastv.py",
@@ -63,11 +69,29 @@ FORK_PACKAGES = [
 SHARED_HEADER = "# Shared vtr file: edit it in image/LLaVA/llava/vtr, then `make fix-copies` updates every fork."
 
 
+def shared_names(root: Path) -> list[str]:
+    """SHARED_FILES, plus any other file of the origin package that starts with SHARED_HEADER (a method
+    shared with `--share`)."""
+    names = list(SHARED_FILES)
+    for path in sorted((root / ORIGIN_PACKAGE).rglob("*.py")):
+        name = path.relative_to(root / ORIGIN_PACKAGE).as_posix()
+        if name not in names and "__pycache__" not in name and _first_line(path) == SHARED_HEADER:
+            names.append(name)
+    return names
+
+
+def _first_line(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8").split("\n", 1)[0]
+    except (UnicodeDecodeError, OSError):
+        return ""
+
+
 def manifest(root: Path) -> list[tuple[str, str]]:
     """(origin, copy) pairs the manifest requires; empty for trees without the origin package's engine."""
     if not (root / ORIGIN_PACKAGE / "engine.py").is_file():
         return []
-    return [(f"{ORIGIN_PACKAGE}/{name}", f"{fork}/{name}") for name in SHARED_FILES for fork in FORK_PACKAGES]
+    return [(f"{ORIGIN_PACKAGE}/{name}", f"{fork}/{name}") for name in shared_names(root) for fork in FORK_PACKAGES]
 
 
 def check_manifest(root: Path, fix: bool) -> int:
@@ -156,15 +180,43 @@ def expected_text(root: Path, copy: Copy) -> str:
     return copy.marker + "\n" + body
 
 
+def _committed(root: Path, rel: str) -> str | None:
+    """The file's text at git HEAD; None outside a git checkout or for a file HEAD does not hold."""
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(root), "show", f"HEAD:{rel}"], capture_output=True, check=False, timeout=30
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.decode("utf-8") if out.returncode == 0 else None
+
+
+def only_origin_edited(root: Path, copy: Copy, have: str) -> bool:
+    """True when the copy is behind only because its origin has uncommitted edits: the copy itself equals
+    its committed text, which was in sync with the committed origin. Updating it then loses nothing."""
+    rel = copy.path.relative_to(root).as_posix()
+    committed_copy, committed_origin = _committed(root, rel), _committed(root, copy.origin)
+    if committed_copy is None or committed_origin is None or committed_copy != have:
+        return False
+    body = committed_origin
+    for old, new in copy.subs:
+        body = body.replace(old, new)
+    return copy.marker + "\n" + body == committed_copy
+
+
 def check(root: Path, fix: bool) -> int:
     missing = check_manifest(root, fix)
     copies = find_copies(root)
-    drifted = 0
+    drifted, followed = 0, []
     for copy in copies:
         rel = copy.path.relative_to(root)
         want = expected_text(root, copy)
         have = copy.path.read_text(encoding="utf-8")
         if have == want:
+            continue
+        if not fix and only_origin_edited(root, copy, have):
+            copy.path.write_text(want, encoding="utf-8")
+            followed.append(str(rel))
             continue
         drifted += 1
         if fix:
@@ -176,6 +228,8 @@ def check(root: Path, fix: bool) -> int:
             )
             print(f"DRIFT {rel} differs from {copy.origin}:")
             sys.stdout.writelines(list(diff)[:60])
+    if followed:
+        print(f"check_copies: your edits of their origins are now in {len(followed)} copies: {', '.join(followed)}")
     status = "fixed" if fix else "drifted"
     extra = f", {missing} required by the manifest {'created' if fix else 'missing'}" if missing else ""
     print(f"check_copies: {len(copies)} copies checked, {drifted} {status}{extra}.")
@@ -197,17 +251,69 @@ def add(root: Path, src: str, dst: str, subs: list[str]) -> int:
     return 0
 
 
+def share(root: Path, method: str) -> int:
+    """Put a method written in one fork (its `strategy/<method>.py` and the import line in that fork's
+    `strategy/__init__.py`) into every fork: the file moves to the origin package with SHARED_HEADER, its
+    import moves into the shared `strategy/builtin.py`, and every fork gets a copy (config fields it added to
+    the origin's config.py travel with the shared core). Refuses when a copy has edits of its own."""
+    module = Path(method).stem
+    homes = [p for p in [ORIGIN_PACKAGE, *FORK_PACKAGES] if (root / p / "strategy" / f"{module}.py").is_file()]
+    if not homes:
+        raise CopyError(f"no fork has strategy/{module}.py (looked in {ORIGIN_PACKAGE} and {', '.join(FORK_PACKAGES)})")
+    if len(homes) > 1:
+        raise CopyError(f"strategy/{module}.py exists in several forks ({', '.join(homes)}); keep one and retry")
+    home = root / homes[0]
+    source = home / "strategy" / f"{module}.py"
+    text = source.read_text(encoding="utf-8")
+    if text.split("\n", 1)[0] == SHARED_HEADER or read_marker(source) is not None:
+        raise CopyError(f"{source.relative_to(root)} is already shared")
+    own_edits = [
+        str(c.path.relative_to(root))
+        for c in find_copies(root)
+        if c.path.read_text(encoding="utf-8") != expected_text(root, c)
+        and not only_origin_edited(root, c, c.path.read_text(encoding="utf-8"))
+    ]
+    if own_edits:
+        raise CopyError(
+            f"these copies have edits of their own, which sharing would overwrite: {', '.join(own_edits)}; "
+            "make the same edits in their origin (image/LLaVA/llava/vtr) and undo them in the copies first"
+        )
+    origin = root / ORIGIN_PACKAGE / "strategy" / f"{module}.py"
+    origin.write_text(SHARED_HEADER + "\n" + text, encoding="utf-8")
+    if source != origin:
+        source.unlink()
+    init = home / "strategy" / "__init__.py"
+    line = re.compile(rf"^from \. import {re.escape(module)}\b.*\n?", re.M)
+    init.write_text(line.sub("", init.read_text(encoding="utf-8")), encoding="utf-8")
+    builtin = root / ORIGIN_PACKAGE / "strategy" / "builtin.py"
+    body = builtin.read_text(encoding="utf-8")
+    start = body.index("from . import (")
+    end = body.index(")", start)
+    names = {n.strip().rstrip(",") for n in body[start:end].splitlines()[1:] if n.strip()} | {module}
+    listing = "".join(f"    {n},\n" for n in sorted(names))
+    first = body[start : body.index("\n", start) + 1]
+    builtin.write_text(body[:start] + first + listing + body[end:], encoding="utf-8")
+    print(f"shared strategy/{module}.py (from {homes[0]}): its import is in strategy/builtin.py")
+    check(root, fix=True)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=Path(__file__).resolve().parent.parent)
     parser.add_argument("--fix", action="store_true", help="rewrite drifted copies from their origins")
     parser.add_argument("--add", nargs=2, metavar=("SRC", "DST"), help="create DST as a marked copy of SRC")
     parser.add_argument("--sub", action="append", default=[], metavar="OLD->NEW", help="substitution for --add")
+    parser.add_argument(
+        "--share", metavar="METHOD", help="put strategy/METHOD.py, written in one fork, into every fork"
+    )
     args = parser.parse_args(argv)
     root = args.root.resolve()
     try:
         if args.add:
             return add(root, args.add[0], args.add[1], args.sub)
+        if args.share:
+            return share(root, args.share)
         return check(root, args.fix)
     except CopyError as err:
         print(f"check_copies: error: {err}", file=sys.stderr)

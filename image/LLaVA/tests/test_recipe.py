@@ -1,4 +1,6 @@
-"""docs/adding-a-method.md, followed literally on a temporary copy of the package."""
+"""docs/adding-a-method.md, followed literally on a copy of the repository: the method file, the import line,
+a new config field, a run by name and `make check-copies` in one fork; then `make share-method` puts the
+method into every fork."""
 
 import json
 import os
@@ -8,15 +10,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-import llava
+import pytest
 
-DOC = Path(__file__).resolve().parents[3] / "docs" / "adding-a-method.md"
+REPO = Path(__file__).resolve().parents[3]
+DOC = REPO / "docs" / "adding-a-method.md"
+FORKS = ["image/LLaVA", "image/InternVL", "image/Qwen3-VL", "video/Video-LLaVA"]
 
 RUN = r"""
 import json, sys, torch
 from transformers import AutoProcessor
 import llava
 from llava.vtr import VTRConfig, load_model, available_strategies
+from llava.vtr.model_args import parse_model_args, split_args
 from llava.vtr.tiny import demo_image
 path, names = sys.argv[1], sys.argv[2].split(",")
 proc = AutoProcessor.from_pretrained(path)
@@ -26,36 +31,81 @@ for name in names:
     model = load_model(path, VTRConfig(strategy=name, keep_tokens=[10, 5], prune_layer=[1, 3]))
     tokens = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     out["kept"][name] = [s.image_tokens_kept[0] for s in model.vtr_last.stages]
+_, cfg = parse_model_args(split_args("strategy=hidden_norm,hidden_norm_order=1"), {})
+out["field"] = cfg.hidden_norm_order
 print(json.dumps(out))
 """
 
 
-def doc_blocks():
-    return re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
+def doc_blocks(lang="python"):
+    return re.findall(rf"```{lang}\n(.*?)```", DOC.read_text(), flags=re.S)
 
 
-def test_the_recipe_in_the_doc_works_on_a_copy_of_the_package(tmp_path, tiny_path):
-    package = tmp_path / "llava"
-    shutil.copytree(Path(llava.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
+def run(args, tree, *forks, **kwargs):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(str(tree / f) for f in forks))
+    return subprocess.run(args, cwd=tree, env=env, capture_output=True, text=True, **kwargs)
+
+
+@pytest.fixture
+def tree(tmp_path):
+    """The repository's files (tracked and new, not ignored) in a fresh git checkout of their own."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    ).stdout.split("\0")  # fmt: skip
+    root = tmp_path / "repo"
+    for rel in filter(None, listed):
+        if (REPO / rel).is_file():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, root / rel)
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "base"]):
+        subprocess.run(git + cmd, cwd=root, check=True, capture_output=True)
+    return root
+
+
+def test_the_recipe_works_in_one_fork_then_in_every_fork(tree, tiny_path):
+    package = tree / "image" / "LLaVA"
     strategy_files = [b for b in doc_blocks() if b.startswith("# llava/vtr/strategy/")]
     import_line = next(b for b in doc_blocks() if b.startswith("from . import hidden_norm")).strip()
     assert len(strategy_files) == 3
-    init = package / "vtr" / "strategy" / "__init__.py"
+    init = package / "llava" / "vtr" / "strategy" / "__init__.py"
     names = []
     for block in strategy_files:
         rel = block.splitlines()[0].removeprefix("# ").strip()
-        (tmp_path / rel).write_text(block)  # step 1: one new file
+        (package / rel).write_text(block)  # step 1: one new file
         module = Path(rel).stem
-        line = import_line.replace("hidden_norm", module)
-        init.write_text(init.read_text() + line + "\n")  # step 2: one import line
+        init.write_text(init.read_text() + import_line.replace("hidden_norm", module) + "\n")  # step 2
         names.append(re.search(r'@register_strategy\("(\w+)"\)', block).group(1))
-    env = dict(os.environ, PYTHONPATH=str(tmp_path))
-    proc = subprocess.run(
-        [sys.executable, "-c", RUN, tiny_path, ",".join(names)], env=env, capture_output=True, text=True
-    )
+    field = next(b for b in doc_blocks() if b.lstrip().startswith("hidden_norm_order:"))
+    config = package / "llava" / "vtr" / "config.py"
+    anchor = "    # Filled in __post_init__"
+    config.write_text(config.read_text().replace(anchor, field.rstrip("\n") + "\n" + anchor, 1))  # a new field
+
+    proc = run([sys.executable, "-c", RUN, tiny_path, ",".join(names)], tree, "image/LLaVA")  # step 3
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["package"].startswith(str(tmp_path)), "the copy, not the installed package, must be used"
+    assert out["package"].startswith(str(tree)), "the copy, not the installed package, must be used"
     assert {"hidden_norm", "router", "cumulative"} <= set(out["registered"])
-    for name in names:  # step 3: run by name; the framework applied each stage's budget
+    for name in names:  # the framework applied each stage's budget
         assert out["kept"][name] == [10, 5], (name, out)
+    assert out["field"] == 1.0, "the new field is settable by name from the command line"
+
+    copies = run([sys.executable, "scripts/check_copies.py"], tree)  # what `make check-copies` runs
+    assert copies.returncode == 0, copies.stdout[-3000:]
+    assert "image/InternVL/internvl_vtr/config.py" in copies.stdout, "the field's edit is carried, and said"
+    matrix = run([sys.executable, "scripts/capability_matrix.py", "--check"], tree, *FORKS)
+    assert matrix.returncode == 0, matrix.stderr
+
+    make = doc_blocks("")[0].strip()  # the documented all-forks command
+    assert make == "make share-method METHOD=hidden_norm"
+    shared = run(make.split() + [f"PY={sys.executable}"], tree, timeout=300)
+    assert shared.returncode == 0, shared.stdout[-2000:] + shared.stderr[-2000:]
+    assert run([sys.executable, "scripts/check_copies.py"], tree).returncode == 0
+    assert run([sys.executable, "scripts/capability_matrix.py", "--check"], tree, *FORKS).returncode == 0
+    assert "| `hidden_norm` | yes | yes | yes | yes |" in (tree / "README.md").read_text()
+    probe = "import {0} as f; from {0}.config import VTRConfig; print(sorted(f.available_strategies()), VTRConfig.hidden_norm_order)"
+    for fork, package_name in zip(FORKS[1:], ["internvl_vtr", "visual_token_pruning", "videollava.vtr"]):
+        got = run([sys.executable, "-c", probe.format(package_name)], tree, fork)
+        assert got.returncode == 0 and "'hidden_norm'" in got.stdout and "2.0" in got.stdout, (fork, got.stderr[-2000:])
+        assert "'router'" not in got.stdout, "only the shared method moved"

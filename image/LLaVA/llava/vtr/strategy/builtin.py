@@ -1,0 +1,16 @@
+# Shared vtr file: edit it in image/LLaVA/llava/vtr, then `make fix-copies` updates every fork.
+"""The built-in methods, shared by every fork: one import line each (importing registers them).
+
+`make share-method METHOD=<name>` moves a method you wrote in one fork here and copies it into every fork."""
+
+from . import (  # noqa: F401
+    clse,
+    divprune,
+    fastv,
+    pdrop,
+    priortr,
+    priortr_2f,
+    random,
+    sparsevlm,
+    vispruner,
+)
