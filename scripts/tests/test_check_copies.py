@@ -149,3 +149,24 @@ def test_readme_capability_matrix_is_generated_from_the_registries():
     for method in available_strategies():
         if not method.startswith(("test_", "contract_")):  # strategies the tests register
             assert f"| `{method}` | yes | yes |" in table, method
+
+
+def _commit(root):
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "base"]):
+        subprocess.run(git + cmd, cwd=root, check=True, capture_output=True)
+
+
+def test_an_uncommitted_origin_edit_is_carried_into_untouched_copies_but_a_copy_edit_never_is(tree):
+    root, copy = tree
+    _commit(root)
+    (root / ORIGIN).write_text(ORIGIN_TEXT + "\n\nTOP_K = 3\n")
+    code, out = run(root)
+    assert code == 0 and "now in 1 copies: image/InternVL/internvl_vtr/strategy/fastv.py" in out
+    assert copy.read_text().endswith("TOP_K = 3\n")
+    _commit(root)
+    copy.write_text(copy.read_text().replace("TOP_K = 3", "TOP_K = 4"))  # a hand edit of the copy
+    (root / ORIGIN).write_text(ORIGIN_TEXT + "\n\nTOP_K = 5\n")
+    code, out = run(root)
+    assert code == 1 and "DRIFT image/InternVL/internvl_vtr/strategy/fastv.py" in out
+    assert "TOP_K = 4" in copy.read_text(), "the copy's own edit is kept"
