@@ -19,8 +19,8 @@ def visual(doc):
     return [demo_image(64).rotate(90 * len(doc["q"]))]
 
 
-def _instance(kind, args, doc_id):
-    return Instance(kind, args, idx=0, metadata={"task": "t", "doc_id": doc_id, "repeats": 1})
+def _instance(kind, args, doc_id, task="t"):
+    return Instance(kind, args, idx=0, metadata={"task": task, "doc_id": doc_id, "repeats": 1})
 
 
 def ll_request(doc_id, continuation=" yes", visual_fn=visual):

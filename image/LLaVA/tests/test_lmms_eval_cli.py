@@ -1,5 +1,6 @@
 """End to end: the real `python -m lmms_eval` CLI, offline, on a tiny LLaVA and a tiny local task."""
 
+import importlib.util
 import json
 import os
 import shutil
@@ -9,8 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from llava.vtr.lmms_eval_plugin import LlavaVTR
+from llava_lmms_testlib import _instance
+
 TASK_DIR = Path(__file__).parent / "data" / "lmms_tiny"
 DOCS = 4  # questions in data.jsonl
+CHOICES = ["yes", "no"]  # vtr_tiny_mc.yaml
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +41,7 @@ def run_cli(workdir, tiny_path, name, extra_args):
         f"pretrained={tiny_path},{extra_args}",
         "vtr_tiny_qa,vtr_tiny_mc",
         "--batch_size", "2", "--output_path", str(out), "--use_cache", str(workdir / "response-cache"),
+        "--log_samples",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     (results,) = out.rglob("*_results.json")
@@ -45,13 +51,53 @@ def run_cli(workdir, tiny_path, name, extra_args):
     assert stats.name.endswith(f"_{date_id}.json"), "stamped with the results' own timestamp"
     tag = stats.name.removeprefix("vtr_stats_").rsplit("_", 2)[0]
     assert results.parent.name.endswith(f"__vtr-{tag}"), "the results folder names the VTR settings"
-    return json.loads(results.read_text()), json.loads(stats.read_text()), stats.name
+    return json.loads(results.read_text()), json.loads(stats.read_text()), stats.name, results
 
 
-def check_scores(results):
-    qa = results["results"]["vtr_tiny_qa"]["exact_match,none"]
-    mc = results["results"]["vtr_tiny_mc"]["acc,none"]
-    assert 0.0 <= qa <= 1.0 and 0.0 <= mc <= 1.0
+def logged_samples(results_file: Path, task: str) -> list[dict]:
+    """The per-doc samples `--log_samples` wrote beside the results, in doc order."""
+    (path,) = results_file.parent.glob(results_file.name.replace("_results.json", f"_samples_{task}.jsonl"))
+    return sorted((json.loads(line) for line in path.read_text().splitlines()), key=lambda s: s["doc_id"])
+
+
+def check_scores(results, results_file, model_args):
+    """The CLI's scores are the model's own answers, scored: each logged answer equals the one generated in
+    process with the same settings, each option's logged loss is its mean negative log-likelihood, and
+    exact_match / acc score those answers (acc: per question the option the model finds MORE likely; lmms-eval
+    picks the smallest loss, so a log-probability in its place would pick the less likely one)."""
+    spec = importlib.util.spec_from_file_location("vtr_tiny_task", TASK_DIR / "utils.py")
+    task = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(task)
+    docs = [json.loads(line) for line in (TASK_DIR / "data.jsonl").read_text().splitlines()]
+    lm = LlavaVTR.create_from_arg_string(f"{model_args},batch_size=2", {"device": None})
+    lm.task_dict = {"t": {"test": docs}}
+
+    qa = logged_samples(results_file, "vtr_tiny_qa")
+    assert [s["doc_id"] for s in qa] == list(range(DOCS))
+    gen = {"max_new_tokens": 4, "temperature": 0, "do_sample": False, "num_beams": 1, "until": ["\n\n"]}
+    answers = lm.generate_until(
+        [
+            _instance("generate_until", (s["input"], gen, task.doc_to_visual, i, "t", "test"), i)
+            for i, s in enumerate(qa)
+        ]
+    )
+    assert [s["filtered_resps"] for s in qa] == answers
+    exact = [task.process_results(doc, [answer])["exact_match"] for doc, answer in zip(docs, answers)]
+    assert [s["exact_match"] for s in qa] == exact
+    assert results["results"]["vtr_tiny_qa"]["exact_match,none"] == pytest.approx(sum(exact) / DOCS)
+
+    mc = logged_samples(results_file, "vtr_tiny_mc")
+    likelihood = []  # per doc and option: the mean log-probability of its tokens
+    for i, sample in enumerate(mc):
+        visuals = lm.doc_visuals(task.doc_to_visual, i, "t", "test")
+        inputs = lm.encode([lm.build_prompt(sample["input"], visuals)], [visuals])
+        targets = [lm.tokenizer(f" {c}", add_special_tokens=False, return_tensors="pt")["input_ids"] for c in CHOICES]
+        likelihood.append([float(lm.continuation_logprobs(inputs, t).gather(1, t[0][:, None]).mean()) for t in targets])
+    logged = [[float(loss) for loss, _ in s["filtered_resps"]] for s in mc]
+    assert logged == [pytest.approx([-x for x in pair], abs=1e-4) for pair in likelihood], "losses: mean NLL"
+    acc = [float(CHOICES[pair.index(max(pair))] == doc["answer"]) for doc, pair in zip(docs, likelihood)]
+    assert [s["acc"] for s in mc] == acc
+    assert results["results"]["vtr_tiny_mc"]["acc,none"] == pytest.approx(sum(acc) / DOCS)
     assert results["n-samples"]["vtr_tiny_qa"]["effective"] == DOCS
 
 
@@ -60,8 +106,8 @@ PREFILLS = DOCS + 2 * DOCS
 
 
 def test_unpruned_baseline(workdir, tiny_path):
-    results, stats, name = run_cli(workdir, tiny_path, "none", "strategy=none")
-    check_scores(results)
+    results, stats, name, results_file = run_cli(workdir, tiny_path, "none", "strategy=none")
+    check_scores(results, results_file, f"pretrained={tiny_path},strategy=none")
     assert name.startswith("vtr_stats_unpruned_")
     assert stats["prefills"] == PREFILLS
     assert stats["per_prune_layer"] == [] and stats["prefill_flops_ratio"] == 1.0
@@ -73,6 +119,7 @@ def test_unpruned_baseline(workdir, tiny_path):
         "computed": {"generate_until": DOCS, "loglikelihood": 2 * DOCS},
         "from_response_cache": {},
     }
+    assert stats["from_cache"] == 0 and "note" not in stats
 
 
 @pytest.mark.parametrize(
@@ -88,8 +135,8 @@ def test_unpruned_baseline(workdir, tiny_path):
     ],
 )
 def test_each_strategy_records_what_it_kept(workdir, tiny_path, strategy, args, tag):
-    results, stats, name = run_cli(workdir, tiny_path, strategy, f"strategy={strategy},{args}")
-    check_scores(results)
+    results, stats, name, results_file = run_cli(workdir, tiny_path, strategy, f"strategy={strategy},{args}")
+    check_scores(results, results_file, f"pretrained={tiny_path},strategy={strategy},{args}")
     assert name.startswith(f"vtr_stats_{tag}_")
     assert f"strategy={strategy}" in results["config"]["model_args"]
     # every request ran through the model: nothing was served from the unpruned run's response cache
@@ -110,11 +157,13 @@ def test_each_strategy_records_what_it_kept(workdir, tiny_path, strategy, args, 
 
 
 def test_same_settings_are_served_from_the_response_cache(workdir, tiny_path):
-    """The cache is live (so the no-reuse checks above mean something): a repeat run computes nothing."""
-    _, stats, _ = run_cli(workdir, tiny_path, "fastv-again", "strategy=fastv,keep_tokens=8,prune_layer=2")
-    assert stats["prefills"] == 0
+    """The cache is live (so the no-reuse checks above mean something): a repeat run computes nothing, and its
+    record says that every answer came from the cache (its figures are empty, not a measurement)."""
+    _, stats, _, _ = run_cli(workdir, tiny_path, "fastv-again", "strategy=fastv,keep_tokens=8,prune_layer=2")
+    assert stats["prefills"] == 0 and stats["mean_prefill_ms"] is None
     assert stats["requests"]["from_response_cache"] == {"generate_until": DOCS, "loglikelihood": 2 * DOCS}
-    assert "response cache" in stats["note"] and stats["response_cache"]
+    assert stats["from_cache"] == PREFILLS and stats["response_cache"]
+    assert stats["note"].startswith("every answer came from lmms-eval's response cache")
 
 
 def test_a_run_from_a_config_file_writes_its_efficiency_record(workdir, tiny_path):
@@ -171,7 +220,7 @@ def test_llava_16_checkpoint_runs_with_its_default_budget(workdir, tmp_path_fact
     from llava.vtr.tiny import build_tiny_llava_next
 
     next_path = build_tiny_llava_next(tmp_path_factory.mktemp("cli-llava-next"))
-    results, stats, name = run_cli(workdir, next_path, "llava-next", "strategy=fastv,prune_layer=2")
-    check_scores(results)
+    results, stats, name, results_file = run_cli(workdir, next_path, "llava-next", "strategy=fastv,prune_layer=2")
+    check_scores(results, results_file, f"pretrained={next_path},strategy=fastv,prune_layer=2")
     assert name.startswith("vtr_stats_fastv_K2_keep320_"), "LLaVA-1.6's default budget, named in the record"
     assert stats["prefills"] == PREFILLS and stats["mean_image_tokens"] == 88  # base view + 4 tiles + newlines
