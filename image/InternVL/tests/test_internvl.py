@@ -107,10 +107,17 @@ def test_tile_grids_and_vision_importance(tiny_path, stock_models, batch_inputs)
         first += n
 
 
-def test_vision_attention_methods_run_under_beam_search(tiny_path, single_inputs):
+def test_vision_attention_methods_run_under_beam_search(tiny_path, batch_inputs):
+    """generate() repeats each sample per beam; every copy reads its own sample's vision attention (5 and 3
+    tiles), so it keeps what that sample keeps in a plain forward."""
     model = vtr_model(tiny_path, strategy="vispruner", prune_layer=0, keep_tokens=6)
-    out = model.generate(**single_inputs, max_new_tokens=2, num_beams=2, num_return_sequences=2, do_sample=False)
-    assert out.shape[0] == 2 and model.vtr_last.stages[0].image_tokens_kept == [6, 6]
+    with torch.no_grad():
+        model(**batch_inputs)
+    single = [p.tolist() for p in model.vtr_last.stages[0].kept_positions]
+    assert single[0] != single[1], "the two samples keep different tokens"
+    out = model.generate(**batch_inputs, max_new_tokens=2, num_beams=2, num_return_sequences=2, do_sample=False)
+    beams = [p.tolist() for p in model.vtr_last.stages[0].kept_positions]
+    assert out.shape[0] == 4 and beams == [single[0], single[0], single[1], single[1]]
 
 
 # ------------------------------------------------------------------------------------------ processor

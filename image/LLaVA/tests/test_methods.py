@@ -593,14 +593,21 @@ def test_sparsevlm_recycling_runs_on_padded_batches_and_multi_stage(
     "backbone,method", [("llava-1.5", "vispruner"), ("llava-1.6", "clse"), ("llava-1.6", "vispruner")]
 )
 def test_methods_reading_image_facts_work_with_beam_search(
-    backbone, method, tiny_path, single_inputs, next_path, square
+    backbone, method, tiny_path, batch_inputs, next_path, two_shapes
 ):
-    """generate() repeats each sample per beam; the vision states it keeps are the original samples'."""
-    path, inputs = (tiny_path, single_inputs) if backbone == "llava-1.5" else (next_path, square)
+    """generate() repeats each sample per beam; every copy reads its own sample's image facts, so at every
+    stage it keeps what that sample keeps in a plain forward (two different images: a copy reading the other
+    sample's facts, or a row of the repeated batch, would keep other tokens)."""
+    path, inputs = (tiny_path, batch_inputs) if backbone == "llava-1.5" else (next_path, two_shapes)
     first = 0 if method == "vispruner" else 1
     model = load_model(path, VTRConfig(strategy=method, prune_layer=[first, 3], keep_tokens=[12, 4]))
+    with torch.no_grad():
+        model(**inputs)
+    single = [[p.tolist() for p in stage.kept_positions] for stage in model.vtr_last.stages]
+    assert all(stage[0] != stage[1] for stage in single), "the two samples keep different tokens"
     out = model.generate(**inputs, max_new_tokens=3, num_beams=2, num_return_sequences=2, do_sample=False)
-    assert out.shape[0] == 2 and [s.image_tokens_kept for s in model.vtr_last.stages] == [[12, 12], [4, 4]]
+    beams = [[p.tolist() for p in stage.kept_positions] for stage in model.vtr_last.stages]
+    assert out.shape[0] == 4 and beams == [[s[0], s[0], s[1], s[1]] for s in single]
 
 
 def test_recycling_under_a_kernel_without_4d_masks_is_refused(tiny_path, single_inputs):
