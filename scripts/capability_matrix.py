@@ -3,7 +3,7 @@
 
 Each fork package registers its methods (`<package>.strategy.available_strategies()`; only those of the
 shared core count, not one written in a single fork and not yet shared) and names the model
-families it has an adapter for (`<package>.BACKBONES`; a fork without one lists none yet). A cell is "yes"
+families it has an adapter for (`<package>.BACKBONES`; a fork naming none is an error). A cell is "yes"
 when the fork that serves the backbone registers the method.
 
     scripts/capability_matrix.py            print the Markdown table
@@ -20,17 +20,20 @@ from pathlib import Path
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 START, END = "<!-- capability-matrix:start -->", "<!-- capability-matrix:end -->"
-#: (fork package, the backbones its issue covers, shown even before its adapter lands)
-FORKS = [
-    ("llava.vtr", ["LLaVA-1.5", "LLaVA-1.6"]),
-    ("internvl_vtr", ["InternVL2.5/3"]),
-    ("visual_token_pruning", ["Qwen3-VL"]),
-    ("videollava.vtr", ["Video-LLaVA"]),
-]
+#: the fork packages, in the table's column order
+FORKS = ["llava.vtr", "internvl_vtr", "visual_token_pruning", "videollava.vtr"]
 
 
-def supported_list(package: str) -> list[str]:
-    return list(getattr(importlib.import_module(package), "BACKBONES", None) or [])
+class MatrixError(Exception):
+    pass
+
+
+def backbones(package: str) -> list[str]:
+    """The model families `package` has an adapter for (its `BACKBONES`)."""
+    names = list(getattr(importlib.import_module(package), "BACKBONES", None) or [])
+    if not names:
+        raise MatrixError(f"{package}.BACKBONES is missing or empty: name the model families it has an adapter for")
+    return names
 
 
 def shipped(package: str) -> list[str]:
@@ -47,19 +50,17 @@ def shipped(package: str) -> list[str]:
 
 
 def matrix() -> str:
-    columns, methods, cells = [], set(), {}
-    for package, planned in FORKS:
+    columns, methods, cells = [], set(), set()
+    for package in FORKS:
         registered = shipped(package)
-        supported = set(supported_list(package))
         methods.update(registered)
-        for backbone in supported_list(package) or planned:  # the fork's own names once it has adapters
+        for backbone in backbones(package):
             columns.append(backbone)
-            for method in registered:
-                cells[(method, backbone)] = backbone in supported
+            cells.update((method, backbone) for method in registered)
     header = "| method | " + " | ".join(columns) + " |"
     lines = [header, "|---" * (len(columns) + 1) + "|"]
     for method in sorted(methods):
-        marks = ["yes" if cells.get((method, b)) else "—" for b in columns]
+        marks = ["yes" if (method, b) in cells else "—" for b in columns]
         lines.append(f"| `{method}` | " + " | ".join(marks) + " |")
     return "\n".join(lines)
 
@@ -70,7 +71,11 @@ def main(argv=None) -> int:
     group.add_argument("--check", action="store_true", help="fail if README.md's table is stale")
     group.add_argument("--write", action="store_true", help="rewrite README.md's table")
     args = parser.parse_args(argv)
-    table = matrix()
+    try:
+        table = matrix()
+    except MatrixError as error:
+        print(f"capability_matrix: error: {error}", file=sys.stderr)
+        return 2
     if not (args.check or args.write):
         print(table)
         return 0
