@@ -211,6 +211,37 @@ def test_bad_values_stop_the_cli_with_a_non_zero_status(workdir, tiny_path, bad,
     assert "Traceback" not in proc.stderr, "a clear message, not a stack trace"
 
 
+def test_two_processes_share_the_docs_and_write_one_merged_record(workdir, tiny_path):
+    """Data parallel (torchrun, two CPU processes): lmms-eval gives each process half the docs; every
+    process's figures are merged and the one record, covering the whole run, is written once."""
+    import socket
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    out, stats_path = workdir / "results" / "two-processes", workdir / "two-processes.json"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(workdir / "hf"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    cmd += ["-m", "lmms_eval", "--model", "llava_vtr", "--tasks", "vtr_tiny_qa,vtr_tiny_mc"]
+    cmd += [
+        "--model_args",
+        f"pretrained={tiny_path},strategy=fastv,keep_tokens=8,prune_layer=2,stats_path={stats_path}",
+    ]
+    cmd += ["--include_path", str(workdir / "task"), "--batch_size", "2", "--output_path", str(out)]
+    proc = subprocess.run(cmd, cwd=workdir / "task", env=env, capture_output=True, text=True, timeout=600)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-5000:]
+    assert output.count("wrote efficiency stats to") == 1, "one process writes the merged record"
+    assert [p.name for p in workdir.glob("two-processes*.json")] == ["two-processes.json"]
+    assert not list(out.rglob("vtr_stats_*.json")), "stats_path= replaces the record beside the results"
+    (results,) = out.rglob("*_results.json")
+    assert json.loads(results.read_text())["n-samples"]["vtr_tiny_qa"]["effective"] == DOCS
+    record = json.loads(stats_path.read_text())
+    assert (record["world_size"], record["processes_merged"], record["prefills"]) == (2, 2, PREFILLS)
+    assert record["requests"]["computed"] == {"generate_until": DOCS, "loglikelihood": 2 * DOCS}
+    assert record["per_prune_layer"][0]["mean_image_tokens_kept"] == 8
+
+
 def test_automatic_batch_size_is_refused(workdir, tiny_path):
     proc = lmms_eval(workdir, f"pretrained={tiny_path}", "vtr_tiny_qa", "--batch_size", "auto")
     assert proc.returncode == 2 and "batch_size='auto'" in proc.stdout + proc.stderr
