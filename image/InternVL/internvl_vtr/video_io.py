@@ -10,11 +10,14 @@ Video-LLaVA, InternVL and Qwen3-VL evaluations sample them:
     clip.timestamps   # seconds of each sampled frame
     find_video("videos/", "abc")   # videos/abc.mp4, videos/v_abc.mkv, ... whichever exists
 
-Errors are `VideoError` (a ValueError) naming the file.
+Errors are `VideoError` (a ValueError) naming the file. A clip with fewer frames than asked for is still
+answered (frames repeat, as in the official evaluations) with one warning naming it; a single-frame file
+(an image under a video name) is warned about as such.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +26,9 @@ import numpy as np
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 #: a doc visual given as a path with one of these suffixes is an image, not a video
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+
+logger = logging.getLogger(__name__)
 
 
 class VideoError(ValueError):
@@ -147,6 +153,14 @@ def load_video(
             continue
         if not indices:
             raise VideoError(f"video {path} has no frames")
+        distinct = len(set(indices))
+        if total == 1 and len(indices) > 1:
+            logger.warning("video %s holds a single frame (an image?); it is repeated %d times", path, len(indices))
+        elif distinct < len(indices):
+            logger.warning(
+                "video %s has %d frames, fewer than the %d sampled: %d of them repeat",
+                path, total, len(indices), len(indices) - distinct,
+            )  # fmt: skip
         timestamps = [i / file_fps if file_fps else float(i) for i in indices]
         backend = reader.__name__[1:-5]
         return VideoClip(np.ascontiguousarray(frames), list(indices), timestamps, file_fps, total, backend)

@@ -70,3 +70,22 @@ def test_a_custom_frame_picker_replaces_the_sampling(clip_path):
 def test_bad_sampling_settings_are_named_not_reported_as_a_broken_file(clip_path, kwargs):
     with pytest.raises(VideoError, match=f"{next(iter(kwargs)) if 'max_frames' not in kwargs else 'max_frames'}="):
         load_video(clip_path, **kwargs)
+
+
+def test_a_short_clip_or_an_image_named_like_a_video_is_answered_with_a_warning(tmp_path, caplog):
+    short = write_test_video(tmp_path / "short.mp4", num_frames=3)
+    with caplog.at_level("WARNING", logger=video_io.__name__):
+        clip = load_video(short, num_frames=8)
+    assert clip.frames.shape[0] == 8 and sorted(set(clip.indices)) == [0, 1, 2]
+    assert "short.mp4 has 3 frames, fewer than the 8 sampled: 5 of them repeat" in caplog.text
+    caplog.clear()
+    from PIL import Image
+
+    image = tmp_path / "photo.mp4"
+    Image.new("RGB", (32, 32), "red").save(image, format="PNG")
+    assert load_video(image, num_frames=8).frames.shape[0] == 8
+    assert "photo.mp4 holds a single frame (an image?)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger=video_io.__name__):
+        load_video(tmp_path / "short.mp4", num_frames=3)
+    assert caplog.text == "", "no warning when every sampled frame is distinct"
