@@ -48,6 +48,7 @@ SHARED_FILES = [
     "cost.py",
     "lmms_eval_base.py",
     "lmms_eval_compat.py",
+    "timing.py",
     "strategy/builtin.py",
     "strategy/base.py",
     "strategy/registry.py",
