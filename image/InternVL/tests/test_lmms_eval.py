@@ -1,6 +1,7 @@
 """The internvl_vtr lmms-eval model: in process (prompts, visuals, loglikelihood = oracle on a video doc,
 batches), and end to end through the real `python -m lmms_eval` CLI, offline, on tiny local tasks."""
 
+import importlib.util
 import json
 import os
 import shutil
@@ -107,9 +108,44 @@ def lmms_eval(workdir, model_args, tasks, *options):
     return subprocess.run(cmd, cwd=workdir / "task", env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_cli_end_to_end_images_videos_generation_and_multiple_choice(tmp_path, tiny_path):
-    import importlib.util
+def check_scores(results, results_file, lm, task_dir, generation_tasks, mc_task):
+    """The scores are the model's answers, scored (from --log_samples): exact_match is the task's rule on each
+    logged answer; each multiple-choice option's logged loss is its mean negative log-likelihood computed in
+    process, and acc is 1 where the MORE likely option is the answer (lmms-eval picks the smaller loss)."""
+    spec = importlib.util.spec_from_file_location(f"{mc_task}_utils", task_dir / "utils.py")
+    task = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(task)
 
+    def samples(name):
+        path = results_file.with_name(results_file.name.replace("_results.json", f"_samples_{name}.jsonl"))
+        return sorted((json.loads(line) for line in path.read_text().splitlines()), key=lambda s: s["doc_id"])
+
+    def docs(data):
+        return [json.loads(line) for line in (task_dir / data).read_text().splitlines()]
+
+    for name, data in generation_tasks:
+        logged = samples(name)
+        exact = [task.process_results(doc, [s["filtered_resps"]])["exact_match"] for doc, s in zip(docs(data), logged)]
+        assert [s["exact_match"] for s in logged] == exact and len(exact) == len(docs(data))
+        assert results["results"][name]["exact_match,none"] == pytest.approx(sum(exact) / len(exact))
+    lm.task_dict = {"t": {"test": docs("data.jsonl")}}
+    logged, acc = samples(mc_task), []
+    for i, (doc, sample) in enumerate(zip(docs("data.jsonl"), logged)):
+        visuals = lm.doc_visuals(task.doc_to_visual, i, "t", "test")
+        inputs = lm.encode([lm.build_prompt(sample["input"], visuals)], [visuals])
+        likelihood = []
+        for choice in ("yes", "no"):
+            target = lm.tokenizer(f" {choice}", add_special_tokens=False, return_tensors="pt")["input_ids"]
+            logprobs = lm.continuation_logprobs(inputs, target.to(lm.device))
+            likelihood.append(float(logprobs.gather(1, target[0][:, None].to(lm.device)).mean()))
+        losses = [float(loss) for loss, _ in sample["filtered_resps"]]
+        assert losses == pytest.approx([-x for x in likelihood], abs=1e-4), "each option's loss: its mean NLL"
+        acc.append(float(("yes", "no")[likelihood.index(max(likelihood))] == doc["answer"]))
+    assert [s["acc"] for s in logged] == acc and len(acc) == len(docs("data.jsonl"))
+    assert results["results"][mc_task]["acc,none"] == pytest.approx(sum(acc) / len(acc))
+
+
+def test_cli_end_to_end_images_videos_generation_and_multiple_choice(tmp_path, tiny_path):
     shutil.copytree(TASK_DIR, tmp_path / "task")
     spec = importlib.util.spec_from_file_location("internvl_lmms_tiny_utils", tmp_path / "task" / "utils.py")
     task_utils = importlib.util.module_from_spec(spec)
@@ -117,20 +153,17 @@ def test_cli_end_to_end_images_videos_generation_and_multiple_choice(tmp_path, t
     task_utils.make_media(tmp_path / "task")
     out = tmp_path / "results"
     args = f"pretrained={tiny_path},strategy=priortr,keep_tokens=[20,6],prune_layer=[1,3],num_frames=3"
-    proc = lmms_eval(
-        tmp_path, args, "vtr_tiny_qa,vtr_tiny_mc,vtr_tiny_video", "--batch_size", "2", "--output_path", str(out)
-    )
+    tasks = "vtr_tiny_qa,vtr_tiny_mc,vtr_tiny_video"
+    proc = lmms_eval(tmp_path, args, tasks, "--batch_size", "2", "--output_path", str(out), "--log_samples")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    (results,) = out.rglob("*_results.json")
+    (results_file,) = out.rglob("*_results.json")
     (stats,) = out.rglob("vtr_stats_*.json")
-    assert stats.parent == results.parent and stats.name.startswith("vtr_stats_priortr_K1-3_keep20-6_")
-    results, stats = json.loads(results.read_text()), json.loads(stats.read_text())
-    for task, metric, docs in (
-        ("vtr_tiny_qa", "exact_match,none", 4),
-        ("vtr_tiny_mc", "acc,none", 4),
-        ("vtr_tiny_video", "exact_match,none", 2),
-    ):
-        assert 0.0 <= results["results"][task][metric] <= 1.0 and results["n-samples"][task]["effective"] == docs
+    assert stats.parent == results_file.parent and stats.name.startswith("vtr_stats_priortr_K1-3_keep20-6_")
+    results, stats = json.loads(results_file.read_text()), json.loads(stats.read_text())
+    for task, docs in (("vtr_tiny_qa", 4), ("vtr_tiny_mc", 4), ("vtr_tiny_video", 2)):
+        assert results["n-samples"][task]["effective"] == docs
+    generation = [("vtr_tiny_qa", "data.jsonl"), ("vtr_tiny_video", "videos.jsonl")]
+    check_scores(results, results_file, make(tiny_path, args), tmp_path / "task", generation, "vtr_tiny_mc")
     # generation: 4 image + 2 video prefills; multiple choice: 2 options x 4 docs
     assert stats["by_request_type"]["generate_until"]["prefills"] == 6
     assert stats["by_request_type"]["loglikelihood"]["prefills"] == 8

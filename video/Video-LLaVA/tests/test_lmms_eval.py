@@ -1,6 +1,7 @@
 """The video_llava_vtr lmms-eval model: in process (prompts, visuals, batching, loglikelihood against the oracle)
 and once through the real `python -m lmms_eval` CLI, offline, on a tiny local video task."""
 
+import importlib.util
 import json
 import os
 import shutil
@@ -35,6 +36,43 @@ def make(tiny_path, args):
 def request(kind, doc_id, visual_fn, second):
     args = (QUESTIONS[doc_id], second, visual_fn, doc_id, "t", "test")
     return Instance(kind, args, idx=0, metadata={"task": "t", "doc_id": doc_id, "repeats": 1})
+
+
+def check_scores(results, results_file, lm, task_dir, generation_tasks, mc_task):
+    """The scores are the model's answers, scored (from --log_samples): exact_match is the task's rule on each
+    logged answer; each multiple-choice option's logged loss is its mean negative log-likelihood computed in
+    process, and acc is 1 where the MORE likely option is the answer (lmms-eval picks the smaller loss)."""
+    spec = importlib.util.spec_from_file_location(f"{mc_task}_utils", task_dir / "utils.py")
+    task = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(task)
+
+    def samples(name):
+        path = results_file.with_name(results_file.name.replace("_results.json", f"_samples_{name}.jsonl"))
+        return sorted((json.loads(line) for line in path.read_text().splitlines()), key=lambda s: s["doc_id"])
+
+    def docs(data):
+        return [json.loads(line) for line in (task_dir / data).read_text().splitlines()]
+
+    for name, data in generation_tasks:
+        logged = samples(name)
+        exact = [task.process_results(doc, [s["filtered_resps"]])["exact_match"] for doc, s in zip(docs(data), logged)]
+        assert [s["exact_match"] for s in logged] == exact and len(exact) == len(docs(data))
+        assert results["results"][name]["exact_match,none"] == pytest.approx(sum(exact) / len(exact))
+    lm.task_dict = {"t": {"test": docs("data.jsonl")}}
+    logged, acc = samples(mc_task), []
+    for i, (doc, sample) in enumerate(zip(docs("data.jsonl"), logged)):
+        visuals = lm.doc_visuals(task.doc_to_visual, i, "t", "test")
+        inputs = lm.encode([lm.build_prompt(sample["input"], visuals)], [visuals])
+        likelihood = []
+        for choice in ("yes", "no"):
+            target = lm.tokenizer(f" {choice}", add_special_tokens=False, return_tensors="pt")["input_ids"]
+            logprobs = lm.continuation_logprobs(inputs, target.to(lm.device))
+            likelihood.append(float(logprobs.gather(1, target[0][:, None].to(lm.device)).mean()))
+        losses = [float(loss) for loss, _ in sample["filtered_resps"]]
+        assert losses == pytest.approx([-x for x in likelihood], abs=1e-4), "each option's loss: its mean NLL"
+        acc.append(float(("yes", "no")[likelihood.index(max(likelihood))] == doc["answer"]))
+    assert [s["acc"] for s in logged] == acc and len(acc) == len(docs("data.jsonl"))
+    assert results["results"][mc_task]["acc,none"] == pytest.approx(sum(acc) / len(acc))
 
 
 def test_prompt_puts_each_visual_on_its_own_line(tiny_path, video_path):
@@ -120,15 +158,18 @@ def test_the_lmms_eval_cli_runs_a_video_task_with_pruning(tiny_path, tmp_path):
     args = f"pretrained={tiny_path},strategy=fastv,keep_tokens=40,prune_layer=2,num_frames=8"
     cmd = [sys.executable, "-m", "lmms_eval", "--model", "video_llava_vtr", "--model_args", args]
     cmd += ["--tasks", "vtr_video_tiny_qa,vtr_video_tiny_mc", "--include_path", str(tmp_path / "task")]
-    cmd += ["--batch_size", "2", "--output_path", str(out)]
+    cmd += ["--batch_size", "2", "--output_path", str(out), "--log_samples"]
     proc = subprocess.run(cmd, cwd=tmp_path / "task", env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    (results,) = out.rglob("*_results.json")
+    (results_file,) = out.rglob("*_results.json")
     (stats,) = out.rglob("vtr_stats_*.json")
-    assert stats.parent == results.parent and results.parent.name.endswith("__vtr-fastv_K2_keep40")
-    results, stats = json.loads(results.read_text()), json.loads(stats.read_text())
+    assert stats.parent == results_file.parent and results_file.parent.name.endswith("__vtr-fastv_K2_keep40")
+    results, stats = json.loads(results_file.read_text()), json.loads(stats.read_text())
     assert results["n-samples"]["vtr_video_tiny_qa"]["effective"] == DOCS
-    assert 0.0 <= results["results"]["vtr_video_tiny_mc"]["acc,none"] <= 1.0
+    lm = make(tiny_path, args.removeprefix(f"pretrained={tiny_path},"))
+    check_scores(
+        results, results_file, lm, tmp_path / "task", [("vtr_video_tiny_qa", "data.jsonl")], "vtr_video_tiny_mc"
+    )
     assert stats["prefills"] == DOCS + 2 * DOCS  # one per generation, one per (doc, choice)
     assert stats["mean_image_tokens"] == 136 + 16 * 2 / DOCS  # every doc a video, two with a picture too
     assert [(x["layer"], x["mean_image_tokens_kept"]) for x in stats["per_prune_layer"]] == [(2, 40)]
