@@ -1,6 +1,8 @@
 """`python -m visual_token_pruning.demo`: one image (and optionally a video) + a prompt through the Qwen3-VL
 fork with a few strategies and budgets; shows what was kept (grid cells per image / frame group) and the
-prefill time against the unpruned run.
+prefill time against the unpruned run: median [min-max] over interleaved timed rounds, a speedup marked `~`
+when it is inside the noise (see timing.py), and a keep-all row (the machinery, nothing dropped) to show
+what noise looks like. Progress goes to stderr.
 
 With no --model it builds (once, cached under .cache/) a random Qwen3-VL-shaped model with DeepStack:
 a 448 x 448 image is 196 visual tokens (16 px patches merged 2 x 2), so token counts and speedups are real
@@ -10,29 +12,29 @@ while the generated text is noise. With --model (a Qwen3-VL hub id or local fold
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
 from .api import load_model, load_processor
 from .config import VTRConfig
+from .timing import (
+    Parser,
+    UsageError,
+    add_demo_arguments,
+    check_model,
+    check_prune_layer,
+    demo_report,
+    demo_settings,
+    existing_file,
+    loading,
+    log,
+    open_image,
+    run_cli,
+)
 from .tiny import VISION_SHAPE, build_tiny_qwen3_vl, demo_image, demo_video
 
 DEMO_SHAPE = dict(VISION_SHAPE, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4, intermediate_size=1376)
-
-
-def prefill_ms(model, inputs, repeats: int) -> float:
-    times = []
-    for _ in range(repeats + 1):  # the first run warms up
-        start = time.perf_counter()
-        with torch.inference_mode():
-            model(**inputs, use_cache=True, logits_to_keep=1)
-        if inputs["input_ids"].is_cuda:
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times[1:])
 
 
 def kept_cells(model, inputs) -> str:
@@ -54,37 +56,39 @@ def kept_cells(model, inputs) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return run_cli("python -m visual_token_pruning.demo", run, argv)
+
+
+def run(argv) -> int:
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="Qwen3-VL checkpoint (hub id or folder); default: a built-in random model")
     parser.add_argument("--image", help="image file (default: a built-in 448 x 448 synthetic scene)")
     parser.add_argument(
         "--video", help="a video file, or 'builtin' for a generated 8-frame clip; adds it to the prompt"
     )
     parser.add_argument("--prompt", default="What is shown? Answer briefly.")
-    parser.add_argument("--strategies", default="fastv,priortr,random", help="comma-separated strategy names")
-    parser.add_argument("--budgets", default="98,32", help="comma-separated keep_tokens values")
-    parser.add_argument("--prune-layer", type=int, default=2, help="K: layers from index K on run pruned")
-    parser.add_argument("--repeats", type=int, default=3, help="timed prefills per setting (median reported)")
-    parser.add_argument("--max-new-tokens", type=int, default=12)
-    parser.add_argument("--cache-dir", default=".cache", help="where the built-in model is kept")
+    add_demo_arguments(parser, budgets="98,32")
     args = parser.parse_args(argv)
+    settings = demo_settings(args, VTRConfig)
+    if args.video and args.video != "builtin":
+        existing_file("--video", args.video)
+    image = open_image(args.image) if args.image else demo_image(448)
 
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.model:
-        path, kwargs = args.model, dict(dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+        path, kwargs = check_model(args.model), dict(dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+    else:
+        log(f"building the built-in model under {args.cache_dir} (once) ...")
+        path, kwargs = str(build_tiny_qwen3_vl(Path(args.cache_dir) / "demo-qwen3-vl", **DEMO_SHAPE)), {}
+    num_layers = check_prune_layer(args, path)
+    with loading(path):
+        processor = load_processor(path)
+        model = load_model(path, VTRConfig(enabled=False), **kwargs).to(device)
+    if args.model:
         print(f"model: {path} on {device}")
     else:
-        path, kwargs = str(build_tiny_qwen3_vl(Path(args.cache_dir) / "demo-qwen3-vl", **DEMO_SHAPE)), {}
-        print(f"model: built-in random Qwen3-VL-shaped model ({path}); its answers are noise, the numbers are real")
-    processor = load_processor(path)
-    model = load_model(path, VTRConfig(enabled=False), **kwargs).to(device)
-    if args.image:
-        from PIL import Image
-
-        image = Image.open(args.image).convert("RGB")
-    else:
-        image = demo_image(448)
+        print(f"model: built-in random Qwen3-VL-shaped model ({path}); its answers are noise, the timings are real")
     content, visuals = [{"type": "image"}], dict(images=[image])
     if args.video:
         content.append({"type": "video"})
@@ -94,50 +98,25 @@ def main(argv=None) -> int:
             visuals.update(videos=[args.video])
     content.append({"type": "text", "text": args.prompt})
     text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-    inputs = processor(text=text, return_tensors="pt", **visuals).to(device)
+    try:
+        inputs = processor(text=text, return_tensors="pt", **visuals).to(device)
+    except (ValueError, OSError, RuntimeError) as err:
+        if not args.video or args.video == "builtin":
+            raise
+        raise UsageError(f"--video {args.video}: cannot read it ({err})") from None
     for key in ("pixel_values", "pixel_values_videos"):
         if key in inputs:
             inputs[key] = inputs[key].to(model.dtype)
     seq_len = inputs["input_ids"].shape[1]
     ids = torch.tensor([model.config.image_token_id, model.config.video_token_id], device=device)
     num_visual = int(torch.isin(inputs["input_ids"], ids).sum())
-    print(
-        f"prompt: {seq_len} tokens, {num_visual} of them visual; {model.config.text_config.num_hidden_layers} layers\n"
+    print(f"prompt: {seq_len} tokens, {num_visual} of them visual; {num_layers} layers\n", flush=True)
+    lines = demo_report(
+        model, processor, inputs, settings, args, num_visual, "kept cells (row,col)", lambda m: kept_cells(m, inputs)
     )
-
-    def answer():
-        with torch.inference_mode():
-            out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
-        return processor.decode(out[0, seq_len:], skip_special_tokens=True).strip().replace("\n", " ")
-
-    baseline = prefill_ms(model, inputs, args.repeats)
-    rows = [("none (unpruned)", "-", num_visual, seq_len, f"{baseline:.1f}", "1.00x", "", answer())]
-    for strategy in [s.strip() for s in args.strategies.split(",") if s.strip()]:
-        for budget in [int(b) for b in args.budgets.split(",") if b.strip()]:
-            model.set_vtr_config(VTRConfig(strategy=strategy, keep_tokens=budget, prune_layer=args.prune_layer))
-            ms = prefill_ms(model, inputs, args.repeats)
-            reply = answer()
-            kept = model.vtr_last.stages[0].image_tokens_kept[0]
-            after = model.vtr_last.kept_index.shape[1]
-            cells = kept_cells(model, inputs)
-            rows.append(
-                (
-                    strategy,
-                    f"K={args.prune_layer} keep={budget}",
-                    kept,
-                    after,
-                    f"{ms:.1f}",
-                    f"{baseline / ms:.2f}x",
-                    cells,
-                    reply,
-                )
-            )
-    header = ("strategy", "budget", "kept", "seq after", "prefill ms", "speedup", "kept cells (row,col)", "answer")
-    widths = [min(max(len(str(r[i])) for r in rows + [header]), 48) for i in range(len(header))]
-    for row in [header, tuple("-" * w for w in widths), *rows]:
-        print(" | ".join(str(c)[:w].ljust(w) for c, w in zip(row, widths)))
+    print("\n".join(lines))
     print(
-        "\nkept cells: (row, col) in each image / frame group's merged grid (g0, g1, ...); see docs/backbones/qwen3-vl.md"
+        "kept cells: (row, col) in each image / frame group's merged grid (g0, g1, ...); see docs/backbones/qwen3-vl.md"
     )
     return 0
 

@@ -1,5 +1,7 @@
 """`make demo`: run one image + prompt through the LLaVA fork with a few strategies and budgets, and show
-what was kept and how long prefill took against the unpruned run.
+what was kept and how long prefill took against the unpruned run: median [min-max] over interleaved timed
+rounds, a speedup marked `~` when it is inside the noise (see timing.py). A keep-all row (the machinery,
+nothing dropped) shows what noise looks like. Progress goes to stderr, results to stdout.
 
 With no --model it builds (once, cached under .cache/) a random LLaVA-1.5-shaped model: 576 image tokens,
 so the token counts and the speedups are the real ones, while the generated text is noise.
@@ -9,14 +11,24 @@ With --model (a llava-hf hub id or local folder) it runs that checkpoint.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
 from .api import load_model, load_processor
 from .config import VTRConfig
+from .timing import (
+    Parser,
+    add_demo_arguments,
+    check_model,
+    check_prune_layer,
+    demo_report,
+    demo_settings,
+    loading,
+    log,
+    open_image,
+    run_cli,
+)
 from .tiny import build_tiny_llava, demo_image
 
 DEMO_SHAPE = dict(
@@ -44,50 +56,36 @@ def kept_patch_indices(model, input_ids) -> torch.Tensor:
     return model.vtr_last.stages[-1].kept_positions[0] - first_image_token
 
 
-def prefill_ms(model, inputs, repeats: int) -> float:
-    times = []
-    for _ in range(repeats + 1):  # the first run warms up
-        start = time.perf_counter()
-        with torch.inference_mode():
-            model(**inputs, use_cache=True, logits_to_keep=1)
-        if inputs["input_ids"].is_cuda:
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times[1:])
-
-
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return run_cli("python -m llava.vtr.demo", run, argv)
+
+
+def run(argv) -> int:
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="llava-hf checkpoint (hub id or folder); default: a built-in random model")
     parser.add_argument("--image", help="image file (default: a built-in synthetic scene)")
     parser.add_argument("--prompt", default="What is shown in the image? Answer briefly.")
-    parser.add_argument("--strategies", default="fastv,priortr,random", help="comma-separated strategy names")
-    parser.add_argument("--budgets", default="192,64", help="comma-separated keep_tokens values")
-    parser.add_argument("--prune-layer", type=int, default=2, help="K: layers from index K on run pruned")
-    parser.add_argument("--repeats", type=int, default=3, help="timed prefills per setting (median reported)")
-    parser.add_argument("--max-new-tokens", type=int, default=12)
-    parser.add_argument("--cache-dir", default=".cache", help="where the built-in model is kept")
+    add_demo_arguments(parser, budgets="192,64")
     args = parser.parse_args(argv)
+    settings = demo_settings(args, VTRConfig)
+    image = open_image(args.image) if args.image else demo_image(336)
 
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.model:
-        path = args.model
+        path = check_model(args.model)
         kwargs = dict(dtype=torch.float16 if device == "cuda" else torch.float32)
+    else:
+        log(f"building the built-in model under {args.cache_dir} (once) ...")
+        path, kwargs = str(build_tiny_llava(Path(args.cache_dir) / "demo-llava", **DEMO_SHAPE)), {}
+    num_layers = check_prune_layer(args, path)
+    with loading(path):
+        processor = load_processor(path)
+        model = load_model(path, VTRConfig(enabled=False), **kwargs).to(device)
+    if args.model:
         print(f"model: {path} on {device}")
     else:
-        path = str(build_tiny_llava(Path(args.cache_dir) / "demo-llava", **DEMO_SHAPE))
-        kwargs = {}
-        print(f"model: built-in random LLaVA-1.5-shaped model ({path}); its answers are noise, the numbers are real")
-    processor = load_processor(path)
-    model = load_model(path, VTRConfig(enabled=False), **kwargs).to(device)
-    num_layers = model.config.text_config.num_hidden_layers
-    if args.image:
-        from PIL import Image
-
-        image = Image.open(args.image).convert("RGB")
-    else:
-        image = demo_image(336)
+        print(f"model: built-in random LLaVA-1.5-shaped model ({path}); its answers are noise, the timings are real")
     inputs = processor(images=image, text=build_prompt(processor, args.prompt), return_tensors="pt").to(device)
     if "pixel_values" in inputs and device == "cuda":
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
@@ -95,62 +93,22 @@ def main(argv=None) -> int:
     num_image = int((inputs["input_ids"] == model.config.image_token_id).sum())
     print(
         f"prompt: {seq_len} tokens, {num_image} of them image tokens; {num_layers} decoder layers; "
-        f"threads={torch.get_num_threads()}\n"
+        f"threads={torch.get_num_threads()}\n",
+        flush=True,
     )
 
-    def answer():
-        with torch.inference_mode():
-            out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
-        return processor.decode(out[0, seq_len:], skip_special_tokens=True).strip().replace("\n", " ")
+    def shown(model) -> str:
+        kept = kept_patch_indices(model, inputs["input_ids"])
+        return ",".join(str(p) for p in kept[:8].tolist()) + (",..." if kept.numel() > 8 else "")
 
-    baseline = prefill_ms(model, inputs, args.repeats)
-    rows = [("none (unpruned)", "-", num_image, seq_len, baseline, 1.0, "", answer())]
-    for strategy in [s.strip() for s in args.strategies.split(",") if s.strip()]:
-        for budget in [int(b) for b in args.budgets.split(",") if b.strip()]:
-            model.set_vtr_config(VTRConfig(strategy=strategy, keep_tokens=budget, prune_layer=args.prune_layer))
-            ms = prefill_ms(model, inputs, args.repeats)
-            text = answer()
-            stage = model.vtr_last.stages[0]
-            kept = kept_patch_indices(model, inputs["input_ids"])
-            shown = ",".join(str(p) for p in kept[:8].tolist()) + (",..." if kept.numel() > 8 else "")
-            rows.append(
-                (
-                    strategy,
-                    f"K={args.prune_layer} keep={budget}",
-                    stage.image_tokens_kept[0],
-                    model.vtr_last.kept_index.shape[1],
-                    ms,
-                    baseline / ms,
-                    shown,
-                    text,
-                )
+    print(
+        "\n".join(
+            demo_report(
+                model, processor, inputs, settings, args, num_image, "kept patches (first 8)", shown, "img kept"
             )
-
-    header = (
-        "strategy",
-        "budget",
-        "img kept",
-        "seq after",
-        "prefill ms",
-        "speedup",
-        "kept patches (first 8)",
-        "answer",
+        )
     )
-    widths = [max(len(str(r[i])) if not isinstance(r[i], float) else 8 for r in rows + [header]) for i in range(8)]
-    widths[7] = min(widths[7], 40)
-
-    def fmt(row):
-        cells = [
-            f"{c:.1f}" if isinstance(c, float) and i == 4 else f"{c:.2f}x" if isinstance(c, float) else str(c)
-            for i, c in enumerate(row)
-        ]
-        return " | ".join(c[: widths[i]].ljust(widths[i]) for i, c in enumerate(cells))
-
-    print(fmt(header))
-    print("-+-".join("-" * w for w in widths))
-    for row in rows:
-        print(fmt(row))
-    print("\nkept patches are indices into the image's patch grid (row-major); see docs/adding-a-method.md.")
+    print("kept patches are indices into the image's patch grid (row-major); see docs/adding-a-method.md.")
     return 0
 
 

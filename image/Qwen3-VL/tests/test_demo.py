@@ -1,0 +1,60 @@
+"""`python -m visual_token_pruning.demo` on bad input: one line naming the flag, exit 2, never a traceback; Ctrl-C is
+one line too. A small end-to-end run shows each time with its spread."""
+
+import re
+
+import pytest
+
+from visual_token_pruning import demo
+
+PROG = "python -m visual_token_pruning.demo"
+BAD = [
+    (["--budgets", "abc"], "--budgets 'abc': 'abc' is not a whole number"),
+    (["--budgets", "-5"], "--budgets '-5': -5 must be >= 1"),
+    (["--strategies", "nosuch"], "--strategies nosuch: unknown strategy 'nosuch'"),
+    (["--strategies", ""], "--strategies '' is empty"),
+    (["--image", "bad.png"], "--image bad.png: no such file"),
+    (["--video", "bad.mp4"], "--video bad.mp4: no such file"),
+    (["--max-new-tokens", "0"], "--max-new-tokens 0: must be >= 1"),
+    (["--model", "./no/such/folder"], "--model: model folder './no/such/folder' does not exist"),
+]
+
+
+def one_error_line(err: str) -> str:
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and err.rstrip().endswith(errors[0]) and errors[0].startswith(f"{PROG}: error: ")
+    return errors[0]
+
+
+@pytest.mark.parametrize("argv, message", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_a_bad_argument_is_one_line_and_exit_2(argv, message, capsys):
+    assert demo.main(argv) == 2
+    assert message in one_error_line(capsys.readouterr().err)
+
+
+def test_prune_layer_past_the_model_and_ctrl_c(tiny_path, capsys, monkeypatch):
+    assert demo.main(["--model", tiny_path, "--prune-layer", "99"]) == 2
+    assert "--prune-layer 99: the model has 4 decoder layers; choose 0..3" in one_error_line(capsys.readouterr().err)
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "load_model", interrupt)
+    assert demo.main(["--model", tiny_path]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.rstrip().endswith("interrupted (Ctrl-C); nothing more was run")
+
+
+def test_demo_prints_each_time_with_its_spread(tiny_path, capsys):
+    argv = ["--model", tiny_path, "--strategies", "random", "--budgets", "20", "--repeats", "2"]
+    assert demo.main([*argv, "--max-new-tokens", "1"]) == 0
+    out, err = capsys.readouterr()
+    assert "warm-up round (not timed), 3 settings" in err and "timed round 2/2" in err
+    rows = [[c.strip() for c in line.split(" | ")] for line in out.splitlines() if " | " in line]
+    assert [row[0] for row in rows] == ["strategy", "none (unpruned)", "keep-all", "random"]
+    assert [row[5] for row in rows[:2]] == ["speedup", "reference"]
+    assert all(re.fullmatch(r"\d+\.\d \[\d+\.\d-\d+\.\d\]", row[4]) for row in rows[1:])
+    assert all(re.fullmatch(r"~?\d+\.\d\dx \[\d+\.\d\d-\d+\.\d\d\]", row[5]) for row in rows[2:])
+    assert rows[3][2] == "20" and rows[3][6].startswith("g0: ")
+    assert "median [min-max] over 2 timed rounds" in out and "~ = inside the noise" in out
