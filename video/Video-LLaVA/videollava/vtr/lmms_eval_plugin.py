@@ -6,12 +6,15 @@ Registered through lmms-eval's `lmms_eval.models` entry points (video/Video-LLaV
         --model_args pretrained=LanguageBind/Video-LLaVA-7B-hf,strategy=fastv,keep_tokens=514,prune_layer=2,num_frames=8 \\
         --tasks <video task> --batch_size 4 --output_path ./results/fastv
 
-Every `VTRConfig` field is a `--model_args` key, plus the shared loading keys and `num_frames` (frames sampled
-uniformly per video, default 8 as Video-LLaVA was trained). A doc's visuals may be video paths (lmms-eval's
+Every `VTRConfig` field is a `--model_args` key, plus the shared loading keys, `num_frames` (frames sampled
+uniformly per video, default 8 as Video-LLaVA was trained) and `conv_mode` (below). A doc's visuals may be video paths (lmms-eval's
 video tasks hand over a path string; decoded by `video_io`, decord first, PyAV otherwise) and images (PIL, or
 an image file path), in any mix: each becomes its `<video>`/`<image>` line of the Video-LLaVA prompt
-(`prompts.video_prompt`, a newline after each placeholder). lmms-eval 0.7.3's own `video_llava` model
-crashes on every video (`read_video(path, 8)` against a keyword-only argument); this one does not.
+(`prompts.chat_prompt`, a newline after each placeholder). `conv_mode` picks the prompt format, as
+run_video_qa's `--conv_mode` does: `llava_v1` (default) is the original Video-LLaVA evaluation's conversation
+with its system line first; `plain` leaves the system line out (`USER: <video>\n{question} ASSISTANT:`, the
+HF model card's). lmms-eval 0.7.3's own `video_llava` model crashes on every video (`read_video(path, 8)`
+against a keyword-only argument); this one does not.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from PIL import Image
 from .api import load_model, load_processor
 from .config import VTRConfig
 from .lmms_eval_base import VTRLmms, install_compat
-from .prompts import encode, video_prompt
+from .prompts import CONV_SYSTEM, chat_prompt, encode
 from .video_io import VIDEO_EXTENSIONS, load_video
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -35,11 +38,13 @@ class VideoLlavaVTR(VTRLmms):
 
     name = "video_llava_vtr"
     default_pretrained = "LanguageBind/Video-LLaVA-7B-hf"
-    EXTRA_LOAD_ARGS = {"num_frames": int}
+    EXTRA_LOAD_ARGS = {"num_frames": int, "conv_mode": str}
 
     def check_load_args(self, load: dict) -> None:
         if load.get("num_frames", 8) < 1:
             raise ValueError(f"num_frames={load['num_frames']}: must be >= 1")
+        if load.get("conv_mode", "llava_v1") not in CONV_SYSTEM:
+            raise ValueError(f"conv_mode={load['conv_mode']!r}: choose one of {list(CONV_SYSTEM)}")
 
     def load_backbone(self, load: dict, **kwargs):
         model = load_model(self.pretrained, VTRConfig(enabled=False), **kwargs)
@@ -48,6 +53,7 @@ class VideoLlavaVTR(VTRLmms):
 
     def configure(self, load: dict) -> None:
         self.num_frames = load.get("num_frames", 8)
+        self.conv_mode = load.get("conv_mode", "llava_v1")
 
     def prepare_visuals(self, visuals: list) -> list:
         """Each visual as ("video", uint8 frames [t, h, w, 3]) or ("image", RGB PIL image)."""
@@ -70,9 +76,7 @@ class VideoLlavaVTR(VTRLmms):
     def build_prompt(self, context: str, visuals: list) -> str:
         videos = sum(kind == "video" for kind, _ in visuals)
         images = len(visuals) - videos
-        if "<video>" in context or "<image>" in context:  # the task placed them itself
-            return f"USER: {context} ASSISTANT:"
-        return video_prompt(context, num_videos=videos, num_images=images)
+        return chat_prompt(context, self.conv_mode, num_videos=videos, num_images=images)
 
     def encode(self, prompts: list[str], visuals: list[list]):
         videos = [v for sample in visuals for kind, v in sample if kind == "video"]

@@ -1,11 +1,16 @@
 """Video-LLaVA prompts and model inputs.
 
     video_prompt("What happens?")                  'USER: <video>\\nWhat happens? ASSISTANT:'
+    chat_prompt("What happens?")                   '{system} USER: <video>\\nWhat happens? ASSISTANT:'
     encode(processor, [prompt], videos=[frames])   BatchFeature for model(**x) / model.generate(**x)
 
 The newline right after the last placeholder matters for PriorTR: the anchor row (the token after the
 visual span) is then the same token whatever the question, so its question-free prior is too. lmms-eval's
 own Video-LLaVA prompt has no newline there; ours does.
+
+`chat_prompt` is the prompt the evaluations use (run_video_qa and the lmms-eval model alike): by default the
+conversation of the original Video-LLaVA evaluation (PKU-YuanGroup/Video-LLaVA, `conv_mode="llava_v1"`), whose
+system line comes first; `conv_mode="plain"` leaves the system line out (the HF model card's prompt).
 """
 
 from __future__ import annotations
@@ -14,7 +19,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["encode", "video_prompt"]
+__all__ = ["CONV_SYSTEM", "chat_prompt", "encode", "video_prompt"]
+
+#: The system line of each prompt format (`chat_prompt`); llava_v1 is the original evaluation's.
+CONV_SYSTEM = {
+    "llava_v1": "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions.",
+    "plain": "",
+}
 
 
 def video_prompt(question: str, num_videos: int = 1, num_images: int = 0) -> str:
@@ -25,6 +37,18 @@ def video_prompt(question: str, num_videos: int = 1, num_images: int = 0) -> str
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"{name} must be an integer >= 0, got {n!r}")
     return "USER: " + "<video>\n" * num_videos + "<image>\n" * num_images + f"{question.strip()} ASSISTANT:"
+
+
+def chat_prompt(question: str, conv_mode: str = "llava_v1", num_videos: int = 1, num_images: int = 0) -> str:
+    """`{system} USER: <video>\\n{question} ASSISTANT:` with the system line of `conv_mode` (none for plain).
+    A question that places its own `<video>`/`<image>` placeholders is used as it is."""
+    if conv_mode not in CONV_SYSTEM:
+        raise ValueError(f"conv_mode={conv_mode!r}: choose one of {list(CONV_SYSTEM)}")
+    if "<video>" in question or "<image>" in question:
+        prompt = f"USER: {question.strip()} ASSISTANT:"
+    else:
+        prompt = video_prompt(question, num_videos=num_videos, num_images=num_images)
+    return f"{CONV_SYSTEM[conv_mode]} {prompt}" if CONV_SYSTEM[conv_mode] else prompt
 
 
 def _frames(video) -> np.ndarray:
