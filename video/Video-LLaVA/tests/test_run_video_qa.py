@@ -7,6 +7,8 @@ random Video-LLaVA per module and answer 5 questions on 4 videos (two real, one 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from dataclasses import fields
@@ -243,7 +245,7 @@ def test_prepare_resume_keeps_answers_and_retries_failures(tmp_path):
     done = rq.prepare_resume(path, dict(vtr="fastv_K1_keep8", num_frames=8))
     assert list(done) == ["1"]
     assert [json.loads(line)["id"] for line in path.read_text().splitlines()] == ["1"]  # failures left the file
-    with pytest.raises(rq.DataError, match="vtr='fastv_K1_keep8', but this run has vtr='unpruned'"):
+    with pytest.raises(rq.DataError, match="vtr='fastv_K1_keep8' there, 'unpruned' here"):
         rq.prepare_resume(path, dict(vtr="unpruned", num_frames=8))
     assert rq.prepare_resume(tmp_path / "new.jsonl", dict(vtr="x")) == {}
 
@@ -365,6 +367,11 @@ def run_qa(tiny, dataset, out, *flags) -> int:
     return rq.main([*argv, "--max_new_tokens", "3", *flags], model=model, processor=processor)
 
 
+def named(tiny, tag: str) -> str:
+    """The default output name: the checkpoint folder's name, then the settings tag."""
+    return f"{Path(tiny[0]).name}__{tag}"
+
+
 def rows_of(path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
@@ -385,7 +392,7 @@ def fastv_run(tiny, dataset, tmp_path_factory):
 
 
 def test_end_to_end_kept_tokens_and_error_rows(tiny, fastv_run):
-    rows = rows_of(fastv_run / "fastv_K1_keep8.jsonl")  # default name: the settings tag
+    rows = rows_of(fastv_run / f"{named(tiny, 'fastv_K1_keep8')}.jsonl")  # default name: model and settings tag
     assert [r["id"] for r in rows] == ["q0", "q1", "q2", "q3", "q4"]
     answered, (missing, corrupt) = rows[:3], rows[3:]
     for row in answered:
@@ -397,14 +404,14 @@ def test_end_to_end_kept_tokens_and_error_rows(tiny, fastv_run):
     assert [r["answer"] for r in answered] == ["walk", "yes", "red"]
     assert missing["pred"] is None and "video 'c' not found" in missing["error"]
     assert corrupt["pred"] is None and "cannot read video" in corrupt["error"] and "d.mp4" in corrupt["error"]
-    summary = json.loads((fastv_run / "fastv_K1_keep8.score.json").read_text())  # scored at the end
+    summary = json.loads((fastv_run / f"{named(tiny, 'fastv_K1_keep8')}.score.json").read_text())  # scored
     assert (summary["rows"], summary["scored"], summary["errors"], summary["mean_kept_tokens"]) == (5, 3, 2, 8)
 
 
 def test_rerun_resumes(tiny, dataset, fastv_run, tmp_path, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()
-    path = out / "fastv_K1_keep8.jsonl"
+    path = out / f"{named(tiny, 'fastv_K1_keep8')}.jsonl"
     path.write_text((fastv_run / path.name).read_text())
     first = {r["id"]: r for r in rows_of(path)}
     asked = []
@@ -428,7 +435,7 @@ def test_rerun_resumes(tiny, dataset, fastv_run, tmp_path, monkeypatch):
     assert len(again) == 5 and again["q1"]["pred"] == first["q1"]["pred"]
 
     # the same file with other settings is refused, not mixed
-    assert run_qa(tiny, dataset, out, *FASTV, "--vtr_keep_tokens", "16", "--output_name", "fastv_K1_keep8") == 2
+    assert run_qa(tiny, dataset, out, *FASTV, "--vtr_keep_tokens", "16", "--output_name", path.stem) == 2
     assert asked == ["q1"]
 
 
@@ -443,14 +450,14 @@ def test_two_chunks_merged_equal_one_run(tiny, dataset, fastv_run, tmp_path):
     def strip(rows):
         return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
 
-    assert strip(rows_of(tmp_path / "f.jsonl")) == strip(rows_of(fastv_run / "fastv_K1_keep8.jsonl"))
+    assert strip(rows_of(tmp_path / "f.jsonl")) == strip(rows_of(fastv_run / f"{named(tiny, 'fastv_K1_keep8')}.jsonl"))
     assert (tmp_path / "f.score.json").is_file()
 
 
 def test_multi_stage_flags_batched(tiny, dataset, tmp_path):
     flags = ("--vtr_strategy", "fastv", "--vtr_prune_layer", "1", "2", "--vtr_keep_tokens", "16", "8")
     assert run_qa(tiny, dataset, tmp_path, *flags, "--num_samples", "3", "--batch_size", "2") == 0
-    rows = rows_of(tmp_path / "fastv_K1-2_keep16-8.jsonl")
+    rows = rows_of(tmp_path / f"{named(tiny, 'fastv_K1-2_keep16-8')}.jsonl")
     assert [r["id"] for r in rows] == ["q0", "q1", "q2"]
     assert all(r["kept_tokens"] == [16, 8] and r["prune_layers"] == [1, 2] and not r["error"] for r in rows)
 
@@ -467,10 +474,10 @@ def test_prompt_formats():
 def test_unpruned_rows_and_a_prune_layer_past_the_model(tiny, dataset, fastv_run, tmp_path, capsys):
     flags = ("--vtr_strategy", "none", "--num_samples", "1", "--no_score", "--conv_mode", "plain")
     assert run_qa(tiny, dataset, tmp_path, *flags) == 0
-    (row,) = rows_of(tmp_path / "unpruned_plain.jsonl")
+    (row,) = rows_of(tmp_path / f"{named(tiny, 'unpruned_plain')}.jsonl")
     assert row["kept_tokens"] == [] and row["visual_tokens"] == visual_tokens_per_video(tiny[1])
     assert row["conv_mode"] == "plain"
-    assert row["seq_len"] < rows_of(fastv_run / "fastv_K1_keep8.jsonl")[0]["seq_len"]  # no system line
+    assert row["seq_len"] < rows_of(fastv_run / f"{named(tiny, 'fastv_K1_keep8')}.jsonl")[0]["seq_len"]  # no system
     assert row["flops_ratio"] == 1.0
     assert run_qa(tiny, dataset, tmp_path, "--vtr_prune_layer", "4", "--num_samples", "1") == 2  # 4 layers
     assert "argument --vtr_prune_layer" in capsys.readouterr().err
@@ -484,12 +491,13 @@ def test_torchrun_ranks_answer_one_chunk_each_and_rank0_merges(tiny, dataset, fa
     cmd += ["--output_dir", str(tmp_path), "--device", "cpu", "--max_new_tokens", "3", *FASTV]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=FORK, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert [r["id"] for r in rows_of(tmp_path / "fastv_K1_keep8_2_0.jsonl")] == ["q0", "q1"]
-    merged = rows_of(tmp_path / "fastv_K1_keep8.jsonl")
-    single = rows_of(fastv_run / "fastv_K1_keep8.jsonl")
+    name = named(tiny, "fastv_K1_keep8")
+    assert [r["id"] for r in rows_of(tmp_path / f"{name}_2_0.jsonl")] == ["q0", "q1"]
+    merged = rows_of(tmp_path / f"{name}.jsonl")
+    single = rows_of(fastv_run / f"{name}.jsonl")
     keys = ("id", "pred", "error", "kept_tokens", "visual_tokens", "flops_ratio")
     assert [[r[k] for k in keys] for r in merged] == [[r[k] for k in keys] for r in single]
-    assert json.loads((tmp_path / "fastv_K1_keep8.score.json").read_text())["rows"] == 5
+    assert json.loads((tmp_path / f"{name}.score.json").read_text())["rows"] == 5
 
 
 def test_a_rank_that_fails_reports_it_and_nobody_waits_forever(monkeypatch, tmp_path, capsys):
@@ -510,3 +518,193 @@ def test_a_rank_that_fails_reports_it_and_nobody_waits_forever(monkeypatch, tmp_
     monkeypatch.setattr(rq, "run", boom)
     assert rq._launched_main(None, VTRConfig()) == 1
     assert "CUDA out of memory (simulated)" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ never mixed, never lost
+
+
+def test_lmms_eval_model_and_runner_share_the_original_evaluations_prompt(tiny_path):
+    """One behaviour: the original evaluation's llava_v1 conversation (system line first) in both, plain on demand."""
+    from videollava.vtr.lmms_eval_plugin import VideoLlavaVTR
+    from videollava.vtr.prompts import CONV_SYSTEM
+
+    def make(args):
+        return VideoLlavaVTR.create_from_arg_string(f"pretrained={tiny_path},{args}", {"batch_size": None})
+
+    system = "A chat between a curious human and an artificial intelligence assistant."
+    video = [("video", None)]
+    lm = make("strategy=none")
+    assert lm.build_prompt("What happens?", video) == rq.build_prompt("What happens?")
+    assert lm.build_prompt("What happens?", video).startswith(f"{system} The assistant gives helpful")
+    assert (
+        lm.build_prompt("Q?", video + [("image", None)])
+        == f"{CONV_SYSTEM['llava_v1']} USER: <video>\n<image>\nQ? ASSISTANT:"
+    )
+    plain = make("strategy=none,conv_mode=plain")
+    assert plain.build_prompt("What happens?", video) == rq.build_prompt("What happens?", "plain")
+    assert plain.build_prompt("<video>\nWhy?", video) == "USER: <video>\nWhy? ASSISTANT:"  # the task's placeholder
+    with pytest.raises(ValueError, match="conv_mode='vicuna': choose one of"):
+        make("conv_mode=vicuna")
+
+
+def test_one_reader_the_last_row_of_a_repeated_id_everywhere(tmp_path):
+    """Resume, merge and the scorer read a file with a repeated id the same way: its last row counts."""
+    rows = [
+        {"id": "1", "answer": "yes", "pred": "no", "error": None},
+        {"id": "2", "answer": "red", "pred": "red", "error": None},
+        {"id": "1", "answer": "yes", "pred": "yes", "error": None},  # a later row of id 1
+    ]
+    path = write_jsonl(tmp_path / "run_2_0.jsonl", rows)
+    write_jsonl(tmp_path / "run_2_1.jsonl", [])
+    assert [r["pred"] for r in score.read_answers(path)[0]] == ["yes", "red"]
+    assert rq.read_rows(path) == score.read_answers(path)
+    assert score.score_file(path)["exact_match"] == 1.0
+    rq.merge(tmp_path, "run", 2)
+    assert [r["pred"] for r in rows_of(tmp_path / "run.jsonl")] == ["yes", "red"]
+    assert {k: r["pred"] for k, r in rq.prepare_resume(path, {}).items()} == {"1": "yes", "2": "red"}
+
+
+def test_default_name_holds_the_model_and_a_rerun_never_mixes_settings(tiny, dataset, tmp_path, capsys):
+    """Two checkpoints into one folder get two files; on one file every setting that changes an answer
+    (model, generation length, prompt, ...) must match, or the rerun is refused naming it."""
+    other = tmp_path / "other-ckpt"
+    shutil.copytree(tiny[0], other)
+    out = tmp_path / "out"
+    one = ("--vtr_strategy", "none", "--num_samples", "1", "--no_score")
+    assert run_qa(tiny, dataset, out, *one) == 0
+    assert run_qa((str(other), *tiny[1:]), dataset, out, *one) == 0
+    first, second = out / f"{named(tiny, 'unpruned')}.jsonl", out / "other-ckpt__unpruned.jsonl"
+    assert rows_of(first)[0]["model"] == str(Path(tiny[0]).resolve()) and len(rows_of(first)) == 1
+    assert rows_of(second)[0]["model"] == str(other.resolve()) and len(rows_of(second)) == 1
+    capsys.readouterr()
+    before = first.read_text()
+    two = ("--vtr_strategy", "none", "--num_samples", "2", "--no_score", "--output_name", first.stem)
+    for flags, needle in [
+        (("--max_new_tokens", "4"), "max_new_tokens=3 there, 4 here"),
+        (("--conv_mode", "plain"), "conv_mode='llava_v1' there, 'plain' here"),
+        (("--num_frames", "4"), "num_frames=8 there, 4 here"),
+    ]:
+        assert run_qa(tiny, dataset, out, *two, *flags) == 2, flags
+        assert needle in capsys.readouterr().err
+    assert run_qa((str(other), *tiny[1:]), dataset, out, *two) == 2
+    assert f"model={str(Path(tiny[0]).resolve())!r} there, {str(other.resolve())!r} here" in capsys.readouterr().err
+    assert first.read_text() == before  # nothing added, nothing removed
+
+
+def test_resume_refuses_rows_asked_another_question(tmp_path):
+    path = write_jsonl(tmp_path / "run.jsonl", [{"id": "1", "video": "a", "question": "why?", "pred": "x"}])
+    assert list(rq.prepare_resume(path, {}, [rq.Question("1", "a", "why?")])) == ["1"]
+    with pytest.raises(rq.DataError, match="question='why\\?' there, 'how\\?' here"):
+        rq.prepare_resume(path, {}, [rq.Question("1", "a", "how?")])
+
+
+def test_repeated_rows_are_not_failures_and_the_resume_keeps_them(tiny, dataset, fastv_run, tmp_path, capsys):
+    """Two runs that both wrote every id (before the lock): the resume drops the earlier copies, retries the two
+    failed videos only, and the file holds each id once."""
+    name = named(tiny, "fastv_K1_keep8")
+    lines = (fastv_run / f"{name}.jsonl").read_text()
+    path = tmp_path / f"{name}.jsonl"
+    path.write_text(lines + lines)
+    assert run_qa(tiny, dataset, tmp_path, *FASTV, "--no_score") == 0
+    err = capsys.readouterr().err
+    assert "retrying 2 failed row(s)" in err and "5 earlier row(s) of a repeated id" in err
+    assert "5 questions: 3 already in" in err
+    assert [r["id"] for r in rows_of(path)] == ["q0", "q1", "q2", "q3", "q4"]
+
+
+def test_a_second_run_on_a_file_is_refused_and_a_dead_runs_lock_is_taken_over(tiny, dataset, tmp_path, capsys):
+    import signal
+    import time
+
+    path = tmp_path / "run.jsonl"
+    flags = ("--vtr_strategy", "none", "--num_samples", "1", "--no_score", "--output_name", "run")
+    ready, tell = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the first run, holding the lock
+        try:
+            os.close(ready)
+            with rq.output_lock(path, "python -m videollava.vtr.run_video_qa --first"):
+                os.write(tell, b"1")
+                time.sleep(120)
+        finally:
+            os._exit(0)
+    os.close(tell)  # the first run's end only: a first run that fails ends the read below
+    try:
+        assert os.read(ready, 1) == b"1"
+        assert run_qa(tiny, dataset, tmp_path, *flags) == 2
+        err = capsys.readouterr().err
+        assert f"{path} is being written by another run (pid {pid} on " in err
+        assert "run_video_qa --first" in err and not path.exists()
+        write_jsonl(tmp_path / "run_1_0.jsonl", [])
+        assert rq.main(["--merge", "--output_dir", str(tmp_path), "--output_name", "run", "--no_score"]) == 1
+        assert "is being written by another run" in capsys.readouterr().err  # the merge target is locked too
+    finally:
+        os.kill(pid, signal.SIGKILL)  # dies holding the lock: its lock file stays behind
+        os.waitpid(pid, 0)
+        os.close(ready)
+    assert Path(f"{path}.lock").is_file()
+    assert run_qa(tiny, dataset, tmp_path, *flags) == 0
+    assert f"took over {path}.lock, left by a run that is no longer running (pid {pid}" in capsys.readouterr().err
+    assert len(rows_of(path)) == 1 and not Path(f"{path}.lock").exists()
+
+
+def test_ctrl_c_leaves_whole_rows_and_the_rerun_resumes(tiny, dataset, tmp_path, monkeypatch, capsys):
+    real, calls = rq.answer_batch, []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(rq, "answer_batch", interrupted)
+    flags = ("--vtr_strategy", "none", "--no_score", "--output_name", "run")
+    try:
+        status = run_qa(tiny, dataset, tmp_path, *flags)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped the runner with a traceback")  # not raised on: it would stop the whole session
+    assert status == 130
+    assert "interrupted" in capsys.readouterr().err
+    text = (tmp_path / "run.jsonl").read_text()
+    assert text.endswith("\n") and [r["id"] for r in rows_of(tmp_path / "run.jsonl")] == ["q0"]
+    assert not (tmp_path / "run.jsonl.lock").exists()
+    monkeypatch.setattr(rq, "answer_batch", real)
+    assert run_qa(tiny, dataset, tmp_path, *flags) == 0
+    assert [r["id"] for r in rows_of(tmp_path / "run.jsonl")] == ["q0", "q1", "q2", "q3", "q4"]
+
+
+def test_scorer_refuses_what_is_not_an_answers_file_and_unwritable_outputs(tmp_path, capsys):
+    text = tmp_path / "notamodel.txt"
+    text.write_text("hello\nworld\n")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    binary = tmp_path / "model.bin"
+    binary.write_bytes(bytes(range(256)) * 4)
+    for path, needle in [(text, "(2 unreadable line(s))"), (empty, "(nothing)"), (binary, "unreadable line(s))")]:
+        assert score.main([str(path)]) == 2
+        err = capsys.readouterr().err
+        assert f"score: error: {path} holds no answer rows (" in err and needle in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl", "model.bin", "notamodel.txt"]
+    good = write_jsonl(tmp_path / "run.jsonl", [{"id": "1", "answer": "a", "pred": "a", "error": None}])
+    assert score.main([str(good), "--output", str(text / "all.json")]) == 2  # a folder that is a file
+    assert f"cannot write the summary {text / 'all.json'}" in capsys.readouterr().err
+
+
+def test_runner_refuses_empty_questions_and_an_unusable_output_dir(tiny, dataset, tmp_path, capsys):
+    empty = write_json(tmp_path / "q.json", [])
+    argv = ["--model_path", tiny[0], "--video_dir", str(dataset / "videos"), "--gt_file_question", str(empty)]
+    argv += ["--output_dir", str(tmp_path / "out")]
+    assert rq.main(argv, model=tiny[1], processor=tiny[2]) == 2
+    assert f"{empty} holds no records" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    blocked = tmp_path / "file.txt"
+    blocked.write_text("")
+    assert run_qa(tiny, dataset, blocked / "out", "--num_samples", "1") == 2
+    assert f"cannot create --output_dir {blocked / 'out'}" in capsys.readouterr().err
+
+
+def test_merge_refuses_parts_of_different_settings(tmp_path):
+    write_jsonl(tmp_path / "run_2_0.jsonl", [{"id": "a", "pred": "x", "error": None, "model": "m1", "vtr": "t"}])
+    write_jsonl(tmp_path / "run_2_1.jsonl", [{"id": "b", "pred": "y", "error": None, "model": "m2", "vtr": "t"}])
+    with pytest.raises(rq.MergeError, match="run_2_1.jsonl holds rows made with other settings than run_2_0.jsonl"):
+        rq.merge(tmp_path, "run", 2)
+    assert not (tmp_path / "run.jsonl").exists()

@@ -17,19 +17,24 @@ The original Video-LLaVA evaluation workflow, with every `VTRConfig` field as a 
 A row: {"id", "video", "question", "answer", "pred", "error", "visual_tokens" (before pruning),
 "kept_tokens" (one count per prune stage; [] when nothing was pruned), "prune_layers", "seq_len",
 "flops_ratio" (analytic decoder prefill FLOPs, pruned / unpruned), "prefill_ms" (the LLM prefill forward),
-"generate_ms", "vtr" (the settings tag), "model", "num_frames", "conv_mode"}, plus "answer_type" when
-the answers file has types and "merged_tokens" for methods that recycle dropped tokens. A missing or
-unreadable video gives a row with `error` set and `pred` null, and the run goes on. Rerunning the same
-command resumes: ids already answered are skipped, rows that failed before are tried again (and replaced).
+"generate_ms", and the settings that change an answer: "vtr" (the settings tag), "model", "num_frames",
+"conv_mode", "max_new_tokens", "dtype", "attn_implementation"}, plus "answer_type" when the answers file
+has types and "merged_tokens" for methods that recycle dropped tokens. A missing or unreadable video gives a
+row with `error` set and `pred` null, and the run goes on. Rerunning the same command resumes: ids already
+answered are skipped, rows that failed before are tried again (and replaced). A file holding rows of other
+settings is refused, never mixed; a file being written by another run (`<file>.lock`) is refused too.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import json
 import os
 import re
+import shlex
+import socket
 import sys
 import time
 import typing
@@ -39,15 +44,13 @@ from pathlib import Path
 from .config import VTRConfig, VTRConfigError
 from .cost import ideal_speedup, text_config_dims, tokens_per_layer
 from .model_args import ModelArgsError, convert, describe, vtr_field_types
+from .prompts import CONV_SYSTEM, chat_prompt
+from .score import ScoreError, read_answers
 
 VTR_PREFIX = "vtr_"
 DTYPES = ("auto", "float16", "bfloat16", "float32")
-#: The system line of each prompt format (`build_prompt`); llava_v1 is the original evaluation's.
-CONV_SYSTEM = {
-    "llava_v1": "A chat between a curious human and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the human's questions.",
-    "plain": "",
-}
+#: The row keys of the settings that change an answer: a rerun on a file must match every one of them.
+SETTINGS = ("model", "vtr", "num_frames", "conv_mode", "max_new_tokens", "dtype", "attn_implementation")
 PART_RE = re.compile(r"^(?P<name>.+)_(?P<num>\d+)_(?P<idx>\d+)\.jsonl$")
 
 EPILOG = """\
@@ -70,7 +73,8 @@ examples:
 
 Values: lists as several values (--vtr_prune_layer 1 13 24) or [1,13,24]; booleans true/false; none
 for an optional field. A flag left out keeps VTRConfig's default (the budget then is the backbone's).
-Rerunning a command resumes it: answered ids are skipped, failed rows are retried.
+Rerunning a command resumes it: answered ids are skipped, failed rows are retried. A rerun with another
+model or setting on the same file is refused (the default name holds the model and the settings tag).
 """
 
 
@@ -216,8 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--output_dir", help="where the JSONL goes (created)")
     out.add_argument(
         "--output_name",
-        help="file name without .jsonl; default: the settings tag (e.g. fastv_K2_keep256, unpruned; _f<N> and "
-        "_plain added for a non-default --num_frames / --conv_mode). "
+        help="file name without .jsonl; default: <model>__<settings tag> (e.g. Video-LLaVA-7B-hf__fastv_K2_keep256; "
+        "_f<N> and _plain added for a non-default --num_frames / --conv_mode). "
         "With --num_chunks N > 1 each part is <output_name>_<N>_<chunk_idx>.jsonl",
     )
     out.add_argument("--num_chunks", type=int, default=1, help="split the questions into N contiguous parts")
@@ -295,6 +299,8 @@ def _read_records(path: str | Path) -> list[dict]:
         raise DataError(f"cannot read {path}: {error}") from None
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
         raise DataError(f"{path} must hold a JSON list of objects (or one object per line as .jsonl)")
+    if not records:
+        raise DataError(f"{path} holds no records")
     return records
 
 
@@ -351,56 +357,132 @@ def output_path(output_dir: str | Path, output_name: str, num_chunks: int = 1, c
 
 
 def read_rows(path: str | Path) -> tuple[list[dict], int]:
-    """(rows, unreadable lines) of a JSONL output file; a truncated last line (a killed run) is unreadable."""
-    rows, bad = [], 0
-    path = Path(path)
-    if not path.is_file():
-        return rows, bad
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            bad += 1
-            continue
-        if isinstance(row, dict) and "id" in row:
-            rows.append(row)
-        else:
-            bad += 1
-    return rows, bad
+    """(rows, unreadable lines) of a JSONL output file, one row per id (the last one): `score.read_answers`,
+    the scorer's own reader, so that resume, merge and the scorer agree on every file."""
+    try:
+        return read_answers(path)
+    except ScoreError as error:
+        raise DataError(str(error)) from None
 
 
 def _write_rows(path: Path, rows: list[dict]) -> None:
+    """Replace `path` with `rows` whole or not at all (an interrupted write leaves the old file)."""
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+        os.replace(tmp, path)
+    except OSError as error:
+        raise DataError(f"cannot write {path}: {error}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
-def prepare_resume(path: Path, run_settings: dict) -> dict[str, dict]:
-    """The rows already answered in `path`, by id. Rows that failed (and unreadable lines) are removed
-    from the file so that this run retries them. A file written with other settings is refused."""
+def settings_differ(rows: list[dict], settings: dict) -> dict[str, tuple]:
+    """{key: (a row's value, this run's)} for each setting some row was made with otherwise (a row without
+    the key, written before it was recorded, differs too)."""
+    differ: dict[str, tuple] = {}
+    for row in rows:
+        for key, value in settings.items():
+            if key not in differ and row.get(key) != value:
+                differ[key] = (row.get(key), value)
+    return differ
+
+
+def _describe_differences(differ: dict[str, tuple], there: str = "there", here: str = "here") -> str:
+    return "; ".join(f"{key}={theirs!r} {there}, {ours!r} {here}" for key, (theirs, ours) in differ.items())
+
+
+def prepare_resume(path: Path, run_settings: dict, questions: list[Question] | None = None) -> dict[str, dict]:
+    """The rows already answered in `path`, by id. Rows that failed (and unreadable lines, and the earlier
+    rows of a repeated id) are removed from the file so that this run retries them. A file written with
+    other settings, or whose rows were asked another question or video than `questions`, is refused."""
     rows, bad = read_rows(path)
+    differ = settings_differ(rows, run_settings)
+    by_id = {q.id: q for q in questions or []}
     for row in rows:
-        for key, value in run_settings.items():
-            if key in row and row[key] != value:
-                raise DataError(
-                    f"{path} holds rows made with {key}={row[key]!r}, but this run has {key}={value!r}; "
-                    "give another --output_name or --output_dir (or delete the file) to start a new run"
-                )
-    done = {}
-    for row in rows:
-        if not row.get("error"):
-            done[str(row["id"])] = row
-    dropped = len(rows) - len(done)
-    if dropped or bad:
+        q = by_id.get(str(row["id"]))
+        for key in ("video", "question"):
+            if q is not None and key not in differ and row.get(key) != getattr(q, key):
+                differ[key] = (row.get(key), getattr(q, key))
+    if differ:
+        raise DataError(
+            f"{path} holds rows made with other settings ({_describe_differences(differ)}); give another "
+            "--output_name or --output_dir (or delete the file) to start a new run: runs are never mixed"
+        )
+    done = {str(row["id"]): row for row in rows if not row.get("error")}
+    failed = len(rows) - len(done)
+    lines = sum(1 for line in path.read_bytes().splitlines() if line.strip()) if path.is_file() else 0
+    repeated = lines - bad - len(rows)
+    if failed or bad or repeated:
         _write_rows(path, list(done.values()))
         print(
-            f"resume: retrying {dropped} failed row(s); dropped {bad} unreadable line(s) from {path}", file=sys.stderr
+            f"resume: {path}: retrying {failed} failed row(s); dropped {bad} unreadable line(s) and {repeated} "
+            "earlier row(s) of a repeated id (the last row of an id is the one kept)",
+            file=sys.stderr,
         )
     return done
+
+
+@contextlib.contextmanager
+def output_lock(path: Path, command: str | None = None):
+    """Hold `<path>.lock` while this process writes `path`: a second run on the same file is refused
+    (DataError naming the holder: pid, host, command, start time). An fcntl lock, so the kernel releases it
+    when its process dies, however it dies; a lock file left behind by a dead run is taken over with a note."""
+    import fcntl
+
+    lock = path.with_name(path.name + ".lock")
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise DataError(f"cannot create the lock file {lock}: {error}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            holder = _lock_text(fd)
+            os.close(fd)
+            if isinstance(error, BlockingIOError):
+                raise DataError(
+                    f"{path} is being written by another run ({holder or 'it is just starting'}); wait for it to "
+                    f"finish, or give another --output_name / --output_dir"
+                ) from None
+            raise DataError(f"cannot lock {lock}: {error}") from None
+        try:
+            if os.fstat(fd).st_ino == os.stat(lock).st_ino:  # not unlinked by its last holder meanwhile
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        left = _lock_text(fd)
+        if left:
+            print(f"note: took over {lock}, left by a run that is no longer running ({left})", file=sys.stderr)
+        info = dict(
+            pid=os.getpid(),
+            host=socket.gethostname(),
+            command=command or shlex.join(sys.argv),
+            started=time.strftime("%Y-%m-%d %H:%M:%S"),
+        )
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock)
+        os.close(fd)
+
+
+def _lock_text(fd: int) -> str:
+    """Who holds (or held) a lock file, in words; "" when it is empty."""
+    text = os.pread(fd, 65536, 0).decode("utf-8", "replace").strip()
+    try:
+        info = json.loads(text)
+        return f"pid {info['pid']} on {info['host']}, started {info['started']}: {info['command']}"
+    except (ValueError, KeyError, TypeError):
+        return text
 
 
 # ------------------------------------------------------------------------------------------ running
@@ -511,11 +593,8 @@ class VideoLoader:
 
 def build_prompt(question: str, conv_mode: str = "llava_v1") -> str:
     """`llava_v1` (the original evaluation's): `{system} USER: <video>\n{question} ASSISTANT:`;
-    `plain`: the same without the system line (the HF model card's)."""
-    from .prompts import video_prompt
-
-    prompt = video_prompt(question)
-    return f"{CONV_SYSTEM[conv_mode]} {prompt}" if CONV_SYSTEM[conv_mode] else prompt
+    `plain`: the same without the system line (the HF model card's). The lmms-eval model's prompt too."""
+    return chat_prompt(question, conv_mode)
 
 
 def answer_batch(
@@ -605,35 +684,63 @@ def load(args, vtr_config: VTRConfig):
         raise DataError(f"cannot load --model_path {args.model_path}: {error}") from None
 
 
-def default_output_name(tag: str, args) -> str:
-    """The settings tag, plus the frame count and prompt format when they are not the defaults."""
-    name = tag if args.num_frames == 8 else f"{tag}_f{args.num_frames}"
+def model_id(model_path) -> str:
+    """The checkpoint as rows record it: a local folder's absolute path, else the hub id as given."""
+    path = Path(str(model_path)).expanduser()
+    return str(path.resolve()) if path.exists() else str(model_path)
+
+
+def default_output_name(model: str, tag: str, args) -> str:
+    """`<model>__<settings tag>` (the checkpoint's folder or hub name), plus the frame count and prompt format
+    when they are not the defaults."""
+    slug = re.sub(r"[^\w.-]+", "-", Path(model).name).strip("-") or "model"
+    name = f"{slug}__{tag}" if args.num_frames == 8 else f"{slug}__{tag}_f{args.num_frames}"
     return name if args.conv_mode == "llava_v1" else f"{name}_{args.conv_mode}"
 
 
 def run(args, vtr_config: VTRConfig, model=None, processor=None) -> dict:
     """Answer this chunk's questions not yet in the output file. `model`/`processor` may be given already
     loaded (tests, notebooks); the config is then set on the model. Returns counts and the output path."""
-    from tqdm import tqdm
-
-    from .video_io import VideoError
-
     questions = load_questions(args.gt_file_question, args.gt_file_answers)
     if args.num_samples is not None:
         questions = questions[: args.num_samples]
     mine = chunk(questions, args.num_chunks, args.chunk_idx)
+    out_dir = Path(args.output_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DataError(f"cannot create --output_dir {out_dir}: {error}") from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise DataError(f"--output_dir {out_dir}: not writable")
 
     if model is None:
         model, processor = load(args, vtr_config)
     else:
         model.set_vtr_config(vtr_config)
     tag = describe(model.vtr_config)  # after the backbone filled in what was left to defaults
-    settings = dict(vtr=tag, model=str(args.model_path), num_frames=args.num_frames, conv_mode=args.conv_mode)
-    path = output_path(
-        args.output_dir, args.output_name or default_output_name(tag, args), args.num_chunks, args.chunk_idx
+    settings = dict(
+        model=model_id(args.model_path),
+        vtr=tag,
+        num_frames=args.num_frames,
+        conv_mode=args.conv_mode,
+        max_new_tokens=args.max_new_tokens,
+        dtype=str(model.dtype).removeprefix("torch."),
+        attn_implementation=getattr(model.config, "_attn_implementation", None),
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    done = prepare_resume(path, {k: v for k, v in settings.items() if k != "model"})
+    name = args.output_name or default_output_name(settings["model"], tag, args)
+    path = output_path(out_dir, name, args.num_chunks, args.chunk_idx)
+    with output_lock(path):
+        return _answer(args, model, processor, settings, mine, path)
+
+
+def _answer(args, model, processor, settings: dict, mine: list[Question], path: Path) -> dict:
+    """`run` once `path` is locked: resume, then append one row per pending question."""
+    from tqdm import tqdm
+
+    from .video_io import VideoError
+
+    tag = settings["vtr"]
+    done = prepare_resume(path, settings, mine)
     pending = group_by_video([q for q in mine if q.id not in done])
     part = f" (chunk {args.chunk_idx} of {args.num_chunks})" if args.num_chunks > 1 else ""
     print(
@@ -655,9 +762,13 @@ def run(args, vtr_config: VTRConfig, model=None, processor=None) -> dict:
         disable=bool(launched) and launched[0] != 0,  # under torchrun: rank 0's bar only
     )
     try:
-        with path.open("a", encoding="utf-8") as out:
+        try:
+            out = path.open("a", encoding="utf-8")
+        except OSError as error:
+            raise DataError(f"cannot write {path}: {error}") from None
+        with out:
 
-            def write(row):
+            def write(row):  # one whole line per row, flushed: an interrupted run leaves complete lines
                 out.write(json.dumps(row) + "\n")
                 out.flush()
                 counts["errors" if row["error"] else "answered"] += 1
@@ -722,8 +833,10 @@ def find_parts(output_dir: str | Path, output_name: str | None = None, num_chunk
 
 
 def merge(output_dir, output_name=None, num_chunks=None, questions: list[Question] | None = None) -> dict:
-    """Concatenate the parts, in chunk order, into `<output_name>.jsonl`. Refuses (MergeError, nothing
-    written) when a part is missing; with `questions` it also reports questions no part answered."""
+    """Concatenate the parts, in chunk order, into `<output_name>.jsonl` (one row per id, its last). Refuses
+    (MergeError, nothing written) when a part is missing or parts hold rows of different settings, and
+    (DataError) while a part or the target is being written by a run; with `questions` it also reports
+    questions no part answered."""
     name, num, parts = find_parts(output_dir, output_name, num_chunks if num_chunks and num_chunks > 1 else None)
     missing = [i for i in range(num) if i not in parts]
     if missing:
@@ -732,18 +845,25 @@ def merge(output_dir, output_name=None, num_chunks=None, questions: list[Questio
             f"{len(missing)} of {num} parts missing in {output_dir}: {files}; run those chunks "
             f"(--num_chunks {num} --chunk_idx {' / '.join(map(str, missing))}) and merge again"
         )
-    rows, seen, bad = [], set(), 0
-    for i in range(num):
-        part_rows, part_bad = read_rows(parts[i])
-        bad += part_bad
-        for row in part_rows:
-            key = str(row["id"])
-            if key in seen:  # a row appended twice (two runs on one part): keep the first
-                continue
-            seen.add(key)
-            rows.append(row)
     target = output_path(output_dir, name)
-    _write_rows(target, rows)
+    with contextlib.ExitStack() as locks:
+        for path in [*(parts[i] for i in range(num)), target]:
+            locks.enter_context(output_lock(path))
+        by_id, bad, first = {}, 0, None
+        for i in range(num):
+            part_rows, part_bad = read_rows(parts[i])
+            if first is None and part_rows:  # the settings every part must share: the first row's
+                first = (parts[i], {k: part_rows[0].get(k) for k in SETTINGS})
+            differ = settings_differ(part_rows, first[1]) if first else {}
+            if differ:
+                raise MergeError(
+                    f"{parts[i].name} holds rows made with other settings than {first[0].name} "
+                    f"({_describe_differences(differ, parts[i].name, first[0].name)}); merge parts of one run only"
+                )
+            bad += part_bad
+            by_id.update((str(row["id"]), row) for row in part_rows)
+        rows, seen = list(by_id.values()), set(by_id)
+        _write_rows(target, rows)
     report = dict(
         path=str(target),
         parts=num,
@@ -794,7 +914,7 @@ def merge_main(args, name: str | None = None, num_chunks: int | None = None) -> 
         )
         status = 1
     if not args.no_score:
-        _score(report["path"])
+        status = _score(report["path"]) or status
     return status
 
 
@@ -825,6 +945,11 @@ def main(argv: list[str] | None = None, model=None, processor=None) -> int:
     except VTRConfigError as error:  # a setting this model cannot run (e.g. a prune layer past its last layer)
         print(f"run_video_qa: error: {_name_the_flag(str(error))}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the rows written so far are whole lines; the lock went with the `with`
+        print(
+            "run_video_qa: interrupted; the rows written so far are kept: rerun the command to resume", file=sys.stderr
+        )
+        return 130
     if args.num_chunks > 1:
         print(
             "merge the parts when every chunk has finished: python -m videollava.vtr.run_video_qa --merge "
@@ -833,7 +958,7 @@ def main(argv: list[str] | None = None, model=None, processor=None) -> int:
             file=sys.stderr,
         )
     elif not args.no_score:
-        _score(counts["path"])
+        return _score(counts["path"])
     return 0
 
 
@@ -873,12 +998,18 @@ def _launched_main(args, vtr_config: VTRConfig, model=None, processor=None) -> i
         dist.destroy_process_group()
 
 
-def _score(path) -> None:
+def _score(path) -> int:
+    """Print and write the score summary of `path`; 0, or 1 (with the message) when it cannot be scored."""
     from .score import print_table, score_file, write_summary
 
-    summary = score_file(path)
-    print_table([summary])
-    write_summary(summary)
+    try:
+        summary = score_file(path)
+        print_table([summary])
+        write_summary(summary)
+    except ScoreError as error:
+        print(f"run_video_qa: error: cannot score: {error}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

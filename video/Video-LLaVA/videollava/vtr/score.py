@@ -10,18 +10,27 @@ articles a/an/the removed, spaces collapsed):
     contains      the answer appears in the prediction as whole words ("Yes, he is." contains "yes")
 
 Rows with an `error` (missing or unreadable video) count in `errors`, not in the accuracies, which are
-over the `scored` rows (an answer and a prediction). `coverage` = scored / rows. The GPT-judge metric of
-the original Video-LLaVA workflow reads the same JSONL (docs/video-qa.md).
+over the `scored` rows (an answer and a prediction). `coverage` = scored / rows. A repeated id counts once:
+its last row (`read_answers`, the reader run_video_qa's resume and merge use too). A file with no rows (empty,
+or not an answers file) and a summary that cannot be written are errors (exit 2, nothing written). The
+GPT-judge metric of the original Video-LLaVA workflow reads the same JSONL (docs/video-qa.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import re
 import string
 import sys
 from pathlib import Path
+
+
+class ScoreError(ValueError):
+    """A file with no rows to score, or a summary that cannot be written; the message names the file."""
+
 
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 _ARTICLES = {"a", "an", "the"}
@@ -107,15 +116,25 @@ def score_rows(rows: list[dict]) -> dict:
     return summary
 
 
-def read_jsonl(path: str | Path) -> tuple[list[dict], int]:
-    """(rows, unreadable lines). A repeated id keeps its last row (a later retry replaces a failure)."""
+def read_answers(path: str | Path) -> tuple[list[dict], int]:
+    """(rows, unreadable lines) of a run_video_qa answers file; no file: ([], 0). One row per id: a repeated
+    id keeps its last row (a later line replaces an earlier one, as a retried failure does), in the place of
+    its first. A line that is not a JSON object with an `id` (e.g. cut short by a killed run) is unreadable.
+    The one reader of the scorer and of run_video_qa's resume and merge, so they agree on every file."""
     by_id, bad = {}, 0
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    path = Path(path)
+    try:
+        lines = path.read_bytes().splitlines()
+    except FileNotFoundError:
+        return [], 0
+    except OSError as error:
+        raise ScoreError(f"cannot read {path}: {error}") from None
+    for line in lines:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
+            row = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
             bad += 1
             continue
         if not isinstance(row, dict) or "id" not in row:
@@ -126,7 +145,10 @@ def read_jsonl(path: str | Path) -> tuple[list[dict], int]:
 
 
 def score_file(path: str | Path) -> dict:
-    rows, bad = read_jsonl(path)
+    rows, bad = read_answers(path)
+    if not rows:
+        what = f"{bad} unreadable line(s)" if bad else "nothing"
+        raise ScoreError(f"{path} holds no answer rows ({what}): not a run_video_qa answers file, or an empty one")
     summary = dict(file=str(path), **score_rows(rows))
     summary["unreadable_lines"] = bad
     return summary
@@ -137,10 +159,24 @@ def summary_path(path: str | Path) -> Path:
     return path.with_name(path.name.removesuffix(".jsonl") + ".score.json")
 
 
-def write_summary(summary: dict, path: str | Path | None = None) -> Path:
-    target = Path(path) if path else summary_path(summary["file"])
-    target.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+def write_json(target: str | Path, obj) -> Path:
+    """Write `obj` to `target` whole or not at all (a temporary file renamed over it); ScoreError if it
+    cannot be written."""
+    target = Path(target)
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, target)
+    except OSError as error:
+        raise ScoreError(f"cannot write the summary {target}: {error}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
     return target
+
+
+def write_summary(summary: dict, path: str | Path | None = None) -> Path:
+    return write_json(Path(path) if path else summary_path(summary["file"]), summary)
 
 
 def _fmt(value, digits=1, percent=False) -> str:
@@ -189,7 +225,16 @@ def main(argv: list[str] | None = None) -> int:
     for path in args.files:
         if not Path(path).is_file():
             parser.error(f"file not found: {path}")
-    summaries = [score_file(path) for path in args.files]
+    summaries, errors = [], []
+    for path in args.files:
+        try:
+            summaries.append(score_file(path))
+        except ScoreError as error:
+            errors.append(error)
+    if errors:  # nothing written: every file must be an answers file
+        for error in errors:
+            print(f"score: error: {error}", file=sys.stderr)
+        return 2
     print_table(summaries)
     if args.by_type:
         for s in summaries:
@@ -198,11 +243,14 @@ def main(argv: list[str] | None = None) -> int:
                     f"{Path(s['file']).name}  type {answer_type}: {block['scored']} scored, exact "
                     f"{_fmt(block['exact_match'], percent=True)} %, contains {_fmt(block['contains'], percent=True)} %"
                 )
-    if args.output:
-        Path(args.output).write_text(json.dumps(summaries, indent=2) + "\n", encoding="utf-8")
-        written = [args.output]
-    else:
-        written = [str(write_summary(s)) for s in summaries]
+    try:
+        if args.output:
+            written = [str(write_json(args.output, summaries))]
+        else:
+            written = [str(write_summary(s)) for s in summaries]
+    except ScoreError as error:
+        print(f"score: error: {error}", file=sys.stderr)
+        return 2
     for s in summaries:
         if s["unreadable_lines"]:
             print(f"warning: {s['file']}: {s['unreadable_lines']} unreadable lines skipped", file=sys.stderr)
