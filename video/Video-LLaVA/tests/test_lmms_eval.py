@@ -76,8 +76,12 @@ def check_scores(results, results_file, lm, task_dir, generation_tasks, mc_task)
 
 
 def test_prompt_puts_each_visual_on_its_own_line(tiny_path, video_path):
-    lm = make(tiny_path, "strategy=none")
-    video = lm.prepare_visuals([video_path])
+    from videollava.vtr.prompts import CONV_SYSTEM
+
+    video = make(tiny_path, "strategy=none").prepare_visuals([video_path])
+    default = make(tiny_path, "strategy=none").build_prompt("What happens?", video)
+    assert default == f"{CONV_SYSTEM['llava_v1']} USER: <video>\nWhat happens? ASSISTANT:", "llava_v1 by default"
+    lm = make(tiny_path, "strategy=none,conv_mode=plain")
     assert lm.build_prompt("What happens?", video) == "USER: <video>\nWhat happens? ASSISTANT:"
     both = lm.prepare_visuals([video_path, demo_frames(1, 40)[0]])
     assert [kind for kind, _ in both] == ["video", "image"]
@@ -88,7 +92,7 @@ def test_prompt_puts_each_visual_on_its_own_line(tiny_path, video_path):
 def test_visuals_video_paths_images_and_num_frames(tiny_path, video_path, tmp_path):
     from PIL import Image
 
-    lm = make(tiny_path, "strategy=none,num_frames=4")
+    lm = make(tiny_path, "strategy=none,num_frames=4,conv_mode=plain")
     png = tmp_path / "x.png"
     Image.fromarray(demo_frames(1, 40)[0]).save(png)
     visuals = lm.prepare_visuals([video_path, Image.open(png), str(png)])
