@@ -1,12 +1,16 @@
 """scripts/vtr_run: --list/--describe/--dry-run, a real sweep on tiny models and a tiny task, failures,
-resume, and two processes giving the metrics of one."""
+resume, two processes giving the metrics of one; with a fake lmms-eval: run names and summary columns for
+every setting, nothing finished deleted or mixed, the output lock, and stopping a sweep."""
 
 import csv
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -57,7 +61,13 @@ def common(tiny, output):
 
 def test_list_and_describe_teach_what_is_there():
     listing = vtr_run("--list")
-    assert listing.returncode == 0 and "| `pdrop` | yes | yes |" in listing.stdout
+    assert listing.returncode == 0
+    assert "| method \\ --backbone | llava | internvl | qwen3vl | videollava |" in listing.stdout
+    assert "| `pdrop` | yes | yes | yes | yes |" in listing.stdout
+    lines = {line.split()[0]: line for line in listing.stdout.splitlines() if line.strip()}
+    assert "LLaVA-1.5, LLaVA-1.6" in lines["llava"] and "llava-hf/llava-1.5-7b-hf" in lines["llava"]
+    assert "Qwen3-VL, Qwen3-VL-MoE" in lines["qwen3vl"] and "video QA" in lines["videollava"]
+    assert not hasattr(script(), "available")  # every fork has its adapters: no "no adapter yet" path left
     described = vtr_run("--describe", "llava", "clse")
     assert described.returncode == 0
     assert "CLSE" in described.stdout and "clse_cutoff" in described.stdout and "keep_tokens" in described.stdout
@@ -84,7 +94,10 @@ def test_dry_run_prints_the_sweep_with_baseline_and_data_parallel_launch(tmp_pat
     [
         (["--method", "fastvv"], "unknown method 'fastvv'"),
         (["--backbone", "qwen"], "unknown backbone 'qwen'"),
-        (["--param", "keep_ratio=3"], "VTRConfig.keep_ratio=3.0 is invalid"),
+        (["--keep-ratio", "3"], "VTRConfig.keep_ratio=3.0 is invalid"),
+        (["--prune-layer", "2,x"], "prune_layer='x' does not parse"),
+        (["--param", "seed=1", "--param", "seed=2"], "--param seed is given twice"),
+        (["--workdir", "/nonexistent/dir"], "--workdir /nonexistent/dir is not a folder"),
         (["--param", "nonsense=1"], "unknown model_args key 'nonsense'"),
         (["--backbone", "videollava", "--method", "fastv"], "needs --video-dir, --questions, --answers"),
         (["--backbone", "llava,qwen3vl", "--pretrained", "some/ckpt"], "as BACKBONE=PATH"),
@@ -104,14 +117,21 @@ def test_a_sweep_over_two_methods_two_budgets_and_two_backbones(tiny, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = list(csv.DictReader(open(out / "summary.csv")))
     assert len(rows) == 2 * (1 + 2 * 2)
-    for row in rows:
-        assert row["error"] == "" and float(row["vtr_tiny_mc:acc"]) >= 0 and row["vtr_tiny_qa:exact_match"] != ""
+    baseline_ms = {row["pretrained"]: float(row["prefill_ms"]) for row in rows if row["method"] == "none"}
+    for row in rows:  # each row holds its own run's lmms-eval results, and its speedup is against its baseline
+        assert row["error"] == ""
+        (results,) = (out / "runs" / row["run"]).rglob("*_results.json")
+        metrics = json.loads(results.read_text())["results"]
+        assert float(row["vtr_tiny_mc:acc"]) == metrics["vtr_tiny_mc"]["acc,none"]
+        assert float(row["vtr_tiny_qa:exact_match"]) == metrics["vtr_tiny_qa"]["exact_match,none"]
+        speedup = baseline_ms[row["pretrained"]] / float(row["prefill_ms"])
+        assert float(row["measured_speedup"]) == pytest.approx(speedup, rel=1e-6)
         if row["method"] == "none":
             assert row["kept_per_stage"] == "all" and float(row["measured_speedup"]) == 1.0
         else:
             kept = int(row["budget"].split("=")[1])
             assert row["kept_per_stage"] == f"{kept}@L2" and float(row["final_kept"]) == kept
-            assert 0 < float(row["flops_ratio"]) < 1 and float(row["measured_speedup"]) > 0
+            assert 0 < float(row["flops_ratio"]) < 1 and row["prune_layer"] == "2"
     assert {(row["backbone"], row["pretrained"]) for row in rows} == {
         ("llava", tiny["llava15"]),
         ("qwen3vl", tiny["qwen"]),
@@ -194,11 +214,155 @@ def test_a_video_qa_sweep_runs_the_native_runner_and_scores_it(video_qa, tmp_pat
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = {row["method"]: row for row in csv.DictReader(open(out / "summary.csv"))}
     assert set(rows) == {"none", "fastv"}
-    for row in rows.values():
-        assert row["error"] == "" and 0 <= float(row["video_qa:exact_match"]) <= 1
+    from videollava.vtr.score import exact_match
+
+    for row in rows.values():  # the run's own answers, scored against the ground truth
+        answered = [json.loads(line) for line in (out / "runs" / row["run"] / "answers.jsonl").read_text().splitlines()]
+        truth = {f"q{i}": a for i, a in enumerate(["square", "yes", "red"])}
+        expected = sum(exact_match(r["pred"], truth[r["id"]]) for r in answered) / 3
+        assert row["error"] == "" and float(row["video_qa:exact_match"]) == pytest.approx(expected)
     assert rows["fastv"]["kept_per_stage"] == "8@L1" and float(rows["fastv"]["final_kept"]) == 8
     assert rows["none"]["kept_per_stage"] == "all" and 0 < float(rows["fastv"]["flops_ratio"]) < 1
     answers = (out / "runs").rglob("answers.jsonl")
     assert all(len(path.read_text().splitlines()) == 3 for path in answers)
     again = vtr_run(*args)
     assert again.returncode == 0 and again.stdout.count("done before, skipped") == 2
+
+
+# ----------------------------------------------------------------------- with a fake lmms-eval (fast)
+
+#: `python -m lmms_eval` run in --workdir finds this one first: it logs its model_args, reports its settings as
+#: metrics (the last prune layer, the seed, the limit) and, with FAKE_SLEEP set, writes its pid and sleeps
+FAKE_LMMS_EVAL = """
+import json, os, re, sys, time
+from pathlib import Path
+
+argv = sys.argv[1:]
+opt = {argv[i]: argv[i + 1] for i in range(len(argv) - 1) if argv[i].startswith("--")}
+model_args = dict(re.findall(r"(\\w+)=(\\[[^\\]]*\\]|[^,]*)", opt["--model_args"]))
+with open("calls.log", "a") as log:
+    log.write(opt["--model_args"] + "\\n")
+if os.environ.get("FAKE_SLEEP"):
+    Path("child.tmp").write_text(str(os.getpid()))
+    os.replace("child.tmp", "child.pid")
+    time.sleep(float(os.environ["FAKE_SLEEP"]))
+out = Path(opt["--output_path"]) / "model"
+out.mkdir(parents=True, exist_ok=True)
+layer = int(model_args.get("prune_layer", "0").strip("[]").split(",")[-1])
+metrics = {"layer,none": layer, "seed,none": int(model_args.get("seed", -1)), "limit": float(opt.get("--limit", -1))}
+(out / "x_results.json").write_text(json.dumps({"results": {"fake": metrics}}))
+kept = [] if model_args["strategy"] == "none" else [{"layer": layer, "mean_image_tokens_kept": 8.0}]
+stats = {"per_prune_layer": kept, "prefill_flops_ratio": 0.5, "ideal_prefill_speedup": 2.0, "mean_prefill_ms": 1.0}
+(out / "vtr_stats_x.json").write_text(json.dumps(stats))
+"""
+
+
+@pytest.fixture
+def fake(tmp_path):
+    work = tmp_path / "work"
+    (work / "lmms_eval").mkdir(parents=True)
+    (work / "lmms_eval" / "__init__.py").write_text("")
+    (work / "lmms_eval" / "__main__.py").write_text(FAKE_LMMS_EVAL)
+    return dict(work=work, out=tmp_path / "out", args=["--workdir", str(work), "--output", str(tmp_path / "out")])
+
+
+def calls(fake) -> list[str]:
+    log = fake["work"] / "calls.log"
+    return log.read_text().splitlines() if log.exists() else []
+
+
+def test_every_setting_names_its_run_and_has_a_column_and_nothing_finished_is_deleted(fake, capsys):
+    main = script().main
+    sweep = ["--method", "fastv", "--keep-tokens", "8", *fake["args"]]
+    assert main([*sweep, "--prune-layer", "2,3"]) == 0  # a sweep over K: two runs and the baseline
+    assert main([*sweep, "--prune-layer", "4", "--param", "seed=7"]) == 0  # another command, same output
+    assert main([*sweep, "--prune-layer", "8+16"]) == 0  # one multi-stage schedule
+    assert len(calls(fake)) == 3 + 1 + 1 and "prune_layer=[8,16]" in calls(fake)[-1]
+    names = sorted(p.name for p in (fake["out"] / "runs").iterdir() if p.is_dir())
+    model = "llava__llava-hf_llava-1.5-7b-hf__"
+    assert names == [model + n for n in ["fastv__tokens8__L2", "fastv__tokens8__L3", "fastv__tokens8__L4__seed=7",
+                                          "fastv__tokens8__L8+16", "none"]]  # fmt: skip
+    rows = list(csv.DictReader(open(fake["out"] / "summary.csv")))  # every finished run in the output
+    got = {(r["method"], r["budget"], r["prune_layer"], r["params"]): (r["fake:layer"], r["fake:seed"]) for r in rows}
+    assert got == {
+        ("none", "-", "-", ""): ("0", "-1"),
+        ("fastv", "keep_tokens=8", "2", ""): ("2", "-1"),
+        ("fastv", "keep_tokens=8", "3", ""): ("3", "-1"),
+        ("fastv", "keep_tokens=8", "4", "seed=7"): ("4", "7"),
+        ("fastv", "keep_tokens=8", "8+16", ""): ("16", "-1"),
+    }
+    assert "| prune_layer | params |" in (fake["out"] / "summary.md").read_text()
+    capsys.readouterr()
+    assert main([*sweep, "--prune-layer", "3,2"]) == 0 and len(calls(fake)) == 5  # finished: skipped
+    assert capsys.readouterr().out.count("done before, skipped") == 3
+    # runs made another way (here --limit) are never replaced nor mixed into this output: a refusal naming it
+    assert main([*sweep, "--prune-layer", "2", "--limit", "1"]) == 2
+    error = capsys.readouterr().err
+    assert "--limit" in error and "another --output" in error and len(calls(fake)) == 5
+    assert len(list(csv.DictReader(open(fake["out"] / "summary.csv")))) == 5
+
+
+@pytest.mark.parametrize(
+    "param,flag",
+    [
+        ("keep_tokens=8", "--keep-tokens"),
+        ("keep_ratio=0.5", "--keep-ratio"),
+        ("strategy=pdrop", "--method"),
+        ("prune_layer=2", "--prune-layer"),
+        ("pretrained=x/y", "--pretrained"),
+    ],
+)
+def test_a_param_that_vtr_run_sets_itself_is_refused_naming_the_flag(param, flag, tmp_path, capsys):
+    code = script().main(["--keep-tokens", "16", "--param", param, "--output", str(tmp_path), "--dry-run"])
+    error = capsys.readouterr().err
+    assert code == 2 and f"--param {param}" in error and f"use {flag}" in error
+
+
+def _start_sleeping_sweep(fake):
+    env = dict(os.environ, FAKE_SLEEP="300", HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--method", "fastv", *fake["args"]], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 180
+    while not (fake["work"] / "child.pid").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.1)
+    return proc, int((fake["work"] / "child.pid").read_text())
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_busy_output_is_refused_and_a_stopped_sweep_stops_its_runner(signum, fake, capsys):
+    proc, child = _start_sleeping_sweep(fake)
+    try:
+        assert script().main(["--method", "fastv", *fake["args"]]) == 2  # a second command on that output
+        error = capsys.readouterr().err
+        assert f"pid {proc.pid} on {socket.gethostname()}" in error and "--method fastv" in error
+        assert calls(fake) == [calls(fake)[0]]  # nothing ran twice
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 128 + signum and "Traceback" not in err
+        assert f"stopped by {signal.Signals(signum).name}" in err and "0 of 2 runs finished" in err
+        with pytest.raises(ProcessLookupError):  # its runner was stopped and waited for, not orphaned
+            os.kill(child, 0)
+    finally:
+        for pid in (child, proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait()
+
+
+def test_a_lock_left_by_a_dead_run_is_taken_over_and_one_from_another_host_is_not(fake, capsys):
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    lock = fake["out"] / "vtr_run.lock"
+    fake["out"].mkdir()
+    held = dict(pid=dead.pid, host=socket.gethostname(), command="vtr_run --old", started="2020-01-02 03:04:05")
+    lock.write_text(json.dumps(held))
+    args = ["--method", "fastv", "--no-baseline", *fake["args"]]
+    assert script().main(args) == 0
+    assert f"took over {lock}" in capsys.readouterr().err and lock.read_text() == ""
+    lock.write_text(json.dumps(dict(held, host="elsewhere")))
+    assert script().main(args) == 2
+    error = capsys.readouterr().err
+    assert f"pid {dead.pid} on elsewhere" in error and f"delete {lock}" in error
