@@ -3,8 +3,11 @@
 
 `--backbone` picks the fork (llava, llava-next, internvl, qwen3vl, videollava). Builds a random model of
 that backbone with a realistic visual token count (the fork's `tiny.bench_case`: LLaVA-1.5 576 image tokens
-+ ~35 text tokens) unless --model is given, then repeats rounds in which every setting runs in turn, so drift of the machine hits all settings
-alike; medians are reported. Per setting:
++ ~35 text tokens) unless --model is given, then repeats rounds in which every setting (and the vision tower alone) runs in turn, each round starting one
+setting later, so drift of the machine hits all settings alike; one warm-up round first, not timed. Every time
+is the median over the timed rounds with its range [min-max]; a speedup is the median of the per-round
+ratios with their range, marked `~` when it is inside the noise (the range holds 1.00x or is wider than the
+effect; see the forks' timing.py). Per setting:
 
   ttft_ms        forward of the whole prompt (vision tower + projector + decoder, logits of the last row
                  only) and the argmax: time to first token
@@ -21,7 +24,8 @@ alike; medians are reported. Per setting:
                  speedup / ideal speedup
 
 `keep-all` (keep_ratio=1.0) runs the whole machinery and drops nothing: its cost is the overhead.
-Writes a Markdown table to stdout and everything (all samples) to --out as JSON. On a GPU, CUDA events.
+Writes a Markdown table to stdout, progress to stderr, and everything (all samples, each figure's median and
+range) to a new JSON file (--out; an existing file is never replaced). On a GPU, CUDA events.
 """
 
 from __future__ import annotations
@@ -38,6 +42,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+from llava.vtr import timing
+
+DTYPES = ("float32", "float16", "bfloat16")
 
 #: --backbone -> (fork package, extra keyword arguments of its `tiny.bench_case`)
 BACKBONES = {
@@ -123,8 +131,30 @@ def run_setting(model, inputs, clock, decode_steps, cuda, samples):
                 token = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, True)
 
 
+def write_new(path: Path, text: str) -> Path:
+    """Writes `text` to a new file, all or nothing (a temporary file linked into place), never replacing a file:
+    if `path` appeared meanwhile (another run), the result goes to `<stem>-<pid><suffix>` beside it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    try:
+        for target in (path, path.with_name(f"{path.stem}-{os.getpid()}{path.suffix}")):
+            try:
+                os.link(tmp, target)
+                return target
+            except FileExistsError:
+                continue
+        raise timing.UsageError(f"--out {path}: exists, and so does {target}")
+    finally:
+        tmp.unlink()
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return timing.run_cli("scripts/bench.py", run, argv)
+
+
+def run(argv) -> int:
+    p = timing.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbone", choices=sorted(BACKBONES), default="llava", help="which fork (default llava)")
     p.add_argument("--model", help="a real checkpoint of that backbone instead of the random one")
     p.add_argument(
@@ -143,21 +173,54 @@ def main(argv=None) -> int:
     p.add_argument("--prune-layer", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=1, help="prompts per forward (the same image and prompt)")
     p.add_argument("--attn", default="sdpa", help="attn_implementation (eager, sdpa, flash_attention_2)")
-    p.add_argument("--dtype", default=None, help="float32 (CPU default) or float16/bfloat16 (GPU default)")
-    p.add_argument("--rounds", type=int, default=5, help="timed rounds (after one warm-up round)")
+    p.add_argument("--dtype", choices=DTYPES, help="float32 (CPU default) or float16 (GPU default), bfloat16")
+    p.add_argument("--rounds", type=int, default=7, help="timed rounds after one warm-up round (default 7)")
     p.add_argument("--decode-steps", type=int, default=8)
-    p.add_argument("--out", default="bench-results/bench.json")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="JSON of every sample (default bench-results/bench-<backbone>-<time>.json; never replaced)",
+    )
     p.add_argument("--cache-dir", default=".cache")
     args = p.parse_args(argv)
-
-    cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if cuda else torch.float32)
+    sizes = ("hidden_size", "intermediate_size", "layers", "heads", "kv_heads", "batch_size", "rounds")
+    timing.at_least(args, {**dict.fromkeys(sizes, 1), "decode_steps": 0, "prune_layer": 0})
+    if args.anyres and args.backbone not in ("llava", "llava-next"):
+        raise timing.UsageError(f"--anyres is LLaVA-1.6 (--backbone llava-next), not --backbone {args.backbone}")
+    if not args.model and (args.hidden_size % args.heads or args.heads % args.kv_heads):
+        raise timing.UsageError(
+            f"--hidden-size {args.hidden_size}, --heads {args.heads}, --kv-heads {args.kv_heads}: the hidden size "
+            "must be a multiple of the heads, and the heads of the kv heads"
+        )
     backbone = "llava-next" if args.anyres else args.backbone
+    out = args.out or Path("bench-results") / f"bench-{backbone}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    if out.exists():
+        raise timing.UsageError(f"--out {out}: exists; a finished result is never replaced, give another --out")
     package, case_kwargs = BACKBONES[backbone]
     fork = importlib.import_module(package)
     VTRConfig = fork.VTRConfig
     cost = importlib.import_module(f"{package}.cost")
+    strategies = timing.parse_list("--strategies", args.strategies, str.lower)
+    budgets = timing.parse_list("--budgets", args.budgets, int, minimum=1)
+    settings = [("none", "-", VTRConfig(enabled=False))]
+    machinery = "fastv" if args.prune_layer > 0 else "random"  # K=0 admits only methods without attention
+    settings.append(("keep-all", "all", VTRConfig(strategy=machinery, keep_ratio=1.0, prune_layer=args.prune_layer)))
+    for s in strategies:
+        for b in budgets:
+            try:
+                settings.append((s, b, VTRConfig(strategy=s, keep_tokens=b, prune_layer=args.prune_layer)))
+            except ValueError as err:  # an unknown strategy, or a prune layer the method does not allow
+                raise timing.UsageError(f"--strategies {s}: {err}") from None
+    if args.model:
+        timing.check_model(args.model)
+    elif args.prune_layer >= args.layers:
+        raise timing.UsageError(
+            f"--prune-layer {args.prune_layer}: --layers is {args.layers}; choose 0..{args.layers - 1}"
+        )
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if cuda else torch.float32)
     shape = dict(
         hidden_size=args.hidden_size,
         num_layers=args.layers,
@@ -165,10 +228,15 @@ def main(argv=None) -> int:
         num_kv_heads=args.kv_heads,
         intermediate_size=args.intermediate_size,
     )
+    if not args.model:
+        timing.log(f"building the random {backbone} model under {args.cache_dir} (once per shape) ...")
     case = importlib.import_module(f"{package}.tiny").bench_case(shape, args.cache_dir, model=args.model, **case_kwargs)
     path = case["path"]
-    processor = fork.load_processor(path)
-    model = fork.load_model(path, VTRConfig(enabled=False), dtype=dtype, attn_implementation=args.attn).to(device)
+    if args.model:
+        timing.check_prune_layer(args, path)
+    with timing.loading(path):
+        processor = fork.load_processor(path)
+        model = fork.load_model(path, VTRConfig(enabled=False), dtype=dtype, attn_implementation=args.attn).to(device)
     batch = args.batch_size
     inputs = case["inputs"](processor, batch).to(device)
     for key in ("pixel_values", "pixel_values_images", "pixel_values_videos"):
@@ -184,52 +252,48 @@ def main(argv=None) -> int:
     d, m, d_kv = cost.text_config_dims(text_cfg)
     clock = Clock(cuda)
 
-    settings = [("none", "-", VTRConfig(enabled=False))]
-    machinery = "fastv" if args.prune_layer > 0 else "random"  # K=0 admits only methods without attention
-    settings.append(("keep-all", "all", VTRConfig(strategy=machinery, keep_ratio=1.0, prune_layer=args.prune_layer)))
-    for s in args.strategies.split(","):
-        for b in args.budgets.split(","):
-            settings.append((s, int(b), VTRConfig(strategy=s, keep_tokens=int(b), prune_layer=args.prune_layer)))
+    # every setting and the vision tower alone (index len(settings)) once per round, interleaved
     keys = ("ttft_ms", "decode_total_ms", "scoring_ms", "peak_bytes", "kv_bytes")
     samples = [{k: [] for k in keys} for _ in settings]
     vision_ms: list[float] = []
-    for round_ in range(args.rounds + 1):
-        scratch = {k: [] for k in keys}
-        for i, (_, _, cfg) in enumerate(settings):
-            model.set_vtr_config(cfg)
-            run_setting(model, inputs, clock, args.decode_steps, cuda, samples[i] if round_ else scratch)
-        with torch.inference_mode(), clock.measure(vision_ms if round_ else []):
-            case["vision"](model, inputs)
-        print(f"round {round_}/{args.rounds} done", flush=True)
+    for round_, i in timing.rounds(args.rounds, len(settings) + 1):
+        if i == len(settings):
+            with torch.inference_mode(), clock.measure(vision_ms if round_ else []):
+                case["vision"](model, inputs)
+            continue
+        model.set_vtr_config(settings[i][2])
+        run_setting(model, inputs, clock, args.decode_steps, cuda, samples[i] if round_ else {k: [] for k in keys})
 
-    vision = statistics.median(vision_ms)
+    vision = timing.Timings(tuple(vision_ms))
+    for s in samples:
+        s["llm_ms"] = [t - v for t, v in zip(s["ttft_ms"], vision_ms)]
+    base = samples[0]
     rows = []
-    for (strategy, budget, _), s in zip(settings, samples):
+    for i, ((strategy, budget, _), s) in enumerate(zip(settings, samples)):
         kept = num_image if budget in ("-", "all") else min(budget, num_image)
         lengths = cost.tokens_per_layer(
             seq_len, num_layers, [(args.prune_layer, num_image - kept)] if kept < num_image else []
         )
-        ttft = statistics.median(s["ttft_ms"])
-        rows.append(
-            dict(
-                strategy=strategy,
-                keep_tokens=budget,
-                ttft_ms=ttft,
-                llm_ms=ttft - vision,
-                decode_ms_per_token=statistics.median(s["decode_total_ms"]) / max(args.decode_steps, 1),
-                scoring_ms=statistics.median(s["scoring_ms"]),
-                peak_mib=statistics.median(s["peak_bytes"]) / 2**20,
-                kv_mib=statistics.median(s["kv_bytes"]) / 2**20,
-                ideal_speedup=cost.ideal_speedup(seq_len, lengths, d, m, d_kv),
-                equivalent_tokens=cost.equivalent_tokens(lengths),
-                samples=s,
-            )
+        spread = {k: timing.Timings(tuple(s[k])) for k in ("ttft_ms", "llm_ms", "scoring_ms")}
+        spread["decode_ms_per_token"] = timing.Timings(
+            tuple(t / max(args.decode_steps, 1) for t in s["decode_total_ms"])
         )
-    base = rows[0]
-    for r in rows:
-        r["ttft_speedup"] = base["ttft_ms"] / r["ttft_ms"]
-        r["llm_speedup"] = base["llm_ms"] / r["llm_ms"]
-        r["vs_ideal"] = r["llm_speedup"] / r["ideal_speedup"]
+        spread["ttft_speedup"] = timing.Speedup.of(base["ttft_ms"], s["ttft_ms"])
+        spread["llm_speedup"] = timing.Speedup.of(base["llm_ms"], s["llm_ms"])
+        ideal = cost.ideal_speedup(seq_len, lengths, d, m, d_kv)
+        row = dict(strategy=strategy, keep_tokens=budget, **{k: v.median for k, v in spread.items()})
+        row.update({f"{k}_range": [v.low, v.high] for k, v in spread.items()})
+        row.update(
+            within_noise=None if i == 0 else spread["llm_speedup"].within_noise,  # of the LLM speedup
+            peak_mib=statistics.median(s["peak_bytes"]) / 2**20,
+            kv_mib=statistics.median(s["kv_bytes"]) / 2**20,
+            ideal_speedup=ideal,
+            vs_ideal=spread["llm_speedup"].median / ideal,
+            equivalent_tokens=cost.equivalent_tokens(lengths),
+            samples=s,
+            cells=spread,
+        )
+        rows.append(row)
 
     env = dict(
         device=torch.cuda.get_device_name() if cuda else (platform.processor() or platform.machine()),
@@ -250,25 +314,28 @@ def main(argv=None) -> int:
         rounds=args.rounds,
         decode_steps=args.decode_steps,
         batch_size=batch,
-        vision_ms=vision,
+        vision_ms=vision.median,
     )
-    print("\n" + ", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in env.items()) + "\n")
+    print("\n" + ", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in env.items()))
+    print(f"vision tower + projector ms: {vision.format()} (subtracted per round for the LLM columns)\n")
     print(
         "| strategy | keep | TTFT ms | TTFT speedup | LLM prefill ms | LLM speedup | ideal | vs ideal "
         "| decode ms/tok | scoring ms | peak MiB | KV MiB | equiv. tokens |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
+    for i, r in enumerate(rows):
+        c = r.pop("cells")
+        speedups = ("reference", "reference") if i == 0 else (c["ttft_speedup"].format(), c["llm_speedup"].format())
         print(
-            f"| {r['strategy']} | {r['keep_tokens']} | {r['ttft_ms']:.1f} | {r['ttft_speedup']:.2f}x "
-            f"| {r['llm_ms']:.1f} | {r['llm_speedup']:.2f}x | {r['ideal_speedup']:.2f}x | {r['vs_ideal']:.2f} "
-            f"| {r['decode_ms_per_token']:.2f} | {r['scoring_ms']:.2f} | {r['peak_mib']:.1f} | {r['kv_mib']:.1f} "
-            f"| {r['equivalent_tokens']:.0f} |"
+            f"| {r['strategy']} | {r['keep_tokens']} | {c['ttft_ms'].format()} | {speedups[0]} "
+            f"| {c['llm_ms'].format()} | {speedups[1]} | {r['ideal_speedup']:.2f}x | {r['vs_ideal']:.2f} "
+            f"| {c['decode_ms_per_token'].format(2)} | {c['scoring_ms'].format(2)} | {r['peak_mib']:.1f} "
+            f"| {r['kv_mib']:.1f} | {r['equivalent_tokens']:.0f} |"
         )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(env=env, rows=rows), indent=2))
-    print(f"\nwrote {out}")
+    llm = [timing.Speedup.of(base["llm_ms"], s["llm_ms"]).format() for s in samples[1:]]
+    print("\n" + timing.noise_note(llm, args.rounds, "--rounds") + "\nvs ideal: the median LLM speedup / ideal.")
+    written = write_new(out, json.dumps(dict(env=env, rows=rows), indent=2))
+    print(f"\nwrote {written}")
     return 0
 
 

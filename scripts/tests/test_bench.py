@@ -1,7 +1,10 @@
-"""scripts/bench.py on every backbone whose fork provides `tiny.bench_case`: one tiny round each."""
+"""scripts/bench.py on every backbone whose fork provides `tiny.bench_case`: two tiny rounds each, every time
+with its spread; bad arguments and Ctrl-C are one line; a result file is never replaced."""
 
 import importlib
 import json
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -26,7 +29,7 @@ def test_bench_reports_every_setting_on_the_backbone(backbone, tmp_path, capsys)
     if not has_bench_case(backbone):
         pytest.skip(f"the {backbone} fork has no bench_case yet")
     out = tmp_path / "bench.json"
-    argv = ["--backbone", backbone, *TINY, "--rounds", "1", "--decode-steps", "1", "--strategies", "fastv,random"]
+    argv = ["--backbone", backbone, *TINY, "--rounds", "2", "--decode-steps", "1", "--strategies", "fastv,random"]
     argv += ["--budgets", "8", "--prune-layer", "1", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
     assert bench.main(argv) == 0
     report = json.loads(out.read_text())
@@ -43,4 +46,66 @@ def test_bench_reports_every_setting_on_the_backbone(backbone, tmp_path, capsys)
     assert by_name["fastv"]["equivalent_tokens"] < by_name["none"]["equivalent_tokens"]
     assert by_name["fastv"]["ideal_speedup"] > 1 and by_name["keep-all"]["ideal_speedup"] == 1
     assert by_name["random"]["kv_mib"] < by_name["none"]["kv_mib"]
-    assert "| fastv | 8 |" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "| fastv | 8 |" in out
+    assert "warm-up round (not timed), 5 settings" in err and "timed round 2/2" in err
+    # (on these tiny models the vision tower is most of TTFT, so a noisy round can make llm_ms negative)
+    number = r"-?\d+\.\d+"
+    spread, speedup = rf"{number} \[{number}-{number}\]", rf"~?{number}x \[{number}-{number}\]"
+    line = next(line for line in out.splitlines() if line.startswith("| random | 8 |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert all(re.fullmatch(spread, cells[i]) for i in (2, 4, 8, 9)) and re.fullmatch(speedup, cells[3]), cells
+    assert re.fullmatch(speedup, cells[5]) and "| none | - |" in out and "| reference |" in out
+    assert "median [min-max] over 2 timed rounds" in out and "~ = inside the noise" in out
+    for r in rows:
+        assert len(r["samples"]["ttft_ms"]) == 2 and len(r["samples"]["llm_ms"]) == 2
+        low, high = r["llm_speedup_range"]
+        assert low <= r["llm_speedup"] <= high and r["ttft_ms_range"][0] <= r["ttft_ms"] <= r["ttft_ms_range"][1]
+    assert by_name["none"]["within_noise"] is None and isinstance(by_name["keep-all"]["within_noise"], bool)
+
+
+BAD = [
+    (["--budgets", "abc"], "--budgets 'abc': 'abc' is not a whole number"),
+    (["--budgets", "-5"], "--budgets '-5': -5 must be >= 1"),
+    (["--strategies", "nosuch"], "--strategies nosuch: unknown strategy 'nosuch'"),
+    (["--strategies", ""], "--strategies '' is empty"),
+    (["--prune-layer", "99"], "--prune-layer 99: --layers is 3; choose 0..2"),
+    (["--rounds", "0"], "--rounds 0: must be >= 1"),
+    (["--dtype", "float64"], "argument --dtype: invalid choice: 'float64'"),
+    (["--heads", "3"], "the hidden size must be a multiple of the heads"),
+    (["--backbone", "internvl", "--anyres"], "--anyres is LLaVA-1.6 (--backbone llava-next), not --backbone internvl"),
+    (["--model", "./no/such/folder"], "--model: model folder './no/such/folder' does not exist"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_a_bad_argument_is_one_line_and_exit_2(argv, message, tmp_path, capsys):
+    assert bench.main([*TINY, "--out", str(tmp_path / "b.json"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("error:") == 1
+    assert err.rstrip().splitlines()[-1].startswith("scripts/bench.py: error: ") and message in err
+    assert not (tmp_path / "b.json").exists()
+
+
+def test_an_existing_result_is_never_replaced_and_ctrl_c_writes_nothing(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "b.json"
+    out.write_text("finished")
+    assert bench.main([*TINY, "--out", str(out)]) == 2
+    assert f"--out {out}: exists" in capsys.readouterr().err and out.read_text() == "finished"
+    # a run that finds the file created meanwhile (another run) writes beside it
+    written = bench.write_new(out, "new")
+    assert written == tmp_path / f"b-{os.getpid()}.json" and written.read_text() == "new"
+    assert out.read_text() == "finished" and sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["b.json", written.name]
+    )
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "run_setting", interrupt)
+    fresh = tmp_path / "fresh.json"
+    argv = [*TINY, "--rounds", "1", "--strategies", "random", "--budgets", "8", "--prune-layer", "1"]
+    assert bench.main([*argv, "--cache-dir", str(tmp_path / "cache"), "--out", str(fresh)]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.rstrip().endswith("interrupted (Ctrl-C); nothing more was run")
+    assert not fresh.exists() and not any(p.name.startswith(".") for p in tmp_path.iterdir())
