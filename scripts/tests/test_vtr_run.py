@@ -300,6 +300,10 @@ def test_every_setting_names_its_run_and_has_a_column_and_nothing_finished_is_de
     error = capsys.readouterr().err
     assert "--limit" in error and "another --output" in error and len(calls(fake)) == 5
     assert len(list(csv.DictReader(open(fake["out"] / "summary.csv")))) == 5
+    # a run whose results were removed since is no longer shown as finished (and breaks nothing)
+    (fake["out"] / "runs" / f"{model}fastv__tokens8__L4__seed=7" / "model" / "x_results.json").unlink()
+    assert main([*sweep, "--prune-layer", "2"]) == 0 and len(calls(fake)) == 5
+    assert {r["prune_layer"] for r in csv.DictReader(open(fake["out"] / "summary.csv"))} == {"-", "2", "3", "8+16"}
 
 
 @pytest.mark.parametrize(
