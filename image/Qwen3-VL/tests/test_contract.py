@@ -1,7 +1,7 @@
 # Copied from image/LLaVA/tests/test_contract.py with llava.vtr->visual_token_pruning
 """The contract every backbone of every fork meets, driven by the fork's `backbone` fixture (conftest.py).
 
-Copied into every fork (scripts/check_copies.py); a fork without a model adapter yet skips it. The
+Copied into every fork (scripts/check_copies.py). The
 fixture gives, per model family: a tiny checkpoint path, stock models by attn_implementation, a single
 prompt, a left-padded batch, a text-only prompt, the visual token id(s) and the oracle's embedding step
 (which may return a `vtr_oracle.Embedded`: embeddings plus M-RoPE positions and a per-layer hook).
@@ -9,12 +9,6 @@ prompt, a left-padded batch, a text-only prompt, the visual token id(s) and the 
 
 import pytest
 import torch
-
-import visual_token_pruning as fork
-
-if not getattr(fork, "BACKBONES", None):
-    pytest.skip("this fork has no model adapter yet", allow_module_level=True)
-
 from vtr_oracle import oracle_forward, oracle_greedy, stage_drops  # noqa: E402
 
 from visual_token_pruning import (  # noqa: E402
@@ -78,7 +72,11 @@ def test_a_missing_or_empty_checkpoint_folder_is_named(tmp_path):
     missing, empty = tmp_path / "no-such-model", tmp_path / "empty"
     empty.mkdir()
     for load in (load_model, load_processor):
-        for path, why in ((missing, "does not exist"), (empty, "holds no config.json"), ("./runs/x/y", "does not exist")):
+        for path, why in (
+            (missing, "does not exist"),
+            (empty, "holds no config.json"),
+            ("./runs/x/y", "does not exist"),
+        ):
             with pytest.raises(FileNotFoundError, match=why) as err:
                 load(str(path))
             assert str(path) in str(err.value)

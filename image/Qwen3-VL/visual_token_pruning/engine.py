@@ -100,7 +100,7 @@ class PrefillTokens:
 
 
 class BackboneAdapter:
-    """Everything the engine needs to know about one backbone. Subclass per fork; ~100 lines.
+    """Everything the engine needs to know about one backbone. Subclass per fork (one class per model family).
 
     `model` is the fork's `...ForConditionalGeneration` subclass. Defaults suit Llama-style decoders
     (Llama, Mistral, Qwen2/3): override only what differs.

@@ -15,7 +15,7 @@ forward is one call into the engine. No parameters are added; stock checkpoints 
                      visual token still present is added to its row (`extras["deepstack_row"]` carries
                      each token's row in the feature tensors through every gather)
     decode           generate() passes the M-RoPE rows itself (continuing the original prompt); a decode
-                     given no positions continues from the prompt's max position + 1 (`rope_deltas`)
+                     given no positions continues from each sample's largest prompt position + 1
     anchor           the first row after the visual span: `<|vision_end|>` (PriorTR's prior row)
 """
 

@@ -14,7 +14,8 @@ imported (lmms-eval imports it only when that `--model` is requested; see lmms_e
 - `stable_response_cache_version`: the response cache keys every entry with lmms-eval's "version", which
   is `git describe` run beside the lmms_eval package; with the virtualenv inside a git checkout (ours:
   `.venv/` in this repository) that is OUR commit, so every commit silently emptied the cache. An
-  installed (site-packages) lmms-eval is keyed by its release version instead.
+  installed (site-packages) lmms-eval is keyed by its release version instead, plus our response format
+  (`RESPONSE_FORMAT`), so a cache written when a request type meant something else is not reused.
 - `count_response_cache_hits`: requests answered from `--use_cache` never reach the model; the record
   says how many.
 - `exit_on_argument_error` / `exit_on_run_error`: the CLI catches every Exception from a run, logs it and
@@ -98,29 +99,38 @@ def write_stats_beside_results() -> None:
     EvaluationTracker.save_results_aggregated = save_results_aggregated
 
 
+#: Appended to the response cache's version: bump it when what the plugin returns for the same request
+#: changes meaning (vtr-loss: loglikelihood returns the mean NLL, no longer the summed log-probability), so
+#: an old cache folder is not served under the new meaning.
+RESPONSE_FORMAT = "vtr-loss"
+
+
 def stable_response_cache_version() -> bool:
     """Key the response cache by the installed lmms-eval release when lmms_eval lives in site-packages (a git
-    hash found there belongs to whatever repository holds the virtualenv). Returns whether it installed."""
+    hash found there belongs to whatever repository holds the virtualenv), plus `RESPONSE_FORMAT`. Returns
+    whether it installed the stable release key (a source checkout of lmms-eval keeps its hash)."""
     import importlib.metadata
     from pathlib import Path
 
     import lmms_eval.utils
 
-    if "site-packages" not in Path(lmms_eval.__file__).parts:  # a source checkout of lmms-eval: keep its hash
-        return False
     original = lmms_eval.utils.get_lmms_eval_cache_version
     if getattr(original, "_vtr_stable", False):
-        return True
+        return original._vtr_release
+    release = "site-packages" in Path(lmms_eval.__file__).parts
 
     def cache_version() -> str:
-        try:
-            return importlib.metadata.version("lmms-eval")
-        except importlib.metadata.PackageNotFoundError:
-            return original()
+        base = None
+        if release:
+            try:
+                base = importlib.metadata.version("lmms-eval")
+            except importlib.metadata.PackageNotFoundError:
+                pass
+        return f"{base or original()}+{RESPONSE_FORMAT}"
 
-    cache_version._vtr_stable = True
+    cache_version._vtr_stable, cache_version._vtr_release = True, release
     lmms_eval.utils.get_lmms_eval_cache_version = cache_version
-    return True
+    return release
 
 
 def count_response_cache_hits() -> None:
