@@ -67,7 +67,7 @@ def run(argv) -> int:
     parser.add_argument("--video", help="video file (default: a generated clip)")
     parser.add_argument("--num-frames", type=int, default=8, help="frames sampled uniformly (default 8)")
     parser.add_argument("--prompt", default="What happens in the video? Answer briefly.")
-    add_demo_arguments(parser, budgets="514,128", repeats=3)
+    add_demo_arguments(parser, budgets="514,128")
     args = parser.parse_args(argv)
     settings = demo_settings(args, VTRConfig)
     at_least(args, {"num_frames": 1})
