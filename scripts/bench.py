@@ -333,7 +333,11 @@ def run(argv) -> int:
             f"| {r['kv_mib']:.1f} | {r['equivalent_tokens']:.0f} |"
         )
     llm = [timing.Speedup.of(base["llm_ms"], s["llm_ms"]).format() for s in samples[1:]]
-    print("\n" + timing.noise_note(llm, args.rounds, "--rounds") + "\nvs ideal: the median LLM speedup / ideal.")
+    print(
+        "\n"
+        + timing.noise_note(llm, args.rounds, "--rounds", "LLM speedups")
+        + "\nvs ideal: the median LLM speedup / ideal."
+    )
     written = write_new(out, json.dumps(dict(env=env, rows=rows), indent=2))
     print(f"\nwrote {written}")
     return 0

@@ -76,6 +76,8 @@ def test_noise_note_counts_the_flagged_speedups():
     note = timing.noise_note(["~1.01x [0.97-1.02]", "2.00x [1.92-2.08]"], 5)
     assert "over 5 timed rounds" in note and "1 of 2 speedups are inside the noise" in note
     assert "speedups are inside the noise" not in timing.noise_note(["2.00x [1.92-2.08]"], 5)
+    one = timing.noise_note(["~3.00x [3.00-3.00]"], 1, "--rounds", "LLM speedups")
+    assert "over 1 timed round (" in one and "1 of 1 LLM speedups are inside the noise" in one and "--rounds" in one
 
 
 @pytest.mark.parametrize(

@@ -122,17 +122,18 @@ def speed_cells(times: list[Timings]) -> list[tuple[str, str]]:
     ]
 
 
-def noise_note(speedups: list[str], repeats: int, flag: str = "--repeats") -> str:
+def noise_note(speedups: list[str], repeats: int, flag: str = "--repeats", what: str = "speedups") -> str:
     """The footnote of a table whose speedup cells come from `Speedup.format`."""
     note = (
-        f"Times: median [min-max] over {repeats} timed rounds (after a warm-up round), every setting once per round.\n"
+        f"Times: median [min-max] over {repeats} timed round{'s' * (repeats != 1)} (after a warm-up round), every "
+        "setting once per round.\n"
         "~ = inside the noise: the speedup's range over the rounds holds 1.00x or is wider than its distance "
         "from 1.00x (always so with one round)."
     )
     flagged = sum(cell.startswith("~") for cell in speedups)
     if flagged:
         note += (
-            f"\n{flagged} of {len(speedups)} speedups are inside the noise: rerun on an idle machine, or with more "
+            f"\n{flagged} of {len(speedups)} {what} are inside the noise: rerun on an idle machine, or with more "
             f"{flag}, to tell them from 1.00x."
         )
     return note
