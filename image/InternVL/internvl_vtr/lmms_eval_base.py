@@ -282,9 +282,9 @@ class VTRLmms(lmms):
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
         """(loss, is_greedy) of each continuation: the loss is its mean negative log-likelihood per token, what
         lmms-eval's own models return (its multiple_choice scoring takes the option with the smallest). The
-        context (visuals + question) is pruned on its own, as for generation, and the continuation is then
-        scored against that pruned KV cache: every option of a multiple-choice question sees the same kept
-        visual tokens, and the answer never picks them."""
+        context (visuals + question) is pruned on its own, as for generation, once per document, and each
+        continuation is then scored against that pruned KV cache: every option of a multiple-choice question
+        sees the same kept visual tokens, the answer never picks them, and a question costs one prefill."""
         try:
             return self._loglikelihood(requests)
         except Exception as error:
@@ -329,36 +329,57 @@ class VTRLmms(lmms):
     def _loglikelihood(self, requests) -> list[tuple[float, bool]]:
         self.requests_computed["loglikelihood"] += len(requests)
         self._stats.kind = "loglikelihood"
-        results = []
-        for request in tqdm(requests, disable=self.rank != 0, desc=f"{self.name} loglikelihood"):
+        # one pruned prefill per document and context; each of its continuations (a multiple-choice
+        # question's options) is scored on that cache
+        docs: dict[tuple, tuple] = {}
+        for i, request in enumerate(requests):
             context, continuation, visual_fn, doc_id, task, split = request.args
             if not isinstance(continuation, str):
                 continuation = continuation(self.task_dict[task][split][doc_id])
+            docs.setdefault((task, split, doc_id, context), (visual_fn, []))[1].append((i, continuation))
+        results: list = [None] * len(requests)
+        bar = tqdm(total=len(requests), disable=self.rank != 0, desc=f"{self.name} loglikelihood")
+        for (task, split, doc_id, context), (visual_fn, options) in docs.items():
             visuals = self.doc_visuals(visual_fn, doc_id, task, split)
             inputs = self.encode([self.build_prompt(context, visuals)], [visuals])
-            target = self.tokenizer(continuation, add_special_tokens=False, return_tensors="pt")["input_ids"]
-            target = target.to(self._device)
-            logprobs = self.continuation_logprobs(inputs, target)
-            tokens = target[0]
-            loss = -float(logprobs.gather(1, tokens[:, None]).mean())
-            greedy = bool((logprobs.argmax(-1) == tokens).all())
-            results.append((loss, greedy))
+            targets = [
+                self.tokenizer(c, add_special_tokens=False, return_tensors="pt")["input_ids"].to(self._device)
+                for _, c in options
+            ]
+            for (i, _), target, logprobs in zip(options, targets, self.continuations_logprobs(inputs, targets)):
+                tokens = target[0]
+                loss = -float(logprobs.gather(1, tokens[:, None]).mean())
+                results[i] = (loss, bool((logprobs.argmax(-1) == tokens).all()))
+            bar.update(len(options))
+        bar.close()
         return results
 
-    @torch.inference_mode()
     def continuation_logprobs(self, inputs, target: torch.Tensor) -> torch.Tensor:
-        """[len(target), vocab] log-probabilities of each continuation token (one sample): a pruned prefill
-        of the context, then the continuation as one decode chunk on its cache."""
+        """[len(target), vocab] log-probabilities of each token of one continuation [1, len] (one sample)."""
+        return self.continuations_logprobs(inputs, [target])[0]
+
+    @torch.inference_mode()
+    def continuations_logprobs(self, inputs, targets: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per continuation [1, len]: [len, vocab] log-probabilities of its tokens. One pruned prefill of the
+        context (one sample); each continuation is then one decode chunk on its cache, which is cut back to
+        the context after it (per layer: pruning may leave the layers' caches of different lengths)."""
         out = self._model(**inputs, use_cache=True)
-        logits = [out.logits[0, -1:].float()]
-        if target.shape[1] > 1:
-            context_len = inputs["input_ids"].shape[1]
-            mask = torch.ones(1, context_len + target.shape[1] - 1, dtype=torch.long, device=target.device)
-            rest = self._model(
-                input_ids=target[:, :-1], attention_mask=mask, past_key_values=out.past_key_values, use_cache=True
-            )
-            logits.append(rest.logits[0].float())
-        return torch.log_softmax(torch.cat(logits), dim=-1)
+        cache, first = out.past_key_values, out.logits[0, -1:].float()
+        held = [layer.get_seq_length() for layer in cache.layers]
+        context_len = inputs["input_ids"].shape[1]
+        results = []
+        for target in targets:
+            logits = [first]
+            if target.shape[1] > 1:
+                mask = torch.ones(1, context_len + target.shape[1] - 1, dtype=torch.long, device=target.device)
+                rest = self._model(
+                    input_ids=target[:, :-1], attention_mask=mask, past_key_values=cache, use_cache=True
+                )  # fmt: skip
+                logits.append(rest.logits[0].float())
+                for layer, length in zip(cache.layers, held):
+                    layer.crop(length - layer.get_seq_length())
+            results.append(torch.log_softmax(torch.cat(logits), dim=-1))
+        return results
 
     def generate_until_multi_round(self, requests) -> list[str]:
         raise NotImplementedError(f"{self.name} does not implement multi-round generation")

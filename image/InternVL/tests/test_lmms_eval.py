@@ -164,11 +164,11 @@ def test_cli_end_to_end_images_videos_generation_and_multiple_choice(tmp_path, t
         assert results["n-samples"][task]["effective"] == docs
     generation = [("vtr_tiny_qa", "data.jsonl"), ("vtr_tiny_video", "videos.jsonl")]
     check_scores(results, results_file, make(tiny_path, args), tmp_path / "task", generation, "vtr_tiny_mc")
-    # generation: 4 image + 2 video prefills; multiple choice: 2 options x 4 docs
+    # generation: 4 image + 2 video prefills; multiple choice: one per doc (4), for both its options
     assert stats["by_request_type"]["generate_until"]["prefills"] == 6
-    assert stats["by_request_type"]["loglikelihood"]["prefills"] == 8
+    assert stats["by_request_type"]["loglikelihood"]["prefills"] == 4
     # visual tokens: square images 2x2 tiles + thumbnail (80), wide 2x1 + thumbnail (48), videos 3 frames (48)
-    assert stats["mean_image_tokens"] == pytest.approx((3 * (80 + 80 + 48 + 48) + 2 * 48) / 14)
+    assert stats["mean_image_tokens"] == pytest.approx((2 * (80 + 80 + 48 + 48) + 2 * 48) / 10)
     kept = [(x["layer"], x["mean_image_tokens_kept"]) for x in stats["per_prune_layer"]]
     assert kept == [(1, 20), (3, 6)]
     assert 0 < stats["prefill_flops_ratio"] < 1

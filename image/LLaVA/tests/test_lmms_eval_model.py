@@ -192,3 +192,18 @@ def test_answers_are_not_handed_to_a_cache_keyed_on_the_context_alone(tiny_path)
     lm.generate_until([gen_request(0), gen_request(1)])
     lm.loglikelihood([ll_request(1, " yes")])
     assert hook.calls == []
+
+
+def test_a_four_option_question_costs_one_prefill_with_the_same_numbers(tiny_path):
+    """Every option of a document is scored on one pruned prefill of its context: the same (loss, greedy) as
+    scoring each option alone, and the record counts one prefill per document."""
+    options = [" red", " blue", " yes", " a green square in the middle"]
+    args = "strategy=fastv,keep_tokens=6,prune_layer=2"
+    alone = [make(tiny_path, args).loglikelihood([ll_request(1, o)])[0] for o in options]
+    lm = make(tiny_path, args)
+    requests = [ll_request(1, o) for o in options] + [ll_request(2, " yes")]
+    together = lm.loglikelihood(requests)
+    assert together[:4] == alone, "bit-identical to one prefill per option"
+    assert together[4] == make(tiny_path, args).loglikelihood([ll_request(2, " yes")])[0]
+    record = lm.stats_summary()
+    assert record["prefills"] == 2, "one per document, not one per option"
