@@ -28,9 +28,14 @@ class CheckpointNotFoundError(FileNotFoundError):
     """A checkpoint given as a local folder that does not exist or holds no model config."""
 
 
-def check_checkpoint(pretrained) -> None:
+#: files one of which a saved processor folder holds
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json", "config.json")
+
+
+def check_checkpoint(pretrained, files=("config.json",)) -> None:
     """Fail clearly on a local checkpoint folder that is missing or is not a saved model (transformers would
-    answer "Repo id must be in the form 'repo_name' or 'namespace/repo_name'"). A hub id (`name` or
+    answer "Repo id must be in the form 'repo_name' or 'namespace/repo_name'"); `files`: one of them must be
+    in the folder (PROCESSOR_FILES for a processor). A hub id (`name` or
     `namespace/name`) that is not a local path passes through to transformers."""
     import os
     from pathlib import Path
@@ -38,8 +43,10 @@ def check_checkpoint(pretrained) -> None:
     text = os.fspath(pretrained)
     path = Path(text).expanduser()
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise CheckpointNotFoundError(f"model folder {text!r} holds no config.json: not a saved checkpoint")
+        if not any((path / name).is_file() for name in files):
+            raise CheckpointNotFoundError(
+                f"model folder {text!r} holds no {' or '.join(files)}: not a saved checkpoint"
+            )
         return
     parts = text.replace("\\", "/").split("/")
     looks_local = (

@@ -26,7 +26,7 @@ from transformers.image_processing_utils import BatchFeature
 from transformers.video_processing_utils import VideoProcessorMixin
 from transformers.video_utils import make_batched_videos
 
-from .model_args import check_checkpoint
+from .model_args import PROCESSOR_FILES, check_checkpoint
 
 HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "revision", "token", "subfolder")
 
@@ -113,7 +113,7 @@ def load_processor(pretrained: str, num_frames: int | None = None, **kwargs):
     sampled uniformly from a video file (both paths; default: the checkpoint's setting, else 8)."""
     from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
-    check_checkpoint(pretrained)
+    check_checkpoint(pretrained, PROCESSOR_FILES)
     if torchvision_imports():
         processor = AutoProcessor.from_pretrained(pretrained, **kwargs)
         if num_frames is not None:  # the stock video processor samples only when asked to

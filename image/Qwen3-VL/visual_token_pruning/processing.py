@@ -24,7 +24,7 @@ from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoP
 from transformers.video_utils import VideoMetadata
 
 from . import video_io
-from .model_args import check_checkpoint
+from .model_args import PROCESSOR_FILES, check_checkpoint
 
 _FALLBACK_NOTICE = (
     "visual_token_pruning: torchvision is unavailable, so Qwen3-VL's processor uses the PIL image processor and "
@@ -194,7 +194,7 @@ def load_processor(pretrained: str, min_pixels: int | None = None, max_pixels: i
     stays the checkpoint's, and videos keep the checkpoint's video budget."""
     from transformers import AutoProcessor, AutoTokenizer
 
-    check_checkpoint(pretrained)
+    check_checkpoint(pretrained, PROCESSOR_FILES)
     if _torchvision_available():
         processor = AutoProcessor.from_pretrained(pretrained, **kwargs)
     else:

@@ -7,7 +7,7 @@ LLaVA-1.5 (`llava-hf/llava-1.5-*`, model_type `llava`) and LLaVA-1.6 (`llava-hf/
 from __future__ import annotations
 
 from .config import VTRConfig
-from .model_args import check_checkpoint
+from .model_args import PROCESSOR_FILES, check_checkpoint
 from .modeling import VTR_CLASSES
 
 
@@ -55,5 +55,5 @@ def wrap(model, vtr_config: VTRConfig | None = None):
 def load_processor(pretrained: str, **kwargs):
     from transformers import AutoProcessor
 
-    check_checkpoint(pretrained)
+    check_checkpoint(pretrained, PROCESSOR_FILES)
     return AutoProcessor.from_pretrained(pretrained, **kwargs)

@@ -21,7 +21,7 @@ from transformers import VideoLlavaProcessor
 from transformers.image_processing_utils import BatchFeature
 from transformers.video_processing_utils import VideoProcessorMixin
 
-from .model_args import check_checkpoint
+from .model_args import PROCESSOR_FILES, check_checkpoint
 
 __all__ = ["FrameVideoProcessor", "VideoLlavaFrameProcessor", "load_processor"]
 
@@ -132,7 +132,7 @@ def load_processor(pretrained: str, **kwargs):
     `FrameVideoProcessor` for videos (one line says so, once)."""
     from transformers import AutoProcessor, AutoTokenizer, VideoLlavaImageProcessor
 
-    check_checkpoint(pretrained)
+    check_checkpoint(pretrained, PROCESSOR_FILES)
     if _stock_available():
         return AutoProcessor.from_pretrained(pretrained, **kwargs)
     global _WARNED
