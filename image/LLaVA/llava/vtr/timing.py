@@ -5,8 +5,9 @@ Settings are timed in interleaved rounds: one warm-up round (not timed), then `r
 running every setting once, starting one setting later than the round before, so that drift of the machine
 hits every setting alike. A time is printed as the median over the rounds with their range,
 `123.4 [118.0-131.2]`; a speedup is the median of the per-round ratios (unpruned / setting, both from the
-same round) with their range, marked `~` when it is inside the noise: the range holds 1.00x, or is wider
-than the distance of the median from 1.00x (or there is one round only, so no range at all).
+same round) with their range, marked `~` when it is inside the noise: the range holds 1.00x, or the middle
+half of the ratios (interquartile range, which one disturbed round does not widen) spreads wider than the
+distance of the median from 1.00x, or there is one round only (no range at all).
 
 Bad command-line values raise `UsageError`; `run_cli` prints them as one line and exits 2, and Ctrl-C as
 one line with exit status 130, never a traceback.
@@ -66,10 +67,19 @@ class Speedup(Timings):
         return cls(tuple(b / s for b, s in zip(baseline, setting)))
 
     @property
+    def spread(self) -> float:
+        """Width of the middle half of the rounds (interquartile range): one disturbed round does not widen it."""
+        if len(self.samples) < 2:
+            return 0.0
+        q1, _, q3 = statistics.quantiles(self.samples, n=4, method="inclusive")
+        return q3 - q1
+
+    @property
     def within_noise(self) -> bool:
+        """No round range, a range that holds 1.00x, or a middle half wider than the distance from 1.00x."""
         if len(self.samples) < 2:
             return True
-        return self.low <= 1.0 <= self.high or self.high - self.low > abs(self.median - 1.0)
+        return self.low <= 1.0 <= self.high or self.spread > abs(self.median - 1.0)
 
     def format(self, digits: int = 2) -> str:
         mark = "~" if self.within_noise else ""
@@ -126,8 +136,8 @@ def noise_note(speedups: list[str], repeats: int, flag: str = "--repeats", what:
     note = (
         f"Times: median [min-max] over {repeats} timed round{'s' * (repeats != 1)} (after a warm-up round), every "
         "setting once per round.\n"
-        "~ = inside the noise: the speedup's range over the rounds holds 1.00x or is wider than its distance "
-        "from 1.00x (always so with one round)."
+        "~ = inside the noise: the speedup's range over the rounds holds 1.00x, or its middle half (interquartile) "
+        "is wider than its distance from 1.00x, or there is one round."
     )
     flagged = sum(cell.startswith("~") for cell in speedups)
     if flagged:
