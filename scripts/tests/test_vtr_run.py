@@ -124,6 +124,8 @@ def test_a_sweep_over_two_methods_two_budgets_and_two_backbones(tiny, tmp_path):
         metrics = json.loads(results.read_text())["results"]
         assert float(row["vtr_tiny_mc:acc"]) == metrics["vtr_tiny_mc"]["acc,none"]
         assert float(row["vtr_tiny_qa:exact_match"]) == metrics["vtr_tiny_qa"]["exact_match,none"]
+        (stats,) = (out / "runs" / row["run"]).rglob("vtr_stats_*.json")
+        assert float(row["prefill_ms"]) == json.loads(stats.read_text())["mean_prefill_ms"]
         speedup = baseline_ms[row["pretrained"]] / float(row["prefill_ms"])
         assert float(row["measured_speedup"]) == pytest.approx(speedup, rel=1e-6)
         if row["method"] == "none":
@@ -221,6 +223,8 @@ def test_a_video_qa_sweep_runs_the_native_runner_and_scores_it(video_qa, tmp_pat
         truth = {f"q{i}": a for i, a in enumerate(["square", "yes", "red"])}
         expected = sum(exact_match(r["pred"], truth[r["id"]]) for r in answered) / 3
         assert row["error"] == "" and float(row["video_qa:exact_match"]) == pytest.approx(expected)
+        prefill_ms = sum(r["prefill_ms"] for r in answered) / len(answered)
+        assert float(row["prefill_ms"]) == pytest.approx(prefill_ms, rel=1e-6)
     assert rows["fastv"]["kept_per_stage"] == "8@L1" and float(rows["fastv"]["final_kept"]) == 8
     assert rows["none"]["kept_per_stage"] == "all" and 0 < float(rows["fastv"]["flops_ratio"]) < 1
     answers = (out / "runs").rglob("answers.jsonl")
