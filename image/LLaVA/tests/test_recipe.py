@@ -38,7 +38,18 @@ print(json.dumps(out))
 
 
 def doc_blocks(lang="python"):
-    return re.findall(rf"```{lang}\n(.*?)```", DOC.read_text(), flags=re.S)
+    """The doc's fenced blocks of one language ("" = no language given), in order."""
+    blocks, block = [], None  # block: the lines of the open fence, None outside one
+    for line in DOC.read_text().splitlines(keepends=True):
+        if block is None and line.startswith("```"):
+            block, wanted = [], line[3:].strip() == lang
+        elif block is not None and line.strip() == "```":
+            if wanted:
+                blocks.append("".join(block))
+            block = None
+        elif block is not None:
+            block.append(line)
+    return blocks
 
 
 def run(args, tree, *forks, **kwargs):
