@@ -8,7 +8,10 @@
 What the base does (identical in every fork):
 - `--model_args`: every `VTRConfig` field by name (typed from the dataclass) plus the loading keys
   (`LOAD_ARGS` + the subclass's `EXTRA_LOAD_ARGS`); an unknown key or a bad value stops the process with
-  status 2 and a one-line reason (lmms-eval's CLI would otherwise log it and exit 0).
+  status 2 and a one-line reason (lmms-eval's CLI would otherwise log it and exit 0). The CLI checks them
+  before it indexes its tasks (lmms_eval_compat.check_cli_before_tasks); `validate_model_args` below is that
+  check for a caller that starts lmms-eval itself (scripts/vtr_run).
+- a doc's visuals: `as_image` turns a PIL image or an image file path into an RGB image, in every fork;
 - device, dtype and data parallel (one model per `accelerate`/`torch.distributed` process);
 - `generate_until` in batches (left padding, longest prompts first, a progress bar), `loglikelihood` with the
   context pruned on its own and the continuation scored against that pruned cache (the value is a loss, as
@@ -24,7 +27,7 @@ What a fork's subclass writes (its `lmms_eval_plugin.py`, ~100 lines):
         default_pretrained = "org/checkpoint"
         EXTRA_LOAD_ARGS = {"num_frames": int}  # loading keys of this backbone
         def load_backbone(self, load, **from_pretrained) -> (model, processor)
-        def prepare_visuals(self, visuals) -> list       # a doc's visuals, checked and converted
+        def prepare_visuals(self, visuals) -> list       # a doc's visuals, checked and converted (as_image)
         def build_prompt(self, context, visuals) -> str  # the chat prompt with the visual placeholders
         def encode(self, prompts, visuals) -> BatchFeature  # processor call; visuals: one list per prompt
 
@@ -33,6 +36,7 @@ What a fork's subclass writes (its `lmms_eval_plugin.py`, ~100 lines):
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import time
@@ -43,6 +47,7 @@ from accelerate import Accelerator
 from lmms_eval import utils
 from lmms_eval.api.model import lmms
 from loguru import logger
+from PIL import Image
 from tqdm import tqdm
 
 from . import lmms_eval_compat as compat
@@ -73,13 +78,46 @@ PASSED_GENERATION_KWARGS = ("repetition_penalty", "length_penalty", "no_repeat_n
 HANDLED_GENERATION_KWARGS = {"until", "temperature", "do_sample", "top_p", "top_k", "num_beams", "max_new_tokens"}
 
 
+#: Suffixes that make a visual given as a file path an image (other paths are videos, in the forks that take them).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+#: The fork's lmms-eval model class (set by `install_compat` when its plugin module is imported).
+PLUGIN = None
+
+
+def as_image(visual) -> Image.Image | None:
+    """A doc's visual as an RGB PIL image when it is one or the path of an image file (by suffix); None for
+    anything else (the fork decides: a video path, or an error naming what it takes)."""
+    if isinstance(visual, Image.Image):
+        return visual.convert("RGB")
+    if isinstance(visual, (str, Path)) and Path(visual).suffix.lower() in IMAGE_EXTENSIONS:
+        if not Path(visual).is_file():
+            raise FileNotFoundError(f"image file not found: {visual}")
+        with Image.open(visual) as image:
+            return image.convert("RGB")
+    return None
+
+
+def validate_model_args(arg_string: str, additional_config: dict | None = None) -> None:
+    """Raise ValueError, with the message the CLI prints before exiting 2, for `--model_args` this fork's
+    lmms-eval model refuses (an unknown key, a bad value); nothing is loaded. `additional_config` holds the
+    CLI's `--batch_size`/`--device`, as lmms-eval hands them over."""
+    importlib.import_module(f"{__package__}.lmms_eval_plugin")  # sets PLUGIN
+    PLUGIN.validate_model_args(arg_string, additional_config)
+
+
 def output_name(pretrained: str, config: VTRConfig) -> str:
-    """Results folder / file stem: `<pretrained>__vtr-<settings tag>`."""
-    return f"{pretrained}__vtr-{describe(config)}"
+    """Results folder / file stem: `<pretrained>__vtr-<settings tag>`. lmms-eval keeps the last two path parts
+    for the folder; their leading dots go, so that no results folder is hidden (`.cache/demo-llava` ->
+    `cache__demo-llava__vtr-...`, `./ckpt` -> `ckpt__vtr-...`)."""
+    kept = [part.lstrip(".") for part in pretrained.split("/")[-2:]]
+    return "/".join(part for part in kept if part) + f"__vtr-{describe(config)}"
 
 
 def install_compat(plugin_class) -> None:
     """Install the lmms-eval workarounds for `plugin_class` (call once, when its module is imported)."""
+    global PLUGIN
+    PLUGIN = plugin_class
     compat.install(plugin_class.folder_name)
 
 
@@ -110,7 +148,8 @@ class VTRLmms(lmms):
         """Processor inputs for a batch (visuals: one list per prompt), on `self.device`, pixels in the model dtype."""
         raise NotImplementedError
 
-    def check_load_args(self, load: dict) -> None:
+    @classmethod
+    def check_load_args(cls, load: dict) -> None:
         """Raise ValueError for a bad value of an `EXTRA_LOAD_ARGS` key."""
 
     def configure(self, load: dict) -> None:
@@ -140,34 +179,47 @@ class VTRLmms(lmms):
                 return output_name(base, model.vtr_config)
         return output_name(base, config)
 
-    @classmethod
-    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+    @staticmethod
+    def raw_args(arg_string: str, additional_config: dict | None = None) -> dict:
+        """`--model_args` as key -> string, with lmms-eval's `additional_config` (the CLI's --batch_size,
+        --device, ...) filling keys the string does not set."""
         raw = split_args(arg_string)
         for key, value in (additional_config or {}).items():
             if value is not None and key not in raw:
                 raw[key] = value
-        return cls(**raw)
+        return raw
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        return cls(**cls.raw_args(arg_string, additional_config))
+
+    @classmethod
+    def validate_model_args(cls, arg_string: str, additional_config: dict | None = None) -> None:
+        """Raise ValueError for `--model_args` this model refuses, without loading anything."""
+        cls.parse_args(cls.raw_args(arg_string, additional_config))
 
     def __init__(self, **model_args) -> None:
         super().__init__()
         self._warned: set = set()
         try:
-            load, vtr_config = self._parse(model_args)
+            load, vtr_config = self.parse_args(model_args)
         except ValueError as error:  # unknown key, bad value: stop the run, not just this task
             compat.exit_on_argument_error(error, self.name)
         self._load(load, vtr_config)
         compat.LIVE_MODELS.add(self)
 
-    def _parse(self, model_args: dict):
-        load, vtr_config = parse_model_args(model_args, self.load_args())
+    @classmethod
+    def parse_args(cls, model_args: dict):
+        """(loading keys, VTRConfig) of `--model_args` given as key -> value; ValueError names a bad one."""
+        load, vtr_config = parse_model_args(model_args, cls.load_args())
         if load.get("batch_size", 1) < 1:
             raise ValueError(f"batch_size={load['batch_size']}: must be >= 1")
         if load.get("max_batch_size") is not None:
-            raise ValueError(f"max_batch_size: {self.name} has no automatic batch size; set batch_size=N")
+            raise ValueError(f"max_batch_size: {cls.name} has no automatic batch size; set batch_size=N")
         dtype_name = load.get("dtype")
         if dtype_name not in (None, "auto") and not isinstance(getattr(torch, dtype_name, None), torch.dtype):
             raise ValueError(f"dtype={dtype_name!r} is not a torch dtype (float16, bfloat16, float32 or auto)")
-        self.check_load_args(load)
+        cls.check_load_args(load)
         return load, vtr_config
 
     def _load(self, load: dict, vtr_config: VTRConfig) -> None:

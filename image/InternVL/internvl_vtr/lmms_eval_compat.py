@@ -5,6 +5,8 @@
 Written against lmms-eval 0.7.3 (requirements.txt pins it). Each function says what it works around and
 installs itself at most once; `install(folder_name)` runs them all and is called when a fork's plugin is
 imported (lmms-eval imports it only when that `--model` is requested; see lmms_eval_base.install_compat).
+`check_cli_before_tasks(model_id)` is installed earlier, by each fork's entry point (lmms_eval_entry.py),
+which lmms-eval loads when it starts.
 
 - `keep_loglikelihood_tuples`: 0.7.x turns every response into a string before scoring, which breaks
   multiple-choice tasks for every model.
@@ -22,16 +24,21 @@ imported (lmms-eval imports it only when that `--model` is requested; see lmms_e
 - `exit_on_argument_error` / `exit_on_run_error`: the CLI catches every Exception from a run, logs it and
   exits 0; an argument or loading error of our plugin (status 2) and a failure while answering requests
   (status 1) must stop the process with a non-zero status.
+- `check_cli_before_tasks`: the CLI indexes every task file (~5 s) before it creates the model, so a bad
+  `--model_args` showed only after that; and a task name it cannot find (e.g. with a repeated
+  `--include_path`, of which argparse keeps the last) is logged and the process exits 0.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import weakref
 
-import lmms_eval.evaluator
-from lmms_eval.api.instance import unwrap_generation_output
 from loguru import logger
+
+# lmms_eval is imported inside the functions: a fork's entry point imports this module while lmms-eval is
+# still importing its evaluator (which loads the entry points), and the plugin may be imported first.
 
 #: Plugin instances alive in this process (the tracker hook writes their records).
 LIVE_MODELS: weakref.WeakSet = weakref.WeakSet()
@@ -40,6 +47,9 @@ LIVE_MODELS: weakref.WeakSet = weakref.WeakSet()
 def keep_loglikelihood_tuples() -> bool:
     """Let `(logprob, is_greedy)` pairs (tuples, or lists from the response cache) through the evaluator's
     `unwrap_generation_output` unchanged. Installs only when the installed lmms-eval stringifies them."""
+    import lmms_eval.evaluator
+    from lmms_eval.api.instance import unwrap_generation_output
+
     if unwrap_generation_output((0.0, True))[0] != "(0.0, True)":
         return False
     original = lmms_eval.evaluator.unwrap_generation_output
@@ -170,10 +180,7 @@ def exit_on_argument_error(error: Exception, model_name: str):
     """Under the lmms-eval CLI, end the process with status 2 and a one-line reason; elsewhere re-raise."""
     if not under_lmms_eval_cli():
         raise error
-    message = f"{model_name}: invalid --model_args: {error}"
-    logger.error(message)
-    print(message, file=sys.stderr, flush=True)
-    raise SystemExit(2) from error
+    stop(f"{model_name}: invalid --model_args: {error}")
 
 
 def exit_on_run_error(error: Exception, model_name: str):
@@ -189,6 +196,104 @@ def exit_on_run_error(error: Exception, model_name: str):
     logger.error(message)
     print(message, file=sys.stderr, flush=True)
     raise SystemExit(1) from error
+
+
+#: `--tasks` values that list tasks instead of naming them (lmms-eval's cli_evaluate_single)
+LIST_COMMANDS = ("list", "list_groups", "list_tags", "list_subtasks")
+
+
+def check_cli_before_tasks(model_id: str) -> None:
+    """For a CLI run of `model_id` (one of ours): when lmms-eval's `cli_evaluate_single` creates its
+    TaskManager, first check `--model_args` with the plugin's own parser (an error exits 2 at once, as the
+    plugin would after the task index), that every `--include_path` folder exists and that --tasks is given;
+    after the index, exit 2 naming any `--tasks` name it does not hold (lmms-eval would log it and exit 0).
+    Each fork's entry point calls this; one wrapper serves every fork's model id. Outside the CLI (a
+    TaskManager made elsewhere, or another --model) nothing changes."""
+    try:
+        from lmms_eval.tasks import TaskManager
+    except ImportError:  # another layout, or mid-import: the plugin still checks when it is created
+        return
+    init = TaskManager.__init__
+    if not hasattr(init, "_vtr_models"):
+        original = init
+
+        def init(self, *args, **kwargs):
+            cli = cli_args(sys._getframe(1))
+            ours = cli is not None and cli.model in init._vtr_models
+            if ours:
+                check_model_args(cli)
+                check_include_path(cli.include_path, cli.model)
+                if cli.tasks is None:  # lmms-eval: an error message, then exit 0
+                    stop(f"{cli.model}: no --tasks given")
+            original(self, *args, **kwargs)
+            if ours:
+                check_tasks(self, cli)
+
+        init._vtr_models = set()
+        TaskManager.__init__ = init
+    init._vtr_models.add(model_id)
+
+
+def cli_args(frame):
+    """The parsed arguments of the run when `frame` is lmms-eval's `cli_evaluate_single`, else None."""
+    code = frame.f_code
+    if code.co_name != "cli_evaluate_single" or "lmms_eval" not in code.co_filename:
+        return None
+    args = frame.f_locals.get("args")
+    needed = ("model", "model_args", "tasks", "include_path", "batch_size", "max_batch_size", "device")
+    return args if all(hasattr(args, key) for key in needed) else None
+
+
+def check_model_args(cli) -> None:
+    from lmms_eval import models
+
+    if not isinstance(cli.model_args, str):
+        return
+    try:
+        validate = models.get_model(cli.model, getattr(cli, "force_simple", False)).validate_model_args
+    except Exception:  # an install that cannot import the plugin: lmms-eval says so when it creates the model
+        return
+    extra = {"batch_size": cli.batch_size, "max_batch_size": cli.max_batch_size, "device": cli.device}
+    try:
+        validate(cli.model_args, extra)
+    except ValueError as error:
+        stop(f"{cli.model}: invalid --model_args: {error}")
+
+
+def check_include_path(include_path, model_name: str) -> None:
+    paths = [include_path] if isinstance(include_path, str) else list(include_path or [])
+    for path in paths:
+        if not os.path.isdir(path):
+            stop(f"{model_name}: --include_path {path}: no such folder")
+
+
+def check_tasks(manager, cli) -> None:
+    """lmms-eval's own test (cli_evaluate_single), which only logs: a name that is neither a task, group or
+    tag of the index, nor a YAML file, nor a pattern."""
+    tasks = cli.tasks
+    if not isinstance(tasks, str) or tasks in LIST_COMMANDS or os.path.isdir(tasks):
+        return
+    names = tasks.split(",")
+    found = manager.match_tasks(names)
+    missing = [name for name in names if name not in found and "*" not in name and not os.path.isfile(name)]
+    if not missing:
+        return
+    message = f"{cli.model}: --tasks not found: {', '.join(missing)} (searched lmms-eval's tasks"
+    message += f" and --include_path {cli.include_path})" if cli.include_path else ")"
+    repeated = sum(a == "--include_path" or a.startswith("--include_path=") for a in sys.argv)
+    if repeated > 1:
+        message += (
+            f"; --include_path was given {repeated} times and lmms-eval keeps only the last: pass one folder"
+            " that holds every task folder (it is searched recursively)"
+        )
+    stop(message)
+
+
+def stop(message: str, status: int = 2):
+    """End the process with `status` and a one-line message (log and stderr)."""
+    logger.error(message)
+    print(message, file=sys.stderr, flush=True)
+    raise SystemExit(status)
 
 
 def install(folder_name) -> None:

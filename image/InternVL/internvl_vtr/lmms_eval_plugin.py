@@ -19,12 +19,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from PIL import Image
-
 from .api import load_model, load_processor
 from .config import VTRConfig
-from .lmms_eval_base import VTRLmms, install_compat
-from .video_io import IMAGE_EXTENSIONS, VideoError
+from .lmms_eval_base import VTRLmms, as_image, install_compat
+from .video_io import VideoError
 
 #: Placeholders lmms-eval task prompts may carry; the visuals are placed by the chat template instead.
 TASK_PLACEHOLDERS = ("<image>", "<video>")
@@ -37,7 +35,8 @@ class InternVLVTR(VTRLmms):
     default_pretrained = "OpenGVLab/InternVL3-2B-hf"
     EXTRA_LOAD_ARGS = {"min_patches": int | None, "max_patches": int | None, "num_frames": int}
 
-    def check_load_args(self, load: dict) -> None:
+    @classmethod
+    def check_load_args(cls, load: dict) -> None:
         low, high = load.get("min_patches"), load.get("max_patches")
         for key, value in (("min_patches", low), ("max_patches", high), ("num_frames", load.get("num_frames", 8))):
             if value is not None and value < 1:
@@ -57,10 +56,9 @@ class InternVLVTR(VTRLmms):
     def prepare_visuals(self, visuals: list) -> list:
         out = []
         for v in visuals:
-            if isinstance(v, Image.Image):
-                out.append(v.convert("RGB"))
-            elif isinstance(v, (str, Path)) and Path(v).suffix.lower() in IMAGE_EXTENSIONS:
-                out.append(Image.open(v).convert("RGB"))
+            image = as_image(v)
+            if image is not None:
+                out.append(image)
             elif isinstance(v, (str, Path)):
                 if not Path(v).is_file():
                     raise VideoError(f"video file not found: {v}")

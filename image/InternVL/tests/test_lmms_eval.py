@@ -183,3 +183,27 @@ def test_unknown_key_stops_the_cli_with_status_2_naming_the_closest_key(tiny_pat
         make(tiny_path, "max_patch=3")
     assert stop.value.code == 2
     assert "unknown model_args key 'max_patch' (did you mean 'max_patches'?)" in capsys.readouterr().err
+
+
+def test_the_cli_checks_model_args_before_the_task_index(monkeypatch, capsys):
+    """`python -m lmms_eval --model internvl_vtr`: this fork's entry point installs the check, with this fork's own
+    keys, before lmms-eval indexes its tasks (in process: lmms-eval's own argument parsing and run function)."""
+    from lmms_eval.__main__ import cli_evaluate_single, parse_eval_args
+    from lmms_eval.tasks import TaskManager
+
+    from internvl_vtr.lmms_eval_base import validate_model_args
+
+    validate_model_args("strategy=fastv,max_patches=6,num_frames=4")  # this fork's own keys
+    with pytest.raises(ValueError, match="min_patches=3 > max_patches=2"):
+        validate_model_args("min_patches=3,max_patches=2")
+    monkeypatch.setattr(TaskManager, "initialize_tasks", lambda *a, **k: pytest.fail("the task index was built"))
+    monkeypatch.setattr(
+        sys, "argv", ["lmms_eval", "--model", "internvl_vtr", "--model_args", "max_patch=3", "--tasks", "mme"]
+    )
+    with pytest.raises(SystemExit) as stop:
+        cli_evaluate_single(parse_eval_args()[1])
+    assert stop.value.code == 2
+    assert (
+        "internvl_vtr: invalid --model_args: unknown model_args key 'max_patch' (did you mean 'max_patches'?)"
+        in capsys.readouterr().err
+    )

@@ -1,8 +1,11 @@
-"""End to end: the real `python -m lmms_eval` CLI, offline, on a tiny LLaVA and a tiny local task."""
+"""End to end: the real `python -m lmms_eval` CLI, offline, on a tiny LLaVA and the bundled local task
+(scripts/lmms_tasks/vtr_tiny), including the README's offline command as written."""
 
 import importlib.util
+import itertools
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -10,10 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from llava.vtr.demo import DEMO_SHAPE
 from llava.vtr.lmms_eval_plugin import LlavaVTR
+from llava.vtr.tiny import build_tiny_llava
 from llava_lmms_testlib import _instance
 
-TASK_DIR = Path(__file__).parent / "data" / "lmms_tiny"
+ROOT = Path(__file__).parents[3]
+TASK_DIR = ROOT / "scripts" / "lmms_tasks" / "vtr_tiny"
 DOCS = 4  # questions in data.jsonl
 CHOICES = ["yes", "no"]  # vtr_tiny_mc.yaml
 
@@ -124,8 +130,7 @@ def test_unpruned_baseline(workdir, tiny_path):
 
 @pytest.mark.parametrize(
     "strategy,args,tag",
-    [
-        ("fastv", "keep_tokens=8,prune_layer=2", "fastv_K2_keep8"),
+    [  # fastv: test_the_readme_offline_command_runs_as_written
         (
             "priortr",
             "keep_tokens=[16,4],prune_layer=[1,3],query_aggregation=question",
@@ -148,8 +153,7 @@ def test_each_strategy_records_what_it_kept(workdir, tiny_path, strategy, args, 
             (3, 16, 4),
         ]
     else:
-        kept = 8 if strategy == "fastv" else 16
-        assert [(x["mean_image_tokens_in"], x["mean_image_tokens_kept"]) for x in layers] == [(64, kept)]
+        assert [(x["mean_image_tokens_in"], x["mean_image_tokens_kept"]) for x in layers] == [(64, 16)]
     assert 0 < stats["prefill_flops_ratio"] < 1
     assert stats["ideal_prefill_speedup"] == pytest.approx(1 / stats["prefill_flops_ratio"])
     assert stats["mean_equivalent_tokens"] < stats["mean_seq_len"]
@@ -159,10 +163,10 @@ def test_each_strategy_records_what_it_kept(workdir, tiny_path, strategy, args, 
 def test_same_settings_are_served_from_the_response_cache(workdir, tiny_path):
     """The cache is live (so the no-reuse checks above mean something): a repeat run computes nothing, and its
     record says that every answer came from the cache (its figures are empty, not a measurement)."""
-    _, stats, _, _ = run_cli(workdir, tiny_path, "fastv-again", "strategy=fastv,keep_tokens=8,prune_layer=2")
+    _, stats, _, _ = run_cli(workdir, tiny_path, "random-again", "strategy=random,keep_ratio=0.25,prune_layer=3;")
     assert stats["prefills"] == 0 and stats["mean_prefill_ms"] is None
     assert stats["requests"]["from_response_cache"] == {"generate_until": DOCS, "loglikelihood": 2 * DOCS}
-    assert stats["from_cache"] == PREFILLS and stats["response_cache"]
+    assert stats["from_cache"] == DOCS + 2 * DOCS and stats["response_cache"]  # requests, not prefills
     assert stats["note"].startswith("every answer came from lmms-eval's response cache")
 
 
@@ -193,6 +197,8 @@ def test_unknown_model_arg_fails_the_cli_with_the_valid_keys(workdir, tiny_path)
     # lmms-eval 0.7.3 logs a failed run and exits 0; our argument errors end the process with status 2
     assert proc.returncode == 2, output[-2000:]
     assert "| Tasks" not in output and "Running generate_until requests" not in output
+    # checked before lmms-eval indexes its tasks (~5 s), which it logs its tracker's arguments after
+    assert "Evaluation tracker args" not in output, "--model_args are checked before the task index"
     assert "unknown model_args key 'keep_token' (did you mean 'keep_tokens'?)" in output
     assert "valid keys:" in output
 
@@ -244,7 +250,9 @@ def test_two_processes_share_the_docs_and_write_one_merged_record(workdir, tiny_
 
 def test_automatic_batch_size_is_refused(workdir, tiny_path):
     proc = lmms_eval(workdir, f"pretrained={tiny_path}", "vtr_tiny_qa", "--batch_size", "auto")
-    assert proc.returncode == 2 and "batch_size='auto'" in proc.stdout + proc.stderr
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "batch_size='auto'" in output
+    assert "Evaluation tracker args" not in output, "refused before the task index"
 
 
 def test_llava_16_checkpoint_runs_with_its_default_budget(workdir, tmp_path_factory):
@@ -255,3 +263,99 @@ def test_llava_16_checkpoint_runs_with_its_default_budget(workdir, tmp_path_fact
     check_scores(results, results_file, f"pretrained={next_path},strategy=fastv,prune_layer=2")
     assert name.startswith("vtr_stats_fastv_K2_keep320_"), "LLaVA-1.6's default budget, named in the record"
     assert stats["prefills"] == PREFILLS and stats["mean_image_tokens"] == 88  # base view + 4 tiles + newlines
+
+
+def readme_section() -> str:
+    return (ROOT / "README.md").read_text().split("## Evaluating with lmms-eval", 1)[1].split("\n## ", 1)[0]
+
+
+def readme_command() -> list[str]:
+    """The README's offline lmms-eval command (the line of its lmms-eval section with --include_path), split."""
+    lines = readme_section().replace("\\\n", " ").splitlines()
+    (command,) = [line for line in lines if " -m lmms_eval " in line and "--include_path" in line]
+    return shlex.split(command)
+
+
+def test_the_readme_offline_command_runs_as_written(tmp_path):
+    """From a folder laid out like the repository (the bundled task folder, and the model `make demo` builds in
+    .cache/demo-llava: 576 image tokens), the README's command as written, but for the interpreter's path:
+    offline, it scores both tasks, and the results land where the README says."""
+    argv = readme_command()
+    env_vars = dict(a.split("=", 1) for a in itertools.takewhile(lambda a: "=" in a and a[0] != "-", argv))
+    argv = argv[len(env_vars) :]
+    assert env_vars == {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"} and argv[0] == ".venv/bin/python"
+    shutil.copytree(TASK_DIR, tmp_path / "scripts" / "lmms_tasks" / "vtr_tiny")
+    build_tiny_llava(tmp_path / ".cache" / "demo-llava", **DEMO_SHAPE)  # what `make demo` builds
+    env = dict(os.environ, **env_vars, HF_HOME=str(tmp_path / "hf"))  # HF_HOME: no shared datasets cache
+    proc = subprocess.run(
+        [sys.executable, *argv[1:]], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    said = "results/lmms-demo/cache__demo-llava__vtr-fastv_K2_keep64/"
+    assert f"`{said}`" in readme_section().replace("\n", " "), "the README says where the results land"
+    folder = tmp_path / said
+    (results_file,) = folder.glob("*_results.json")
+    (stats,) = folder.glob("vtr_stats_fastv_K2_keep64_*.json")
+    results, stats = json.loads(results_file.read_text()), json.loads(stats.read_text())
+    # (the scores are checked against the model's own answers by the runs above, on the smaller test model)
+    for task, metric in (("vtr_tiny_qa", "exact_match,none"), ("vtr_tiny_mc", "acc,none")):
+        assert results["n-samples"][task]["effective"] == DOCS and metric in results["results"][task]
+        assert [s["doc_id"] for s in logged_samples(results_file, task)] == list(range(DOCS))  # --log_samples
+    assert stats["prefills"] == PREFILLS and stats["mean_image_tokens"] == 576
+    kept = [(x["layer"], x["mean_image_tokens_in"], x["mean_image_tokens_kept"]) for x in stats["per_prune_layer"]]
+    assert kept == [(2, 576, 64)]
+
+
+def parse_cli(monkeypatch, *argv):
+    """lmms-eval's own parsing of a command line (as `python -m lmms_eval ...` would get it)."""
+    from lmms_eval.__main__ import parse_eval_args
+
+    monkeypatch.setattr(sys, "argv", ["lmms_eval", *argv])
+    return parse_eval_args()[1]
+
+
+def test_a_repeated_include_path_stops_with_status_2_naming_the_missing_tasks(tiny_path, tmp_path, monkeypatch, capsys):
+    """lmms-eval keeps the last --include_path, logs "Tasks not found" and exits 0; with our models the run
+    stops with status 2 and says why. (In process: lmms-eval's own argument parsing and run function, our
+    check installed through the entry points, the real task index.)"""
+    from lmms_eval.__main__ import cli_evaluate_single
+
+    (tmp_path / "other").mkdir()
+    args = parse_cli(
+        monkeypatch, "--model", "llava_vtr", "--model_args", f"pretrained={tiny_path}", "--tasks", "vtr_tiny_qa,vtr_tiny_mc",
+        "--include_path", str(TASK_DIR), "--include_path", str(tmp_path / "other"),
+    )  # fmt: skip
+    with pytest.raises(SystemExit) as stop:
+        cli_evaluate_single(args)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2
+    assert (
+        f"llava_vtr: --tasks not found: vtr_tiny_qa, vtr_tiny_mc (searched lmms-eval's tasks and --include_path {tmp_path / 'other'})"
+        in err
+    )
+    assert "--include_path was given 2 times and lmms-eval keeps only the last" in err
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        (["--include_path", "/no/such/tasks"], "llava_vtr: --include_path /no/such/tasks: no such folder"),
+        (["--include_path", str(TASK_DIR)], "llava_vtr: no --tasks given"),  # lmms-eval: exit 0
+        (
+            ["--tasks", "vtr_tiny_qa", "--batch_size", "0"],
+            "llava_vtr: invalid --model_args: batch_size=0: must be >= 1",
+        ),
+    ],
+)
+def test_arguments_are_refused_before_the_task_index(tiny_path, monkeypatch, capsys, options, message):
+    from lmms_eval.__main__ import cli_evaluate_single
+    from lmms_eval.tasks import TaskManager
+
+    def index(*args, **kwargs):
+        raise AssertionError("the task index was built")
+
+    monkeypatch.setattr(TaskManager, "initialize_tasks", index)
+    args = parse_cli(monkeypatch, "--model", "llava_vtr", "--model_args", f"pretrained={tiny_path}", *options)
+    with pytest.raises(SystemExit) as stop:
+        cli_evaluate_single(args)
+    assert stop.value.code == 2 and message in capsys.readouterr().err

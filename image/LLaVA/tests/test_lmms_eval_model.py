@@ -112,7 +112,7 @@ def test_under_the_cli_a_failing_request_ends_the_process_with_status_1(tiny_pat
 
     lm = make(tiny_path, "strategy=fastv,keep_tokens=6,prune_layer=2")
     bad = ll_request(1, " yes", visual_fn=lambda doc: ["not an image"])
-    with pytest.raises(ValueError, match="images only"):  # outside the CLI: the error itself
+    with pytest.raises(ValueError, match="takes images"):  # outside the CLI: the error itself
         lm.loglikelihood([bad])
     monkeypatch.setattr(compat, "under_lmms_eval_cli", lambda: True)
     with pytest.raises(SystemExit) as stop:
@@ -207,3 +207,38 @@ def test_a_four_option_question_costs_one_prefill_with_the_same_numbers(tiny_pat
     assert together[4] == make(tiny_path, args).loglikelihood([ll_request(2, " yes")])[0]
     record = lm.stats_summary()
     assert record["prefills"] == 2, "one per document, not one per option"
+
+
+def test_an_image_file_path_is_an_image_as_in_the_other_forks(tiny_path, tmp_path):
+    """lmms-eval tasks may hand over image file paths (InternVL, Qwen3-VL and Video-LLaVA take them, through
+    the same base helper): the same pixels and the same answer as the PIL image."""
+    lm = make(tiny_path, "strategy=fastv,keep_tokens=6,prune_layer=2")
+    picture = visual(DOCS[0])[0]
+    path = tmp_path / "picture.png"
+    picture.save(path)
+    (image,) = lm.prepare_visuals([str(path)])
+    assert image.mode == "RGB" and image.tobytes() == picture.convert("RGB").tobytes()
+    from_path = lm.generate_until([gen_request(0, visual_fn=lambda doc: [str(path)])])
+    assert from_path == lm.generate_until([gen_request(0)])
+    with pytest.raises(FileNotFoundError, match="image file not found: .*missing.png"):
+        lm.prepare_visuals([str(tmp_path / "missing.png")])
+    with pytest.raises(ValueError, match=r"llava_vtr takes images \(PIL, or an image file path\); got str 'clip.mp4'"):
+        lm.prepare_visuals(["clip.mp4"])
+
+
+def test_model_args_are_validated_without_loading_anything(tmp_path):
+    """`validate_model_args` (for a caller that starts lmms-eval, like scripts/vtr_run) raises what the CLI
+    prints before exiting 2; nothing is loaded, so the checkpoint need not exist yet."""
+    from llava.vtr.lmms_eval_base import validate_model_args
+
+    validate_model_args(f"pretrained={tmp_path / 'not-yet'},strategy=fastv,keep_tokens=64,conv_template=plain")
+    validate_model_args("strategy=priortr,prune_layer=[2,8],keep_tokens=[96,48]", {"batch_size": "4", "device": None})
+    for args, extra, message in [
+        ("keep_token=64", None, r"unknown model_args key 'keep_token' \(did you mean 'keep_tokens'\?\); valid keys: "),
+        ("conv_template=chatml", None, "conv_template='chatml': choose one of"),  # LLaVA's own key
+        ("strategy=fastv,keep_ratio=1.5", None, "keep_ratio"),
+        ("", {"batch_size": "auto"}, "batch_size='auto'"),  # --batch_size auto, as lmms-eval hands it over
+        ("dtype=float17", None, "dtype='float17' is not a torch dtype"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            validate_model_args(args, extra)

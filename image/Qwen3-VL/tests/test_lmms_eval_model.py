@@ -1,6 +1,8 @@
 """The qwen3_vl_vtr lmms-eval model in process: images and videos, batching, loglikelihood pruned on the
 context, loading keys, bad arguments."""
 
+import sys
+
 import pytest
 import torch
 from lmms_eval.api.instance import Instance
@@ -114,3 +116,27 @@ def test_an_image_file_path_is_an_image_and_task_placeholders_are_dropped(tiny_p
     assert kind == "image" and image.size == (64, 64)
     prompt = lm.build_prompt("<video>\n<image>\nWhat is it?", [(kind, image)])
     assert "<video>" not in prompt and "<image>" not in prompt and prompt.count("<|vision_start|>") == 1
+
+
+def test_the_cli_checks_model_args_before_the_task_index(monkeypatch, capsys):
+    """`python -m lmms_eval --model qwen3_vl_vtr`: this fork's entry point installs the check, with this fork's own
+    keys, before lmms-eval indexes its tasks (in process: lmms-eval's own argument parsing and run function)."""
+    from lmms_eval.__main__ import cli_evaluate_single, parse_eval_args
+    from lmms_eval.tasks import TaskManager
+
+    from visual_token_pruning.lmms_eval_base import validate_model_args
+
+    validate_model_args("strategy=fastv,max_pixels=1003520,max_num_frames=8,fps=1.5")  # this fork's own keys
+    with pytest.raises(ValueError, match="fps=0.0: must be > 0"):
+        validate_model_args("fps=0")
+    monkeypatch.setattr(TaskManager, "initialize_tasks", lambda *a, **k: pytest.fail("the task index was built"))
+    monkeypatch.setattr(
+        sys, "argv", ["lmms_eval", "--model", "qwen3_vl_vtr", "--model_args", "max_num_frame=8", "--tasks", "mme"]
+    )
+    with pytest.raises(SystemExit) as stop:
+        cli_evaluate_single(parse_eval_args()[1])
+    assert stop.value.code == 2
+    assert (
+        "qwen3_vl_vtr: invalid --model_args: unknown model_args key 'max_num_frame' (did you mean 'max_num_frames'?)"
+        in capsys.readouterr().err
+    )

@@ -17,12 +17,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from PIL import Image
-
 from .api import load_model, load_processor
 from .config import VTRConfig
-from .lmms_eval_base import VTRLmms, install_compat
-from .video_io import IMAGE_EXTENSIONS, VideoError
+from .lmms_eval_base import VTRLmms, as_image, install_compat
+from .video_io import VideoError
 
 
 class Qwen3VLVTR(VTRLmms):
@@ -32,7 +30,8 @@ class Qwen3VLVTR(VTRLmms):
     default_pretrained = "Qwen/Qwen3-VL-4B-Instruct"
     EXTRA_LOAD_ARGS = {"min_pixels": int | None, "max_pixels": int | None, "max_num_frames": int, "fps": float | None}
 
-    def check_load_args(self, load: dict) -> None:
+    @classmethod
+    def check_load_args(cls, load: dict) -> None:
         for key in ("min_pixels", "max_pixels", "max_num_frames"):
             if load.get(key) is not None and load[key] < 1:
                 raise ValueError(f"{key}={load[key]}: must be >= 1")
@@ -60,10 +59,9 @@ class Qwen3VLVTR(VTRLmms):
         """[("image", RGB image) | ("video", path)], in the doc's order."""
         prepared = []
         for v in visuals:
-            if isinstance(v, Image.Image):
-                prepared.append(("image", v.convert("RGB")))
-            elif isinstance(v, (str, Path)) and Path(v).suffix.lower() in IMAGE_EXTENSIONS:
-                prepared.append(("image", Image.open(v).convert("RGB")))
+            image = as_image(v)
+            if image is not None:
+                prepared.append(("image", image))
             elif isinstance(v, (str, Path)):
                 if not Path(v).is_file():
                     raise VideoError(f"video file not found: {v}")

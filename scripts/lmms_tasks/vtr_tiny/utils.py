@@ -1,4 +1,6 @@
-"""Task functions of the tiny offline lmms-eval tasks used by the llava_vtr end-to-end test."""
+"""Task functions of `vtr_tiny_qa` and `vtr_tiny_mc`, a tiny local lmms-eval task folder that runs offline
+(README "Evaluating with lmms-eval", docs/lmms-eval.md): four 64x64 pictures in images/, one question each in
+data.jsonl. A copy of this folder, with its own data, names and functions, is a local task of your own."""
 
 from pathlib import Path
 

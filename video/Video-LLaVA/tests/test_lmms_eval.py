@@ -178,3 +178,27 @@ def test_the_lmms_eval_cli_runs_a_video_task_with_pruning(tiny_path, tmp_path):
     assert stats["mean_image_tokens"] == 136 + 16 * 2 / DOCS  # every doc a video, two with a picture too
     assert [(x["layer"], x["mean_image_tokens_kept"]) for x in stats["per_prune_layer"]] == [(2, 40)]
     assert stats["by_request_type"]["loglikelihood"]["prefills"] == DOCS
+
+
+def test_the_cli_checks_model_args_before_the_task_index(monkeypatch, capsys):
+    """`python -m lmms_eval --model video_llava_vtr`: this fork's entry point installs the check, with this fork's own
+    keys, before lmms-eval indexes its tasks (in process: lmms-eval's own argument parsing and run function)."""
+    from lmms_eval.__main__ import cli_evaluate_single, parse_eval_args
+    from lmms_eval.tasks import TaskManager
+
+    from videollava.vtr.lmms_eval_base import validate_model_args
+
+    validate_model_args("strategy=fastv,num_frames=4,conv_mode=plain")  # this fork's own keys
+    with pytest.raises(ValueError, match="conv_mode='vicuna': choose one of"):
+        validate_model_args("conv_mode=vicuna")
+    monkeypatch.setattr(TaskManager, "initialize_tasks", lambda *a, **k: pytest.fail("the task index was built"))
+    monkeypatch.setattr(
+        sys, "argv", ["lmms_eval", "--model", "video_llava_vtr", "--model_args", "num_frame=4", "--tasks", "mme"]
+    )
+    with pytest.raises(SystemExit) as stop:
+        cli_evaluate_single(parse_eval_args()[1])
+    assert stop.value.code == 2
+    assert (
+        "video_llava_vtr: invalid --model_args: unknown model_args key 'num_frame' (did you mean 'num_frames'?)"
+        in capsys.readouterr().err
+    )

@@ -14,12 +14,10 @@ See docs/lmms-eval.md.
 
 from __future__ import annotations
 
-from PIL import Image
-
 from .api import load_model, load_processor
 from .config import VTRConfig
 from .convert import convert_original_llava, is_original_llava
-from .lmms_eval_base import VTRLmms, install_compat
+from .lmms_eval_base import VTRLmms, as_image, install_compat
 
 IMAGE_TOKEN = "<image>"
 VICUNA_SYSTEM = (
@@ -49,7 +47,8 @@ class LlavaVTR(VTRLmms):
     default_pretrained = "llava-hf/llava-1.5-7b-hf"
     EXTRA_LOAD_ARGS = {"conv_template": str, "vision_tower": str | None}
 
-    def check_load_args(self, load: dict) -> None:
+    @classmethod
+    def check_load_args(cls, load: dict) -> None:
         if load.get("conv_template", "auto") not in CONV_TEMPLATES:
             raise ValueError(f"conv_template={load['conv_template']!r}: choose one of {list(CONV_TEMPLATES)}")
 
@@ -73,10 +72,13 @@ class LlavaVTR(VTRLmms):
         return [self._model.config.image_token_id]
 
     def prepare_visuals(self, visuals: list) -> list:
-        for v in visuals:
-            if not isinstance(v, Image.Image):
-                raise ValueError(f"llava_vtr handles images only; got a {type(v).__name__}")
-        return [v.convert("RGB") for v in visuals]
+        images = [as_image(v) for v in visuals]
+        for v, image in zip(visuals, images):
+            if image is None:
+                raise ValueError(
+                    f"llava_vtr takes images (PIL, or an image file path); got {type(v).__name__} {v!r:.80}"
+                )
+        return images
 
     def build_prompt(self, context: str, visuals: list) -> str:
         if IMAGE_TOKEN not in context and visuals:

@@ -1,8 +1,14 @@
 """Entry point for lmms-eval's `lmms_eval.models` group: declares `video_llava_vtr` without importing the
-model code (lmms-eval imports `videollava.vtr.lmms_eval_plugin.VideoLlavaVTR` only when it is requested)."""
+model code (lmms-eval imports `videollava.vtr.lmms_eval_plugin.VideoLlavaVTR` only when it is requested).
+It also installs the CLI's early checks of `--model_args`, `--include_path` and `--tasks` for this model
+(lmms_eval_compat.check_cli_before_tasks): lmms-eval loads this entry point when it starts, before its
+task index."""
 
 from lmms_eval.models.registry_v2 import ModelManifest
 
+from .lmms_eval_compat import check_cli_before_tasks
+
 
 def manifest() -> ModelManifest:
+    check_cli_before_tasks("video_llava_vtr")
     return ModelManifest(model_id="video_llava_vtr", simple_class_path="videollava.vtr.lmms_eval_plugin.VideoLlavaVTR")

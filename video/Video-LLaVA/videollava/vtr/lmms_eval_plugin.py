@@ -26,11 +26,9 @@ from PIL import Image
 
 from .api import load_model, load_processor
 from .config import VTRConfig
-from .lmms_eval_base import VTRLmms, install_compat
+from .lmms_eval_base import VTRLmms, as_image, install_compat
 from .prompts import CONV_SYSTEM, chat_prompt, encode
 from .video_io import VIDEO_EXTENSIONS, load_video
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
 
 class VideoLlavaVTR(VTRLmms):
@@ -40,7 +38,8 @@ class VideoLlavaVTR(VTRLmms):
     default_pretrained = "LanguageBind/Video-LLaVA-7B-hf"
     EXTRA_LOAD_ARGS = {"num_frames": int, "conv_mode": str}
 
-    def check_load_args(self, load: dict) -> None:
+    @classmethod
+    def check_load_args(cls, load: dict) -> None:
         if load.get("num_frames", 8) < 1:
             raise ValueError(f"num_frames={load['num_frames']}: must be >= 1")
         if load.get("conv_mode", "llava_v1") not in CONV_SYSTEM:
@@ -59,10 +58,9 @@ class VideoLlavaVTR(VTRLmms):
         """Each visual as ("video", uint8 frames [t, h, w, 3]) or ("image", RGB PIL image)."""
         out = []
         for v in visuals:
-            if isinstance(v, Image.Image):
-                out.append(("image", v.convert("RGB")))
-            elif isinstance(v, (str, Path)) and Path(v).suffix.lower() in IMAGE_EXTENSIONS:
-                out.append(("image", Image.open(v).convert("RGB")))
+            image = as_image(v)
+            if image is not None:
+                out.append(("image", image))
             elif isinstance(v, (str, Path)):
                 if Path(v).suffix.lower() not in VIDEO_EXTENSIONS and not Path(v).is_file():
                     raise ValueError(f"{self.name}: {v!r} is neither a video file nor an image file")
