@@ -579,6 +579,20 @@ class RunStats:
             values = list(values)
             return sum(values) / len(values) if values else None
 
+        def spread(values: list[float]) -> dict | None:
+            """min, quartiles, median and max: a mean alone hides a warm-up or a disturbed prefill."""
+            if not values:
+                return None
+            ordered = sorted(values)
+
+            def at(q):  # linear interpolation between the two nearest ranks
+                pos = q * (len(ordered) - 1)
+                low = int(pos)
+                high = min(low + 1, len(ordered) - 1)
+                return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+            return dict(min=ordered[0], p25=at(0.25), median=at(0.5), p75=at(0.75), max=ordered[-1])
+
         def block(samples: list[dict]) -> dict:
             by_layer: dict[int, list[dict]] = {}
             for s in samples:
@@ -603,6 +617,7 @@ class RunStats:
                 # analytic: unpruned decoder FLOPs / pruned decoder FLOPs (cost.py); not a measured time
                 ideal_prefill_speedup=1 / flops_ratio if flops_ratio else None,
                 mean_prefill_ms=mean(s["prefill_ms"] for s in samples),
+                prefill_ms=spread([s["prefill_ms"] for s in samples]),
             )
 
         out = block(self.samples)
