@@ -54,6 +54,7 @@ from . import lmms_eval_compat as compat
 from .config import VTRConfig
 from .cost import equivalent_tokens, ideal_speedup, text_config_dims, tokens_per_layer
 from .model_args import describe, parse_model_args, split_args
+from .timing import spread
 
 #: Loading / run keys every fork accepts in --model_args besides the VTRConfig fields, with their types.
 LOAD_ARGS: dict[str, object] = {
@@ -578,20 +579,6 @@ class RunStats:
         def mean(values):
             values = list(values)
             return sum(values) / len(values) if values else None
-
-        def spread(values: list[float]) -> dict | None:
-            """min, quartiles, median and max: a mean alone hides a warm-up or a disturbed prefill."""
-            if not values:
-                return None
-            ordered = sorted(values)
-
-            def at(q):  # linear interpolation between the two nearest ranks
-                pos = q * (len(ordered) - 1)
-                low = int(pos)
-                high = min(low + 1, len(ordered) - 1)
-                return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
-
-            return dict(min=ordered[0], p25=at(0.25), median=at(0.5), p75=at(0.75), max=ordered[-1])
 
         def block(samples: list[dict]) -> dict:
             by_layer: dict[int, list[dict]] = {}

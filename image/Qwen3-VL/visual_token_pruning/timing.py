@@ -30,6 +30,22 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def spread(values) -> dict | None:
+    """min, quartiles, median and max of a record's samples (None when there are none): a mean alone hides a
+    warm-up or a disturbed run. Quartiles interpolate linearly between the nearest ranks."""
+    ordered = sorted(v for v in values if v is not None)
+    if not ordered:
+        return None
+
+    def at(q):
+        pos = q * (len(ordered) - 1)
+        low = int(pos)
+        high = min(low + 1, len(ordered) - 1)
+        return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+    return dict(min=ordered[0], p25=at(0.25), median=at(0.5), p75=at(0.75), max=ordered[-1])
+
+
 @dataclass(frozen=True)
 class Timings:
     """Samples of one figure (ms, one per timed round): median and range."""

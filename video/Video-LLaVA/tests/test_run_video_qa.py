@@ -317,6 +317,7 @@ def test_scorer_numbers_on_a_hand_written_run(tmp_path, capsys):
     assert summary["mean_kept_tokens"] == pytest.approx((64 + 64 + 32 + 32 + 128) / 5)
     assert summary["mean_visual_tokens"] == 128
     assert summary["mean_prefill_ms"] == pytest.approx(30.0)
+    assert summary["prefill_ms"] == dict(min=10.0, p25=20.0, median=30.0, p75=40.0, max=50.0), "with its spread"
     assert summary["prefill_flops_ratio"] == pytest.approx((0.5 + 0.5 + 0.25 + 0.25 + 1.0) / 5)
     assert summary["ideal_prefill_speedup"] == pytest.approx(2.0)
     assert summary["per_prune_layer"] == [dict(layer=2, mean_image_tokens_in=128, mean_image_tokens_kept=48)]
@@ -324,7 +325,7 @@ def test_scorer_numbers_on_a_hand_written_run(tmp_path, capsys):
     assert summary["by_answer_type"]["obj"] == dict(scored=3, exact_match=pytest.approx(1 / 3), contains=2 / 3)
     assert summary["by_answer_type"]["yn"]["scored"] == 1
     out = capsys.readouterr().out
-    assert "| run.jsonl | fastv_K2_keep64 | 6 | 1 | 40.0 | 60.0 | 128.0 | 64.0 | 30.0 |" in out
+    assert "| run.jsonl | fastv_K2_keep64 | 6 | 1 | 40.0 | 60.0 | 128.0 | 64.0 | 30.0 [10.0-50.0] |" in out
 
 
 # ------------------------------------------------------------------------------------------ end to end

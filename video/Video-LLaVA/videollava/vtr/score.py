@@ -27,6 +27,8 @@ import string
 import sys
 from pathlib import Path
 
+from .timing import spread
+
 
 class ScoreError(ValueError):
     """A file with no rows to score, or a summary that cannot be written; the message names the file."""
@@ -76,6 +78,7 @@ def score_rows(rows: list[dict]) -> dict:
             (r["kept_tokens"][-1] if r.get("kept_tokens") else r.get("visual_tokens")) for r in answered
         ),
         mean_prefill_ms=_mean(r.get("prefill_ms") for r in answered),
+        prefill_ms=spread(r.get("prefill_ms") for r in answered),
         mean_generate_ms=_mean(r.get("generate_ms") for r in answered),
         vtr=sorted({str(r["vtr"]) for r in rows if r.get("vtr") is not None}),
     )
@@ -187,9 +190,13 @@ def _fmt(value, digits=1, percent=False) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def _fmt_spread(value: dict | None) -> str:
+    return "-" if not value else f"{value['median']:.1f} [{value['min']:.1f}-{value['max']:.1f}]"
+
+
 def table(summaries: list[dict]) -> str:
     """A markdown table, one row per scored file."""
-    head = "| file | vtr | rows | errors | exact % | contains % | visual tokens | kept tokens | prefill ms |"
+    head = "| file | vtr | rows | errors | exact % | contains % | visual tokens | kept tokens | prefill ms median [min-max] |"
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for s in summaries:
         cells = [
@@ -201,7 +208,7 @@ def table(summaries: list[dict]) -> str:
             _fmt(s["contains"], percent=True),
             _fmt(s["mean_visual_tokens"]),
             _fmt(s["mean_kept_tokens"]),
-            _fmt(s["mean_prefill_ms"]),
+            _fmt_spread(s.get("prefill_ms")),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
