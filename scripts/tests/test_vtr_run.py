@@ -5,9 +5,11 @@ every setting, nothing finished deleted or mixed, the output lock, and stopping 
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -117,7 +119,7 @@ def test_a_sweep_over_two_methods_two_budgets_and_two_backbones(tiny, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = list(csv.DictReader(open(out / "summary.csv")))
     assert len(rows) == 2 * (1 + 2 * 2)
-    baseline_ms = {row["pretrained"]: float(row["prefill_ms"]) for row in rows if row["method"] == "none"}
+    baseline_ms = {row["pretrained"]: float(row["prefill_ms_mean"]) for row in rows if row["method"] == "none"}
     for row in rows:  # each row holds its own run's lmms-eval results, and its speedup is against its baseline
         assert row["error"] == ""
         (results,) = (out / "runs" / row["run"]).rglob("*_results.json")
@@ -125,9 +127,10 @@ def test_a_sweep_over_two_methods_two_budgets_and_two_backbones(tiny, tmp_path):
         assert float(row["vtr_tiny_mc:acc"]) == metrics["vtr_tiny_mc"]["acc,none"]
         assert float(row["vtr_tiny_qa:exact_match"]) == metrics["vtr_tiny_qa"]["exact_match,none"]
         (stats,) = (out / "runs" / row["run"]).rglob("vtr_stats_*.json")
-        assert float(row["prefill_ms"]) == json.loads(stats.read_text())["mean_prefill_ms"]
-        speedup = baseline_ms[row["pretrained"]] / float(row["prefill_ms"])
-        assert float(row["measured_speedup"]) == pytest.approx(speedup, rel=1e-6)
+        assert float(row["prefill_ms_mean"]) == json.loads(stats.read_text())["mean_prefill_ms"]
+        speedup = baseline_ms[row["pretrained"]] / float(row["prefill_ms_mean"])  # the record has means only:
+        assert float(row["measured_speedup"]) == pytest.approx(speedup, rel=1e-6)  # no range, inside the noise
+        assert row["measured_speedup_min"] == row["prefill_ms_median"] == "" and row["speedup_in_noise"] == "True"
         if row["method"] == "none":
             assert row["kept_per_stage"] == "all" and float(row["measured_speedup"]) == 1.0
         else:
@@ -139,10 +142,16 @@ def test_a_sweep_over_two_methods_two_budgets_and_two_backbones(tiny, tmp_path):
         ("qwen3vl", tiny["qwen"]),
     }
     table = (out / "summary.md").read_text()
-    assert table.startswith("| backbone | pretrained | method | budget |") and table.count("\n") == 2 + len(rows)
+    assert table.startswith("| backbone | pretrained | method | budget |") and table.count("\n") == 4 + len(rows)
+    assert table.count("~") == len(rows) - 2 + 1 and "(means) |" in table and "indicative only" in table
     from PIL import Image
 
-    assert Image.open(out / "summary.png").size == (720, 440)
+    plotted = json.loads(Image.open(out / "summary.png").text["vtr_run"])
+    assert [p["title"] for p in plotted["panels"]] == [
+        f"{m} vs {x}"
+        for m in ("vtr_tiny_mc:acc", "vtr_tiny_qa:exact_match")
+        for x in ("kept tokens", "measured speedup")
+    ]
 
     again = vtr_run(*args)  # a rerun finds every run finished
     assert again.returncode == 0 and again.stdout.count("done before, skipped") == len(rows)
@@ -223,8 +232,22 @@ def test_a_video_qa_sweep_runs_the_native_runner_and_scores_it(video_qa, tmp_pat
         truth = {f"q{i}": a for i, a in enumerate(["square", "yes", "red"])}
         expected = sum(exact_match(r["pred"], truth[r["id"]]) for r in answered) / 3
         assert row["error"] == "" and float(row["video_qa:exact_match"]) == pytest.approx(expected)
-        prefill_ms = sum(r["prefill_ms"] for r in answered) / len(answered)
-        assert float(row["prefill_ms"]) == pytest.approx(prefill_ms, rel=1e-6)
+        prefill_ms = [r["prefill_ms"] for r in answered]
+        assert float(row["prefill_ms_mean"]) == pytest.approx(sum(prefill_ms) / len(prefill_ms), rel=1e-6)
+        assert float(row["prefill_ms_median"]) == statistics.median(prefill_ms)
+        assert float(row["prefill_ms_max"]) == max(prefill_ms)
+    # the speedup pairs each question's prefill in the two runs
+    ms = {
+        row["method"]: {
+            r["id"]: r["prefill_ms"] for r in map(json.loads, open(out / "runs" / row["run"] / "answers.jsonl"))
+        }
+        for row in rows.values()
+    }
+    ratios = sorted(ms["none"][q] / ms["fastv"][q] for q in ms["none"])
+    assert float(rows["fastv"]["measured_speedup"]) == pytest.approx(ratios[1])
+    assert [float(rows["fastv"][f"measured_speedup_{k}"]) for k in ("min", "max")] == pytest.approx(
+        [ratios[0], ratios[2]]
+    )
     assert rows["fastv"]["kept_per_stage"] == "8@L1" and float(rows["fastv"]["final_kept"]) == 8
     assert rows["none"]["kept_per_stage"] == "all" and 0 < float(rows["fastv"]["flops_ratio"]) < 1
     answers = (out / "runs").rglob("answers.jsonl")
@@ -236,8 +259,16 @@ def test_a_video_qa_sweep_runs_the_native_runner_and_scores_it(video_qa, tmp_pat
 # ----------------------------------------------------------------------- with a fake lmms-eval (fast)
 
 #: `python -m lmms_eval` run in --workdir finds this one first: it logs its model_args, reports its settings as
-#: metrics (the last prune layer, the seed, the limit) and, with FAKE_SLEEP set, writes its pid and sleeps
-FAKE_LMMS_EVAL = """
+#: metrics (the last prune layer, the seed, the limit) and, with FAKE_SLEEP set, writes its pid and sleeps.
+#: Its prefill times: BASE_MS per document unpruned, half of that pruned (seed=1: BASE_MS * NOISY_FACTOR, around
+#: the baseline's; seed=2: a record with the mean only). seed=13 fails, colouring its error as lmms-eval does.
+BASE_MS = [10.0, 20.0, 12.0, 40.0]
+NOISY_FACTOR = [0.9, 1.1, 1.0, 1.05]
+FAKE_LMMS_EVAL = (
+    f"""
+BASE_MS, NOISY_FACTOR = {BASE_MS}, {NOISY_FACTOR}
+"""
+    + """
 import json, os, re, sys, time
 from pathlib import Path
 
@@ -250,15 +281,25 @@ if os.environ.get("FAKE_SLEEP"):
     Path("child.tmp").write_text(str(os.getpid()))
     os.replace("child.tmp", "child.pid")
     time.sleep(float(os.environ["FAKE_SLEEP"]))
+if model_args.get("seed") == "13":
+    print("\x1b[32m2026-01-01 | INFO\x1b[0m loading")
+    print("\x1b[1;31mERROR\x1b[0m the \x1b[4mfake\x1b[0m model failed")
+    sys.exit(1)
 out = Path(opt["--output_path"]) / "model"
 out.mkdir(parents=True, exist_ok=True)
 layer = int(model_args.get("prune_layer", "0").strip("[]").split(",")[-1])
 metrics = {"layer,none": layer, "seed,none": int(model_args.get("seed", -1)), "limit": float(opt.get("--limit", -1))}
 (out / "x_results.json").write_text(json.dumps({"results": {"fake": metrics}}))
 kept = [] if model_args["strategy"] == "none" else [{"layer": layer, "mean_image_tokens_kept": 8.0}]
-stats = {"per_prune_layer": kept, "prefill_flops_ratio": 0.5, "ideal_prefill_speedup": 2.0, "mean_prefill_ms": 1.0}
+factor = [1.0] * 4 if model_args["strategy"] == "none" else NOISY_FACTOR if model_args.get("seed") == "1" else [0.5] * 4
+ms = [b * f for b, f in zip(BASE_MS, factor)]
+stats = {"per_prune_layer": kept, "mean_image_tokens": 16.0, "prefill_flops_ratio": 0.5, "ideal_prefill_speedup": 2.0}
+stats["mean_prefill_ms"] = sum(ms) / 4
+if model_args.get("seed") != "2":
+    stats["prefill_ms_samples"] = ms
 (out / "vtr_stats_x.json").write_text(json.dumps(stats))
 """
+)
 
 
 @pytest.fixture
@@ -374,3 +415,159 @@ def test_a_lock_left_by_a_dead_run_is_taken_over_and_one_from_another_host_is_no
     assert script().main(args) == 2
     error = capsys.readouterr().err
     assert f"pid {dead.pid} on elsewhere" in error and f"delete {lock}" in error
+
+
+def summary(fake) -> dict:
+    """summary.csv's rows by (method, params)."""
+    return {(r["method"], r["params"]): r for r in csv.DictReader(open(fake["out"] / "summary.csv"))}
+
+
+def test_a_failed_runs_error_is_plain_text(fake, capsys):
+    assert script().main(["--method", "fastv", "--param", "seed=13", "--no-baseline", *fake["args"]]) == 1
+    (row,) = summary(fake).values()
+    assert row["error"] == "exit 1: 2026-01-01 | INFO loading | ERROR the fake model failed"
+    assert "\x1b" not in (fake["out"] / "summary.md").read_text()
+
+
+def test_describe_shows_a_user_methods_class_docstring(capsys):
+    from llava.vtr.strategy import PruningStrategy, register_strategy
+    from llava.vtr.strategy.registry import _REGISTRY
+
+    @register_strategy("user_norm")
+    class UserNorm(PruningStrategy):
+        """Keeps the image tokens of largest hidden-state norm (a user's method)."""
+
+        needs_attention = False
+
+    try:
+        assert script().main(["--describe", "llava", "user_norm"]) == 0
+        out = capsys.readouterr().out
+        assert "Keeps the image tokens of largest hidden-state norm (a user's method)." in out
+        assert "strategy=user_norm" in out
+    finally:
+        _REGISTRY.pop("user_norm")
+    assert script().main(["--describe", "llava", "user_norm"]) == 2  # unknown now: one line, no traceback
+    assert "--describe llava user_norm: unknown strategy 'user_norm'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--method", ""], "--method '' is empty"),
+        (["--backbone", " "], "--backbone ' ' is empty"),
+        (["--pretrained", ","], "--pretrained ',' is empty"),
+        (["--keep-tokens", ""], "--keep-tokens '' is empty"),
+        (["--keep-tokens", "8,,4"], "--keep-tokens '8,,4' has an empty item"),
+        (["--keep-ratio", "[]"], "--keep-ratio '[]' has an empty item"),
+        (["--prune-layer", "8++16"], "--prune-layer '8++16' has an empty item"),
+    ],
+)
+def test_an_empty_sweep_list_is_an_error(args, message, tmp_path, capsys):
+    assert script().main([*args, "--output", str(tmp_path), "--dry-run"]) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and captured.out == ""
+
+
+def test_a_value_given_twice_runs_once_with_a_note(tmp_path, capsys):
+    args = ["--method", "fastv,random,fastv", "--keep-tokens", "8,8", "--prune-layer", "2+3,[2,3]"]
+    assert script().main([*args, "--output", str(tmp_path), "--dry-run"]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert len(lines) == 3 and "strategy=none" in lines[0]
+    assert "strategy=fastv,keep_tokens=8,prune_layer=[2,3]" in lines[1] and "strategy=random" in lines[2]
+    for flag, value in [("--method", "fastv"), ("--keep-tokens", "8"), ("--prune-layer", "2+3")]:
+        assert f"note: {flag} lists {value} more than once; it runs once" in captured.err
+
+
+def test_model_args_are_checked_by_the_plugin_before_any_run(fake, capsys):
+    main = script().main
+    assert main(["--method", "fastv", "--param", "dtype=float17", *fake["args"]]) == 2
+    assert "none__dtype=float17: dtype='float17' is not a torch dtype" in capsys.readouterr().err
+    assert calls(fake) == [] and not (fake["out"] / "runs").exists()
+    # a loading key the plugin takes runs, and the baseline loads its model the same way
+    assert main(["--method", "fastv", "--param", "dtype=bfloat16", "--dry-run", *fake["args"]]) == 0
+    baseline, fastv = capsys.readouterr().out.splitlines()
+    assert "strategy=none,dtype=bfloat16 " in baseline and "strategy=fastv,dtype=bfloat16 " in fastv
+
+
+def test_speedups_and_prefill_times_carry_their_spread(fake, capsys):
+    main = script().main
+    assert main(["--method", "fastv", "--keep-tokens", "8", *fake["args"]]) == 0
+    for seed in ("1", "2"):  # the same output: seed=1 times around the baseline's, seed=2 leaves the mean only
+        assert main(["--method", "fastv", "--keep-tokens", "8", "--param", f"seed={seed}", *fake["args"]]) == 0
+    rows = summary(fake)
+    base, clear, noisy, means = rows["none", ""], rows["fastv", ""], rows["fastv", "seed=1"], rows["fastv", "seed=2"]
+    assert [float(base[f"prefill_ms_{k}"]) for k in ("median", "min", "max", "mean")] == [16.0, 10.0, 40.0, 20.5]
+    assert float(clear["measured_speedup"]) == 2.0 and clear["speedup_in_noise"] == "False"
+    assert float(clear["measured_speedup_min"]) == float(clear["measured_speedup_max"]) == 2.0
+    ratios = sorted(1 / f for f in NOISY_FACTOR)  # per document: baseline / run
+    assert float(noisy["measured_speedup"]) == pytest.approx((ratios[1] + ratios[2]) / 2)
+    assert float(noisy["measured_speedup_min"]) == pytest.approx(ratios[0]) and noisy["speedup_in_noise"] == "True"
+    assert float(noisy["measured_speedup_max"]) == pytest.approx(ratios[-1])
+    mean_ms = sum(BASE_MS) / 4 / 2
+    assert float(means["measured_speedup"]) == pytest.approx(20.5 / mean_ms) and means["speedup_in_noise"] == "True"
+    assert means["measured_speedup_min"] == means["prefill_ms_median"] == ""
+    table = {line.split(" | ")[-1].strip(" |"): line for line in (fake["out"] / "summary.md").read_text().splitlines()}
+    model = "llava__llava-hf_llava-1.5-7b-hf__"
+    assert "| reference | 16.0 [10.0-40.0] |" in table[model + "none"]
+    assert "| 2.00x [2.00-2.00] | 8.0 [5.0-20.0] |" in table[model + "fastv__tokens8"]
+    low, high = min(b * f for b, f in zip(BASE_MS, NOISY_FACTOR)), max(b * f for b, f in zip(BASE_MS, NOISY_FACTOR))
+    assert (
+        f"| ~{float(noisy['measured_speedup']):.2f}x [{ratios[0]:.2f}-{ratios[-1]:.2f}] |"
+        in table[model + "fastv__tokens8__seed=1"]
+        and f"[{low:.1f}-{high:.1f}]" in table[model + "fastv__tokens8__seed=1"]
+    )
+    assert f"| ~{20.5 / mean_ms:.2f}x (means) | {mean_ms:.1f} (mean) |" in table[model + "fastv__tokens8__seed=2"]
+    text = (fake["out"] / "summary.md").read_text()
+    assert "separate process, so these speedups are indicative only" in text
+    assert "2 of 3 measured speedups are inside the noise" in text
+
+
+def test_progress_shows_each_runs_time_metric_and_what_is_left(fake, capsys):
+    args = ["--method", "fastv,random", "--keep-tokens", "8", "--prune-layer", "3", *fake["args"]]
+    assert script().main(args) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "3 runs, 3 to run"
+    done = [line for line in out if line.startswith("    done in ")]
+    assert len(done) == 3
+    assert re.fullmatch(
+        r"    done in \d+ s: fake:layer=0, prefill 16\.0 \[10\.0-40\.0\] ms; about \d+ s left for 2 more", done[0]
+    )
+    assert re.fullmatch(
+        r"    done in \d+ s: fake:layer=3, prefill 8\.0 \[5\.0-20\.0\] ms; about \d+ s left for 1 more", done[1]
+    )
+    assert done[2].endswith("prefill 8.0 [5.0-20.0] ms")
+    assert script().main([*args[:-4], "--param", "seed=13", *fake["args"]]) == 1  # fastv fails, random too
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "3 runs, 2 to run (1 finished before)"
+    failed = [line for line in out if line.startswith("    failed")]
+    assert len(failed) == 2 and "about" in failed[0] and "left for 1 more" in failed[0] and "left" not in failed[1]
+
+
+def test_the_plot_has_a_panel_per_metric_and_axis_and_shows_every_series(fake):
+    assert script().main(["--method", "fastv,random", "--keep-tokens", "8", *fake["args"]]) == 0
+    from PIL import Image
+
+    image = Image.open(fake["out"] / "summary.png").convert("RGB")
+    info = json.loads(Image.open(fake["out"] / "summary.png").text["vtr_run"])
+    metrics = ["fake:layer", "fake:limit", "fake:seed"]
+    assert [p["title"] for p in info["panels"]] == [
+        f"{m} vs {x}" for m in metrics for x in ("kept tokens", "measured speedup")
+    ]
+    assert list(image.size) == info["size"] and image.size[1] > 3 * 250  # room for three rows of panels
+    legend = {entry["label"]: entry for entry in info["legend"]}
+    assert set(legend) == {"none (unpruned)", "fastv", "random"}
+    assert len({(e["colour"], e["marker"]) for e in legend.values()}) == 3 and all(label.isascii() for label in legend)
+    for panel in info["panels"]:  # fastv and random have equal values: both must still be seen in every panel
+        assert set(panel["series"]) == set(legend), panel["title"]
+        assert panel["series"]["fastv"] == panel["series"]["random"]
+        assert panel["series"]["none (unpruned)"] == [
+            [
+                16.0 if "kept" in panel["x"] else 1.0,
+                {"fake:layer": 0.0, "fake:limit": -1.0, "fake:seed": -1.0}[panel["metric"]],
+            ]
+        ]
+        box = image.crop(panel["box"])
+        colours = {c for _, c in box.getcolors(box.size[0] * box.size[1])}
+        for entry in legend.values():
+            assert tuple(int(entry["colour"][i : i + 2], 16) for i in (1, 3, 5)) in colours, (panel["title"], entry)
