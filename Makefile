@@ -53,6 +53,7 @@ fix-copies: install
 # A method written in one fork (strategy/$(METHOD).py + its import line) into every fork, and the README matrix.
 share-method:
 	@test -n "$(METHOD)" || { echo "usage: make share-method METHOD=<strategy file name without .py>" >&2; exit 2; }
+	@test -x $(PY) || { echo "$(PY) does not exist yet: run make install (or make test) first" >&2; exit 2; }
 	$(PY) scripts/check_copies.py --share $(METHOD)
 	PYTHONPATH=$(subst $(space),:,$(FORKS)) $(PY) scripts/capability_matrix.py --write
 

@@ -6,8 +6,8 @@ that backbone with a realistic visual token count (the fork's `tiny.bench_case`:
 + ~35 text tokens) unless --model is given, then repeats rounds in which every setting (and the vision tower alone) runs in turn, each round starting one
 setting later, so drift of the machine hits all settings alike; one warm-up round first, not timed. Every time
 is the median over the timed rounds with its range [min-max]; a speedup is the median of the per-round
-ratios with their range, marked `~` when it is inside the noise (the range holds 1.00x or is wider than the
-effect; see the forks' timing.py). Per setting:
+ratios with their range, marked `~` when it is inside the noise (a single round, a range that holds 1.00x,
+or a middle half of the rounds wider than the distance from 1.00x; see the forks' timing.py). Per setting:
 
   ttft_ms        forward of the whole prompt (vision tower + projector + decoder, logits of the last row
                  only) and the argmax: time to first token

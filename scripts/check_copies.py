@@ -181,28 +181,36 @@ def expected_text(root: Path, copy: Copy) -> str:
     return copy.marker + "\n" + body
 
 
-def _committed(root: Path, rel: str) -> str | None:
-    """The file's text at git HEAD; None outside a git checkout or for a file HEAD does not hold."""
+def _git(root: Path, *args: str) -> str | None:
+    """git's output; None outside a git checkout or when git fails (e.g. a file the revision does not hold)."""
     try:
-        out = subprocess.run(
-            ["git", "-C", str(root), "show", f"HEAD:{rel}"], capture_output=True, check=False, timeout=30
-        )
+        out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, check=False, timeout=30)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.decode("utf-8") if out.returncode == 0 else None
 
 
-def only_origin_edited(root: Path, copy: Copy, have: str) -> bool:
-    """True when the copy is behind only because its origin has uncommitted edits: the copy itself equals
-    its committed text, which was in sync with the committed origin. Updating it then loses nothing."""
-    rel = copy.path.relative_to(root).as_posix()
-    committed_copy, committed_origin = _committed(root, rel), _committed(root, copy.origin)
-    if committed_copy is None or committed_origin is None or committed_copy != have:
-        return False
-    body = committed_origin
+def _expanded(copy: Copy, origin_text: str) -> str:
     for old, new in copy.subs:
-        body = body.replace(old, new)
-    return copy.marker + "\n" + body == committed_copy
+        origin_text = origin_text.replace(old, new)
+    return copy.marker + "\n" + origin_text
+
+
+def untouched(root: Path, copy: Copy, have: str, since_last_sync: bool = False) -> bool:
+    """True when the copy has no edits of its own, so updating it from its origin loses nothing: it equals its
+    committed text, which equalled its origin at HEAD (the origin's edits are uncommitted), or, with
+    `since_last_sync`, at the last commit that touched the copy (the origin's edits may be committed)."""
+    rel = copy.path.relative_to(root).as_posix()
+    committed_copy = _git(root, "show", f"HEAD:{rel}")
+    if committed_copy is None or committed_copy != have:
+        return False
+    revision = "HEAD"
+    if since_last_sync:
+        revision = (_git(root, "log", "-1", "--format=%H", "--", rel) or "").strip()
+        if not revision:
+            return False
+    committed_origin = _git(root, "show", f"{revision}:{copy.origin}")
+    return committed_origin is not None and _expanded(copy, committed_origin) == committed_copy
 
 
 def check(root: Path, fix: bool) -> int:
@@ -215,7 +223,7 @@ def check(root: Path, fix: bool) -> int:
         have = copy.path.read_text(encoding="utf-8")
         if have == want:
             continue
-        if not fix and only_origin_edited(root, copy, have):
+        if not fix and untouched(root, copy, have):  # the origin's uncommitted edits: carried, nothing lost
             copy.path.write_text(want, encoding="utf-8")
             followed.append(str(rel))
             continue
@@ -227,7 +235,12 @@ def check(root: Path, fix: bool) -> int:
             diff = difflib.unified_diff(
                 want.splitlines(True), have.splitlines(True), f"{copy.origin} (expected)", f"{rel} (actual)"
             )
-            print(f"DRIFT {rel} differs from {copy.origin}:")
+            hint = (
+                " (it has no edits of its own: `make fix-copies` brings it up to date)"
+                if untouched(root, copy, have, since_last_sync=True)
+                else ""
+            )
+            print(f"DRIFT {rel} differs from {copy.origin}{hint}:")
             sys.stdout.writelines(list(diff)[:60])
     if followed:
         print(f"check_copies: your edits of their origins are now in {len(followed)} copies: {', '.join(followed)}")
@@ -272,7 +285,7 @@ def share(root: Path, method: str) -> int:
         str(c.path.relative_to(root))
         for c in find_copies(root)
         if c.path.read_text(encoding="utf-8") != expected_text(root, c)
-        and not only_origin_edited(root, c, c.path.read_text(encoding="utf-8"))
+        and not untouched(root, c, c.path.read_text(encoding="utf-8"), since_last_sync=True)
     ]
     if own_edits:
         raise CopyError(

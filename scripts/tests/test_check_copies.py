@@ -170,3 +170,36 @@ def test_an_uncommitted_origin_edit_is_carried_into_untouched_copies_but_a_copy_
     code, out = run(root)
     assert code == 1 and "DRIFT image/InternVL/internvl_vtr/strategy/fastv.py" in out
     assert "TOP_K = 4" in copy.read_text(), "the copy's own edit is kept"
+
+
+def test_a_committed_origin_edit_is_drift_with_a_hint_and_share_still_runs(tmp_path):
+    """Once the origin's edit is committed the copy is reported (CI stays strict) with the fix to run; sharing a
+    method overwrites such untouched copies, and refuses a copy with a committed edit of its own."""
+    origin = tmp_path / "image/LLaVA/llava/vtr"
+    fork = tmp_path / "image/InternVL/internvl_vtr"
+    header = "# Shared vtr file: edit it in image/LLaVA/llava/vtr, then `make fix-copies` updates every fork.\n"
+    (origin / "strategy").mkdir(parents=True)
+    (fork / "strategy").mkdir(parents=True)
+    (origin / "config.py").write_text(header + "A = 1\n")
+    (fork / "config.py").write_text("# Copied from image/LLaVA/llava/vtr/config.py\n" + header + "A = 1\n")
+    (origin / "strategy/builtin.py").write_text(header + "from . import (  # noqa: F401\n    fastv,\n)\n")
+    (origin / "strategy/__init__.py").write_text("from . import builtin  # noqa: F401\nfrom . import mine  # noqa\n")
+    (origin / "strategy/mine.py").write_text("MINE = 1\n")
+    _commit(tmp_path)
+    (origin / "config.py").write_text(header + "A = 1\nB = 2\n")
+    _commit(tmp_path)
+    code, out = run(tmp_path)
+    assert code == 1 and "config.py differs from image/LLaVA/llava/vtr/config.py (it has no edits of its own" in out
+    code, out = run(tmp_path, "--share", "mine")
+    assert code == 0, out
+    assert (fork / "config.py").read_text().endswith("B = 2\n")
+    assert (origin / "strategy/mine.py").read_text() == header + "MINE = 1\n"  # copies: the recipe test
+    assert "    fastv,\n    mine,\n" in (origin / "strategy/builtin.py").read_text()
+    assert "mine" not in (origin / "strategy/__init__.py").read_text()
+    _commit(tmp_path)
+    (fork / "config.py").write_text((fork / "config.py").read_text() + "C = 3\n")  # an edit of the copy itself
+    _commit(tmp_path)
+    (origin / "strategy/other.py").write_text("OTHER = 1\n")
+    code, out = run(tmp_path, "--share", "other")
+    assert code == 2 and "have edits of their own" in out and "internvl_vtr/config.py" in out
+    assert "C = 3" in (fork / "config.py").read_text()

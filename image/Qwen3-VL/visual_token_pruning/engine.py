@@ -888,9 +888,8 @@ class VTRModelMixin:
             held = state.conversation_length(cache)
             if total <= held:
                 raise ValueError(
-                    f"this pruned KV cache holds a conversation of {held} tokens; to continue it, pass the whole "
-                    f"history plus at least one new token ({total} given), or only the new tokens with an "
-                    "attention_mask over the whole history"
+                    f"this pruned KV cache holds a conversation of {held} tokens; to continue it with generate(), "
+                    f"pass the whole history plus at least one new token ({total} given)"
                 )
             next_sequence_length = total - held
         return super().prepare_inputs_for_generation(

@@ -605,6 +605,7 @@ class RunStats:
                 ideal_prefill_speedup=1 / flops_ratio if flops_ratio else None,
                 mean_prefill_ms=mean(s["prefill_ms"] for s in samples),
                 prefill_ms=spread([s["prefill_ms"] for s in samples]),
+                prefill_ms_samples=[s["prefill_ms"] for s in samples],  # in request order, process 0's first
             )
 
         out = block(self.samples)
