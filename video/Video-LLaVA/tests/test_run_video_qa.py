@@ -709,3 +709,175 @@ def test_merge_refuses_parts_of_different_settings(tmp_path):
     with pytest.raises(rq.MergeError, match="run_2_1.jsonl holds rows made with other settings than run_2_0.jsonl"):
         rq.merge(tmp_path, "run", 2)
     assert not (tmp_path / "run.jsonl").exists()
+
+
+def test_merge_refuses_a_merged_file_of_other_settings(tmp_path, capsys):
+    """A finished `run.jsonl` of model A is never replaced by parts of model B (nor by parts with no rows)."""
+    finished = write_jsonl(
+        tmp_path / "run.jsonl", [{"id": k, "pred": k, "error": None, "model": "A", "vtr": "t"} for k in "abcd"]
+    )
+    before = finished.read_text()
+    write_jsonl(tmp_path / "run_2_0.jsonl", [{"id": "a", "pred": "x", "error": None, "model": "B", "vtr": "t"}])
+    write_jsonl(tmp_path / "run_2_1.jsonl", [{"id": "b", "pred": "y", "error": None, "model": "B", "vtr": "t"}])
+    with pytest.raises(rq.MergeError, match="model='A' run.jsonl, 'B' run_2_0.jsonl"):
+        rq.merge(tmp_path, "run", 2)
+    assert rq.main(["--merge", "--output_dir", str(tmp_path), "--output_name", "run", "--no_score"]) == 1
+    assert f"{finished} already holds rows made with other settings than the parts" in capsys.readouterr().err
+    for i in (0, 1):
+        write_jsonl(tmp_path / f"run_2_{i}.jsonl", [])
+    with pytest.raises(rq.MergeError, match="the parts hold no rows and .*run.jsonl holds 4"):
+        rq.merge(tmp_path, "run", 2)
+    assert finished.read_text() == before
+    # parts of the finished file's own settings replace it, as a merge after rerunning a chunk does
+    write_jsonl(tmp_path / "run_2_0.jsonl", [{"id": "a", "pred": "new", "error": None, "model": "A", "vtr": "t"}])
+    assert rq.merge(tmp_path, "run", 2)["rows"] == 1 and rows_of(finished)[0]["pred"] == "new"
+
+
+def test_batch_size_and_video_folder_are_settings_of_a_file(tiny, dataset, tmp_path, capsys):
+    """Left-padded batches can change half-precision answers, and another folder may hold other videos under
+    the same names: a resume with another --batch_size or --video_dir is refused, naming it."""
+    flags = ("--vtr_strategy", "none", "--num_samples", "2", "--no_score", "--output_name", "run")
+    assert run_qa(tiny, dataset, tmp_path, *flags) == 0
+    path = tmp_path / "run.jsonl"
+    row = rows_of(path)[0]
+    assert row["batch_size"] == 1 and row["video_dir"] == str((dataset / "videos").resolve())
+    before = path.read_text()
+    assert run_qa(tiny, dataset, tmp_path, *flags, "--batch_size", "2") == 2
+    assert "batch_size=1 there, 2 here" in capsys.readouterr().err
+    other = tmp_path / "copy"
+    shutil.copytree(dataset, other)
+    assert run_qa(tiny, other, tmp_path, *flags) == 2
+    assert f"video_dir={str((dataset / 'videos').resolve())!r} there, {str(other / 'videos')!r} here" in (
+        capsys.readouterr().err
+    )
+    assert path.read_text() == before
+
+
+def unloadable(calls):
+    def load(*args):
+        calls.append(args)
+        raise AssertionError("the model was loaded")
+
+    return load
+
+
+def test_the_lock_and_the_settings_check_come_before_the_weights_load(tiny, dataset, tmp_path, monkeypatch, capsys):
+    """A duplicate command, or one on a file of other settings, is refused before the 7B weights load."""
+    calls = []
+    monkeypatch.setattr(rq, "load", unloadable(calls))
+    argv = ["--model_path", tiny[0], "--video_dir", str(dataset / "videos"), "--output_dir", str(tmp_path)]
+    argv += ["--gt_file_question", str(dataset / "q.json"), "--num_samples", "1", "--device", "cpu"]
+    path = tmp_path / f"{named(tiny, 'unpruned')}.jsonl"  # the default name: the planned settings tag
+    with rq.output_lock(path, "python -m videollava.vtr.run_video_qa --first"):
+        assert rq.main([*argv, "--vtr_strategy", "none"]) == 2
+    assert f"{path} is being written by another run (pid {os.getpid()} on " in capsys.readouterr().err
+    write_jsonl(path, [{"id": "q0", "pred": "x", "error": None, "model": "other"}])
+    assert rq.main([*argv, "--vtr_strategy", "none"]) == 2
+    assert f"{path} holds rows made with other settings (model='other' there" in capsys.readouterr().err
+    assert rq.main([*argv, "--vtr_prune_layer", "4"]) == 2  # past the 4 layers: known from the config alone
+    assert "argument --vtr_prune_layer" in capsys.readouterr().err
+    assert calls == [] and not Path(f"{path}.lock").exists()
+
+
+def test_the_planned_settings_are_the_loaded_models(tiny, dataset, tmp_path, capsys):
+    """A run that loads its model checks the file against the settings planned before loading: the rerun
+    resumes (it would be refused if the plan differed from the loaded model), in the default and other dtypes
+    and attentions."""
+    argv = ["--model_path", tiny[0], "--video_dir", str(dataset / "videos"), "--output_dir", str(tmp_path)]
+    argv += ["--gt_file_question", str(dataset / "q.json"), "--num_samples", "1", "--max_new_tokens", "2"]
+    argv += ["--device", "cpu", "--no_score", *FASTV]
+    for name, extra, expected in [
+        ("default", [], ("float32", "sdpa")),
+        ("auto", ["--dtype", "auto", "--attn_implementation", "eager"], ("float32", "eager")),
+        ("bf16", ["--dtype", "bfloat16"], ("bfloat16", "sdpa")),
+    ]:
+        for _ in range(2):
+            assert rq.main([*argv, *extra, "--output_name", name]) == 0, capsys.readouterr().err
+        assert "1 questions: 1 already in" in capsys.readouterr().err, name
+        (row,) = rows_of(tmp_path / f"{name}.jsonl")
+        assert (row["dtype"], row["attn_implementation"]) == expected
+
+
+# ------------------------------------------------------------------------------------------ outputs.py
+
+
+def test_output_lock_names_a_live_holder_takes_over_a_dead_one_and_never_another_hosts(tmp_path, capsys):
+    import socket
+
+    from videollava.vtr import outputs
+
+    lock = tmp_path / "run.lock"
+    with outputs.output_lock(lock, "vtr_run", "vtr_run --first") as mine:
+        assert (
+            json.loads(lock.read_text()) == mine and mine["pid"] == os.getpid() and mine["command"] == "vtr_run --first"
+        )
+        with pytest.raises(
+            outputs.OutputLocked, match=f"{lock} is held by another vtr_run \\(pid {os.getpid()} on"
+        ) as held:
+            with outputs.output_lock(lock, "vtr_run"):
+                pytest.fail("a second holder got the lock")
+        assert held.value.held and "vtr_run --first" in held.value.holder
+    assert not lock.exists()  # released: the file goes
+
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    record = dict(pid=dead.pid, host=socket.gethostname(), command="vtr_run --killed", started="2024-01-01 00:00:00")
+    lock.write_text(json.dumps(record))
+    with outputs.output_lock(lock, "vtr_run"):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    err = capsys.readouterr().err
+    assert f"note: took over {lock}, left by a vtr_run that is no longer running (pid {dead.pid} on " in err
+    for changed, needle in [
+        (dict(host="elsewhere"), f"held by a vtr_run on another host (pid {dead.pid} on elsewhere"),
+        (dict(pid=os.getppid()), f"names a vtr_run that is still running (pid {os.getppid()} on"),  # no flock here
+    ]:
+        lock.write_text(json.dumps({**record, **changed}))
+        with pytest.raises(outputs.OutputLocked, match="delete") as refused:
+            with outputs.output_lock(lock, "vtr_run"):
+                pytest.fail("took over a lock it must not")
+        assert needle in str(refused.value) and not refused.value.held
+        assert json.loads(lock.read_text()) == {**record, **changed}  # left as it was
+    with pytest.raises(outputs.OutputError, match=f"cannot create the lock file {tmp_path / 'no' / 'x.lock'}"):
+        with outputs.output_lock(tmp_path / "no" / "x.lock"):
+            pass
+
+
+def test_atomic_writes_replace_whole_or_not_at_all_and_new_files_never_replace(tmp_path, monkeypatch):
+    from videollava.vtr import outputs
+
+    path = tmp_path / "summary.json"
+    assert outputs.write_atomic(path, "one") == path and path.read_text() == "one"
+    assert outputs.write_atomic(path, b"two") == path and path.read_bytes() == b"two"
+
+    def broken(*args):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "replace", broken)
+        with pytest.raises(outputs.OutputError, match=f"cannot write {path}: .*No space left") as failed:
+            outputs.write_atomic(path, "three")
+    assert failed.value.reason == "[Errno 28] No space left on device"
+    with pytest.raises(outputs.OutputError, match=f"cannot write {tmp_path / 'no' / 'x.json'}"):
+        outputs.write_atomic(tmp_path / "no" / "x.json", "x")
+
+    new = tmp_path / "bench.json"
+    assert outputs.write_new(new, "first") == new and new.read_text() == "first"
+    with pytest.raises(outputs.OutputExists, match=f"{new} exists"):
+        outputs.write_new(new, "second")
+    with monkeypatch.context() as patch:  # a filesystem without hard links: created exclusively all the same
+        patch.setattr(os, "link", broken)
+        assert outputs.write_new(tmp_path / "nolink.json", "x").read_text() == "x"
+        with pytest.raises(outputs.OutputExists):
+            outputs.write_new(new, "third")
+    assert new.read_text() == "first" and path.read_text() == "two"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json", "nolink.json", "summary.json"]  # no temp
+
+
+def test_a_lock_left_by_a_run_of_another_host_is_not_taken_over(tiny, dataset, tmp_path, capsys):
+    path = tmp_path / "run.jsonl"
+    record = dict(pid=1, host="elsewhere", command="python -m videollava.vtr.run_video_qa", started="2024-01-01")
+    Path(f"{path}.lock").write_text(json.dumps(record))
+    assert run_qa(tiny, dataset, tmp_path, "--num_samples", "1", "--no_score", "--output_name", "run") == 2
+    err = capsys.readouterr().err
+    assert f"{path}.lock is held by a run on another host (pid 1 on elsewhere" in err and f"delete {path}.lock" in err
+    assert not path.exists()

@@ -18,11 +18,12 @@ A row: {"id", "video", "question", "answer", "pred", "error", "visual_tokens" (b
 "kept_tokens" (one count per prune stage; [] when nothing was pruned), "prune_layers", "seq_len",
 "flops_ratio" (analytic decoder prefill FLOPs, pruned / unpruned), "prefill_ms" (the LLM prefill forward),
 "generate_ms", and the settings that change an answer: "vtr" (the settings tag), "model", "num_frames",
-"conv_mode", "max_new_tokens", "dtype", "attn_implementation"}, plus "answer_type" when the answers file
-has types and "merged_tokens" for methods that recycle dropped tokens. A missing or unreadable video gives a
-row with `error` set and `pred` null, and the run goes on. Rerunning the same command resumes: ids already
-answered are skipped, rows that failed before are tried again (and replaced). A file holding rows of other
-settings is refused, never mixed; a file being written by another run (`<file>.lock`) is refused too.
+"conv_mode", "max_new_tokens", "dtype", "attn_implementation", "batch_size", "video_dir" (resolved)}, plus
+"answer_type" when the answers file has types and "merged_tokens" for methods that recycle dropped tokens. A
+missing or unreadable video gives a row with `error` set and `pred` null, and the run goes on. Rerunning the
+same command resumes: ids already answered are skipped, rows that failed before are tried again (and
+replaced). A file holding rows of other settings is refused, never mixed; a file being written by another run
+(`<file>.lock`) is refused too, both before the model's weights load.
 """
 
 from __future__ import annotations
@@ -33,8 +34,6 @@ import difflib
 import json
 import os
 import re
-import shlex
-import socket
 import sys
 import time
 import typing
@@ -44,13 +43,25 @@ from pathlib import Path
 from .config import VTRConfig, VTRConfigError
 from .cost import ideal_speedup, text_config_dims, tokens_per_layer
 from .model_args import ModelArgsError, convert, describe, vtr_field_types
+from .outputs import OutputError, OutputLocked, write_atomic
+from .outputs import output_lock as _output_lock
 from .prompts import CONV_SYSTEM, chat_prompt
 from .score import ScoreError, read_answers
 
 VTR_PREFIX = "vtr_"
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 #: The row keys of the settings that change an answer: a rerun on a file must match every one of them.
-SETTINGS = ("model", "vtr", "num_frames", "conv_mode", "max_new_tokens", "dtype", "attn_implementation")
+SETTINGS = (
+    "model",
+    "vtr",
+    "num_frames",
+    "conv_mode",
+    "max_new_tokens",
+    "dtype",
+    "attn_implementation",
+    "batch_size",  # left-padded batches can change half-precision answers
+    "video_dir",  # the resolved folder: another folder may hold other videos under the same names
+)
 PART_RE = re.compile(r"^(?P<name>.+)_(?P<num>\d+)_(?P<idx>\d+)\.jsonl$")
 
 EPILOG = """\
@@ -367,17 +378,10 @@ def read_rows(path: str | Path) -> tuple[list[dict], int]:
 
 def _write_rows(path: Path, rows: list[dict]) -> None:
     """Replace `path` with `rows` whole or not at all (an interrupted write leaves the old file)."""
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        with tmp.open("w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-        os.replace(tmp, path)
-    except OSError as error:
-        raise DataError(f"cannot write {path}: {error}") from None
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+        write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
+    except OutputError as error:
+        raise DataError(str(error)) from None
 
 
 def settings_differ(rows: list[dict], settings: dict) -> dict[str, tuple]:
@@ -395,10 +399,9 @@ def _describe_differences(differ: dict[str, tuple], there: str = "there", here: 
     return "; ".join(f"{key}={theirs!r} {there}, {ours!r} {here}" for key, (theirs, ours) in differ.items())
 
 
-def prepare_resume(path: Path, run_settings: dict, questions: list[Question] | None = None) -> dict[str, dict]:
-    """The rows already answered in `path`, by id. Rows that failed (and unreadable lines, and the earlier
-    rows of a repeated id) are removed from the file so that this run retries them. A file written with
-    other settings, or whose rows were asked another question or video than `questions`, is refused."""
+def check_settings(path: Path, run_settings: dict, questions: list[Question] | None = None) -> tuple[list[dict], int]:
+    """(rows, unreadable lines) of `path`; DataError, the file untouched, when its rows were made with other
+    settings or were asked another question or video than `questions` for the same id."""
     rows, bad = read_rows(path)
     differ = settings_differ(rows, run_settings)
     by_id = {q.id: q for q in questions or []}
@@ -412,6 +415,14 @@ def prepare_resume(path: Path, run_settings: dict, questions: list[Question] | N
             f"{path} holds rows made with other settings ({_describe_differences(differ)}); give another "
             "--output_name or --output_dir (or delete the file) to start a new run: runs are never mixed"
         )
+    return rows, bad
+
+
+def prepare_resume(path: Path, run_settings: dict, questions: list[Question] | None = None) -> dict[str, dict]:
+    """The rows already answered in `path`, by id. Rows that failed (and unreadable lines, and the earlier
+    rows of a repeated id) are removed from the file so that this run retries them. A file written with
+    other settings, or whose rows were asked another question or video than `questions`, is refused."""
+    rows, bad = check_settings(path, run_settings, questions)
     done = {str(row["id"]): row for row in rows if not row.get("error")}
     failed = len(rows) - len(done)
     lines = sum(1 for line in path.read_bytes().splitlines() if line.strip()) if path.is_file() else 0
@@ -428,61 +439,22 @@ def prepare_resume(path: Path, run_settings: dict, questions: list[Question] | N
 
 @contextlib.contextmanager
 def output_lock(path: Path, command: str | None = None):
-    """Hold `<path>.lock` while this process writes `path`: a second run on the same file is refused
-    (DataError naming the holder: pid, host, command, start time). An fcntl lock, so the kernel releases it
-    when its process dies, however it dies; a lock file left behind by a dead run is taken over with a note."""
-    import fcntl
-
-    lock = path.with_name(path.name + ".lock")
-    while True:
+    """Hold `<path>.lock` while this process writes `path` (the shared `outputs.output_lock`): a second run on
+    the same file is refused (DataError naming the holder: pid, host, command, start time); a lock file left by
+    a dead run of this host is taken over with a note, one naming a run of another host is refused."""
+    with contextlib.ExitStack() as stack:
         try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as error:
-            raise DataError(f"cannot create the lock file {lock}: {error}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as error:
-            holder = _lock_text(fd)
-            os.close(fd)
-            if isinstance(error, BlockingIOError):
-                raise DataError(
-                    f"{path} is being written by another run ({holder or 'it is just starting'}); wait for it to "
-                    f"finish, or give another --output_name / --output_dir"
-                ) from None
-            raise DataError(f"cannot lock {lock}: {error}") from None
-        try:
-            if os.fstat(fd).st_ino == os.stat(lock).st_ino:  # not unlinked by its last holder meanwhile
-                break
-        except FileNotFoundError:
-            pass
-        os.close(fd)
-    try:
-        left = _lock_text(fd)
-        if left:
-            print(f"note: took over {lock}, left by a run that is no longer running ({left})", file=sys.stderr)
-        info = dict(
-            pid=os.getpid(),
-            host=socket.gethostname(),
-            command=command or shlex.join(sys.argv),
-            started=time.strftime("%Y-%m-%d %H:%M:%S"),
-        )
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+            stack.enter_context(_output_lock(path.with_name(path.name + ".lock"), "run", command))
+        except OutputLocked as error:
+            if not error.held:
+                raise DataError(str(error)) from None
+            raise DataError(
+                f"{path} is being written by another run ({error.holder}); wait for it to finish, or give another "
+                "--output_name / --output_dir"
+            ) from None
+        except OutputError as error:
+            raise DataError(str(error)) from None
         yield
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(lock)
-        os.close(fd)
-
-
-def _lock_text(fd: int) -> str:
-    """Who holds (or held) a lock file, in words; "" when it is empty."""
-    text = os.pread(fd, 65536, 0).decode("utf-8", "replace").strip()
-    try:
-        info = json.loads(text)
-        return f"pid {info['pid']} on {info['host']}, started {info['started']}: {info['command']}"
-    except (ValueError, KeyError, TypeError):
-        return text
 
 
 # ------------------------------------------------------------------------------------------ running
@@ -698,9 +670,54 @@ def default_output_name(model: str, tag: str, args) -> str:
     return name if args.conv_mode == "llava_v1" else f"{name}_{args.conv_mode}"
 
 
+def run_settings(args, model) -> dict:
+    """The settings that change an answer (SETTINGS), as this run's rows record them."""
+    return dict(
+        model=model_id(args.model_path),
+        vtr=describe(model.vtr_config),  # after the backbone filled in what was left to defaults
+        num_frames=args.num_frames,
+        conv_mode=args.conv_mode,
+        max_new_tokens=args.max_new_tokens,
+        dtype=str(model.dtype).removeprefix("torch."),
+        attn_implementation=getattr(model.config, "_attn_implementation", None),
+        batch_size=args.batch_size,
+        video_dir=str(Path(args.video_dir).expanduser().resolve()),
+    )
+
+
+def planned_model(args, vtr_config: VTRConfig):
+    """The model `load` will return, built from the checkpoint's config on the meta device (no weights, no
+    memory, a fraction of a second): its resolved VTR settings, dtype and attention, known before loading."""
+    import torch
+    from transformers import AutoConfig
+
+    from .model_args import check_checkpoint
+    from .modeling import VTRVideoLlavaForConditionalGeneration
+
+    _, dtype = _device_and_dtype(args)
+    try:
+        check_checkpoint(args.model_path)
+        config = AutoConfig.from_pretrained(args.model_path)
+    except (OSError, ValueError) as error:  # no such folder / hub id
+        raise DataError(f"cannot load --model_path {args.model_path}: {error}") from None
+    if config.model_type != "video_llava":
+        raise DataError(
+            f"cannot load --model_path {args.model_path}: a {config.model_type!r} checkpoint; this runner takes "
+            "Video-LLaVA ('video_llava') checkpoints"
+        )
+    kwargs = {} if dtype == "auto" else dict(dtype=dtype)
+    if args.attn_implementation:
+        kwargs["attn_implementation"] = args.attn_implementation
+    with torch.device("meta"):
+        model = VTRVideoLlavaForConditionalGeneration._from_config(config, **kwargs)
+    model.set_vtr_config(vtr_config)
+    return model
+
+
 def run(args, vtr_config: VTRConfig, model=None, processor=None) -> dict:
     """Answer this chunk's questions not yet in the output file. `model`/`processor` may be given already
-    loaded (tests, notebooks); the config is then set on the model. Returns counts and the output path."""
+    loaded (tests, notebooks); the config is then set on the model. Returns counts and the output path. The
+    output is locked, and its rows checked against this run's settings, before the weights load."""
     questions = load_questions(args.gt_file_question, args.gt_file_answers)
     if args.num_samples is not None:
         questions = questions[: args.num_samples]
@@ -713,23 +730,16 @@ def run(args, vtr_config: VTRConfig, model=None, processor=None) -> dict:
     if not os.access(out_dir, os.W_OK | os.X_OK):
         raise DataError(f"--output_dir {out_dir}: not writable")
 
-    if model is None:
-        model, processor = load(args, vtr_config)
-    else:
+    if model is not None:
         model.set_vtr_config(vtr_config)
-    tag = describe(model.vtr_config)  # after the backbone filled in what was left to defaults
-    settings = dict(
-        model=model_id(args.model_path),
-        vtr=tag,
-        num_frames=args.num_frames,
-        conv_mode=args.conv_mode,
-        max_new_tokens=args.max_new_tokens,
-        dtype=str(model.dtype).removeprefix("torch."),
-        attn_implementation=getattr(model.config, "_attn_implementation", None),
-    )
-    name = args.output_name or default_output_name(settings["model"], tag, args)
+    settings = run_settings(args, model if model is not None else planned_model(args, vtr_config))
+    name = args.output_name or default_output_name(settings["model"], settings["vtr"], args)
     path = output_path(out_dir, name, args.num_chunks, args.chunk_idx)
     with output_lock(path):
+        check_settings(path, settings, mine)  # a file of other settings is refused before the weights load
+        if model is None:
+            model, processor = load(args, vtr_config)
+            settings = run_settings(args, model)  # the same as planned; checked again by the resume
         return _answer(args, model, processor, settings, mine, path)
 
 
@@ -805,7 +815,8 @@ def _answer(args, model, processor, settings: dict, mine: list[Question], path: 
 
 
 class MergeError(ValueError):
-    """Parts are missing, or which parts to merge is ambiguous."""
+    """Parts are missing or of different settings, the target holds another run, or which parts to merge is
+    ambiguous."""
 
 
 def find_parts(output_dir: str | Path, output_name: str | None = None, num_chunks: int | None = None):
@@ -834,9 +845,9 @@ def find_parts(output_dir: str | Path, output_name: str | None = None, num_chunk
 
 def merge(output_dir, output_name=None, num_chunks=None, questions: list[Question] | None = None) -> dict:
     """Concatenate the parts, in chunk order, into `<output_name>.jsonl` (one row per id, its last). Refuses
-    (MergeError, nothing written) when a part is missing or parts hold rows of different settings, and
-    (DataError) while a part or the target is being written by a run; with `questions` it also reports
-    questions no part answered."""
+    (MergeError, nothing written) when a part is missing, parts hold rows of different settings, or the target
+    already holds rows of other settings (or rows while the parts hold none), and (DataError) while a part or
+    the target is being written by a run; with `questions` it also reports questions no part answered."""
     name, num, parts = find_parts(output_dir, output_name, num_chunks if num_chunks and num_chunks > 1 else None)
     missing = [i for i in range(num) if i not in parts]
     if missing:
@@ -862,6 +873,16 @@ def merge(output_dir, output_name=None, num_chunks=None, questions: list[Questio
                 )
             bad += part_bad
             by_id.update((str(row["id"]), row) for row in part_rows)
+        finished = read_rows(target)[0]  # a merged file already there: replaced only by rows of its settings
+        differ = settings_differ(finished, first[1]) if first else {}
+        if differ:
+            raise MergeError(
+                f"{target} already holds rows made with other settings than the parts "
+                f"({_describe_differences(differ, target.name, first[0].name)}); move it away, or merge parts of "
+                "its own run"
+            )
+        if finished and not by_id:
+            raise MergeError(f"the parts hold no rows and {target} holds {len(finished)}: nothing to merge")
         rows, seen = list(by_id.values()), set(by_id)
         _write_rows(target, rows)
     report = dict(

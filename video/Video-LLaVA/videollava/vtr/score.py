@@ -19,14 +19,13 @@ GPT-judge metric of the original Video-LLaVA workflow reads the same JSONL (docs
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import re
 import string
 import sys
 from pathlib import Path
 
+from .outputs import OutputError, write_atomic
 from .timing import spread
 
 
@@ -165,17 +164,10 @@ def summary_path(path: str | Path) -> Path:
 def write_json(target: str | Path, obj) -> Path:
     """Write `obj` to `target` whole or not at all (a temporary file renamed over it); ScoreError if it
     cannot be written."""
-    target = Path(target)
-    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, target)
-    except OSError as error:
-        raise ScoreError(f"cannot write the summary {target}: {error}") from None
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-    return target
+        return write_atomic(target, json.dumps(obj, indent=2) + "\n")
+    except OutputError as error:
+        raise ScoreError(f"cannot write the summary {target}: {error.reason}") from None
 
 
 def write_summary(summary: dict, path: str | Path | None = None) -> Path:
