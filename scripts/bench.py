@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from llava.vtr import timing
+from llava.vtr import outputs, timing
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -132,21 +132,20 @@ def run_setting(model, inputs, clock, decode_steps, cuda, samples):
 
 
 def write_new(path: Path, text: str) -> Path:
-    """Writes `text` to a new file, all or nothing (a temporary file linked into place), never replacing a file:
-    if `path` appeared meanwhile (another run), the result goes to `<stem>-<pid><suffix>` beside it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
+    """Writes `text` to a new file, all or nothing, never replacing a file (the shared `outputs.write_new`): if
+    `path` appeared meanwhile (another run), the result goes to `<stem>-<pid><suffix>` beside it."""
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         for target in (path, path.with_name(f"{path.stem}-{os.getpid()}{path.suffix}")):
             try:
-                os.link(tmp, target)
-                return target
-            except FileExistsError:
+                return outputs.write_new(target, text)
+            except outputs.OutputExists:
                 continue
-        raise timing.UsageError(f"--out {path}: exists, and so does {target}")
-    finally:
-        tmp.unlink()
+    except OSError as error:
+        raise timing.UsageError(f"--out {path}: cannot create its folder: {error}") from None
+    except outputs.OutputError as error:
+        raise timing.UsageError(f"--out {path}: {error}") from None
+    raise timing.UsageError(f"--out {path}: exists, and so does {target}")
 
 
 def main(argv=None) -> int:
@@ -217,6 +216,10 @@ def run(argv) -> int:
         raise timing.UsageError(
             f"--prune-layer {args.prune_layer}: --layers is {args.layers}; choose 0..{args.layers - 1}"
         )
+    try:  # its folder before the benchmark, not after it
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise timing.UsageError(f"--out {out}: cannot create its folder: {error}") from None
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"

@@ -109,3 +109,19 @@ def test_an_existing_result_is_never_replaced_and_ctrl_c_writes_nothing(tmp_path
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.rstrip().endswith("interrupted (Ctrl-C); nothing more was run")
     assert not fresh.exists() and not any(p.name.startswith(".") for p in tmp_path.iterdir())
+
+
+def test_an_unwritable_out_is_one_line_before_the_benchmark_and_a_write_failure_names_it(tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("")
+    ran = []
+    monkeypatch.setattr(bench, "run_setting", lambda *args: ran.append(1))
+    argv = [*TINY, "--rounds", "1", "--strategies", "random", "--budgets", "8", "--prune-layer", "1"]
+    assert bench.main([*argv, "--cache-dir", str(tmp_path / "cache"), "--out", str(blocker / "b.json")]) == 2
+    err = capsys.readouterr().err
+    assert f"scripts/bench.py: error: --out {blocker / 'b.json'}: cannot create its folder" in err and not ran
+    # the write itself failing (the disk filled up meanwhile): one line naming the file
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    with pytest.raises(bench.timing.UsageError, match=f"--out {tmp_path / 'b.json'}: cannot write .*No space left"):
+        bench.write_new(tmp_path / "b.json", "x")
+    assert [p.name for p in tmp_path.iterdir()] == ["file.txt"]  # nothing built, no temporary file
