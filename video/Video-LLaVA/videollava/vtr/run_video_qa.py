@@ -259,7 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(`USER: <video>\\n{question} ASSISTANT:`, the HF model card's)",
     )
     gen.add_argument("--max_new_tokens", type=int, default=1024, help="default 1024 (the original workflow's)")
-    gen.add_argument("--batch_size", type=int, default=1, help="questions per generate() call (default 1)")
+    gen.add_argument(
+        "--batch_size", type=int, default=1, help="questions per generate() call (default 1; a setting of the file)"
+    )
     add_vtr_flags(parser)
     return parser
 
