@@ -19,7 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "vtr_run"
-TASK = ROOT / "image" / "LLaVA" / "tests" / "data" / "lmms_tiny"
+TASK = ROOT / "scripts" / "lmms_tasks" / "vtr_tiny"
 
 
 def vtr_run(*args, cwd=None):
@@ -403,6 +403,7 @@ def test_a_busy_output_is_refused_and_a_stopped_sweep_stops_its_runner(signum, f
         assert script().main(["--method", "fastv", *fake["args"]]) == 2  # a second command on that output
         error = capsys.readouterr().err
         assert f"pid {proc.pid} on {socket.gethostname()}" in error and "--method fastv" in error
+        assert f"{fake['out']} is in use by another vtr_run (" in error and "give another --output" in error
         assert calls(fake) == [calls(fake)[0]]  # nothing ran twice
         proc.send_signal(signum)
         out, err = proc.communicate(timeout=120)
@@ -428,7 +429,7 @@ def test_a_lock_left_by_a_dead_run_is_taken_over_and_one_from_another_host_is_no
     lock.write_text(json.dumps(held))
     args = ["--method", "fastv", "--no-baseline", *fake["args"]]
     assert script().main(args) == 0
-    assert f"took over {lock}" in capsys.readouterr().err and lock.read_text() == ""
+    assert f"took over {lock}" in capsys.readouterr().err and not lock.exists()
     lock.write_text(json.dumps(dict(held, host="elsewhere")))
     assert script().main(args) == 2
     error = capsys.readouterr().err
