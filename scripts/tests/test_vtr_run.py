@@ -369,6 +369,27 @@ def test_every_setting_names_its_run_and_has_a_column_and_nothing_finished_is_de
     assert {r["prune_layer"] for r in csv.DictReader(open(fake["out"] / "summary.csv"))} == {"-", "2", "3", "8+16"}
 
 
+def test_checkpoints_named_alike_are_refused_and_a_finished_run_folder_is_never_deleted(fake, capsys):
+    main = script().main
+    assert main(["--pretrained", "org/a_b,org_a/b", "--no-baseline", "--dry-run", *fake["args"]]) == 2
+    error = capsys.readouterr().err
+    assert "pretrained=org/a_b,strategy=fastv and pretrained=org_a/b,strategy=fastv would both be run" in error
+    assert "llava__org_a_b__fastv" in error and "different --output" in error
+    assert main(["--pretrained", "org/a_b", "--no-baseline", *fake["args"]]) == 0  # the same, in two commands
+    assert main(["--pretrained", "org_a/b", "--no-baseline", *fake["args"]]) == 2 and len(calls(fake)) == 1
+    assert "holds another run under that name" in capsys.readouterr().err
+    # a finished run whose results were removed since: a row with its error, its folder left as it was
+    (finished,) = (fake["out"] / "runs").glob("*/vtr_run_finished.json")
+    (finished.parent / "model" / "x_results.json").unlink()
+    assert main(["--pretrained", "org/a_b", "--no-baseline", *fake["args"]]) == 1 and len(calls(fake)) == 1
+    assert finished.is_file() and (finished.parent / "model" / "vtr_stats_x.json").is_file()
+    (row,) = summary(fake).values()
+    assert (
+        row["error"]
+        == f"{finished.parent} holds a finished run but not its results; never deleted: move it away to rerun it"
+    )
+
+
 @pytest.mark.parametrize(
     "param,flag",
     [
