@@ -621,3 +621,25 @@ def test_the_plot_has_a_panel_per_metric_and_axis_and_shows_every_series(fake):
         colours = {c for _, c in box.getcolors(box.size[0] * box.size[1])}
         for entry in legend.values():
             assert tuple(int(entry["colour"][i : i + 2], 16) for i in (1, 3, 5)) in colours, (panel["title"], entry)
+
+
+def test_plot_lines_of_checkpoints_that_end_alike_stay_apart(tmp_path):
+    from PIL import Image
+
+    def plotted(*models):
+        rows = [
+            {"backbone": "llava", "pretrained": m, "method": "fastv", "prune_layer": "2", "params": "", "budget": "",
+             "final_kept": 8.0, "t:acc": acc}
+            for m, acc in zip(models, (0.5, 0.7))
+        ]  # fmt: skip
+        script().plot(rows, ["t:acc"], tmp_path / "summary.png")
+        info = json.loads(Image.open(tmp_path / "summary.png").text["vtr_run"])
+        return [e["label"] for e in info["legend"]], info["panels"][0]["series"]
+
+    tail = "/checkpoints/llava-7b-vtr-final"  # the same last 24 characters and more
+    labels, series = plotted(f"/runs/a{tail}", f"/runs/b{tail}")
+    assert labels == [f"/runs/a{tail} fastv", f"/runs/b{tail} fastv"]  # two lines, labelled in full
+    assert series == {labels[0]: [[8.0, 0.5]], labels[1]: [[8.0, 0.7]]}
+    labels, _ = plotted(f"/runs/one{tail}", f"/runs/two{tail}-2")  # long ones that end apart: by their ends
+    assert [len(label) < len(f"/runs/one{tail}") for label in labels] == [True, True]
+    assert labels[0].endswith("vtr-final fastv") and labels[1].endswith("vtr-final-2 fastv")
