@@ -441,6 +441,35 @@ def test_a_busy_output_is_refused_and_a_stopped_sweep_stops_its_runner(signum, f
         proc.wait()
 
 
+@pytest.mark.parametrize("when", ["the child exited", "its record is written"])
+def test_a_signal_as_a_run_finishes_waits_until_its_record_is_written(when, fake, capsys, monkeypatch):
+    import llava.vtr.outputs as outputs
+
+    write, wait = outputs.write_atomic, subprocess.Popen.wait
+
+    def write_when_interrupted(path, data):  # Ctrl-C just as the finished run's record is about to be written
+        if Path(path).name == "vtr_run_finished.json":
+            os.kill(os.getpid(), signal.SIGINT)
+        return write(path, data)
+
+    def wait_when_interrupted(self, timeout=None):  # Ctrl-C just after the child exited (0)
+        code = wait(self, timeout)
+        os.kill(os.getpid(), signal.SIGINT)
+        return code
+
+    if when == "the child exited":
+        monkeypatch.setattr(subprocess.Popen, "wait", wait_when_interrupted)
+    else:
+        monkeypatch.setattr(outputs, "write_atomic", write_when_interrupted)
+    args = ["--method", "fastv", "--no-baseline", *fake["args"]]
+    assert script().main(args) == 128 + signal.SIGINT
+    (run,) = (p.name for p in (fake["out"] / "runs").iterdir() if p.is_dir())
+    assert capsys.readouterr().err == f"vtr_run: stopped by SIGINT; 1 of 1 runs finished:\n  {run}\n"
+    monkeypatch.undo()
+    assert script().main(args) == 0 and len(calls(fake)) == 1  # the rerun keeps it
+    assert f"{run}: done before, skipped" in capsys.readouterr().out
+
+
 def test_a_lock_left_by_a_dead_run_is_taken_over_and_one_from_another_host_is_not(fake, capsys):
     dead = subprocess.Popen([sys.executable, "-c", ""])
     dead.wait()
