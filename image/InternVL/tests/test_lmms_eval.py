@@ -13,6 +13,7 @@ import pytest
 import torch
 from internvl_testlib import oracle_forward, stage_drops
 from lmms_eval.api.instance import Instance
+from lmms_scores import check_scores
 from PIL import Image
 
 from internvl_vtr.lmms_eval_plugin import InternVLVTR
@@ -106,43 +107,6 @@ def lmms_eval(workdir, model_args, tasks, *options):
     cmd = [sys.executable, "-m", "lmms_eval", "--model", "internvl_vtr", "--model_args", model_args]
     cmd += ["--tasks", tasks, "--include_path", str(workdir / "task"), *options]
     return subprocess.run(cmd, cwd=workdir / "task", env=env, capture_output=True, text=True, timeout=600)
-
-
-def check_scores(results, results_file, lm, task_dir, generation_tasks, mc_task):
-    """The scores are the model's answers, scored (from --log_samples): exact_match is the task's rule on each
-    logged answer; each multiple-choice option's logged loss is its mean negative log-likelihood computed in
-    process, and acc is 1 where the MORE likely option is the answer (lmms-eval picks the smaller loss)."""
-    spec = importlib.util.spec_from_file_location(f"{mc_task}_utils", task_dir / "utils.py")
-    task = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(task)
-
-    def samples(name):
-        path = results_file.with_name(results_file.name.replace("_results.json", f"_samples_{name}.jsonl"))
-        return sorted((json.loads(line) for line in path.read_text().splitlines()), key=lambda s: s["doc_id"])
-
-    def docs(data):
-        return [json.loads(line) for line in (task_dir / data).read_text().splitlines()]
-
-    for name, data in generation_tasks:
-        logged = samples(name)
-        exact = [task.process_results(doc, [s["filtered_resps"]])["exact_match"] for doc, s in zip(docs(data), logged)]
-        assert [s["exact_match"] for s in logged] == exact and len(exact) == len(docs(data))
-        assert results["results"][name]["exact_match,none"] == pytest.approx(sum(exact) / len(exact))
-    lm.task_dict = {"t": {"test": docs("data.jsonl")}}
-    logged, acc = samples(mc_task), []
-    for i, (doc, sample) in enumerate(zip(docs("data.jsonl"), logged)):
-        visuals = lm.doc_visuals(task.doc_to_visual, i, "t", "test")
-        inputs = lm.encode([lm.build_prompt(sample["input"], visuals)], [visuals])
-        likelihood = []
-        for choice in ("yes", "no"):
-            target = lm.tokenizer(f" {choice}", add_special_tokens=False, return_tensors="pt")["input_ids"]
-            logprobs = lm.continuation_logprobs(inputs, target.to(lm.device))
-            likelihood.append(float(logprobs.gather(1, target[0][:, None].to(lm.device)).mean()))
-        losses = [float(loss) for loss, _ in sample["filtered_resps"]]
-        assert losses == pytest.approx([-x for x in likelihood], abs=1e-4), "each option's loss: its mean NLL"
-        acc.append(float(("yes", "no")[likelihood.index(max(likelihood))] == doc["answer"]))
-    assert [s["acc"] for s in logged] == acc and len(acc) == len(docs("data.jsonl"))
-    assert results["results"][mc_task]["acc,none"] == pytest.approx(sum(acc) / len(acc))
 
 
 def test_cli_end_to_end_images_videos_generation_and_multiple_choice(tmp_path, tiny_path):

@@ -1,7 +1,6 @@
 """End to end: the real `python -m lmms_eval` CLI, offline, on a tiny LLaVA and the bundled local task
 (scripts/lmms_tasks/vtr_tiny), including the README's offline command as written."""
 
-import importlib.util
 import itertools
 import json
 import os
@@ -12,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from lmms_scores import check_multiple_choice, logged_samples, read_docs, task_module
 
 from llava.vtr.demo import DEMO_SHAPE
 from llava.vtr.lmms_eval_plugin import LlavaVTR
@@ -60,21 +60,13 @@ def run_cli(workdir, tiny_path, name, extra_args):
     return json.loads(results.read_text()), json.loads(stats.read_text()), stats.name, results
 
 
-def logged_samples(results_file: Path, task: str) -> list[dict]:
-    """The per-doc samples `--log_samples` wrote beside the results, in doc order."""
-    (path,) = results_file.parent.glob(results_file.name.replace("_results.json", f"_samples_{task}.jsonl"))
-    return sorted((json.loads(line) for line in path.read_text().splitlines()), key=lambda s: s["doc_id"])
-
-
 def check_scores(results, results_file, model_args):
     """The CLI's scores are the model's own answers, scored: each logged answer equals the one generated in
     process with the same settings, each option's logged loss is its mean negative log-likelihood, and
     exact_match / acc score those answers (acc: per question the option the model finds MORE likely; lmms-eval
     picks the smallest loss, so a log-probability in its place would pick the less likely one)."""
-    spec = importlib.util.spec_from_file_location("vtr_tiny_task", TASK_DIR / "utils.py")
-    task = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(task)
-    docs = [json.loads(line) for line in (TASK_DIR / "data.jsonl").read_text().splitlines()]
+    task = task_module(TASK_DIR, "vtr_tiny_task")
+    docs = read_docs(TASK_DIR, "data.jsonl")
     lm = LlavaVTR.create_from_arg_string(f"{model_args},batch_size=2", {"device": None})
     lm.task_dict = {"t": {"test": docs}}
 
@@ -91,19 +83,7 @@ def check_scores(results, results_file, model_args):
     exact = [task.process_results(doc, [answer])["exact_match"] for doc, answer in zip(docs, answers)]
     assert [s["exact_match"] for s in qa] == exact
     assert results["results"]["vtr_tiny_qa"]["exact_match,none"] == pytest.approx(sum(exact) / DOCS)
-
-    mc = logged_samples(results_file, "vtr_tiny_mc")
-    likelihood = []  # per doc and option: the mean log-probability of its tokens
-    for i, sample in enumerate(mc):
-        visuals = lm.doc_visuals(task.doc_to_visual, i, "t", "test")
-        inputs = lm.encode([lm.build_prompt(sample["input"], visuals)], [visuals])
-        targets = [lm.tokenizer(f" {c}", add_special_tokens=False, return_tensors="pt")["input_ids"] for c in CHOICES]
-        likelihood.append([float(lm.continuation_logprobs(inputs, t).gather(1, t[0][:, None]).mean()) for t in targets])
-    logged = [[float(loss) for loss, _ in s["filtered_resps"]] for s in mc]
-    assert logged == [pytest.approx([-x for x in pair], abs=1e-4) for pair in likelihood], "losses: mean NLL"
-    acc = [float(CHOICES[pair.index(max(pair))] == doc["answer"]) for doc, pair in zip(docs, likelihood)]
-    assert [s["acc"] for s in mc] == acc
-    assert results["results"]["vtr_tiny_mc"]["acc,none"] == pytest.approx(sum(acc) / DOCS)
+    check_multiple_choice(results, results_file, lm, task, docs, "vtr_tiny_mc", CHOICES)
     assert results["n-samples"]["vtr_tiny_qa"]["effective"] == DOCS
 
 

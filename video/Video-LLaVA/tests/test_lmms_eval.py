@@ -1,7 +1,6 @@
 """The video_llava_vtr lmms-eval model: in process (prompts, visuals, batching, loglikelihood against the oracle)
 and once through the real `python -m lmms_eval` CLI, offline, on a tiny local video task."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from lmms_eval.api.instance import Instance
+from lmms_scores import check_scores
 from videollava_testlib import oracle_forward, stage_drops, visual_mask
 
 from videollava.vtr.lmms_eval_plugin import VideoLlavaVTR
@@ -36,43 +36,6 @@ def make(tiny_path, args):
 def request(kind, doc_id, visual_fn, second):
     args = (QUESTIONS[doc_id], second, visual_fn, doc_id, "t", "test")
     return Instance(kind, args, idx=0, metadata={"task": "t", "doc_id": doc_id, "repeats": 1})
-
-
-def check_scores(results, results_file, lm, task_dir, generation_tasks, mc_task):
-    """The scores are the model's answers, scored (from --log_samples): exact_match is the task's rule on each
-    logged answer; each multiple-choice option's logged loss is its mean negative log-likelihood computed in
-    process, and acc is 1 where the MORE likely option is the answer (lmms-eval picks the smaller loss)."""
-    spec = importlib.util.spec_from_file_location(f"{mc_task}_utils", task_dir / "utils.py")
-    task = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(task)
-
-    def samples(name):
-        path = results_file.with_name(results_file.name.replace("_results.json", f"_samples_{name}.jsonl"))
-        return sorted((json.loads(line) for line in path.read_text().splitlines()), key=lambda s: s["doc_id"])
-
-    def docs(data):
-        return [json.loads(line) for line in (task_dir / data).read_text().splitlines()]
-
-    for name, data in generation_tasks:
-        logged = samples(name)
-        exact = [task.process_results(doc, [s["filtered_resps"]])["exact_match"] for doc, s in zip(docs(data), logged)]
-        assert [s["exact_match"] for s in logged] == exact and len(exact) == len(docs(data))
-        assert results["results"][name]["exact_match,none"] == pytest.approx(sum(exact) / len(exact))
-    lm.task_dict = {"t": {"test": docs("data.jsonl")}}
-    logged, acc = samples(mc_task), []
-    for i, (doc, sample) in enumerate(zip(docs("data.jsonl"), logged)):
-        visuals = lm.doc_visuals(task.doc_to_visual, i, "t", "test")
-        inputs = lm.encode([lm.build_prompt(sample["input"], visuals)], [visuals])
-        likelihood = []
-        for choice in ("yes", "no"):
-            target = lm.tokenizer(f" {choice}", add_special_tokens=False, return_tensors="pt")["input_ids"]
-            logprobs = lm.continuation_logprobs(inputs, target.to(lm.device))
-            likelihood.append(float(logprobs.gather(1, target[0][:, None].to(lm.device)).mean()))
-        losses = [float(loss) for loss, _ in sample["filtered_resps"]]
-        assert losses == pytest.approx([-x for x in likelihood], abs=1e-4), "each option's loss: its mean NLL"
-        acc.append(float(("yes", "no")[likelihood.index(max(likelihood))] == doc["answer"]))
-    assert [s["acc"] for s in logged] == acc and len(acc) == len(docs("data.jsonl"))
-    assert results["results"][mc_task]["acc,none"] == pytest.approx(sum(acc) / len(acc))
 
 
 def test_prompt_puts_each_visual_on_its_own_line(tiny_path, video_path):
