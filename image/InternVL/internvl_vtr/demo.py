@@ -16,20 +16,17 @@ from pathlib import Path
 
 import torch
 
-from .api import load_model, load_processor
+from . import api
 from .config import VTRConfig
 from .timing import (
     Parser,
     UsageError,
     add_demo_arguments,
     at_least,
-    check_model,
-    check_prune_layer,
     demo_report,
     demo_settings,
     existing_file,
-    loading,
-    log,
+    load_demo_model,
     open_image,
     run_cli,
 )
@@ -75,22 +72,15 @@ def run(argv) -> int:
         existing_file("--video", args.video)
     image = None if args.video else open_image(args.image) if args.image else demo_image(896, 672)
 
-    torch.manual_seed(0)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    kwargs = dict(dtype=torch.float16 if device == "cuda" else torch.float32)
-    if args.model:
-        path = check_model(args.model)
-    else:
-        log(f"building the built-in model under {args.cache_dir} (once) ...")
-        path = str(build_tiny_internvl(Path(args.cache_dir) / "demo-internvl", max_patches=6, **DEMO_SHAPE))
-    num_layers = check_prune_layer(args, path)
-    with loading(path):
-        processor = load_processor(path, max_patches=args.max_patches, num_frames=args.num_frames)
-        model = load_model(path, VTRConfig(enabled=False), **kwargs).to(device)
-    if args.model:
-        print(f"model: {path} on {device}")
-    else:
-        print(f"model: built-in random InternVL3-shaped model ({path}); its answers are noise, the timings are real")
+    model, processor, device, num_layers = load_demo_model(
+        args,
+        api,
+        lambda: build_tiny_internvl(Path(args.cache_dir) / "demo-internvl", max_patches=6, **DEMO_SHAPE),
+        "InternVL3",
+        gpu_dtype_builtin=True,
+        max_patches=args.max_patches,
+        num_frames=args.num_frames,
+    )
     if args.video:
         text = build_prompt(processor, args.prompt, video=True)
         try:

@@ -40,7 +40,7 @@ def test_prune_layer_past_the_model_and_ctrl_c(tiny_path, capsys, monkeypatch):
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(demo, "load_model", interrupt)
+    monkeypatch.setattr(demo.api, "load_model", interrupt)
     assert demo.main(["--model", tiny_path]) == 130
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.rstrip().endswith("interrupted (Ctrl-C); nothing more was run")

@@ -16,19 +16,16 @@ from pathlib import Path
 
 import torch
 
-from .api import load_model, load_processor
+from . import api
 from .config import VTRConfig
 from .timing import (
     Parser,
     UsageError,
     add_demo_arguments,
-    check_model,
-    check_prune_layer,
     demo_report,
     demo_settings,
     existing_file,
-    loading,
-    log,
+    load_demo_model,
     open_image,
     run_cli,
 )
@@ -74,21 +71,13 @@ def run(argv) -> int:
         existing_file("--video", args.video)
     image = open_image(args.image) if args.image else demo_image(448)
 
-    torch.manual_seed(0)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.model:
-        path, kwargs = check_model(args.model), dict(dtype=torch.bfloat16 if device == "cuda" else torch.float32)
-    else:
-        log(f"building the built-in model under {args.cache_dir} (once) ...")
-        path, kwargs = str(build_tiny_qwen3_vl(Path(args.cache_dir) / "demo-qwen3-vl", **DEMO_SHAPE)), {}
-    num_layers = check_prune_layer(args, path)
-    with loading(path):
-        processor = load_processor(path)
-        model = load_model(path, VTRConfig(enabled=False), **kwargs).to(device)
-    if args.model:
-        print(f"model: {path} on {device}")
-    else:
-        print(f"model: built-in random Qwen3-VL-shaped model ({path}); its answers are noise, the timings are real")
+    model, processor, device, num_layers = load_demo_model(
+        args,
+        api,
+        lambda: build_tiny_qwen3_vl(Path(args.cache_dir) / "demo-qwen3-vl", **DEMO_SHAPE),
+        "Qwen3-VL",
+        gpu_dtype="bfloat16",
+    )
     content, visuals = [{"type": "image"}], dict(images=[image])
     if args.video:
         content.append({"type": "video"})

@@ -310,6 +310,32 @@ def check_prune_layer(args, path: str) -> int:
     return num_layers
 
 
+def load_demo_model(args, api, build, family: str, gpu_dtype: str = "float16", gpu_dtype_builtin=False, **processor_kw):
+    """(model, processor, device, decoder layers) of a demo: the --model checkpoint (checked first, `gpu_dtype`
+    on a GPU), else the built-in random model `build()` writes (once; `gpu_dtype` too if `gpu_dtype_builtin`),
+    its --prune-layer checked against the config before the weights load, unpruned until the demo sets a
+    config. `api`: the fork package (load_model, load_processor, VTRConfig)."""
+    import torch
+
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = dict(dtype=getattr(torch, gpu_dtype) if device == "cuda" else torch.float32)
+    if args.model:
+        path, kwargs = check_model(args.model), dtype
+    else:
+        log(f"building the built-in model under {args.cache_dir} (once) ...")
+        path, kwargs = str(build()), dtype if gpu_dtype_builtin else {}
+    num_layers = check_prune_layer(args, path)
+    with loading(path):
+        processor = api.load_processor(path, **processor_kw)
+        model = api.load_model(path, api.VTRConfig(enabled=False), **kwargs).to(device)
+    if args.model:
+        print(f"model: {path} on {device}")
+    else:
+        print(f"model: built-in random {family}-shaped model ({path}); its answers are noise, the timings are real")
+    return model, processor, device, num_layers
+
+
 def demo_report(model, processor, inputs, settings, args, num_visual: int, kept_header: str, kept_cell, kept="kept"):
     """Runs the demo's settings and returns its table and footnote as lines. For each setting in turn it
     generates the answer and reads what was kept (`kept_cell(model)`: the fork's own view), then it times the

@@ -15,17 +15,14 @@ from pathlib import Path
 
 import torch
 
-from .api import load_model, load_processor
+from . import api
 from .config import VTRConfig
 from .timing import (
     Parser,
     add_demo_arguments,
-    check_model,
-    check_prune_layer,
     demo_report,
     demo_settings,
-    loading,
-    log,
+    load_demo_model,
     open_image,
     run_cli,
 )
@@ -70,22 +67,9 @@ def run(argv) -> int:
     settings = demo_settings(args, VTRConfig)
     image = open_image(args.image) if args.image else demo_image(336)
 
-    torch.manual_seed(0)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.model:
-        path = check_model(args.model)
-        kwargs = dict(dtype=torch.float16 if device == "cuda" else torch.float32)
-    else:
-        log(f"building the built-in model under {args.cache_dir} (once) ...")
-        path, kwargs = str(build_tiny_llava(Path(args.cache_dir) / "demo-llava", **DEMO_SHAPE)), {}
-    num_layers = check_prune_layer(args, path)
-    with loading(path):
-        processor = load_processor(path)
-        model = load_model(path, VTRConfig(enabled=False), **kwargs).to(device)
-    if args.model:
-        print(f"model: {path} on {device}")
-    else:
-        print(f"model: built-in random LLaVA-1.5-shaped model ({path}); its answers are noise, the timings are real")
+    model, processor, device, num_layers = load_demo_model(
+        args, api, lambda: build_tiny_llava(Path(args.cache_dir) / "demo-llava", **DEMO_SHAPE), "LLaVA-1.5"
+    )
     inputs = processor(images=image, text=build_prompt(processor, args.prompt), return_tensors="pt").to(device)
     if "pixel_values" in inputs and device == "cuda":
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)

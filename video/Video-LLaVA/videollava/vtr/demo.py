@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .api import load_model, load_processor
+from . import api
 from .config import VTRConfig
 from .prompts import encode, video_prompt
 from .timing import (
@@ -25,12 +25,10 @@ from .timing import (
     UsageError,
     add_demo_arguments,
     at_least,
-    check_model,
-    check_prune_layer,
     demo_report,
     demo_settings,
     existing_file,
-    loading,
+    load_demo_model,
     log,
     run_cli,
 )
@@ -72,8 +70,6 @@ def run(argv) -> int:
     settings = demo_settings(args, VTRConfig)
     at_least(args, {"num_frames": 1})
 
-    torch.manual_seed(0)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     video = existing_file("--video", args.video) if args.video else Path(args.cache_dir) / "demo-clip.mp4"
     if not args.video and not video.is_file():
         log(f"writing the built-in clip {video} ...")
@@ -84,19 +80,12 @@ def run(argv) -> int:
         clip = load_video(video, num_frames=args.num_frames)
     except VideoError as err:
         raise UsageError(f"--video {video}: {err}") from None
-    if args.model:
-        path, kwargs = check_model(args.model), dict(dtype=torch.float16 if device == "cuda" else torch.float32)
-    else:
-        log(f"building the built-in model under {args.cache_dir} (once) ...")
-        path, kwargs = str(build_tiny_video_llava(Path(args.cache_dir) / "demo-video-llava", **DEMO_SHAPE)), {}
-    num_layers = check_prune_layer(args, path)
-    with loading(path):
-        processor = load_processor(path)
-        model = load_model(path, VTRConfig(enabled=False), **kwargs).to(device)
-    if args.model:
-        print(f"model: {path} on {device}")
-    else:
-        print(f"model: built-in random Video-LLaVA-shaped model ({path}); its answers are noise, the timings are real")
+    model, processor, device, num_layers = load_demo_model(
+        args,
+        api,
+        lambda: build_tiny_video_llava(Path(args.cache_dir) / "demo-video-llava", **DEMO_SHAPE),
+        "Video-LLaVA",
+    )
     print(f"video: {video} ({clip.total_frames} frames at {clip.fps:g} fps; sampled {clip.indices})")
     inputs = encode(processor, [video_prompt(args.prompt)], videos=[clip.frames]).to(device)
     inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(model.dtype)
