@@ -2,6 +2,7 @@
 one line too. (The end-to-end run, with its timings, is in test_internvl.py.)"""
 
 import pytest
+from cli_checks import assert_interrupted, one_error_line
 
 from internvl_vtr import demo
 
@@ -19,22 +20,17 @@ BAD = [
 ]
 
 
-def one_error_line(err: str) -> str:
-    assert "Traceback" not in err
-    errors = [line for line in err.splitlines() if "error:" in line]
-    assert len(errors) == 1 and err.rstrip().endswith(errors[0]) and errors[0].startswith(f"{PROG}: error: ")
-    return errors[0]
-
-
 @pytest.mark.parametrize("argv, message", BAD, ids=[" ".join(a) for a, _ in BAD])
 def test_a_bad_argument_is_one_line_and_exit_2(argv, message, capsys):
     assert demo.main(argv) == 2
-    assert message in one_error_line(capsys.readouterr().err)
+    assert message in one_error_line(capsys.readouterr().err, PROG)
 
 
 def test_prune_layer_past_the_model_and_ctrl_c(tiny_path, capsys, monkeypatch):
     assert demo.main(["--model", tiny_path, "--prune-layer", "99"]) == 2
-    assert "--prune-layer 99: the model has 4 decoder layers; choose 0..3" in one_error_line(capsys.readouterr().err)
+    assert "--prune-layer 99: the model has 4 decoder layers; choose 0..3" in one_error_line(
+        capsys.readouterr().err, PROG
+    )
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
@@ -42,4 +38,4 @@ def test_prune_layer_past_the_model_and_ctrl_c(tiny_path, capsys, monkeypatch):
     monkeypatch.setattr(demo.api, "load_model", interrupt)
     assert demo.main(["--model", tiny_path]) == 130
     err = capsys.readouterr().err
-    assert "Traceback" not in err and err.rstrip().endswith("interrupted (Ctrl-C); nothing more was run")
+    assert_interrupted(err)

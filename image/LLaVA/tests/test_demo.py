@@ -4,8 +4,11 @@ their spread, progress goes to stderr."""
 import re
 
 import pytest
+from cli_checks import assert_interrupted, one_error_line
 
 from llava.vtr import demo
+
+PROG = "python -m llava.vtr.demo"
 
 BAD = [
     (["--budgets", "abc"], "--budgets 'abc': 'abc' is not a whole number"),
@@ -20,22 +23,15 @@ BAD = [
 ]
 
 
-def one_error_line(err: str, prog: str) -> str:
-    assert "Traceback" not in err
-    errors = [line for line in err.splitlines() if "error:" in line]
-    assert len(errors) == 1 and err.rstrip().endswith(errors[0]) and errors[0].startswith(f"{prog}: error: ")
-    return errors[0]
-
-
 @pytest.mark.parametrize("argv, message", BAD, ids=[" ".join(a) for a, _ in BAD])
 def test_a_bad_argument_is_one_line_and_exit_2(argv, message, capsys):
     assert demo.main(argv) == 2
-    assert message in one_error_line(capsys.readouterr().err, "python -m llava.vtr.demo")
+    assert message in one_error_line(capsys.readouterr().err, PROG)
 
 
 def test_prune_layer_past_the_model_and_ctrl_c(tiny_path, capsys, monkeypatch):
     assert demo.main(["--model", tiny_path, "--prune-layer", "99"]) == 2
-    line = one_error_line(capsys.readouterr().err, "python -m llava.vtr.demo")
+    line = one_error_line(capsys.readouterr().err, PROG)
     assert "--prune-layer 99: the model has 4 decoder layers; choose 0..3" in line
 
     def interrupt(*args, **kwargs):
@@ -44,7 +40,7 @@ def test_prune_layer_past_the_model_and_ctrl_c(tiny_path, capsys, monkeypatch):
     monkeypatch.setattr(demo.api, "load_model", interrupt)
     assert demo.main(["--model", tiny_path]) == 130
     err = capsys.readouterr().err
-    assert "Traceback" not in err and err.rstrip().endswith("interrupted (Ctrl-C); nothing more was run")
+    assert_interrupted(err)
 
 
 def test_demo_prints_each_time_with_its_spread_and_shows_progress(tiny_path, capsys):
