@@ -130,8 +130,9 @@ def output_lock(path: str | Path, what: str = "run", command: str | None = None)
 
 
 def _write_temp(path: Path, data: str | bytes) -> Path:
-    """`data` (str: UTF-8) in a new temporary file beside `path`, flushed to disk."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """`data` (str: UTF-8) in this process's temporary file beside `path`, flushed to disk. The caller removes
+    the temporary file (`_temp(path)`) whatever happens."""
+    tmp = _temp(path)
     with open(tmp, "wb") as f:
         f.write(data.encode("utf-8") if isinstance(data, str) else data)
         f.flush()
@@ -139,11 +140,15 @@ def _write_temp(path: Path, data: str | bytes) -> Path:
     return tmp
 
 
+def _temp(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
 def write_atomic(path: str | Path, data: str | bytes) -> Path:
     """Replace `path` with `data` whole or not at all (a temporary file beside it, renamed over it): an
     interruption leaves the old file. OutputError naming `path` when it cannot be written."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = _temp(path)
     try:
         tmp = _write_temp(path, data)
         os.replace(tmp, path)
@@ -159,7 +164,7 @@ def write_new(path: str | Path, data: str | bytes) -> Path:
     """Create `path` holding `data`, whole or not at all, never replacing a file: OutputExists when it is
     there (also when another process created it meanwhile), OutputError when it cannot be written."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = _temp(path)
     try:
         tmp = _write_temp(path, data)
         try:
