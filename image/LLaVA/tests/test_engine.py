@@ -7,6 +7,7 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import DynamicCache
 
 from llava.vtr import PruningStrategy, register_strategy
+from llava.vtr.engine import decode_state
 from llava.vtr.tiny import demo_image
 from llava_testlib import chat, vtr_model
 
@@ -113,14 +114,14 @@ def test_generate_without_cache_is_refused_with_a_clear_error(tiny_path, single_
 
 
 def test_decode_state_survives_on_the_cache(tiny_path, single_inputs):
-    """The engine keeps its decode mapping as an attribute of the DynamicCache; if transformers ever made
-    caches reject or drop attributes, decode after pruning would silently use wrong positions."""
+    """The engine finds its decode mapping by the cache object (`decode_state`); if transformers ever replaced
+    the cache object between steps, decode after pruning would silently use wrong positions."""
     model = vtr_model(tiny_path, "sdpa", strategy="fastv", prune_layer=2, keep_tokens=8)
     with torch.no_grad():
         out = model(**single_inputs)
     cache = out.past_key_values
     assert isinstance(cache, DynamicCache)
-    state = cache._vtr_state
+    state = decode_state(cache)
     assert state.original_len == single_inputs["input_ids"].shape[1]
     full = single_inputs["input_ids"].shape[1]
     # earlier_cache="keep" (FastV's): layers 0-1 hold every token, layers 2-3 the kept ones
@@ -128,7 +129,7 @@ def test_decode_state_survives_on_the_cache(tiny_path, single_inputs):
     assert [cache.get_seq_length(i) for i in range(4)] == [full, full, full - 64 + 8, full - 64 + 8]
     with torch.no_grad():
         model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=cache)
-    assert cache._vtr_state is state and cache.get_seq_length() == state.pruned_len + 1
+    assert decode_state(cache) is state and cache.get_seq_length() == state.pruned_len + 1
 
 
 SEEN = {}

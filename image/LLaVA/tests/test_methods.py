@@ -9,6 +9,7 @@ import torch
 
 from llava.vtr import VTRConfig, available_strategies, get_strategy, load_model
 from llava.vtr.cost import equivalent_tokens, tokens_per_layer
+from llava.vtr.engine import decode_state
 from llava.vtr.strategy.clse import evolution_factor, high_pass_score
 from llava.vtr.strategy.divprune import max_min_order
 from llava.vtr.strategy.sparsevlm import choose_raters
@@ -543,7 +544,7 @@ def test_without_the_decode_mask_a_merged_token_would_draw_attention(tiny_path, 
         nxt = out.logits[:, -1:].argmax(-1)
         right = model(input_ids=nxt, past_key_values=cache).logits
         cache.crop(-1)
-        cache._vtr_state.prefix_born = None  # forget that M did not exist before layer 2
+        decode_state(cache).prefix_born = None  # forget that M did not exist before layer 2
         wrong = model(input_ids=nxt, past_key_values=cache).logits
     assert (right - wrong).abs().max() > 1e-4
 

@@ -3,8 +3,11 @@
 """The prunable prefill: one backbone-independent engine shared (as identical copies) by every fork.
 
 A fork supplies a `BackboneAdapter` (what is the language model, which tokens are visual, positions and
-RoPE, the output class) and a model subclass whose `forward` is one call into `VTRModelMixin`. The engine
-does everything else:
+RoPE, the output class) and a model subclass whose `forward` is one call into `VTRModelMixin`; the whole
+adapter interface, with what strategies may rely on, is declared in `BackboneAdapter`'s docstring, and the
+pieces every adapter needs (embedding lookup, `PrefillTokens` from a merged prompt, the stock output, beam
+alignment, the CLIP CLS attention, checkpoint-mapping registration) are here, so an adapter states only what
+differs for its family (docs/engine.md, "Adding a model family"). The engine does everything else:
 
     adapter.prefill_tokens()      merged embeddings, visual mask, positions, cos/sin, extra per-token rows
     layers [0, K)                 all tokens, the stock decoder layers on the configured kernel
@@ -29,10 +32,12 @@ import dataclasses
 import functools
 import importlib
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_utils import slice_logits_to_keep
 
@@ -97,14 +102,60 @@ class PrefillTokens:
     # Per-sample facts computed only when a strategy asks: name -> fn(b); the ctx gets a no-argument
     # callable (e.g. `visual_grid`, `vision_importance`).
     lazy_ctx: dict = field(default_factory=dict)
+    # This prefill's data that only the adapter reads later (e.g. DeepStack features for `after_layer`):
+    # adapters keep no per-call state on themselves, so one model may run several prefills at once.
+    adapter_state: dict = field(default_factory=dict)
 
 
 class BackboneAdapter:
-    """Everything the engine needs to know about one backbone. Subclass per fork (one class per model family).
+    """Everything the engine needs to know about one model family. Subclass once per family.
 
-    `model` is the fork's `...ForConditionalGeneration` subclass. Defaults suit Llama-style decoders
-    (Llama, Mistral, Qwen2/3): override only what differs.
+    `model` is the fork's `...ForConditionalGeneration` subclass. The defaults suit Llama-style decoders
+    (Llama, Mistral, Qwen2/3) fed one placeholder run per image; override only what differs. An adapter
+    keeps no per-call state on itself: what one prefill needs later goes in `PrefillTokens.adapter_state`.
+
+    Declared by every adapter (class attributes):
+        output_class           the stock output class (`loss`, `logits`, `past_key_values`, `output_extras`)
+        pixel_inputs           forward() arguments that carry pixels (default `("pixel_values",)`)
+        encoded_modalities     keys of `mm_encoder_outputs` it accepts pre-encoded (default `("image",)`)
+        default_keep_tokens    the budget when the user gives none (None: the config's own default)
+
+    Must implement:
+        prefill_tokens(args)   encode, merge, describe every token: usually `input_embeddings(args)`, the
+                               stock feature/merge calls, then `self.prefill(args, hidden, visual, ...)`
+
+    May override (defaults in brackets):
+        language_model, rope_fn, rotary, num_layers    [Llama-style `model.model.language_model`]
+        has_visual_input(args) [any `pixel_inputs` or `encoded_modalities` present]
+        pre_encode(kwargs)     [unchanged] generate() kwargs with the visuals encoded into
+                               `mm_encoder_outputs` as the prefill would encode them, keeping what the
+                               lazy facts read (vision hidden states, grids); generate() then expands the
+                               batch for beams (see the beam contract below)
+        stock_inputs(args, cache)  [unchanged] fills in what a stock forward after an UNPRUNED prefill needs
+        after_layer(i, tokens, prefill)  [tokens.hidden] hidden states after decoder layer i (DeepStack)
+        anchor_row(span_end)   [span_end] PriorTR's question-free row
+        decode_positions(state, decoded, query_len, batch)  [original_len + decoded, ...] a decode step's
+                               positions when generate() passes none (M-RoPE: `state.next_position`)
+        engine_positions, layer_masks, lm_head, output
+
+    Facts strategies may rely on (the compute_scores ctx; `PrefillTokens.strategy_ctx` / `lazy_ctx`):
+        patch_grid             (rows, cols) of the sample's first image's (or frame's) token grid
+        visual_grid()          [num_visual, 3] long: (group, row, col) of each visual token in prompt order,
+                               group = one image / tile / frame (-1: off-grid tokens such as row newlines)
+        vision_importance()    [num_visual] float: the attention each visual token receives in the vision
+                               tower (CLS attention for CLIP-style towers; mean received attention otherwise)
+        vision_features()      [num_visual, width]: the vision tower's features before the projector
+    A family that cannot provide one leaves it out (a strategy asking for it gets a clear KeyError).
+
+    Beam contract: generate(num_beams=k / num_return_sequences=k) repeats each sample k times in a row
+    AFTER `pre_encode`, so the encoded visuals describe the original samples while the prompt rows are
+    repeated; a lazy fact maps them with `beam_repeats(...)` (each sample's values repeated k times).
     """
+
+    output_class: type | None = None
+    pixel_inputs: tuple[str, ...] = ("pixel_values",)
+    encoded_modalities: tuple[str, ...] = ("image",)
+    default_keep_tokens: int | None = None
 
     def __init__(self, model):
         self.model = model
@@ -138,7 +189,42 @@ class BackboneAdapter:
 
     def has_visual_input(self, args: dict) -> bool:
         """True when `forward(**args)` carries pixels or pre-encoded visual features (a prefill to prune)."""
-        raise NotImplementedError
+        encoded = args.get("mm_encoder_outputs") or {}
+        return any(args.get(name) is not None for name in self.pixel_inputs) or any(
+            encoded.get(name) is not None for name in self.encoded_modalities
+        )
+
+    def input_embeddings(self, args: dict) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(input_ids, embeddings) of a prefill: exactly one of `input_ids` / `inputs_embeds` is given."""
+        input_ids, embeds = args.get("input_ids"), args.get("inputs_embeds")
+        if (input_ids is None) ^ (embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if embeds is None:
+            embeds = self.model.get_input_embeddings()(input_ids)
+        return input_ids, embeds
+
+    def prefill(
+        self, args: dict, hidden: torch.Tensor, visual: torch.Tensor, positions=None, **fields
+    ) -> PrefillTokens:
+        """`PrefillTokens` for merged embeddings `hidden` [b, s, d] and their visual mask [b, s]: `valid` from
+        the 2-D `attention_mask`, positions as given (else `args["position_ids"]`, else 0..s-1; M-RoPE
+        positions are [b, s, rows]), their rotary tables; `fields` sets the other `PrefillTokens` fields."""
+        batch, seq_len = visual.shape
+        mask = args.get("attention_mask")
+        if positions is None:
+            positions = args.get("position_ids")
+        if positions is None:
+            positions = torch.arange(seq_len, device=hidden.device).unsqueeze(0)
+        if positions.ndim == 2:
+            positions = positions.expand(batch, -1)
+        cos, sin = self.rotary(hidden, positions)
+        valid = mask.bool() if mask is not None else torch.ones_like(visual)
+        return PrefillTokens(hidden=hidden, visual=visual, valid=valid, positions=positions, cos=cos, sin=sin, **fields)
+
+    def stock_inputs(self, args: dict, cache) -> dict:
+        """The arguments of a stock forward that follows an UNPRUNED prefill (no decode state on the cache),
+        with anything the stock model would get wrong filled in. Default: unchanged."""
+        return args
 
     def pre_encode(self, generate_kwargs: dict) -> dict:
         """generate() kwargs with the visuals encoded into `mm_encoder_outputs` the way the adapter's own
@@ -154,9 +240,9 @@ class BackboneAdapter:
         first token after it, which under the causal mask sees only the prefix and the visuals."""
         return span_end
 
-    def after_layer(self, layer_idx: int, tokens: TokenState) -> torch.Tensor:
-        """Called after every decoder layer with the current tokens; returns the hidden states to go on with
-        (DeepStack adds visual features here, to the rows still present)."""
+    def after_layer(self, layer_idx: int, tokens: TokenState, prefill: PrefillTokens) -> torch.Tensor:
+        """Called after every decoder layer with the current tokens and this prefill's `PrefillTokens`; returns
+        the hidden states to go on with (DeepStack adds visual features here, to the rows still present)."""
         return tokens.hidden
 
     def decode_positions(self, state: DecodeState, decoded: int, query_len: int, batch: int) -> torch.Tensor:
@@ -184,12 +270,53 @@ class BackboneAdapter:
         return self.model.lm_head(hidden)
 
     def output(self, loss, logits, cache, tokens: PrefillTokens):
-        """The stock output class of the backbone."""
-        raise NotImplementedError
+        """The stock output class of the backbone (`output_class`), with `tokens.output_extras`."""
+        if self.output_class is None:
+            raise NotImplementedError(f"{type(self).__name__} declares no output_class")
+        return self.output_class(loss=loss, logits=logits, past_key_values=cache, **tokens.output_extras)
 
     @property
     def num_layers(self) -> int:
         return self.language_model.config.num_hidden_layers
+
+
+def beam_repeats(num_tokens: int, num_encoded: int, what: str) -> int:
+    """k such that `num_tokens` visual tokens are `num_encoded` encoded ones repeated k times per sample (1
+    outside beam search; see the beam contract in `BackboneAdapter`); a clear error when they do not match."""
+    if num_encoded > 0 and num_tokens % num_encoded == 0 and num_tokens >= num_encoded:
+        return num_tokens // num_encoded
+    raise ValueError(f"{what}: the {num_tokens} visual tokens do not line up with the {num_encoded} encoded ones")
+
+
+def repeat_per_sample(values: torch.Tensor, counts: list[int], repeats: int) -> torch.Tensor:
+    """`values` laid out per original sample (`counts` rows each, batch order), each sample's rows repeated
+    `repeats` times in a row, as generate() repeats the prompts for beams."""
+    if repeats == 1:
+        return values
+    return torch.cat([chunk for chunk in values.split(counts) for _ in range(repeats)])
+
+
+def clip_cls_attention(layer, hidden: torch.Tensor) -> torch.Tensor:
+    """[views, length]: the CLS query's (row 0) attention, mean over heads, in one CLIP/SigLIP-style encoder
+    layer (`layer_norm1`, `self_attn.q_proj/k_proj`, `num_heads`, `head_dim`, `scale`), recomputed in float32
+    from that layer's input `hidden` [views, length, width] (no attention map of any other layer is built)."""
+    attn = layer.self_attn
+    h = layer.layer_norm1(hidden)
+    views, length, _ = h.shape
+    q = attn.q_proj(h[:, :1]).view(views, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(h).view(views, length, attn.num_heads, attn.head_dim).transpose(1, 2)
+    probs = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * attn.scale, dim=-1)  # [v, heads, 1, len]
+    return probs.mean(dim=1)[:, 0]
+
+
+def register_vtr_classes(vtr_classes: dict) -> None:
+    """transformers skips its built-in checkpoint key renaming for classes defined outside the library;
+    register each stock mapping (model_type -> VTR class) under the VTR class's name, so hub checkpoints
+    load and save exactly as with the stock classes."""
+    for model_type, cls in vtr_classes.items():
+        mapping = get_checkpoint_conversion_mapping(model_type)
+        if mapping is not None:
+            register_checkpoint_conversion_mapping(cls.__name__, mapping, overwrite=True)
 
 
 # ----------------------------------------------------------------------------------------------- state
@@ -311,6 +438,12 @@ class DecodeState:
         self.prefix_valid = segments[self.mask_index[0]].valid  # [batch, len]: layer 0's cache (model-level mask)
         self.pruned_len = self.prefix_valid.shape[1]
 
+    @property
+    def next_position(self) -> torch.Tensor:
+        """[batch]: one past each sample's largest prompt position (M-RoPE: over every row), in the original
+        numbering: where a decode step given no positions continues."""
+        return self.segments[0].next_position
+
     def shift(self, layer_idx: int) -> torch.Tensor | None:
         """[batch]: how much lower than the original numbering layer `layer_idx` continues (None: not at all)."""
         if not self.compact:
@@ -423,6 +556,20 @@ class DecodeState:
         return attention_mask, position_ids
 
 
+#: cache -> the DecodeState of the pruned prefill that filled it (weak: it goes with the cache)
+_DECODE_STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def decode_state(cache) -> DecodeState | None:
+    """The `DecodeState` of the pruned prefill that filled `cache` (None: not a pruned prefill's cache)."""
+    if cache is None:
+        return None
+    try:
+        return _DECODE_STATES.get(cache)
+    except TypeError:  # an unhashable cache object is never one of ours
+        return None
+
+
 # ----------------------------------------------------------------------------------------------- engine
 
 
@@ -447,7 +594,7 @@ class PrunedPrefill:
                 f"token_merge needs per-layer decode masks, which attn_implementation={kernel!r} cannot take; "
                 "load the model with attn_implementation='sdpa' or 'eager'"
             )
-        prefill = self.adapter.prefill_tokens(args)
+        prefill = self.prefill_tokens = self.adapter.prefill_tokens(args)
         batch, seq_len = prefill.visual.shape
         cache = self._empty_cache(args.get("past_key_values"), use_cache, lm.config)
         if args.get("attention_mask") is not None and tuple(args["attention_mask"].shape) != (batch, seq_len):
@@ -497,12 +644,12 @@ class PrunedPrefill:
         hidden = lm.norm(tokens.hidden)
         self.record.kept_index = tokens.original_index
         if pruned and cache is not None:
-            # transformers has no slot for per-cache user state; the decode steps of this prefill find it
-            # here (test_engine.py::test_decode_state_survives_on_the_cache fails if that ever breaks).
-            cache._vtr_state = DecodeState(self.adapter, self.segments, seq_len, self.has_padding, self.conventions)
+            # the decode steps of this prefill find it by the cache object (`decode_state(cache)`)
+            state = DecodeState(self.adapter, self.segments, seq_len, self.has_padding, self.conventions)
             if self.conventions.earlier_cache == "trim" and any(any(stage.merged) for stage in self.record.stages):
                 # inserted at K: the trimmed earlier layers hold placeholder rows for them
-                cache._vtr_state.prefix_born = tokens.born
+                state.prefix_born = tokens.born
+            _DECODE_STATES[cache] = state
         logits = self.adapter.lm_head(slice_logits_to_keep(hidden, args.get("logits_to_keep", 0)))
         loss = None
         if args.get("labels") is not None:
@@ -520,7 +667,7 @@ class PrunedPrefill:
             use_cache=use_cache,
             **kwargs,
         )
-        return self.adapter.after_layer(i, tokens)
+        return self.adapter.after_layer(i, tokens, self.prefill_tokens)
 
     def _pop_options(self, kwargs):
         for unsupported in ("output_attentions", "output_hidden_states"):
@@ -794,7 +941,7 @@ class PrunedPrefill:
 def _decode_layer_hook(layer_idx: int):
     def hook(module, args, kwargs):
         cache = kwargs.get("past_key_values")
-        state = getattr(cache, "_vtr_state", None)
+        state = decode_state(cache)
         if state is None:
             return None
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -879,7 +1026,7 @@ class VTRModelMixin:
 
     def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, is_first_iteration=False, **kwargs):
         cache = kwargs.get("past_key_values")
-        state = getattr(cache, "_vtr_state", None)
+        state = decode_state(cache)
         if state is not None and is_first_iteration and next_sequence_length is not None:
             # generate() continuing a conversation on a pruned cache (full history as input) cut the history at
             # the cache's shortened length; the new tokens start after the whole conversation the cache holds
@@ -912,7 +1059,7 @@ class VTRModelMixin:
         adapter = self.vtr_adapter
         has_visual = adapter.has_visual_input(args)
         cache = args.get("past_key_values")
-        state = getattr(cache, "_vtr_state", None)
+        state = decode_state(cache)
         if state is not None and has_visual:
             raise ValueError(
                 "this KV cache holds a pruned prefill: a follow-up turn on it may add text only, since a new image "
@@ -929,7 +1076,7 @@ class VTRModelMixin:
         if cache is None or cache.get_seq_length() == 0 or has_visual:  # a new prompt (not a decode step)
             self.vtr_last = None
         if not self.vtr_config.enabled or not has_visual:
-            return stock_forward(**args, **kwargs)
+            return stock_forward(**adapter.stock_inputs(args, cache), **kwargs)
         self.vtr_config.validate_for_model(adapter.num_layers)
         prefill = PrunedPrefill(adapter, self.vtr_config, args, kwargs)
         output = prefill.run()
