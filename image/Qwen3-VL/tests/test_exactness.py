@@ -95,7 +95,7 @@ def test_deepstack_reaches_only_the_kept_rows(tiny_path, stock_models, single_in
     original = adapter.after_layer
     with torch.no_grad():
         reference = model(**single_inputs).logits
-        adapter.after_layer = lambda i, tokens: tokens.hidden  # no DeepStack at all
+        adapter.after_layer = lambda i, tokens, prefill: tokens.hidden  # no DeepStack at all
         without = model(**single_inputs).logits
         adapter.after_layer = original
     assert (reference - without).abs().max() > 1e-3, "DeepStack changes this model's outputs"

@@ -1,19 +1,25 @@
-"""`VTRQwen3VLForConditionalGeneration`: the stock transformers Qwen3-VL with physical visual token pruning.
+"""The stock transformers Qwen-VL families with physical visual token pruning: Qwen2-VL, Qwen2.5-VL,
+Qwen3-VL (dense and MoE).
 
-This file is the fork's only model code: an adapter that tells the shared engine (engine.py, a
-copy-checked file) what Qwen3-VL's tokens are, and subclasses of the stock classes (dense and MoE) whose
-forward is one call into the engine. No parameters are added; stock checkpoints load as they are.
+This file is the fork's only model code: one adapter per family telling the shared engine (engine.py, a
+copy-checked file) what its tokens are, and subclasses of the stock classes whose forward is one call into
+the engine. No parameters are added; stock checkpoints load as they are. The families share everything
+below except what `QwenVLAdapter`'s subclasses state:
 
-    prefill_tokens   images and videos encoded by the stock vision tower (features + DeepStack features),
-                     merged into the embeddings; visual = every <|image_pad|> / <|video_pad|> position
-                     (all images and all frame groups of a prompt share one budget)
+    prefill_tokens   images and videos encoded by the stock vision tower, merged into the embeddings;
+                     visual = every <|image_pad|> / <|video_pad|> position (all images and all frame groups
+                     of a prompt share one budget)
     positions        M-RoPE [b, s, 3] from the stock `get_rope_index` on the UNPRUNED prompt (or the rows
-                     generate() passes, its text row split off); gathered with the kept tokens, so RoPE
-                     sees the original positions; masks are built without positions (no packed-sequence
-                     inference from the gaps)
-    after_layer(i)   DeepStack: for i < len(deepstack_visual_indexes), the i-th DeepStack feature of each
-                     visual token still present is added to its row (`extras["deepstack_row"]` carries
-                     each token's row in the feature tensors through every gather)
+                     generate() passes, its text row split off); gathered with the kept tokens, so RoPE sees
+                     the original positions. Qwen2.5-VL's temporal row is absolute time (`second_per_grid_ts`
+                     x `tokens_per_second` per frame group), so it is not the group's start position
+    visual_grid      (group, row, col): a group is one image or one frame group (two frames per temporal
+                     patch); it starts where the visual run breaks, the temporal row changes or the raster
+                     order restarts; row / col are the height / width rows minus the group's smallest
+    vision_importance  the mean attention each merged token receives in the vision tower's last block,
+                     recomputed from that block's input (Qwen2.5-VL: in its window order, mapped back)
+    after_layer(i)   Qwen3-VL's DeepStack: for i < len(deepstack_visual_indexes), the i-th DeepStack feature
+                     of each visual token still present is added to its row
     decode           generate() passes the M-RoPE rows itself (continuing the original prompt); a decode
                      given no positions continues from each sample's largest prompt position + 1
     anchor           the first row after the visual span: `<|vision_end|>` (PriorTR's prior row)
@@ -24,16 +30,33 @@ from __future__ import annotations
 import importlib
 
 import torch
-from transformers import Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration
-from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+from transformers import (
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLForConditionalGeneration,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLMoeForConditionalGeneration,
+)
 from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 
 from .config import VTRConfig
-from .engine import BackboneAdapter, PrefillTokens, StageRecord, VTRModelMixin, VTRRecord
+from .engine import (
+    BackboneAdapter,
+    PrefillTokens,
+    StageRecord,
+    VTRModelMixin,
+    VTRRecord,
+    beam_repeats,
+    register_vtr_classes,
+    repeat_per_sample,
+)
 
 __all__ = [
+    "Qwen2VLAdapter",
+    "Qwen2_5_VLAdapter",
     "Qwen3VLAdapter",
     "StageRecord",
+    "VTRQwen2VLForConditionalGeneration",
+    "VTRQwen2_5_VLForConditionalGeneration",
     "VTRQwen3VLForConditionalGeneration",
     "VTRQwen3VLMoeForConditionalGeneration",
     "VTRRecord",
@@ -42,18 +65,14 @@ __all__ = [
 MODALITIES = (("image", "pixel_values", "image_grid_thw"), ("video", "pixel_values_videos", "video_grid_thw"))
 
 
-class Qwen3VLAdapter(BackboneAdapter):
-    """Qwen3-VL (dense and MoE). See the module docstring for the data flow."""
+class QwenVLAdapter(BackboneAdapter):
+    """What the Qwen-VL families share (see the module docstring); Qwen2-VL is exactly this."""
 
     output_class = CausalLMOutputWithPast
-
-    def __init__(self, model):
-        super().__init__(model)
-        self._deepstack: list[torch.Tensor] | None = None  # per DeepStack layer: [num_visual, hidden], one prefill
-
-    def has_visual_input(self, args: dict) -> bool:
-        encoded = args.get("mm_encoder_outputs") or {}
-        return any(args.get(pixels) is not None or encoded.get(name) is not None for name, pixels, _ in MODALITIES)
+    pixel_inputs = ("pixel_values", "pixel_values_videos")
+    encoded_modalities = ("image", "video")
+    #: forward() arguments that `get_rope_index` also reads (Qwen2.5-VL: the seconds per temporal patch)
+    rope_inputs: tuple[str, ...] = ()
 
     # ------------------------------------------------------------------ encoding
 
@@ -67,35 +86,30 @@ class Qwen3VLAdapter(BackboneAdapter):
         out.vtr_grid_thw = grid_thw
         return out
 
-    def pre_encode(self, generate_kwargs: dict) -> dict:
-        kwargs = dict(generate_kwargs)
-        encoded = dict(kwargs.get("mm_encoder_outputs") or {})
-        for name, pixels, grid in MODALITIES:
-            if kwargs.get(pixels) is not None:
-                if encoded.get(name) is not None:
-                    raise ValueError(f"pass either {pixels} or mm_encoder_outputs[{name!r}], not both")
-                encoded[name] = self.encode(name, kwargs.pop(pixels), kwargs.get(grid))
-        kwargs["mm_encoder_outputs"] = encoded
-        return kwargs
-
-    # ------------------------------------------------------------------ the prefill
-
-    def prefill_tokens(self, args: dict) -> PrefillTokens:
-        model = self.model.model
-        input_ids, embeds = args.get("input_ids"), args.get("inputs_embeds")
-        if (input_ids is None) ^ (embeds is not None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        if embeds is None:
-            embeds = model.get_input_embeddings()(input_ids)
+    def _encoded(self, args: dict) -> dict:
         encoded = dict(args.get("mm_encoder_outputs") or {})
         for name, pixels, grid in MODALITIES:
             if args.get(pixels) is not None:
                 if encoded.get(name) is not None:
                     raise ValueError(f"pass either {pixels} or mm_encoder_outputs[{name!r}], not both")
                 encoded[name] = self.encode(name, args[pixels], args.get(grid))
-        batch, seq_len, _ = embeds.shape
-        visual = torch.zeros(batch, seq_len, dtype=torch.bool, device=embeds.device)
-        deepstack, masks = [], {}
+        return encoded
+
+    def pre_encode(self, generate_kwargs: dict) -> dict:
+        kwargs = dict(generate_kwargs)
+        kwargs["mm_encoder_outputs"] = self._encoded(kwargs)
+        for _, pixels, _ in MODALITIES:
+            kwargs.pop(pixels, None)
+        return kwargs
+
+    # ------------------------------------------------------------------ the prefill
+
+    def prefill_tokens(self, args: dict) -> PrefillTokens:
+        model = self.model.model
+        input_ids, embeds = self.input_embeddings(args)
+        encoded = self._encoded(args)
+        visual = torch.zeros(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
+        masks = {}
         for name, _, _ in MODALITIES:
             out = encoded.get(name)
             if out is None:
@@ -106,44 +120,35 @@ class Qwen3VLAdapter(BackboneAdapter):
             mask = (image_mask if name == "image" else video_mask)[..., 0]
             embeds = embeds.masked_scatter(mask[..., None], features)
             visual |= mask
-            masks[name] = (mask, [torch.cat(f) for f in out.deepstack_features])
-        # DeepStack features laid out like the sequence ([b * s, hidden] per layer, zero off the visual rows);
-        # each token carries its flat row through the engine's gathers (no host sync here)
-        for layer in range(len(self.model.config.vision_config.deepstack_visual_indexes)):
-            full = torch.zeros_like(embeds)
-            for mask, per_layer in masks.values():
-                full = full.masked_scatter(mask[..., None], per_layer[layer].to(embeds.device, embeds.dtype))
-            deepstack.append(full.reshape(batch * seq_len, -1))
-        self._deepstack = deepstack if masks else None
-        row = torch.arange(batch * seq_len, device=embeds.device).reshape(batch, seq_len)
+            masks[name] = mask
         mask = args.get("attention_mask")
         valid = mask.bool() if mask is not None else torch.ones_like(visual)
-        positions = self._positions(args, input_ids, mask, batch, seq_len)  # [3, b, s]
+        positions = self._positions(args, input_ids, mask, *visual.shape)  # [3, b, s]
         next_position = positions.masked_fill(~valid[None], -1).amax(dim=(0, 2)) + 1  # [b]
         model.rope_deltas = (next_position - valid.sum(1)).unsqueeze(1)  # what the stock prefill leaves there
-        cos, sin = self.language_model.rotary_emb(embeds, positions)
-        tokens = PrefillTokens(
-            hidden=embeds,
-            visual=visual,
-            valid=valid,
+        group, row, col = self._grid(visual, positions)
+        tokens = self.prefill(
+            args,
+            embeds,
+            visual,
             positions=positions.permute(1, 2, 0),
-            cos=cos,
-            sin=sin,
-            extras={"deepstack_row": row.masked_fill(~visual, -1)},
-            strategy_ctx={"patch_grid": self._first_grids(visual, positions)},
-            lazy_ctx=self._lazy_facts(visual, positions, masks, encoded),
+            strategy_ctx={"patch_grid": self._first_grids(group, row, col)},
+            lazy_ctx=self._lazy_facts(visual, group, row, col, masks, encoded),
         )
-        tokens.next_position = next_position
+        self.visual_extras(tokens, encoded, masks)
         return tokens
+
+    def visual_extras(self, tokens: PrefillTokens, encoded: dict, masks: dict) -> None:
+        """Anything more a family carries per prefill (Qwen3-VL: DeepStack). Default: nothing."""
 
     def _positions(self, args, input_ids, attention_mask, batch, seq_len) -> torch.Tensor:
         positions = args.get("position_ids")
         if positions is None:
             if input_ids is None:
-                raise ValueError("Qwen3-VL needs position_ids (M-RoPE) when only inputs_embeds is given")
+                raise ValueError("Qwen-VL needs position_ids (M-RoPE) when only inputs_embeds is given")
             if args.get("mm_token_type_ids") is None:
                 raise ValueError(
-                    "Qwen3-VL needs mm_token_type_ids (0 text, 1 image, 2 video; the processor returns it) to compute "
+                    "Qwen-VL needs mm_token_type_ids (0 text, 1 image, 2 video; the processor returns it) to compute "
                     "the M-RoPE positions of hand-built inputs"
                 )
             positions, _ = self.model.model.get_rope_index(
@@ -152,6 +157,7 @@ class Qwen3VLAdapter(BackboneAdapter):
                 image_grid_thw=args.get("image_grid_thw"),
                 video_grid_thw=args.get("video_grid_thw"),
                 attention_mask=attention_mask,
+                **{name: args.get(name) for name in self.rope_inputs},
             )
         elif positions.ndim == 3 and positions.shape[0] == 4:
             positions = positions[1:]  # generate() puts a text row first (for mask creation only)
@@ -164,29 +170,26 @@ class Qwen3VLAdapter(BackboneAdapter):
             )
         return positions.expand(3, batch, seq_len)
 
-    def after_layer(self, layer_idx: int, tokens) -> torch.Tensor:
-        features = self._deepstack
-        if features is None or layer_idx >= len(features):
-            return tokens.hidden
-        row = tokens.deepstack_row
-        present = tokens.visual & (row >= 0)
-        added = features[layer_idx].to(tokens.hidden.device)[row.clamp_min(0)]  # [b, s, hidden]
-        return torch.where(present[..., None], tokens.hidden + added, tokens.hidden)
-
     def decode_positions(self, state, decoded: int, query_len: int, batch: int) -> torch.Tensor:
         """[3, batch, query_len]: each sample continues from its prompt's max position + 1 (what generate()
         passes; the stock model without positions crashes on a 2-D mask, or counts the shortened cache)."""
-        start = getattr(state, "vtr_next_position", None)
-        if start is None:
-            raise ValueError("this cache's prefill did not record its M-RoPE positions; pass position_ids")
-        steps = torch.arange(query_len, device=start.device)
-        positions = start[:, None] + decoded + steps[None]
+        steps = torch.arange(query_len, device=state.next_position.device)
+        positions = state.next_position[:, None] + decoded + steps[None]
         return positions[None].expand(3, batch, query_len)
 
-    def continued_positions(self, args: dict, cache) -> torch.Tensor:
-        """[3, batch, query_len] for a decode step after an UNPRUNED prefill given no positions: the text
+    def stock_inputs(self, args: dict, cache) -> dict:
+        """A decode step after an UNPRUNED prefill given no positions gets [3, batch, query_len]: the text
         positions (from the 2-D mask when there is one, else the cache length) plus the prompt's
         `rope_deltas`, which is what the stock model means to compute (5.23 crashes on a 2-D mask there)."""
+        deltas = self.model.model.rope_deltas
+        if (
+            args.get("position_ids") is not None
+            or cache is None
+            or deltas is None
+            or self.has_visual_input(args)
+            or cache.get_seq_length() == 0
+        ):
+            return args
         ids = args.get("input_ids")
         batch, query_len = (ids if ids is not None else args["inputs_embeds"]).shape[:2]
         mask = args.get("attention_mask")
@@ -195,40 +198,44 @@ class Qwen3VLAdapter(BackboneAdapter):
         else:
             past = cache.get_seq_length()
             text = torch.arange(past, past + query_len, device=cache.layers[0].keys.device).expand(batch, -1)
-        deltas = self.model.model.rope_deltas
         deltas = deltas.repeat_interleave(batch // deltas.shape[0], dim=0).to(text.device)
-        return (text + deltas)[None].expand(3, -1, -1)
-
-    def output(self, loss, logits, cache, tokens: PrefillTokens):
-        self._deepstack = None  # one prefill's features; decode steps run the stock forward
-        state = getattr(cache, "_vtr_state", None)
-        if state is not None:  # the engine attached this prefill's DecodeState just before
-            state.vtr_next_position = tokens.next_position
-        return self.output_class(loss=loss, logits=logits, past_key_values=cache, **tokens.output_extras)
+        return {**args, "position_ids": (text + deltas)[None].expand(3, -1, -1)}
 
     # ------------------------------------------------------------------ per-sample facts for strategies
 
     @staticmethod
-    def _grid_coords(visual_b: torch.Tensor, positions_b: torch.Tensor) -> torch.Tensor:
-        """[n, 3] (group, row, col) of one sample's visual tokens from their M-RoPE positions: an image or a
-        video frame group starts at position p with t = p, h = p + row, w = p + col."""
-        pos = positions_b[:, visual_b]  # [3, n]
-        starts = pos[0]
-        group = torch.unique(starts, return_inverse=True)[1]
-        return torch.stack([group, pos[1] - starts, pos[2] - starts], dim=-1)
+    def _grid(visual: torch.Tensor, positions: torch.Tensor):
+        """[b, s] each: the visual group of every token (-1 off the visuals) and its (row, col) in it. A group
+        (an image, or a frame group of a video) starts where the run of visual tokens starts, where the
+        temporal row changes, or where the raster order restarts (frames that share a temporal value)."""
+        t, h, w = positions
+
+        def before(x):
+            return torch.cat([x[:, :1], x[:, :-1]], 1)
+
+        after_visual = torch.nn.functional.pad(visual[:, :-1], (1, 0), value=False)
+        restart = (h < before(h)) | ((h == before(h)) & (w <= before(w)))
+        new = visual & (~after_visual | (t != before(t)) | restart)
+        group = (new.long().cumsum(1) - 1).masked_fill(~visual, -1)
+        index = group.clamp_min(0)
+        big = torch.iinfo(h.dtype).max
+
+        def offset(x):
+            low = torch.full_like(x, big).scatter_reduce(1, index, torch.where(visual, x, big), "amin")
+            return (x - low.gather(1, index)).masked_fill(~visual, -1)
+
+        return group, offset(h), offset(w)
 
     @staticmethod
-    def _first_grids(visual, positions) -> list[tuple[int, int]]:
+    def _first_grids(group, row, col) -> list[tuple[int, int]]:
         """Per sample, (rows, cols) of its first image or frame group after the 2 x 2 merge ((0, 0): none);
         one host sync for the batch."""
-        start = positions[0]
-        first = torch.where(visual, start, torch.iinfo(start.dtype).max).amin(1, keepdim=True)
-        in_first = visual & (start == first)
-        rows = torch.where(in_first, positions[1] - start, -1).amax(1) + 1
-        cols = torch.where(in_first, positions[2] - start, -1).amax(1) + 1
+        first = group == 0
+        rows = torch.where(first, row, -1).amax(1) + 1
+        cols = torch.where(first, col, -1).amax(1) + 1
         return [tuple(rc) for rc in torch.stack([rows, cols], 1).tolist()]
 
-    def _lazy_facts(self, visual, positions, masks, encoded) -> dict:
+    def _lazy_facts(self, visual, group, row, col, masks, encoded) -> dict:
         cache = {}
 
         def importance(b: int) -> torch.Tensor:
@@ -236,28 +243,21 @@ class Qwen3VLAdapter(BackboneAdapter):
                 cache["importance"] = self._vision_importance(visual, masks, encoded)
             return cache["importance"][b]
 
-        return {
-            "visual_grid": lambda b: self._grid_coords(visual[b], positions[:, b]),
-            "vision_importance": importance,
-        }
+        def grid(b: int) -> torch.Tensor:
+            return torch.stack([group[b], row[b], col[b]], -1)[visual[b]]
+
+        return {"visual_grid": grid, "vision_importance": importance}
 
     def _vision_importance(self, visual, masks, encoded) -> list[torch.Tensor]:
         """Per sample, [num_visual]: the mean attention each merged token receives in the last vision block
         (mean over heads, over the query patches of its own image or frame group, and over its 2 x 2
-        patches). This ViT has no CLS token; that block's attention is recomputed from its input."""
+        patches). These ViTs have no CLS token; that block's attention is recomputed from its input."""
         values = torch.zeros(visual.shape, dtype=torch.float32, device=visual.device)
-        for name, (mask, _) in masks.items():
+        for name, mask in masks.items():
             received = self._merged_attention(encoded[name]).to(values.device)
-            total = int(mask.sum())
-            if total != received.numel():
-                # generate(num_beams>1 / num_return_sequences>1) repeats each sample k times in a row; the
-                # vision states it keeps are the original samples'
-                k = total // max(received.numel(), 1)
-                counts = mask.sum(1)[::k].tolist() if k >= 1 and total % max(received.numel(), 1) == 0 else []
-                if sum(counts) != received.numel():
-                    raise ValueError(f"vision_importance: the {name} tokens do not line up with the encoded {name}s")
-                received = torch.cat([chunk for chunk in received.split(counts) for _ in range(k)])
-            values[mask] = received
+            repeats = beam_repeats(int(mask.sum()), received.numel(), f"vision_importance ({name})")
+            counts = mask.sum(1)[::repeats].tolist()
+            values[mask] = repeat_per_sample(received, counts, repeats)
         return [values[b, visual[b]] for b in range(visual.shape[0])]
 
     def _merged_attention(self, out) -> torch.Tensor:
@@ -269,13 +269,9 @@ class Qwen3VLAdapter(BackboneAdapter):
                 "vision_importance needs the vision tower's last-block input, which these pre-encoded features lack; "
                 "pass pixel values (generate() encodes them through this fork, which keeps it)"
             )
-        from transformers.vision_utils import get_vision_attention_seqlens, get_vision_position_ids
-
         block = visual_model.blocks[-1]
         x = block.norm1(hidden_states[-2])
-        position_ids = get_vision_position_ids(grid, visual_model.spatial_merge_size, kwargs={})
-        cos, sin = visual_model.rotary_pos_emb(x, position_ids)
-        cu_seqlens, _ = get_vision_attention_seqlens(grid, visual_model.config, kwargs={})
+        cos, sin, cu_seqlens, restore = self._last_block_layout(visual_model, x, grid)
         attn = block.attn
         n = x.shape[0]
         q, k, _ = attn.qkv(x).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
@@ -287,34 +283,153 @@ class Qwen3VLAdapter(BackboneAdapter):
             qs, ks = q[start:end].transpose(0, 1).float(), k[start:end].transpose(0, 1).float()
             probs = torch.softmax(qs @ ks.transpose(-1, -2) * attn.scaling, dim=-1)  # [heads, len, len]
             received[start:end] = probs.mean(dim=(0, 1))
-        unit = visual_model.spatial_merge_size**2
-        return received.reshape(-1, unit).mean(-1)
+        merged = received.reshape(-1, visual_model.spatial_merge_size**2).mean(-1)
+        return merged if restore is None else merged[restore]
+
+    def _last_block_layout(self, visual_model, x, grid):
+        """(cos, sin, cu_seqlens, restore) of the last vision block as the stock tower runs it: its rotary
+        tables and attention bounds over the patches in the tower's order, and the index that puts merged
+        tokens back in prompt order (None: already in it)."""
+        from transformers.vision_utils import get_vision_attention_seqlens, get_vision_position_ids
+
+        position_ids = get_vision_position_ids(grid, visual_model.spatial_merge_size, kwargs={})
+        cos, sin = visual_model.rotary_pos_emb(x, position_ids)
+        cu_seqlens, _ = get_vision_attention_seqlens(grid, visual_model.config, kwargs={})
+        return cos, sin, cu_seqlens, None
 
 
-class _VTRQwen3VLMixin(VTRModelMixin):
-    vtr_adapter_class = Qwen3VLAdapter
+class Qwen2VLAdapter(QwenVLAdapter):
+    """Qwen2-VL: positions, vision tower and merge as `QwenVLAdapter`."""
 
+
+class Qwen2_5_VLAdapter(QwenVLAdapter):
+    """Qwen2.5-VL: the temporal M-RoPE row is absolute time (`second_per_grid_ts`), and the vision tower runs
+    on patches reordered by window (window attention except in `fullatt_block_indexes`), restoring the order
+    after the merger; `vision_importance` recomputes the last block in that order and maps it back."""
+
+    rope_inputs = ("second_per_grid_ts",)
+
+    def _last_block_layout(self, visual_model, x, grid):
+        from transformers.vision_utils import (
+            get_vision_attention_seqlens,
+            get_vision_position_ids,
+            get_vision_window_index,
+        )
+
+        window_index, cu_window_seqlens = get_vision_window_index(
+            grid,
+            spatial_merge_size=visual_model.spatial_merge_size,
+            window_size=visual_model.window_size,
+            patch_size=visual_model.patch_size,
+            kwargs={},
+        )
+        position_ids = get_vision_position_ids(grid, visual_model.spatial_merge_size, kwargs={})
+        cos, sin = visual_model.rotary_pos_emb(x, position_ids)
+        cos, sin = (visual_model.permute_input_for_window_attn(t, window_index, seq_len=x.shape[0]) for t in (cos, sin))
+        if len(visual_model.blocks) - 1 in visual_model.fullatt_block_indexes:
+            cu_seqlens, _ = get_vision_attention_seqlens(grid, visual_model.config, kwargs={})
+        else:
+            cu_seqlens = cu_window_seqlens
+        return cos, sin, cu_seqlens, torch.argsort(window_index)
+
+
+class Qwen3VLAdapter(QwenVLAdapter):
+    """Qwen3-VL: DeepStack. The features of vision blocks `deepstack_visual_indexes` are added to the visual
+    rows after the first decoder layers; each token carries its flat row in those features
+    (`extras["deepstack_row"]`) through every gather, and the features ride in `adapter_state`."""
+
+    def visual_extras(self, tokens: PrefillTokens, encoded: dict, masks: dict) -> None:
+        hidden, visual = tokens.hidden, tokens.visual
+        batch, seq_len = visual.shape
+        if not masks:
+            return
+        # DeepStack features laid out like the sequence ([b * s, hidden] per layer, zero off the visual rows)
+        deepstack = []
+        for layer in range(len(self.model.config.vision_config.deepstack_visual_indexes)):
+            full = torch.zeros_like(hidden)
+            for name, mask in masks.items():
+                features = torch.cat(encoded[name].deepstack_features[layer])
+                full = full.masked_scatter(mask[..., None], features.to(hidden.device, hidden.dtype))
+            deepstack.append(full.reshape(batch * seq_len, -1))
+        row = torch.arange(batch * seq_len, device=hidden.device).reshape(batch, seq_len)
+        tokens.extras["deepstack_row"] = row.masked_fill(~visual, -1)
+        tokens.adapter_state["deepstack"] = deepstack
+
+    def after_layer(self, layer_idx: int, tokens, prefill: PrefillTokens) -> torch.Tensor:
+        features = prefill.adapter_state.get("deepstack")
+        if features is None or layer_idx >= len(features):
+            return tokens.hidden
+        row = tokens.deepstack_row
+        present = tokens.visual & (row >= 0)
+        added = features[layer_idx].to(tokens.hidden.device)[row.clamp_min(0)]  # [b, s, hidden]
+        return torch.where(present[..., None], tokens.hidden + added, tokens.hidden)
+
+
+class _VTRQwenVLMixin(VTRModelMixin):
     def __init__(self, config, vtr_config: VTRConfig | None = None):
         super().__init__(config)
         self._vtr_setup(vtr_config)
 
-    def vtr_forward(self, stock_forward, args: dict, kwargs: dict):
-        cache = args.get("past_key_values")
-        if (
-            args.get("position_ids") is None
-            and cache is not None
-            and getattr(cache, "_vtr_state", None) is None
-            and not self.vtr_adapter.has_visual_input(args)
-            and cache.get_seq_length() > 0
-            and self.model.rope_deltas is not None
-        ):
-            args["position_ids"] = self.vtr_adapter.continued_positions(args, cache)
-        return super().vtr_forward(stock_forward, args, kwargs)
+
+class VTRQwen2VLForConditionalGeneration(_VTRQwenVLMixin, Qwen2VLForConditionalGeneration):
+    """Stock Qwen2-VL + visual token reduction, configured by `self.vtr_config`."""
+
+    vtr_adapter_class = Qwen2VLAdapter
+    vtr_stock_class = Qwen2VLForConditionalGeneration
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        pixel_values=None,
+        pixel_values_videos=None,
+        image_grid_thw=None,
+        video_grid_thw=None,
+        mm_token_type_ids=None,
+        logits_to_keep=0,
+        mm_encoder_outputs=None,
+        **kwargs,
+    ):
+        return self.vtr_forward(super().forward, *self.forward_arguments(locals()))
 
 
-class VTRQwen3VLForConditionalGeneration(_VTRQwen3VLMixin, Qwen3VLForConditionalGeneration):
+class VTRQwen2_5_VLForConditionalGeneration(_VTRQwenVLMixin, Qwen2_5_VLForConditionalGeneration):
+    """Stock Qwen2.5-VL + visual token reduction, configured by `self.vtr_config`."""
+
+    vtr_adapter_class = Qwen2_5_VLAdapter
+    vtr_stock_class = Qwen2_5_VLForConditionalGeneration
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        pixel_values=None,
+        pixel_values_videos=None,
+        image_grid_thw=None,
+        video_grid_thw=None,
+        mm_token_type_ids=None,
+        second_per_grid_ts=None,
+        logits_to_keep=0,
+        mm_encoder_outputs=None,
+        **kwargs,
+    ):
+        return self.vtr_forward(super().forward, *self.forward_arguments(locals()))
+
+
+class VTRQwen3VLForConditionalGeneration(_VTRQwenVLMixin, Qwen3VLForConditionalGeneration):
     """Stock Qwen3-VL + visual token reduction, configured by `self.vtr_config`."""
 
+    vtr_adapter_class = Qwen3VLAdapter
     vtr_stock_class = Qwen3VLForConditionalGeneration
 
     def forward(
@@ -344,7 +459,7 @@ class Qwen3VLMoeAdapter(Qwen3VLAdapter):
     output_class = MoeCausalLMOutputWithPast
 
 
-class VTRQwen3VLMoeForConditionalGeneration(_VTRQwen3VLMixin, Qwen3VLMoeForConditionalGeneration):
+class VTRQwen3VLMoeForConditionalGeneration(_VTRQwenVLMixin, Qwen3VLMoeForConditionalGeneration):
     """Stock Qwen3-VL-MoE + visual token reduction."""
 
     vtr_adapter_class = Qwen3VLMoeAdapter
@@ -377,11 +492,10 @@ class VTRQwen3VLMoeForConditionalGeneration(_VTRQwen3VLMixin, Qwen3VLMoeForCondi
 
 
 #: model_type of a checkpoint's config -> the VTR class that loads it.
-VTR_CLASSES = {"qwen3_vl": VTRQwen3VLForConditionalGeneration, "qwen3_vl_moe": VTRQwen3VLMoeForConditionalGeneration}
-
-# transformers skips its built-in key renaming for classes defined outside the library; register the stock
-# mappings under these class names so hub checkpoints load (and save) exactly as with the stock classes.
-for _model_type, _cls in VTR_CLASSES.items():
-    _mapping = get_checkpoint_conversion_mapping(_model_type)
-    if _mapping is not None:
-        register_checkpoint_conversion_mapping(_cls.__name__, _mapping, overwrite=True)
+VTR_CLASSES = {
+    "qwen2_vl": VTRQwen2VLForConditionalGeneration,
+    "qwen2_5_vl": VTRQwen2_5_VLForConditionalGeneration,
+    "qwen3_vl": VTRQwen3VLForConditionalGeneration,
+    "qwen3_vl_moe": VTRQwen3VLMoeForConditionalGeneration,
+}
+register_vtr_classes(VTR_CLASSES)
