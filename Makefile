@@ -3,19 +3,25 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-FORKS := image/LLaVA image/InternVL image/Qwen3-VL video/Video-LLaVA
+space := $(subst ,, )
+# The forks' folders, from forks.toml (the registry of forks and model families; scripts/forks.py reads it).
+FORKS := $(shell $(PYTHON) scripts/forks.py paths 2>&1)
+ifneq ($(.SHELLSTATUS),0)
+$(error $(subst forks.py: error: ,,$(FORKS)))
+endif
 STAMP := $(VENV)/.vtr-installed
 # Extra pip arguments, e.g. PIP_ARGS="--index-url https://download.pytorch.org/whl/cu128" (see README).
 PIP_ARGS ?=
-space := $(subst ,, )
 # Real checkpoint for `make demo` (hub id or local folder); empty = a built-in random model of BACKBONE.
 MODEL ?=
-# Which fork `make demo` runs: llava (default), internvl, qwen3vl or videollava.
+# Which model family `make demo` runs (the demo of the fork serving it): a [family.*] of forks.toml, default llava.
 BACKBONE ?= llava
-DEMO_llava := llava.vtr.demo
-DEMO_internvl := internvl_vtr.demo
-DEMO_qwen3vl := visual_token_pruning.demo
-DEMO_videollava := videollava.vtr.demo
+ifneq ($(filter demo,$(MAKECMDGOALS)),)
+DEMO := $(shell $(PYTHON) scripts/forks.py demo '$(BACKBONE)' 2>&1)
+ifneq ($(.SHELLSTATUS),0)
+$(error BACKBONE=$(BACKBONE): $(subst forks.py: error: ,,$(DEMO)))
+endif
+endif
 # Arguments for the benchmark script.
 BENCH_ARGS ?=
 
@@ -34,8 +40,7 @@ test: install check-copies
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: install
-	@test -n "$(DEMO_$(BACKBONE))" || { echo "BACKBONE=$(BACKBONE): choose llava, internvl, qwen3vl or videollava" >&2; exit 2; }
-	$(PY) -m $(DEMO_$(BACKBONE)) $(if $(MODEL),--model $(MODEL))
+	$(PY) -m $(DEMO) $(if $(MODEL),--model $(MODEL))
 
 bench: install
 	$(PY) scripts/bench.py $(BENCH_ARGS)
