@@ -1,21 +1,27 @@
-"""Qwen3-VL's processor where torchvision cannot load.
+"""The Qwen-VL processors where torchvision cannot load.
 
-The stock `Qwen3VLProcessor` needs `Qwen3VLVideoProcessor` (a torchvision backend) and, by default, the
-fast image processor (torchvision too). Where torchvision imports, `load_processor` returns the stock
-processor unchanged. Otherwise it builds the same `Qwen3VLProcessor` class (so the prompt expansion, the
-per-frame `<t seconds>` timestamps and `mm_token_type_ids` are the stock code) around:
+The stock `Qwen3VLProcessor`, `Qwen2_5_VLProcessor` and `Qwen2VLProcessor` need their video processor
+(`Qwen3VLVideoProcessor` / `Qwen2VLVideoProcessor`, torchvision backends) and, by default, the fast image
+processor (torchvision too). Where torchvision imports, `load_processor` returns the stock processor
+unchanged. Otherwise it builds the same stock processor class (so the prompt expansion, Qwen3-VL's per-frame
+`<t seconds>` timestamps, Qwen2.5-VL's `second_per_grid_ts` and `mm_token_type_ids` are the stock code)
+around:
 
 - images: transformers' PIL `Qwen2VLImageProcessorPil` (the stock slow image processor);
-- videos: `Qwen3VLVideoProcessorNoTV`, the stock `Qwen3VLVideoProcessor` with only its torchvision calls
-  replaced: resizing by `torch.nn.functional.interpolate` (bicubic, antialiased: the kernel torchvision
-  itself calls), normalisation in plain torch, and file decoding by `video_io` (decord, PyAV fallback).
-  Frame sampling, `smart_resize`, the temporal padding and the patch layout are the stock methods.
+- videos: the stock video processor with only its torchvision calls replaced (`NoTV` subclasses):
+  resizing by `torch.nn.functional.interpolate` (bicubic, antialiased: the kernel torchvision itself
+  calls), normalisation in plain torch, and file decoding by `video_io` (decord, PyAV fallback). Frame
+  sampling, `smart_resize`, the temporal padding and the patch layout are the stock methods.
+  `Qwen2VLVideoProcessor`'s module imports torchvision only for type annotations; where torchvision is
+  missing it is imported under placeholder modules that are removed again right after.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+import types
 from pathlib import Path
 
 import torch
@@ -27,8 +33,8 @@ from . import video_io
 from .model_args import PROCESSOR_FILES, check_checkpoint
 
 _FALLBACK_NOTICE = (
-    "visual_token_pruning: torchvision is unavailable, so Qwen3-VL's processor uses the PIL image processor and "
-    "a torch/decord video processor (same outputs layout as the stock one)"
+    "visual_token_pruning: torchvision is unavailable, so the {family} processor uses the PIL image processor "
+    "and a torch/decord video processor (same outputs layout as the stock one)"
 )
 
 
@@ -55,12 +61,10 @@ class _TorchOnlyBackend(TorchvisionBackend):
         return (image - mean) / std
 
 
-class Qwen3VLVideoProcessorNoTV(Qwen3VLVideoProcessor, _TorchOnlyBackend):
-    """The stock Qwen3-VL video processor without torchvision (see the module docstring).
+class _NoTVVideo:
+    """What every torchvision-free video processor here adds to its stock class (listed first)."""
 
-    Videos may be file paths (decoded with `video_io`, frames sampled by the stock `sample_frames`: `fps`
-    frames per second, at least `min_frames`, at most `max_frames`, or exactly `num_frames`), uint8 arrays
-    `[t, h, w, 3]`, or lists of PIL frames; pass `video_metadata` with arrays to get true timestamps."""
+    stock_name = ""  # the stock class, as saved configs name it
 
     def convert_to_rgb(self, video: torch.Tensor):
         if video.shape[-3] == 1:
@@ -76,23 +80,94 @@ class Qwen3VLVideoProcessorNoTV(Qwen3VLVideoProcessor, _TorchOnlyBackend):
 
     def to_dict(self):
         out = super().to_dict()
-        out["video_processor_type"] = "Qwen3VLVideoProcessor"  # what the stock loader reads back
+        out["video_processor_type"] = self.stock_name  # what the stock loader reads back
         return out
 
 
-def _processor_class():
-    from transformers import Qwen3VLProcessor
+class Qwen3VLVideoProcessorNoTV(_NoTVVideo, Qwen3VLVideoProcessor, _TorchOnlyBackend):
+    """The stock Qwen3-VL video processor without torchvision (see the module docstring).
 
-    class Qwen3VLProcessorNoTV(Qwen3VLProcessor):
-        """The stock processor; only its class check, which looks the video processor up through
-        torchvision-backed mappings, accepts `Qwen3VLVideoProcessorNoTV`."""
+    Videos may be file paths (decoded with `video_io`, frames sampled by the stock `sample_frames`: `fps`
+    frames per second, at least `min_frames`, at most `max_frames`, or exactly `num_frames`), uint8 arrays
+    `[t, h, w, 3]`, or lists of PIL frames; pass `video_metadata` with arrays to get true timestamps."""
+
+    stock_name = "Qwen3VLVideoProcessor"
+
+
+@contextlib.contextmanager
+def _torchvision_placeholder():
+    """Importable `torchvision.transforms.v2.functional` placeholders for the duration of one import (only
+    where torchvision itself is missing); every placeholder is removed afterwards."""
+    names = [
+        "torchvision",
+        "torchvision.transforms",
+        "torchvision.transforms.v2",
+        "torchvision.transforms.v2.functional",
+    ]
+    added = [name for name in names if name not in sys.modules]
+    for name in added:
+        sys.modules[name] = types.ModuleType(name)
+    try:
+        yield
+    finally:
+        for name in added:
+            sys.modules.pop(name, None)
+
+
+_QWEN2_VIDEO = []
+
+
+def qwen2_vl_video_class():
+    """`Qwen2VLVideoProcessorNoTV`: the stock Qwen2-VL / Qwen2.5-VL video processor without torchvision."""
+    if _QWEN2_VIDEO:
+        return _QWEN2_VIDEO[0]
+    try:
+        from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+    except ImportError:
+        with _torchvision_placeholder():
+            from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    class Qwen2VLVideoProcessorNoTV(_NoTVVideo, Qwen2VLVideoProcessor, _TorchOnlyBackend):
+        """The stock Qwen2-VL / Qwen2.5-VL video processor without torchvision (see the module docstring):
+        every frame given is used unless `do_sample_frames=True`, as in the stock one."""
+
+        stock_name = "Qwen2VLVideoProcessor"
+
+    _QWEN2_VIDEO.append(Qwen2VLVideoProcessorNoTV)
+    return Qwen2VLVideoProcessorNoTV
+
+
+#: processor class (as a checkpoint's processor_config.json names it) -> (family, its video processor)
+FAMILIES = {
+    "Qwen3VLProcessor": ("Qwen3-VL", lambda: Qwen3VLVideoProcessorNoTV),
+    "Qwen2_5_VLProcessor": ("Qwen2.5-VL", qwen2_vl_video_class),
+    "Qwen2VLProcessor": ("Qwen2-VL", qwen2_vl_video_class),
+}
+#: model_type of a checkpoint's config -> its processor class
+PROCESSOR_FOR = {
+    "qwen3_vl": "Qwen3VLProcessor",
+    "qwen3_vl_moe": "Qwen3VLProcessor",
+    "qwen2_5_vl": "Qwen2_5_VLProcessor",
+    "qwen2_vl": "Qwen2VLProcessor",
+}
+_PROCESSORS = {}
+
+
+def _processor_class(name: str = "Qwen3VLProcessor"):
+    """The stock processor class `name`; only its class check, which looks the video processor up through
+    torchvision-backed mappings, also accepts this module's torchvision-free video processors."""
+    if name not in _PROCESSORS:
+        import transformers
 
         def check_argument_for_proper_class(self, argument_name, argument):
-            if argument_name == "video_processor" and isinstance(argument, Qwen3VLVideoProcessorNoTV):
+            if argument_name == "video_processor" and isinstance(argument, _NoTVVideo):
                 return type(argument)
-            return super().check_argument_for_proper_class(argument_name, argument)
+            return super(cls, self).check_argument_for_proper_class(argument_name, argument)
 
-    return Qwen3VLProcessorNoTV
+        cls = type(f"{name}NoTV", (getattr(transformers, name),), {})
+        cls.check_argument_for_proper_class = check_argument_for_proper_class
+        _PROCESSORS[name] = cls
+    return _PROCESSORS[name]
 
 
 def read_video(path, sample_indices_fn=None):
@@ -127,8 +202,10 @@ def build_processor(
     chat_template: str | None = None,
     image_kwargs: dict | None = None,
     video_kwargs: dict | None = None,
+    processor_class: str = "Qwen3VLProcessor",
 ):
-    """A `Qwen3VLProcessor` around the PIL image processor and the torchvision-free video processor."""
+    """A stock Qwen-VL processor (`processor_class`, a key of `FAMILIES`) around the PIL image processor and
+    the torchvision-free video processor."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     image_size = {}
@@ -148,7 +225,7 @@ def build_processor(
         low = video_min_pixels or min_pixels or 128 * 32 * 32
         high = video_max_pixels or (max_pixels * 4 if max_pixels else 32 * 32 * 768)
         video_size["size"] = {"shortest_edge": low, "longest_edge": high}
-    video_processor = Qwen3VLVideoProcessorNoTV(
+    video_processor = FAMILIES[processor_class][1]()(
         patch_size=patch_size,
         merge_size=merge_size,
         temporal_patch_size=temporal_patch_size,
@@ -156,7 +233,7 @@ def build_processor(
         **video_size,
         **(video_kwargs or {}),
     )
-    return _processor_class()(
+    return _processor_class(processor_class)(
         image_processor=image_processor,
         tokenizer=tokenizer,
         video_processor=video_processor,
@@ -164,13 +241,14 @@ def build_processor(
     )
 
 
-def stock_layout(path) -> None:
+def stock_layout(path, processor_class: str = "Qwen3VLProcessor") -> None:
     """Name the stock classes in a saved processor's configs, as a hub checkpoint does."""
     path = Path(path)
+    video = "Qwen3VLVideoProcessor" if processor_class == "Qwen3VLProcessor" else "Qwen2VLVideoProcessor"
     for name, key, value in (
         ("preprocessor_config.json", "image_processor_type", "Qwen2VLImageProcessor"),
-        ("video_preprocessor_config.json", "video_processor_type", "Qwen3VLVideoProcessor"),
-        ("processor_config.json", "processor_class", "Qwen3VLProcessor"),
+        ("video_preprocessor_config.json", "video_processor_type", video),
+        ("processor_config.json", "processor_class", processor_class),
     ):
         file = path / name
         if file.is_file():
@@ -188,8 +266,9 @@ def _torchvision_available() -> bool:
 
 
 def load_processor(pretrained: str, min_pixels: int | None = None, max_pixels: int | None = None, **kwargs):
-    """The checkpoint's processor: the stock `AutoProcessor` where torchvision imports; else the same
-    `Qwen3VLProcessor` built from the checkpoint's tokenizer and processor configs (one notice line).
+    """The checkpoint's processor: the stock `AutoProcessor` where torchvision imports; else the same stock
+    processor class (Qwen3-VL, Qwen2.5-VL or Qwen2-VL, from the checkpoint's model_type) built from the
+    checkpoint's tokenizer and processor configs (one notice line).
     `min_pixels` / `max_pixels` replace that bound of the IMAGE processor's pixel budget; the bound not given
     stays the checkpoint's, and videos keep the checkpoint's video budget."""
     from transformers import AutoProcessor, AutoTokenizer
@@ -201,14 +280,16 @@ def load_processor(pretrained: str, min_pixels: int | None = None, max_pixels: i
         from transformers.image_processing_base import ImageProcessingMixin
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-        print(_FALLBACK_NOTICE, file=sys.stderr)
+        processor_class = _processor_class_of(pretrained, **kwargs)
+        family, video_class = FAMILIES[processor_class]
+        print(_FALLBACK_NOTICE.format(family=family), file=sys.stderr)
         image_dict, _ = ImageProcessingMixin.get_image_processor_dict(pretrained, **kwargs)
         image_dict = {k: v for k, v in image_dict.items() if k not in ("image_processor_type", "processor_class")}
         image_processor = Qwen2VLImageProcessorPil(**image_dict)
-        video_processor = Qwen3VLVideoProcessorNoTV(**_video_dict(pretrained, **kwargs))
+        video_processor = video_class()(**_video_dict(pretrained, **kwargs))
         tokenizer = AutoTokenizer.from_pretrained(pretrained, **kwargs)
         template = getattr(tokenizer, "chat_template", None) or _chat_template(pretrained)
-        processor = _processor_class()(
+        processor = _processor_class(processor_class)(
             image_processor=image_processor,
             tokenizer=tokenizer,
             video_processor=video_processor,
@@ -226,6 +307,18 @@ def load_processor(pretrained: str, min_pixels: int | None = None, max_pixels: i
         size = {"shortest_edge": low, "longest_edge": high}
         image.size = size if isinstance(current, dict) else type(current)(**size)
     return processor
+
+
+def _processor_class_of(pretrained, **kwargs) -> str:
+    from transformers import AutoConfig
+
+    keys = ("revision", "trust_remote_code", "cache_dir", "token", "local_files_only")
+    model_type = AutoConfig.from_pretrained(pretrained, **{k: v for k, v in kwargs.items() if k in keys}).model_type
+    if model_type not in PROCESSOR_FOR:
+        raise ValueError(
+            f"{pretrained} is a {model_type!r} checkpoint; this fork's processors serve {sorted(PROCESSOR_FOR)}"
+        )
+    return PROCESSOR_FOR[model_type]
 
 
 def _video_dict(pretrained, **kwargs) -> dict:

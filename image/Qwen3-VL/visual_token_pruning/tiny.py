@@ -1,8 +1,10 @@
-"""Build small random Qwen3-VL checkpoints on disk, fully offline (tests, the demo, the benchmark).
+"""Build small random Qwen-VL checkpoints on disk, fully offline (tests, the demo, the benchmark).
 
 The result is an ordinary hub-style folder (config, safetensors, tokenizer, chat template, image and video
 processor configs naming the stock classes) that loads through the real `from_pretrained` path, exactly
-like a downloaded `Qwen/Qwen3-VL-*-Instruct` checkpoint. The vision tower has DeepStack layers.
+like a downloaded `Qwen/Qwen3-VL-*-Instruct`, `Qwen/Qwen2.5-VL-*-Instruct` or `Qwen/Qwen2-VL-*-Instruct`
+checkpoint. Qwen3-VL's vision tower has DeepStack layers; Qwen2.5-VL's runs window attention (2 x 2 merged
+tokens per window in the tiny shape) with full attention in its last block.
 """
 
 from __future__ import annotations
@@ -85,10 +87,16 @@ def tiny_qwen3_vl_config(
     deepstack_visual_indexes: tuple = (0, 1),
     num_position_embeddings: int = 64,
     moe: bool = False,
+    family: str = "qwen3_vl",
 ):
-    """A Qwen3-VL config: text head_dim 16 with M-RoPE sections (4, 2, 2); DeepStack features from vision
-    blocks `deepstack_visual_indexes` are added after the first len(...) decoder layers."""
-    from transformers import Qwen3VLConfig, Qwen3VLMoeConfig
+    """A Qwen-VL config (`family`: qwen3_vl, qwen2_5_vl or qwen2_vl): text head_dim 16 with M-RoPE sections
+    (4, 2, 2). Qwen3-VL: DeepStack features from vision blocks `deepstack_visual_indexes` are added after
+    the first len(...) decoder layers. Qwen2.5-VL: windows of 2 x 2 merged tokens, the last vision block and
+    every other one before it full-attention."""
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig, Qwen3VLMoeConfig
+
+    if family not in FAMILIES:
+        raise ValueError(f"unknown Qwen-VL family {family!r}; choose one of {sorted(FAMILIES)}")
 
     ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in _TOKEN_FIELDS.items()}
     head_dim = hidden_size // num_heads
@@ -107,27 +115,49 @@ def tiny_qwen3_vl_config(
             "rope_type": "default",
             "rope_theta": 10000.0,
             "mrope_section": mrope,
-            "mrope_interleaved": True,
+            **({"mrope_interleaved": True} if family == "qwen3_vl" else {}),
         },
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
     if moe:
         text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=intermediate_size // 2)
-    vision = dict(
-        depth=vision_depth,
-        hidden_size=vision_hidden_size,
-        intermediate_size=vision_hidden_size * 2,
-        num_heads=2,
-        patch_size=patch_size,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-        out_hidden_size=hidden_size,
-        num_position_embeddings=num_position_embeddings,
-        deepstack_visual_indexes=list(deepstack_visual_indexes),
-    )
-    config_class = Qwen3VLMoeConfig if moe else Qwen3VLConfig
+    vision = dict(depth=vision_depth, num_heads=2, patch_size=patch_size, spatial_merge_size=2, temporal_patch_size=2)
+    if family != "qwen3_vl":
+        text.update(bos_token_id=None)  # the stock default (151643) lies outside the tiny vocabulary
+    if family == "qwen2_vl":
+        text.pop("head_dim")
+        vision.update(embed_dim=vision_hidden_size, hidden_size=hidden_size, mlp_ratio=2)
+        config_class = Qwen2VLConfig
+    elif family == "qwen2_5_vl":
+        text.pop("head_dim")
+        vision.update(
+            hidden_size=vision_hidden_size,
+            intermediate_size=vision_hidden_size * 2,
+            out_hidden_size=hidden_size,
+            window_size=patch_size * 2 * 2,  # 2 x 2 merged tokens per window
+            fullatt_block_indexes=list(range(vision_depth - 1, -1, -2))[::-1],
+            tokens_per_second=4,  # the stock value: frame groups 2 positions apart at 4 fps
+        )
+        config_class = Qwen2_5_VLConfig
+    else:
+        vision.update(
+            hidden_size=vision_hidden_size,
+            intermediate_size=vision_hidden_size * 2,
+            out_hidden_size=hidden_size,
+            num_position_embeddings=num_position_embeddings,
+            deepstack_visual_indexes=list(deepstack_visual_indexes),
+        )
+        config_class = Qwen3VLMoeConfig if moe else Qwen3VLConfig
     return config_class(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
+
+
+#: family (a checkpoint's model_type) -> (stock model class name, stock processor class name)
+FAMILIES = {
+    "qwen3_vl": ("Qwen3VLForConditionalGeneration", "Qwen3VLProcessor"),
+    "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor"),
+    "qwen2_vl": ("Qwen2VLForConditionalGeneration", "Qwen2VLProcessor"),
+}
 
 
 _TOKEN_FIELDS = {
@@ -138,12 +168,20 @@ _TOKEN_FIELDS = {
 }
 
 
-def tiny_processor(tokenizer, patch_size: int, *, min_pixels: int = 32 * 32, max_pixels: int = 128 * 128):
+def tiny_processor(
+    tokenizer,
+    patch_size: int,
+    *,
+    min_pixels: int = 32 * 32,
+    max_pixels: int = 128 * 128,
+    processor_class: str = "Qwen3VLProcessor",
+):
     """The processor this fork builds without torchvision (see processing.py), for a tiny checkpoint."""
     from .processing import build_processor
 
     return build_processor(
         tokenizer,
+        processor_class=processor_class,
         patch_size=patch_size,
         merge_size=2,
         temporal_patch_size=2,
@@ -153,39 +191,49 @@ def tiny_processor(tokenizer, patch_size: int, *, min_pixels: int = 32 * 32, max
     )
 
 
-def build_tiny_qwen3_vl(path, *, seed: int = 0, overwrite: bool = False, moe: bool = False, **shape) -> Path:
-    """Write a random Qwen3-VL (or Qwen3-VL-MoE) checkpoint + processor to `path` (kept if it already holds
-    the same shape). Defaults: 4 px patches merged 2x2, so a 64 x 64 image is 64 visual tokens."""
-    from transformers import Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration
+def build_tiny_qwen3_vl(
+    path, *, seed: int = 0, overwrite: bool = False, moe: bool = False, family: str = "qwen3_vl", **shape
+) -> Path:
+    """Write a random Qwen-VL checkpoint + processor to `path` (kept if it already holds the same shape):
+    Qwen3-VL (or Qwen3-VL-MoE), or `family="qwen2_5_vl"` / `"qwen2_vl"`. Defaults: 4 px patches merged 2x2,
+    so a 64 x 64 image is 64 visual tokens."""
+    import transformers
 
     path = Path(path)
     stamp = path / "vtr_tiny.json"
-    wanted = {"seed": seed, "moe": moe, **shape}
+    wanted = {"seed": seed, "moe": moe, **shape} if family == "qwen3_vl" else {"seed": seed, "family": family, **shape}
     if not overwrite and stamp.exists() and json.loads(stamp.read_text()) == wanted:
         return path
     tokenizer = build_tokenizer()
     processor_shape = {k: shape.pop(k) for k in ("min_pixels", "max_pixels") if k in shape}
-    config = tiny_qwen3_vl_config(tokenizer, moe=moe, **shape)
+    if family != "qwen3_vl":  # Qwen3-VL's vision-only knobs
+        shape = {k: v for k, v in shape.items() if k not in ("deepstack_visual_indexes", "num_position_embeddings")}
+    config = tiny_qwen3_vl_config(tokenizer, moe=moe, family=family, **shape)
     torch.manual_seed(seed)
-    model_class = Qwen3VLMoeForConditionalGeneration if moe else Qwen3VLForConditionalGeneration
+    model_class = getattr(transformers, FAMILIES[family][0])
+    if moe:
+        model_class = transformers.Qwen3VLMoeForConditionalGeneration
     model = model_class(config).eval()
     with torch.no_grad():  # random init gives near-uniform attention; a larger scale makes scores discriminative
         model.model.language_model.embed_tokens.weight.normal_(0, 1.0)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
-    processor = tiny_processor(tokenizer, config.vision_config.patch_size, **processor_shape)
-    save_processor(processor, path)
+    processor_class = FAMILIES[family][1]
+    processor = tiny_processor(
+        tokenizer, config.vision_config.patch_size, processor_class=processor_class, **processor_shape
+    )
+    save_processor(processor, path, processor_class)
     stamp.write_text(json.dumps(wanted))
     return path
 
 
-def save_processor(processor, path) -> None:
+def save_processor(processor, path, processor_class: str = "Qwen3VLProcessor") -> None:
     """Save as a hub checkpoint lays it out: the stock processor classes are named in the configs, so
     `AutoProcessor` loads them where torchvision exists, and `load_processor` falls back here."""
     from .processing import stock_layout
 
     processor.save_pretrained(path)
-    stock_layout(path)
+    stock_layout(path, processor_class)
 
 
 def demo_image(size: int = 448, height: int | None = None):

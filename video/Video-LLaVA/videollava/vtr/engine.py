@@ -312,9 +312,13 @@ def clip_cls_attention(layer, hidden: torch.Tensor) -> torch.Tensor:
 def register_vtr_classes(vtr_classes: dict) -> None:
     """transformers skips its built-in checkpoint key renaming for classes defined outside the library;
     register each stock mapping (model_type -> VTR class) under the VTR class's name, so hub checkpoints
-    load and save exactly as with the stock classes."""
+    load and save exactly as with the stock classes. The stock class's own mapping wins over its
+    model_type's, as in transformers' lookup."""
     for model_type, cls in vtr_classes.items():
-        mapping = get_checkpoint_conversion_mapping(model_type)
+        stock = getattr(cls, "vtr_stock_class", None)
+        mapping = get_checkpoint_conversion_mapping(stock.__name__) if stock is not None else None
+        if mapping is None:
+            mapping = get_checkpoint_conversion_mapping(model_type)
         if mapping is not None:
             register_checkpoint_conversion_mapping(cls.__name__, mapping, overwrite=True)
 
