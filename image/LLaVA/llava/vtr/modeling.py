@@ -9,14 +9,24 @@ positions re-mapped onto the shortened cache.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
-from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
 from transformers.models.llava_next.modeling_llava_next import LlavaNextCausalLMOutputWithPast
 
 from .config import VTRConfig
-from .engine import BackboneAdapter, PrefillTokens, StageRecord, VTRModelMixin, VTRRecord
+from .engine import (
+    BackboneAdapter,
+    PrefillTokens,
+    StageRecord,
+    VTRModelMixin,
+    VTRRecord,
+    beam_repeats,
+    clip_cls_attention,
+    register_vtr_classes,
+)
 
 __all__ = [
     "LlavaAdapter",
@@ -36,17 +46,8 @@ class LlavaAdapter(BackboneAdapter):
     default_keep_tokens = 192
     output_class = LlavaCausalLMOutputWithPast
 
-    def has_visual_input(self, args: dict) -> bool:
-        encoded = args.get("mm_encoder_outputs") or {}
-        return args.get("pixel_values") is not None or encoded.get("image") is not None
-
     def prefill_tokens(self, args: dict) -> PrefillTokens:
-        model = self.model.model
-        input_ids, inputs_embeds = args.get("input_ids"), args.get("inputs_embeds")
-        if (input_ids is None) ^ (inputs_embeds is not None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        if inputs_embeds is None:
-            inputs_embeds = model.get_input_embeddings()(input_ids)
+        input_ids, inputs_embeds = self.input_embeddings(args)
         image_output = (args.get("mm_encoder_outputs") or {}).get("image")
         if image_output is None:
             vision_kwargs = {}
@@ -56,23 +57,14 @@ class LlavaAdapter(BackboneAdapter):
                 vision_kwargs["image_sizes"] = args["image_sizes"]
             image_output = self.encode_images(args["pixel_values"], **vision_kwargs)
         features = torch.cat(image_output.pooler_output, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
-        placeholder = model.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds, image_features=features)
-        hidden = inputs_embeds.masked_scatter(placeholder, features)
-        batch, seq_len, _ = hidden.shape
-        mask = args.get("attention_mask")
-        positions = args.get("position_ids")
-        if positions is None:
-            positions = torch.arange(seq_len, device=hidden.device).unsqueeze(0)
-        positions = positions.expand(batch, -1)
-        cos, sin = self.language_model.rotary_emb(hidden, positions)
+        placeholder = self.model.model.get_placeholder_mask(
+            input_ids, inputs_embeds=inputs_embeds, image_features=features
+        )
         visual = placeholder[..., 0]
-        return PrefillTokens(
-            hidden=hidden,
-            visual=visual,
-            valid=mask.bool() if mask is not None else torch.ones_like(visual),
-            positions=positions,
-            cos=cos,
-            sin=sin,
+        return self.prefill(
+            args,
+            inputs_embeds.masked_scatter(placeholder, features),
+            visual,
             output_extras={"image_hidden_states": features},
             strategy_ctx={"patch_grid": self.patch_grid()},
             lazy_ctx=self._lazy_facts(visual, image_output, self._image_sizes(args, image_output)),
@@ -81,7 +73,9 @@ class LlavaAdapter(BackboneAdapter):
     # ------------------------------------------------------------------ per-image facts for strategies
 
     def _lazy_facts(self, visual, image_output, image_sizes) -> dict:
-        """`visual_grid(b)` and `vision_importance(b)`, computed on request (a host sync each)."""
+        """`visual_grid(b)`, `vision_importance(b)` and `vision_features(b)`, computed on request (a host sync
+        each)."""
+        names = {"coords": "visual_grid", "importance": "vision_importance", "features": "vision_features"}
         cache = {}
 
         def per_sample(b: int, kind: str):
@@ -93,10 +87,8 @@ class LlavaAdapter(BackboneAdapter):
             elif kind == "features" and kind not in cache:
                 cache[kind] = self._arrange(self._vision_features(image_output), image_sizes)
             facts, counts = cache[kind], cache["counts"]
-            # generate(num_beams>1 / num_return_sequences>1) repeats each sample k times in a row; the vision
-            # states (and image sizes) it keeps are the original samples'
-            total = sum(f.shape[0] for f in facts)
-            repeats = sum(counts) // total if total and sum(counts) % total == 0 else 1
+            # beam search repeats each sample k times in a row; the images (and sizes) are the original samples'
+            repeats = beam_repeats(sum(counts), sum(f.shape[0] for f in facts), f"{names[kind]} for sample {b}")
             counts, b = counts[::repeats], b // repeats
             chosen, first, need = [], sum(counts[:b]), counts[b]
             for fact in facts:
@@ -107,7 +99,7 @@ class LlavaAdapter(BackboneAdapter):
                     need -= fact.shape[0]
             if need != 0 or first != 0 or not chosen:
                 raise ValueError(
-                    f"{kind} for sample {b}: the visual tokens ({counts}) do not line up with the encoded images"
+                    f"{names[kind]} for sample {b}: the visual tokens ({counts}) do not line up with the encoded images"
                 )
             if kind != "coords":
                 return torch.cat(chosen).to(visual.device)
@@ -117,11 +109,7 @@ class LlavaAdapter(BackboneAdapter):
                 grids.append(torch.stack([group, coords[:, 1], coords[:, 2]], -1))
             return torch.cat(grids).to(visual.device)
 
-        return {
-            "visual_grid": lambda b: per_sample(b, "coords"),
-            "vision_importance": lambda b: per_sample(b, "importance"),
-            "vision_features": lambda b: per_sample(b, "features"),
-        }
+        return {name: functools.partial(per_sample, kind=kind) for kind, name in names.items()}
 
     @staticmethod
     def _image_sizes(args, image_output):
@@ -192,7 +180,6 @@ class LlavaAdapter(BackboneAdapter):
     def _cls_attention(self, image_output) -> torch.Tensor:
         """[num_views, patches]: the CLS query's attention (mean over heads) in the vision layer whose output
         the projector reads, recomputed for that one layer from the tower's hidden states."""
-        config = self.model.config
         index = self.vision_layers()[-1]
         hidden_states = getattr(image_output, "hidden_states", None)
         if hidden_states is None or hidden_states[index - 1] is None:
@@ -202,24 +189,14 @@ class LlavaAdapter(BackboneAdapter):
             )
         tower = self.model.model.vision_tower
         encoder = getattr(tower, "vision_model", tower).encoder  # CLIPVisionModel, older or newer layout
-        layer, x = encoder.layers[index - 1], hidden_states[index - 1]
-        attn = layer.self_attn
-        h = layer.layer_norm1(x)
-        views, length, _ = h.shape
-        q = attn.q_proj(h[:, :1]).view(views, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
-        k = attn.k_proj(h).view(views, length, attn.num_heads, attn.head_dim).transpose(1, 2)
-        probs = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * attn.scale, dim=-1)  # [v, h, 1, len]
-        probs = probs.mean(dim=1)[:, 0]
-        return probs[:, 1:] if config.vision_feature_select_strategy == "default" else probs
+        probs = clip_cls_attention(encoder.layers[index - 1], hidden_states[index - 1])
+        return probs[:, 1:] if self.model.config.vision_feature_select_strategy == "default" else probs
 
     def patch_grid(self) -> tuple[int, int]:
         """(rows, cols) of one image's (LLaVA-1.6: one tile's) feature grid (24 x 24 for 336px / 14px)."""
         vision = self.model.config.vision_config
         side = vision.image_size // vision.patch_size
         return (side, side)
-
-    def output(self, loss, logits, cache, tokens: PrefillTokens):
-        return self.output_class(loss=loss, logits=logits, past_key_values=cache, **tokens.output_extras)
 
 
 class LlavaNextAdapter(LlavaAdapter):
@@ -321,10 +298,4 @@ class VTRLlavaNextForConditionalGeneration(VTRModelMixin, LlavaNextForConditiona
 
 #: model_type of a checkpoint's config -> the VTR class that loads it.
 VTR_CLASSES = {"llava": VTRLlavaForConditionalGeneration, "llava_next": VTRLlavaNextForConditionalGeneration}
-
-# transformers skips its built-in key renaming for classes defined outside the library; register the stock
-# mappings under these class names so llava-hf checkpoints load (and save) exactly as with the stock classes.
-for _model_type, _cls in VTR_CLASSES.items():
-    register_checkpoint_conversion_mapping(
-        _cls.__name__, get_checkpoint_conversion_mapping(_model_type), overwrite=True
-    )
+register_vtr_classes(VTR_CLASSES)  # llava-hf checkpoints load (and save) exactly as with the stock classes
