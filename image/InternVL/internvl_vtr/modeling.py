@@ -17,11 +17,18 @@ from __future__ import annotations
 
 import torch
 from transformers import InternVLForConditionalGeneration
-from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.models.internvl.modeling_internvl import InternVLCausalLMOutputWithPast
 
 from .config import VTRConfig
-from .engine import BackboneAdapter, PrefillTokens, StageRecord, VTRModelMixin, VTRRecord
+from .engine import (
+    BackboneAdapter,
+    PrefillTokens,
+    StageRecord,
+    VTRModelMixin,
+    VTRRecord,
+    beam_repeats,
+    register_vtr_classes,
+)
 
 __all__ = ["InternVLAdapter", "StageRecord", "VTRInternVLForConditionalGeneration", "VTRRecord"]
 
@@ -34,10 +41,6 @@ class InternVLAdapter(BackboneAdapter):
     #: the share LLaVA-1.6 keeps by default (320 of 2,880).
     default_keep_tokens = 192
     output_class = InternVLCausalLMOutputWithPast
-
-    def has_visual_input(self, args: dict) -> bool:
-        encoded = args.get("mm_encoder_outputs") or {}
-        return args.get("pixel_values") is not None or encoded.get("image") is not None
 
     def anchor_row(self, span_end: int) -> int:
         """`span_end` is the row of the `</img>` closing the last tile or frame; the `\\n` after it sees the
@@ -52,33 +55,19 @@ class InternVLAdapter(BackboneAdapter):
         }
 
     def prefill_tokens(self, args: dict) -> PrefillTokens:
-        model = self.model.model
-        input_ids, inputs_embeds = args.get("input_ids"), args.get("inputs_embeds")
-        if (input_ids is None) ^ (inputs_embeds is not None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        if inputs_embeds is None:
-            inputs_embeds = model.get_input_embeddings()(input_ids)
+        input_ids, inputs_embeds = self.input_embeddings(args)
         image_output = (args.get("mm_encoder_outputs") or {}).get("image")
         if image_output is None:
             image_output = self.encode_images(args["pixel_values"], **self._vision_kwargs(args))
         features = image_output.pooler_output.to(inputs_embeds.device, inputs_embeds.dtype)  # [tiles, T, d]
-        placeholder = model.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds, image_features=features)
-        hidden = inputs_embeds.masked_scatter(placeholder, features)
-        batch, seq_len, _ = hidden.shape
-        mask = args.get("attention_mask")
-        positions = args.get("position_ids")
-        if positions is None:
-            positions = torch.arange(seq_len, device=hidden.device).unsqueeze(0)
-        positions = positions.expand(batch, -1)
-        cos, sin = self.language_model.rotary_emb(hidden, positions)
+        placeholder = self.model.model.get_placeholder_mask(
+            input_ids, inputs_embeds=inputs_embeds, image_features=features
+        )
         visual = placeholder[..., 0]
-        return PrefillTokens(
-            hidden=hidden,
-            visual=visual,
-            valid=mask.bool() if mask is not None else torch.ones_like(visual),
-            positions=positions,
-            cos=cos,
-            sin=sin,
+        return self.prefill(
+            args,
+            inputs_embeds.masked_scatter(placeholder, features),
+            visual,
             output_extras={"image_hidden_states": features},
             strategy_ctx={"patch_grid": self.patch_grid()},
             lazy_ctx=self._lazy_facts(visual, image_output),
@@ -114,10 +103,9 @@ class InternVLAdapter(BackboneAdapter):
             if "importance" not in cache:
                 cache["importance"] = self._cls_attention(image_output).reshape(-1)  # every tile of the batch
             importance, sample_counts = cache["importance"], counts()
-            # generate(num_beams>1 / num_return_sequences>1) repeats each sample k times in a row; the vision
-            # states it keeps are the original samples'
+            # beam search repeats each sample k times in a row; the encoded tiles are the original samples'
             total = importance.numel()
-            repeats = sum(sample_counts) // total if total and sum(sample_counts) % total == 0 else 1
+            repeats = beam_repeats(sum(sample_counts), total, "vision_importance")
             sample_counts, b = sample_counts[::repeats], b // repeats
             first = sum(sample_counts[:b])
             if sum(sample_counts) != total:
@@ -179,9 +167,6 @@ class InternVLAdapter(BackboneAdapter):
         shuffled = self.model.model.pixel_shuffle(grid, scale_factor=self.model.config.downsample_ratio)
         return shuffled.sum(-1).reshape(tiles, -1)
 
-    def output(self, loss, logits, cache, tokens: PrefillTokens):
-        return self.output_class(loss=loss, logits=logits, past_key_values=cache, **tokens.output_extras)
-
 
 class VTRInternVLForConditionalGeneration(VTRModelMixin, InternVLForConditionalGeneration):
     """Stock InternVL (2.5 / 3) + visual token reduction, configured by `self.vtr_config`."""
@@ -214,10 +199,4 @@ class VTRInternVLForConditionalGeneration(VTRModelMixin, InternVLForConditionalG
 
 #: model_type of a checkpoint's config -> the VTR class that loads it.
 VTR_CLASSES = {"internvl": VTRInternVLForConditionalGeneration}
-
-# transformers skips its built-in key renaming for classes defined outside the library; register the stock
-# mapping under this class name so hub checkpoints load (and save) exactly as with the stock class.
-for _model_type, _cls in VTR_CLASSES.items():
-    register_checkpoint_conversion_mapping(
-        _cls.__name__, get_checkpoint_conversion_mapping(_model_type), overwrite=True
-    )
+register_vtr_classes(VTR_CLASSES)  # hub checkpoints load (and save) exactly as with the stock class
