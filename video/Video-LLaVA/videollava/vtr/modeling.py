@@ -20,16 +20,22 @@ from __future__ import annotations
 
 import torch
 from transformers import VideoLlavaForConditionalGeneration
-from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.models.video_llava.modeling_video_llava import VideoLlavaCausalLMOutputWithPast
 
 from .config import VTRConfig
-from .engine import BackboneAdapter, PrefillTokens, StageRecord, VTRModelMixin, VTRRecord
+from .engine import (
+    BackboneAdapter,
+    PrefillTokens,
+    StageRecord,
+    VTRModelMixin,
+    VTRRecord,
+    beam_repeats,
+    clip_cls_attention,
+    register_vtr_classes,
+    repeat_per_sample,
+)
 
 __all__ = ["StageRecord", "VTRRecord", "VTRVideoLlavaForConditionalGeneration", "VideoLlavaAdapter"]
-
-PIXEL_KEYS = ("pixel_values", "pixel_values_images", "pixel_values_videos")
-MODALITIES = ("image", "video")
 
 
 class VideoLlavaAdapter(BackboneAdapter):
@@ -39,10 +45,9 @@ class VideoLlavaAdapter(BackboneAdapter):
     #: Budget when the user gives none (VTRConfig.budget_defaulted): a quarter of an 8-frame video
     #: (2 frames' worth of the 2056 tokens); an image prompt (256 tokens) then keeps everything.
     default_keep_tokens = 514
-
-    def has_visual_input(self, args: dict) -> bool:
-        encoded = args.get("mm_encoder_outputs") or {}
-        return any(args.get(k) is not None for k in PIXEL_KEYS) or any(encoded.get(m) is not None for m in MODALITIES)
+    output_class = VideoLlavaCausalLMOutputWithPast
+    pixel_inputs = ("pixel_values", "pixel_values_images", "pixel_values_videos")
+    encoded_modalities = ("image", "video")
 
     # ------------------------------------------------------------------ encoding
 
@@ -101,11 +106,11 @@ class VideoLlavaAdapter(BackboneAdapter):
         return encoded
 
     def pre_encode(self, generate_kwargs: dict) -> dict:
-        if not any(generate_kwargs.get(k) is not None for k in PIXEL_KEYS):
+        if not any(generate_kwargs.get(k) is not None for k in self.pixel_inputs):
             return generate_kwargs
         kwargs = dict(generate_kwargs)
         kwargs["mm_encoder_outputs"] = self.encode(kwargs)
-        for key in (*PIXEL_KEYS, "vision_feature_layer", "vision_feature_select_strategy"):
+        for key in (*self.pixel_inputs, "vision_feature_layer", "vision_feature_select_strategy"):
             kwargs.pop(key, None)
         return kwargs
 
@@ -119,15 +124,12 @@ class VideoLlavaAdapter(BackboneAdapter):
         return feats.reshape(1, -1, feats.shape[-1]).to(device, dtype)
 
     def prefill_tokens(self, args: dict) -> PrefillTokens:
-        model = self.model.model
-        input_ids, inputs_embeds = args.get("input_ids"), args.get("inputs_embeds")
-        if (input_ids is None) ^ (inputs_embeds is not None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        if inputs_embeds is None:
-            inputs_embeds = model.get_input_embeddings()(input_ids)
+        input_ids, inputs_embeds = self.input_embeddings(args)
         encoded = self.encode(args)
-        image, video = (self._features(encoded.get(m), inputs_embeds.dtype, inputs_embeds.device) for m in MODALITIES)
-        image_mask, video_mask = model.get_placeholder_mask(
+        image, video = (
+            self._features(encoded.get(m), inputs_embeds.dtype, inputs_embeds.device) for m in self.encoded_modalities
+        )
+        image_mask, video_mask = self.model.model.get_placeholder_mask(
             input_ids, inputs_embeds=inputs_embeds, image_features=image, video_features=video
         )
         hidden = inputs_embeds
@@ -137,22 +139,12 @@ class VideoLlavaAdapter(BackboneAdapter):
             hidden = hidden.masked_scatter(video_mask, video[0])
         masks = {"image": image_mask[..., 0] & (image is not None), "video": video_mask[..., 0] & (video is not None)}
         visual = masks["image"] | masks["video"]
-        batch, seq_len, _ = hidden.shape
-        mask = args.get("attention_mask")
-        positions = args.get("position_ids")
-        if positions is None:
-            positions = torch.arange(seq_len, device=hidden.device).unsqueeze(0)
-        positions = positions.expand(batch, -1)
-        cos, sin = self.language_model.rotary_emb(hidden, positions)
         side = self.patch_grid()
         video_out = encoded.get("video")
-        return PrefillTokens(
-            hidden=hidden,
-            visual=visual,
-            valid=mask.bool() if mask is not None else torch.ones_like(visual),
-            positions=positions,
-            cos=cos,
-            sin=sin,
+        return self.prefill(
+            args,
+            hidden,
+            visual,
             output_extras={
                 "image_hidden_states": image[0] if image is not None else None,
                 "video_hidden_states": video[0] if video is not None else None,
@@ -207,13 +199,7 @@ class VideoLlavaAdapter(BackboneAdapter):
                 "vision_importance needs the vision tower's hidden states, which these pre-encoded features lack; "
                 "pass pixel values (generate() and forward() encode them keeping what is needed)"
             )
-        layer = getattr(tower, "vision_model", tower).encoder.layers[index - 1]
-        attn, x = layer.self_attn, layer.layer_norm1(states[index - 1])
-        views, length, _ = x.shape
-        q = attn.q_proj(x[:, :1]).view(views, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
-        k = attn.k_proj(x).view(views, length, attn.num_heads, attn.head_dim).transpose(1, 2)
-        probs = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * attn.scale, dim=-1)
-        return probs.mean(dim=1)[:, 0]  # [views, length]
+        return clip_cls_attention(getattr(tower, "vision_model", tower).encoder.layers[index - 1], states[index - 1])
 
     def _lazy_facts(self, visual, masks, encoded) -> dict:
         """`visual_grid(b)`, `vision_importance(b)` and `video_grid(b)`, computed on request (host syncs)."""
@@ -229,7 +215,7 @@ class VideoLlavaAdapter(BackboneAdapter):
             table = torch.full(shape, fill, dtype=torch.long if kind == "coords" else torch.float32)
             table = table.to(visual.device)
             offset = 0
-            for modality in MODALITIES:
+            for modality in self.encoded_modalities:
                 out, mask = encoded.get(modality), masks[modality]
                 if out is None:
                     continue
@@ -241,7 +227,7 @@ class VideoLlavaAdapter(BackboneAdapter):
                     items[..., 0] = torch.where(items[..., 0] >= 0, items[..., 0] + offset, -1)
                     offset += int(items[..., 0].max()) + 1 if items.numel() else 0
                 else:
-                    items = _expand_beams(self._item_importance(modality, out), counts, modality)
+                    items = _expand_beams(self._item_importance(modality, out), counts, per_item, modality)
                 table[mask] = items.reshape(-1, *shape[2:]).to(table)
             cache[kind] = table
             return table
@@ -264,9 +250,6 @@ class VideoLlavaAdapter(BackboneAdapter):
         rows, cols = self.patch_grid()
         return getattr(out, "vtr_frames", 1) * (rows * cols + (out.vtr_select == "full"))
 
-    def output(self, loss, logits, cache, tokens: PrefillTokens):
-        return VideoLlavaCausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache, **tokens.output_extras)
-
 
 def _number_groups(grid: torch.Tensor) -> torch.Tensor:
     """Renumber a sample's groups 0, 1, ... in prompt order (each image or frame is one contiguous run)."""
@@ -279,19 +262,15 @@ def _number_groups(grid: torch.Tensor) -> torch.Tensor:
     return grid
 
 
-def _expand_beams(items: torch.Tensor, counts: list[int], modality: str) -> torch.Tensor:
-    """Per-item facts computed from the original batch, lined up with a batch that generate() expanded for
-    beam search / num_return_sequences (each sample repeated r times in a row, with all its items)."""
-    total = sum(counts)
-    if items.shape[0] == total:
-        return items
-    repeats = total // items.shape[0] if items.shape[0] and total % items.shape[0] == 0 else 0
-    if not repeats or sum(counts[::repeats]) != items.shape[0]:
+def _expand_beams(items: torch.Tensor, counts: list[int], per_item: int, modality: str) -> torch.Tensor:
+    """Per-item facts computed from the original batch (`per_item` placeholders each), lined up with a batch
+    that generate() expanded for beam search / num_return_sequences (`counts` items per sample)."""
+    repeats = beam_repeats(sum(counts) * per_item, items.shape[0] * per_item, f"vision_importance ({modality}s)")
+    if sum(counts[::repeats]) != items.shape[0]:
         raise ValueError(
             f"the {modality} placeholders ({counts} per sample) do not line up with the encoded {modality}s"
         )
-    chunks = items.split(counts[::repeats])
-    return torch.cat([chunk for chunk in chunks for _ in range(repeats)])
+    return repeat_per_sample(items, counts[::repeats], repeats)
 
 
 class VTRVideoLlavaForConditionalGeneration(VTRModelMixin, VideoLlavaForConditionalGeneration):
@@ -331,8 +310,6 @@ class VTRVideoLlavaForConditionalGeneration(VTRModelMixin, VideoLlavaForConditio
         return self.vtr_forward(super().forward, args, kwargs)
 
 
-# transformers skips its built-in key renaming for classes defined outside the library; register the stock
-# mapping under this class name so Video-LLaVA checkpoints load (lm_head included) as with the stock class.
-register_checkpoint_conversion_mapping(
-    VTRVideoLlavaForConditionalGeneration.__name__, get_checkpoint_conversion_mapping("video_llava"), overwrite=True
-)
+#: model_type of a checkpoint's config -> the VTR class that loads it.
+VTR_CLASSES = {"video_llava": VTRVideoLlavaForConditionalGeneration}
+register_vtr_classes(VTR_CLASSES)  # Video-LLaVA checkpoints load (lm_head included) as with the stock class
