@@ -10,8 +10,10 @@ The rest of the copy must equal the origin (paths are relative to the repository
 plain-text substitutions `old->new`, applied left to right. An origin may not itself be a copy.
 
 The shared core (engine, config, strategies, scoring attention, model_args, cost model) is listed in
-MANIFEST below: every fork must hold a byte-identical copy of every shared file, so a fork that never got
-a file, or a copy whose header was deleted, is an error rather than a new origin.
+MANIFEST below: every fork of forks.toml must hold a byte-identical copy of every shared file of the origin
+fork's package (forks.toml's `origin`), so a fork that never got a file, or a copy whose header was deleted,
+is an error rather than a new origin. pyproject.toml's pytest testpaths and ruff known-first-party (which
+cannot read forks.toml) must name exactly the registry's forks: a missing or extra entry is an error too.
 
     scripts/check_copies.py                  check every copy and the manifest; exit 1 on drift, with a diff.
                                              A copy that is behind only because you edited its origin
@@ -35,11 +37,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import forks  # noqa: E402  (scripts/forks.py: the registry of the forks)
+
 MARKER = re.compile(r"^# Copied from (?P<origin>\S+)(?: with (?P<subs>.+))?$")
 SKIP_DIRS = {".git", ".venv", "__pycache__", ".cache", "node_modules", "build"}
 
-#: The shared core: origin package, the files in it every fork copies byte-identically, and the forks.
-ORIGIN_PACKAGE = "image/LLaVA/llava/vtr"
+#: The shared core: the files of the origin fork's package (forks.toml) every other fork copies byte-identically.
 SHARED_FILES = [
     "engine.py",
     "attention.py",
@@ -62,20 +66,67 @@ SHARED_FILES = [
     "strategy/divprune.py",
     "strategy/clse.py",
 ]
-FORK_PACKAGES = [
-    "image/InternVL/internvl_vtr",
-    "image/Qwen3-VL/visual_token_pruning",
-    "video/Video-LLaVA/videollava/vtr",
-]
 SHARED_HEADER = "# Shared vtr file: edit it in image/LLaVA/llava/vtr, then `make fix-copies` updates every fork."
+
+
+def registry(root: Path) -> forks.Registry:
+    """`root`'s forks.toml: the forks (the origin's package holds the shared core) and the model families."""
+    try:
+        return forks.load(root)
+    except forks.RegistryError as error:
+        raise CopyError(str(error)) from None
+
+
+def packages(root: Path) -> tuple[str, list[str]]:
+    """The origin fork's package folder and the other forks' package folders."""
+    reg = registry(root)
+    others = [fork.package_dir for fork in reg.forks.values() if fork.name != reg.origin.name]
+    return reg.origin.package_dir, others
+
+
+def check_pyproject(root: Path) -> int:
+    """pyproject.toml's pytest testpaths and ruff known-first-party (neither tool can read forks.toml) must name
+    exactly the registry's forks: a line per entry missing or extra; returns their number."""
+    reg = registry(root)
+    try:
+        data = forks.read_toml(root / "pyproject.toml", "it holds pytest's testpaths and ruff's known-first-party")
+    except forks.RegistryError as error:
+        raise CopyError(str(error)) from None
+    testpaths = {forks.SCRIPTS_TESTS: "the scripts' tests"}
+    testpaths.update({fork.tests: f"the tests of [fork.{fork.name}]" for fork in reg.forks.values()})
+    first_party = {n: f"an import name of [fork.{f.name}]" for f in reg.forks.values() for n in f.import_names}
+    settings = [
+        ("[tool.pytest.ini_options] testpaths", ("tool", "pytest", "ini_options", "testpaths"), testpaths),
+        (
+            "[tool.ruff.lint.isort] known-first-party",
+            ("tool", "ruff", "lint", "isort", "known-first-party"),
+            first_party,
+        ),
+    ]
+    problems = 0
+    for setting, keys, want in settings:
+        have = data
+        for key in keys:
+            have = have.get(key) if isinstance(have, dict) else None
+        have = have if isinstance(have, list) else []
+        for entry, why in want.items():
+            if entry not in have:
+                problems += 1
+                print(f"pyproject.toml: {setting} lacks {entry!r} ({why} in forks.toml); add it")
+        for entry in have:
+            if entry not in want:
+                problems += 1
+                print(f"pyproject.toml: {setting} has {entry!r}, which forks.toml does not name; remove it")
+    return problems
 
 
 def shared_names(root: Path) -> list[str]:
     """SHARED_FILES, plus any other file of the origin package that starts with SHARED_HEADER (a method
     shared with `--share`)."""
     names = list(SHARED_FILES)
-    for path in sorted((root / ORIGIN_PACKAGE).rglob("*.py")):
-        name = path.relative_to(root / ORIGIN_PACKAGE).as_posix()
+    origin = packages(root)[0]
+    for path in sorted((root / origin).rglob("*.py")):
+        name = path.relative_to(root / origin).as_posix()
         if name not in names and "__pycache__" not in name and _first_line(path) == SHARED_HEADER:
             names.append(name)
     return names
@@ -90,9 +141,10 @@ def _first_line(path: Path) -> str:
 
 def manifest(root: Path) -> list[tuple[str, str]]:
     """(origin, copy) pairs the manifest requires; empty for trees without the origin package's engine."""
-    if not (root / ORIGIN_PACKAGE / "engine.py").is_file():
+    origin, others = packages(root)
+    if not (root / origin / "engine.py").is_file():
         return []
-    return [(f"{ORIGIN_PACKAGE}/{name}", f"{fork}/{name}") for name in shared_names(root) for fork in FORK_PACKAGES]
+    return [(f"{origin}/{name}", f"{fork}/{name}") for name in shared_names(root) for fork in others]
 
 
 def check_manifest(root: Path, fix: bool) -> int:
@@ -214,6 +266,7 @@ def untouched(root: Path, copy: Copy, have: str, since_last_sync: bool = False) 
 
 
 def check(root: Path, fix: bool) -> int:
+    mismatched = check_pyproject(root)
     missing = check_manifest(root, fix)
     copies = find_copies(root)
     drifted, followed = 0, []
@@ -246,8 +299,9 @@ def check(root: Path, fix: bool) -> int:
         print(f"check_copies: your edits of their origins are now in {len(followed)} copies: {', '.join(followed)}")
     status = "fixed" if fix else "drifted"
     extra = f", {missing} required by the manifest {'created' if fix else 'missing'}" if missing else ""
+    extra += f", {mismatched} pyproject.toml entries to fix by hand" if mismatched else ""
     print(f"check_copies: {len(copies)} copies checked, {drifted} {status}{extra}.")
-    return 1 if (drifted or missing) and not fix else 0
+    return 1 if ((drifted or missing) and not fix) or mismatched else 0
 
 
 def add(root: Path, src: str, dst: str, subs: list[str]) -> int:
@@ -271,9 +325,10 @@ def share(root: Path, method: str) -> int:
     import moves into the shared `strategy/builtin.py`, and every fork gets a copy (config fields it added to
     the origin's config.py travel with the shared core). Refuses when a copy has edits of its own."""
     module = Path(method).stem
-    homes = [p for p in [ORIGIN_PACKAGE, *FORK_PACKAGES] if (root / p / "strategy" / f"{module}.py").is_file()]
+    origin_package, others = packages(root)
+    homes = [p for p in [origin_package, *others] if (root / p / "strategy" / f"{module}.py").is_file()]
     if not homes:
-        raise CopyError(f"no fork has strategy/{module}.py (looked in {ORIGIN_PACKAGE} and {', '.join(FORK_PACKAGES)})")
+        raise CopyError(f"no fork has strategy/{module}.py (looked in {origin_package} and {', '.join(others)})")
     if len(homes) > 1:
         raise CopyError(f"strategy/{module}.py exists in several forks ({', '.join(homes)}); keep one and retry")
     home = root / homes[0]
@@ -290,16 +345,16 @@ def share(root: Path, method: str) -> int:
     if own_edits:
         raise CopyError(
             f"these copies have edits of their own, which sharing would overwrite: {', '.join(own_edits)}; "
-            "make the same edits in their origin (image/LLaVA/llava/vtr) and undo them in the copies first"
+            f"make the same edits in their origin ({origin_package}) and undo them in the copies first"
         )
-    origin = root / ORIGIN_PACKAGE / "strategy" / f"{module}.py"
+    origin = root / origin_package / "strategy" / f"{module}.py"
     origin.write_text(SHARED_HEADER + "\n" + text, encoding="utf-8")
     if source != origin:
         source.unlink()
     init = home / "strategy" / "__init__.py"
     line = re.compile(rf"^from \. import {re.escape(module)}\b.*\n?", re.M)
     init.write_text(line.sub("", init.read_text(encoding="utf-8")), encoding="utf-8")
-    builtin = root / ORIGIN_PACKAGE / "strategy" / "builtin.py"
+    builtin = root / origin_package / "strategy" / "builtin.py"
     body = builtin.read_text(encoding="utf-8")
     start = body.index("from . import (")
     end = body.index(")", start)
