@@ -1,14 +1,16 @@
-"""Shared fixtures: tiny random Qwen3-VL checkpoints (dense and MoE, with DeepStack) saved to disk and
-loaded back through `from_pretrained`, and the processor this fork builds without torchvision."""
+"""Shared fixtures: tiny random Qwen3-VL (dense and MoE, with DeepStack), Qwen2.5-VL and Qwen2-VL checkpoints
+saved to disk and loaded back through `from_pretrained`, and the processors this fork builds without
+torchvision."""
 
 import sys
 from pathlib import Path
 
 import pytest
+import transformers
 from transformers import Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration
 
 from visual_token_pruning import load_processor
-from visual_token_pruning.tiny import build_tiny_qwen3_vl, demo_image, demo_video
+from visual_token_pruning.tiny import FAMILIES, build_tiny_qwen3_vl, demo_image, demo_video
 
 sys.path.insert(0, str(Path(__file__).parent))
 from qwen3vl_testlib import BackboneCase, chat, visual_ids  # noqa: E402
@@ -75,9 +77,53 @@ def moe_stock(moe_path):
     return Qwen3VLMoeForConditionalGeneration.from_pretrained(moe_path, attn_implementation="eager").eval()
 
 
-@pytest.fixture(scope="session", params=["qwen3-vl"])
-def backbone(request, tiny_path, processor, stock_models, single_inputs, batch_inputs):
-    """The contract test's view of this fork."""
-    text_only = processor(text=chat(processor, images=0), return_tensors="pt")
-    ids = visual_ids(stock_models["eager"].config)
-    return BackboneCase(request.param, tiny_path, stock_models, single_inputs, batch_inputs, text_only, ids)
+#: contract-test name -> model_type of the tiny checkpoint
+CONTRACT_FAMILIES = {"qwen3-vl": "qwen3_vl", "qwen2.5-vl": "qwen2_5_vl", "qwen2-vl": "qwen2_vl"}
+
+
+@pytest.fixture(scope="session")
+def family_paths(tmp_path_factory, tiny_path):
+    """model_type -> a tiny checkpoint of that family (built on first use)."""
+    paths = {"qwen3_vl": tiny_path}
+
+    def get(family):
+        if family not in paths:
+            paths[family] = str(build_tiny_qwen3_vl(tmp_path_factory.mktemp(f"tiny-{family}"), family=family))
+        return paths[family]
+
+    return get
+
+
+def image_video_batch(processor):
+    """Two left-padded prompts: an image and an 8-frame video at 4 fps (4 frame groups), and another image."""
+    texts = [
+        chat(processor, "What happens in the video?", images=1, videos=1),
+        chat(processor, "Describe the picture in detail. Is there a cat, a dog or a car?"),
+    ]
+    return processor(
+        images=[demo_image(48), demo_image(64, height=48)],
+        videos=[demo_video(8, 32)],
+        text=texts,
+        return_tensors="pt",
+        padding=True,
+        video_metadata=[_metadata(8)],
+    )
+
+
+@pytest.fixture(scope="session", params=list(CONTRACT_FAMILIES))
+def backbone(request, tiny_path, processor, stock_models, single_inputs, batch_inputs, family_paths):
+    """The contract test's view of this fork: Qwen3-VL on an image batch, Qwen2.5-VL and Qwen2-VL on a
+    padded image + video batch (Qwen2.5-VL's frame groups sit 2 positions apart in time)."""
+    family = CONTRACT_FAMILIES[request.param]
+    if family == "qwen3_vl":
+        path, proc, stock, single, batch = tiny_path, processor, stock_models, single_inputs, batch_inputs
+    else:
+        path = family_paths(family)
+        proc = load_processor(path)
+        stock_class = getattr(transformers, FAMILIES[family][0])
+        stock = {impl: stock_class.from_pretrained(path, attn_implementation=impl).eval() for impl in ("eager", "sdpa")}
+        single = proc(images=demo_image(64), text=chat(proc), return_tensors="pt")
+        batch = image_video_batch(proc)
+    text_only = proc(text=chat(proc, images=0), return_tensors="pt")
+    ids = visual_ids(stock["eager"].config)
+    return BackboneCase(request.param, path, stock, single, batch, text_only, ids)

@@ -1,5 +1,6 @@
-"""Helpers for the Qwen3-VL fork's tests: prompts, the VTR loader, and the oracle's Qwen3-VL embedding step
-(merged embeddings, M-RoPE positions from the stock `get_rope_index`, DeepStack after the first layers)."""
+"""Helpers for the Qwen3-VL fork's tests: prompts, the VTR loader, and the oracle's Qwen-VL embedding step
+(merged embeddings, M-RoPE positions from the stock `get_rope_index`, Qwen3-VL's DeepStack after the first
+layers)."""
 
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,9 +50,9 @@ def qwen_embed(stock, inputs):
         mask[:, :prompt_len] = ids[:, :prompt_len] == token
         embeds = embeds.masked_scatter(mask[..., None], torch.cat(out.pooler_output))
         visual |= mask
-        joint[name] = (mask, [torch.cat(f) for f in out.deepstack_features])
+        joint[name] = (mask, [torch.cat(f) for f in getattr(out, "deepstack_features", None) or []])
     deepstack = []
-    for layer in range(len(config.vision_config.deepstack_visual_indexes)):
+    for layer in range(len(getattr(config.vision_config, "deepstack_visual_indexes", None) or [])):
         feats = embeds.new_zeros(int(visual.sum()), embeds.shape[-1])
         for mask, per_layer in joint.values():
             feats[mask[visual]] = per_layer[layer]
@@ -62,6 +63,7 @@ def qwen_embed(stock, inputs):
         image_grid_thw=inputs.get("image_grid_thw"),
         video_grid_thw=inputs.get("video_grid_thw"),
         attention_mask=inputs.get("attention_mask"),
+        **({"second_per_grid_ts": inputs["second_per_grid_ts"]} if "second_per_grid_ts" in inputs else {}),
     )
 
     def after_layer(i, hidden):
