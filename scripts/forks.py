@@ -99,18 +99,7 @@ def load(root: Path | str | None = None) -> Registry:
     refers to defined, every folder it names present."""
     root = Path(ROOT if root is None else root)
     path = root / FILE
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        raise RegistryError(
-            f"reading {FILE} needs Python 3.11 or newer (tomllib); this is {sys.version.split()[0]}"
-        ) from None
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise RegistryError(f"{path} does not exist (the registry of the forks and model families)") from None
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
-        raise RegistryError(f"{path}: {error}") from None
+    data = read_toml(path, "the registry of the forks and model families")
     _keys(data, FILE, ("origin", "fork", "family"), ())
     forks = {name: _fork(root, name, table) for name, table in _tables(data, "fork").items()}
     for kind, attr in (("path", "path"), ("package", "package")):
@@ -124,6 +113,22 @@ def load(root: Path | str | None = None) -> Registry:
     if not isinstance(origin, str) or origin not in forks:
         raise RegistryError(f"{FILE}: origin = {origin!r} is no fork; {FILE} has {', '.join(forks)}")
     return Registry(path, forks[origin], forks, families)
+
+
+def read_toml(path: Path, what: str) -> dict:
+    """A TOML file's data; a RegistryError naming the file if it is missing or unreadable."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        raise RegistryError(
+            f"reading {path.name} needs Python 3.11 or newer (tomllib); this is {sys.version.split()[0]}"
+        ) from None
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RegistryError(f"{path} does not exist ({what})") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
+        raise RegistryError(f"{path}: {error}") from None
 
 
 def _keys(table: dict, where: str, required: tuple, optional: tuple) -> None:
