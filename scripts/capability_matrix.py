@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """The method x backbone matrix, read from the forks' own registries (never written by hand).
 
-Each fork package registers its methods (`<package>.strategy.available_strategies()`; only those of the
-shared core count, not one written in a single fork and not yet shared) and names the model
-families it has an adapter for (`<package>.BACKBONES`; a fork naming none is an error). A cell is "yes"
+Each fork package of forks.toml (the columns follow its order) registers its methods
+(`<package>.strategy.available_strategies()`; only those of the shared core count, not one written in a single
+fork and not yet shared) and names the model families it has an adapter for (`<package>.BACKBONES`; a fork naming none is an error). A cell is "yes"
 when the fork that serves the backbone registers the method.
 
     scripts/capability_matrix.py            print the Markdown table
@@ -18,10 +18,11 @@ import importlib
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import forks  # noqa: E402  (scripts/forks.py: the registry of the forks)
+
 README = Path(__file__).resolve().parent.parent / "README.md"
 START, END = "<!-- capability-matrix:start -->", "<!-- capability-matrix:end -->"
-#: the fork packages, in the table's column order
-FORKS = ["llava.vtr", "internvl_vtr", "visual_token_pruning", "videollava.vtr"]
 
 
 class MatrixError(Exception):
@@ -49,9 +50,17 @@ def shipped(package: str) -> list[str]:
     return names
 
 
-def matrix() -> str:
+def fork_packages() -> list[str]:
+    """The fork packages, in the table's column order: forks.toml's."""
+    try:
+        return [fork.package for fork in forks.load().forks.values()]
+    except forks.RegistryError as error:
+        raise MatrixError(str(error)) from None
+
+
+def matrix(packages: list[str]) -> str:
     columns, methods, cells = [], set(), set()
-    for package in FORKS:
+    for package in packages:
         registered = shipped(package)
         methods.update(registered)
         for backbone in backbones(package):
@@ -72,7 +81,7 @@ def main(argv=None) -> int:
     group.add_argument("--write", action="store_true", help="rewrite README.md's table")
     args = parser.parse_args(argv)
     try:
-        table = matrix()
+        table = matrix(fork_packages())
     except MatrixError as error:
         print(f"capability_matrix: error: {error}", file=sys.stderr)
         return 2

@@ -1,4 +1,5 @@
-"""scripts/capability_matrix.py: every fork names the backbones it serves; none named is an error, not a column."""
+"""scripts/capability_matrix.py: the columns are the backbones each fork of forks.toml names, in the registry's
+order; a fork naming none is an error, not a column, and so is a broken forks.toml."""
 
 import importlib.util
 from pathlib import Path
@@ -10,7 +11,7 @@ SCRIPT = Path(__file__).resolve().parent.parent / "capability_matrix.py"
 
 @pytest.fixture
 def capability_matrix(tmp_path, monkeypatch):
-    """The script as a module, its FORKS pointed at two fake forks: `good` (BACKBONES = ["A", "B"]) and `bare`."""
+    """The script as a module, beside two fake fork packages: `good` (BACKBONES = ["A", "B"]) and `bare`."""
     for name, backbones in (("good", '["A", "B"]'), ("bare", "[]")):
         (tmp_path / name).mkdir()
         (tmp_path / name / "__init__.py").write_text(f"BACKBONES = {backbones}\n")
@@ -27,9 +28,8 @@ def capability_matrix(tmp_path, monkeypatch):
     return module
 
 
-def test_columns_are_the_forks_own_backbones(capability_matrix, monkeypatch):
-    monkeypatch.setattr(capability_matrix, "FORKS", ["good"])
-    assert capability_matrix.matrix().splitlines() == [
+def test_columns_are_the_forks_own_backbones(capability_matrix):
+    assert capability_matrix.matrix(["good"]).splitlines() == [
         "| method | A | B |",
         "|---|---|---|",
         "| `fastv` | yes | yes |",
@@ -38,7 +38,21 @@ def test_columns_are_the_forks_own_backbones(capability_matrix, monkeypatch):
 
 
 def test_a_fork_naming_no_backbone_is_an_error(capability_matrix, monkeypatch, capsys):
-    monkeypatch.setattr(capability_matrix, "FORKS", ["good", "bare"])
+    monkeypatch.setattr(capability_matrix, "fork_packages", lambda: ["good", "bare"])
     assert capability_matrix.main([]) == 2
     err = capsys.readouterr().err
     assert "bare.BACKBONES is missing or empty" in err and "Traceback" not in err
+
+
+def test_the_forks_are_forks_toml_s_in_its_order(capability_matrix, monkeypatch, tmp_path, capsys):
+    registry = capability_matrix.forks.load()
+    assert capability_matrix.fork_packages() == [fork.package for fork in registry.forks.values()]
+    assert capability_matrix.fork_packages()[0] == registry.origin.package == "llava.vtr"
+    for folder in ("image", "video"):  # a repository whose forks.toml's origin names no fork
+        (tmp_path / folder).symlink_to(registry.path.parent / folder)
+    (tmp_path / "forks.toml").write_text(registry.path.read_text().replace('origin = "llava"', 'origin = "nope"'))
+    monkeypatch.setattr(capability_matrix.forks, "ROOT", tmp_path)
+    assert capability_matrix.main(["--check"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("capability_matrix: error: forks.toml: origin = 'nope' is no fork; forks.toml has llava, ")
+    assert err.count("\n") == 1
