@@ -1,5 +1,5 @@
-"""Visual token reduction for Qwen3-VL (dense and MoE) on transformers' stock
-`Qwen3VLForConditionalGeneration`: images and videos, M-RoPE and DeepStack kept exact.
+"""Visual token reduction for the Qwen-VL families on transformers' stock classes: Qwen3-VL (dense and MoE,
+DeepStack), Qwen2.5-VL and Qwen2-VL; images and videos, M-RoPE kept exact.
 
 from visual_token_pruning import VTRConfig, load_model, load_processor
 model = load_model("Qwen/Qwen3-VL-2B-Instruct", VTRConfig(strategy="fastv", keep_tokens=64, prune_layer=2))
@@ -11,6 +11,8 @@ from .api import load_model, load_processor, wrap
 from .config import VTRConfig, VTRConfigError
 from .modeling import (
     StageRecord,
+    VTRQwen2_5_VLForConditionalGeneration,
+    VTRQwen2VLForConditionalGeneration,
     VTRQwen3VLForConditionalGeneration,
     VTRQwen3VLMoeForConditionalGeneration,
     VTRRecord,
@@ -25,6 +27,8 @@ __all__ = [
     "StageRecord",
     "VTRConfig",
     "VTRConfigError",
+    "VTRQwen2VLForConditionalGeneration",
+    "VTRQwen2_5_VLForConditionalGeneration",
     "VTRQwen3VLForConditionalGeneration",
     "VTRQwen3VLMoeForConditionalGeneration",
     "VTRRecord",
@@ -37,4 +41,4 @@ __all__ = [
 ]
 
 #: Model families this fork has an adapter for (scripts/capability_matrix.py reads it).
-BACKBONES = ["Qwen3-VL", "Qwen3-VL-MoE"]
+BACKBONES = ["Qwen3-VL", "Qwen3-VL-MoE", "Qwen2.5-VL", "Qwen2-VL"]

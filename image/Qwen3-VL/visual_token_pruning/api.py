@@ -1,6 +1,7 @@
 """The Python API: load a checkpoint with a `VTRConfig`, or wrap a stock model you already hold.
 
-Qwen3-VL (`Qwen/Qwen3-VL-*-Instruct`, model_type `qwen3_vl`) and Qwen3-VL-MoE (`qwen3_vl_moe`) are told
+Qwen3-VL (`Qwen/Qwen3-VL-*-Instruct`, model_type `qwen3_vl`), Qwen3-VL-MoE (`qwen3_vl_moe`), Qwen2.5-VL
+(`Qwen/Qwen2.5-VL-*-Instruct`, `qwen2_5_vl`) and Qwen2-VL (`Qwen/Qwen2-VL-*-Instruct`, `qwen2_vl`) are told
 apart by the checkpoint's config; anything else is refused with a clear error.
 """
 
@@ -24,14 +25,14 @@ def vtr_class_for(pretrained: str, **kwargs) -> type:
     model_type = AutoConfig.from_pretrained(pretrained, **{k: v for k, v in kwargs.items() if k in keys}).model_type
     if model_type not in VTR_CLASSES:
         raise ValueError(
-            f"{pretrained} is a {model_type!r} checkpoint; the Qwen3-VL fork handles {sorted(VTR_CLASSES)}. "
+            f"{pretrained} is a {model_type!r} checkpoint; the Qwen-VL fork handles {sorted(VTR_CLASSES)}. "
             "LLaVA, InternVL and Video-LLaVA have their own forks."
         )
     return VTR_CLASSES[model_type]
 
 
 def load_model(pretrained: str, vtr_config: VTRConfig | None = None, **from_pretrained_kwargs):
-    """Load a Qwen3-VL or Qwen3-VL-MoE checkpoint (hub id or local folder) as its VTR class.
+    """Load a Qwen3-VL, Qwen3-VL-MoE, Qwen2.5-VL or Qwen2-VL checkpoint (hub id or local folder) as its VTR class.
 
     `from_pretrained_kwargs` go to transformers unchanged (dtype, device_map, attn_implementation, ...).
     No `vtr_config`: nothing is pruned (VTRConfig(enabled=False)), as with `from_pretrained` on the VTR class
@@ -44,12 +45,12 @@ def load_model(pretrained: str, vtr_config: VTRConfig | None = None, **from_pret
 
 
 def wrap(model, vtr_config: VTRConfig | None = None):
-    """Add VTR to an already loaded stock `Qwen3VLForConditionalGeneration` (or its MoE variant), in place.
-    No `vtr_config`: nothing is pruned until `set_vtr_config`."""
+    """Add VTR to an already loaded stock Qwen-VL model (`Qwen3VLForConditionalGeneration`, its MoE variant,
+    `Qwen2_5_VLForConditionalGeneration`, `Qwen2VLForConditionalGeneration`), in place. No `vtr_config`:
+    nothing is pruned until `set_vtr_config`."""
     # the MoE class first: a subclass check against the dense class must not catch it
     for cls in sorted(VTR_CLASSES.values(), key=lambda c: "Moe" not in c.__name__):
         if isinstance(model, cls.vtr_stock_class):
             return cls.from_stock(model, vtr_config)
-    raise TypeError(
-        f"expected a Qwen3VLForConditionalGeneration or Qwen3VLMoeForConditionalGeneration, got {type(model).__name__}"
-    )
+    names = ", ".join(cls.vtr_stock_class.__name__ for cls in VTR_CLASSES.values())
+    raise TypeError(f"expected one of {names}; got {type(model).__name__}")

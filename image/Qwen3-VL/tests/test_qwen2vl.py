@@ -1,0 +1,188 @@
+"""Qwen2.5-VL and Qwen2-VL specifics: the facts strategies read (grid groups under Qwen2.5-VL's absolute-time
+rows, vision importance through the window-ordered tower), beam search, the processors without torchvision,
+loading and wrapping. The shared contract (stock when nothing is pruned, the oracle when pruned) is
+test_contract.py's, run on these families by conftest.py's `backbone` fixture."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from conftest import image_video_batch
+from qwen3vl_testlib import chat, visual_ids, vtr_model
+
+from visual_token_pruning import (
+    PruningStrategy,
+    VTRQwen2_5_VLForConditionalGeneration,
+    VTRQwen2VLForConditionalGeneration,
+    available_strategies,
+    get_strategy,
+    load_model,
+    load_processor,
+    register_strategy,
+    wrap,
+)
+from visual_token_pruning.tiny import FAMILIES, demo_image, demo_video
+
+FACTS = []
+VTR_CLASS = {"qwen2_5_vl": VTRQwen2_5_VLForConditionalGeneration, "qwen2_vl": VTRQwen2VLForConditionalGeneration}
+
+
+@register_strategy("test_qwen2_facts")
+class FactCapture(PruningStrategy):
+    needs_attention = False
+
+    def compute_scores(self, attention, image_token_range, config, **ctx):
+        FACTS.append((ctx["patch_grid"], ctx["visual_grid"](), ctx["vision_importance"]()))
+        start, end = image_token_range
+        return torch.zeros(end - start)
+
+
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen2_vl"])
+def family(request, family_paths):
+    """(model_type, tiny checkpoint, its processor, one prompt with an image and an 8-frame video at 4 fps)."""
+    path = family_paths(request.param)
+    processor = load_processor(path)
+    inputs = processor(
+        images=demo_image(48),
+        videos=[demo_video(8, 32)],
+        text=chat(processor, "What happens in the video?", images=1, videos=1),
+        return_tensors="pt",
+        video_metadata=[{"total_num_frames": 8, "fps": 4.0, "frames_indices": list(range(8))}],
+    )
+    return request.param, path, processor, inputs
+
+
+def _stock(kind, path, impl="eager"):
+    return getattr(transformers, FAMILIES[kind][0]).from_pretrained(path, attn_implementation=impl).eval()
+
+
+def test_visual_grid_has_one_group_per_image_and_frame_group(family):
+    """Qwen2.5-VL's temporal row is absolute time: the frame groups of this 4 fps video sit 2 positions apart,
+    so a group's rows and columns cannot be read off its temporal row (they would come out negative)."""
+    kind, path, _, inputs = family
+    FACTS.clear()
+    model = vtr_model(path, "sdpa", strategy="test_qwen2_facts", prune_layer=1, keep_tokens=4)
+    with torch.no_grad():
+        model(**inputs)
+    patch_grid, grid, _ = FACTS[0]
+    image_t, image_h, image_w = inputs["image_grid_thw"][0].tolist()
+    video_t, video_h, video_w = inputs["video_grid_thw"][0].tolist()
+    groups = [(image_h // 2, image_w // 2)] * image_t + [(video_h // 2, video_w // 2)] * video_t
+    expected = [[g, r, c] for g, (rows, cols) in enumerate(groups) for r in range(rows) for c in range(cols)]
+    assert grid.tolist() == expected
+    assert patch_grid == (image_h // 2, image_w // 2)
+    positions, _ = model.model.get_rope_index(
+        inputs["input_ids"],
+        inputs["mm_token_type_ids"],
+        image_grid_thw=inputs["image_grid_thw"],
+        video_grid_thw=inputs["video_grid_thw"],
+        **({"second_per_grid_ts": inputs["second_per_grid_ts"]} if kind == "qwen2_5_vl" else {}),
+    )
+    video = inputs["input_ids"][0] == model.config.video_token_id
+    steps = positions[0, 0, video].unique().diff().tolist()
+    assert steps == ([2] * (video_t - 1) if kind == "qwen2_5_vl" else [1] * (video_t - 1))
+
+
+def test_vision_importance_is_the_last_vision_blocks_received_attention(family, monkeypatch):
+    """Equals the eager attention weights the stock vision tower computes in its last block (mean over heads
+    and query patches of each image / frame group, then over each 2 x 2 merge), in prompt order: Qwen2.5-VL's
+    tower runs on window-ordered patches, which the merger's output order undoes."""
+    kind, path, _, inputs = family
+    module = __import__(type(_stock(kind, path).model.visual).__module__, fromlist=["eager_attention_forward"])
+    FACTS.clear()
+    model = vtr_model(path, "eager", strategy="test_qwen2_facts", prune_layer=1, keep_tokens=4)
+    last = model.model.visual.blocks[-1].attn
+    recorded, stock_fn = [], module.eager_attention_forward
+
+    def recording(attn, *args, **kwargs):
+        out, weights = stock_fn(attn, *args, **kwargs)
+        if attn is last:
+            recorded.append(weights[0].float().mean(dim=(0, 1)))  # [keys] of one image / frame group
+        return out, weights
+
+    monkeypatch.setattr(module, "eager_attention_forward", recording)
+    with torch.no_grad():
+        model(**inputs)
+    expected = []
+    for name, grid in (("image", inputs["image_grid_thw"]), ("video", inputs["video_grid_thw"])):
+        per_patch = torch.cat(recorded[: int(grid[:, 0].sum())]) if name == "image" else torch.cat(recorded)
+        recorded = recorded[int(grid[:, 0].sum()) :] if name == "image" else []
+        merged = per_patch.reshape(-1, 4).mean(-1)  # in the tower's order
+        if kind == "qwen2_5_vl":
+            from transformers.vision_utils import get_vision_window_index
+
+            visual = model.model.visual
+            window_index, _ = get_vision_window_index(
+                grid, spatial_merge_size=2, window_size=visual.window_size, patch_size=visual.patch_size, kwargs={}
+            )
+            assert not torch.equal(window_index, torch.arange(window_index.numel())), "windows reorder the patches"
+            merged = merged[torch.argsort(window_index)]
+        expected.append(merged)
+    importance = FACTS[0][2]
+    ids = torch.tensor(visual_ids(model.config))
+    assert importance.shape == (int(torch.isin(inputs["input_ids"], ids).sum()),)
+    torch.testing.assert_close(importance, torch.cat(expected), atol=1e-6, rtol=0)
+
+
+def test_every_method_runs_on_a_video_prompt_with_generate(family):
+    _, path, _, inputs = family
+    for method in sorted(m for m in available_strategies() if not m.startswith(("test_", "contract_"))):
+        first = 0 if not get_strategy(method).needs_attention else 2
+        model = vtr_model(path, "sdpa", strategy=method, prune_layer=first, keep_tokens=9)
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        assert model.vtr_last.stages[0].image_tokens_kept == [9], method
+
+
+def test_beam_search_repeats_each_samples_facts(family):
+    """generate(num_beams=2) repeats each sample of a padded image + video batch; vision importance
+    (VisPruner) follows, so every copy keeps what the sample keeps in a plain forward."""
+    _, path, processor, _ = family
+    inputs = image_video_batch(processor)
+    model = vtr_model(path, "sdpa", strategy="vispruner", prune_layer=2, keep_tokens=8)
+    with torch.no_grad():
+        model(**inputs)
+    single = [p.tolist() for p in model.vtr_last.stages[0].kept_positions]
+    model.generate(**inputs, max_new_tokens=2, num_beams=2, do_sample=False)
+    beams = [p.tolist() for p in model.vtr_last.stages[0].kept_positions]
+    assert beams == [single[0], single[0], single[1], single[1]]
+
+
+def test_the_processor_is_the_stock_class_without_torchvision(family):
+    """The stock processor class of the family (Qwen2.5-VL's computes second_per_grid_ts = temporal patch /
+    fps), and the saved configs name the stock classes, as a hub checkpoint does."""
+    kind, path, processor, inputs = family
+    stock_name = FAMILIES[kind][1]
+    assert isinstance(processor, getattr(transformers, stock_name))
+    assert type(processor.video_processor).__name__ == "Qwen2VLVideoProcessorNoTV"
+    if kind == "qwen2_5_vl":
+        assert inputs["second_per_grid_ts"].tolist() == [2 / 4.0]
+    else:
+        assert "second_per_grid_ts" not in inputs
+    saved = json.loads((Path(path) / "processor_config.json").read_text())
+    assert saved["processor_class"] == stock_name
+    assert saved["image_processor"]["image_processor_type"] == "Qwen2VLImageProcessor"
+    assert saved["video_processor"]["video_processor_type"] == "Qwen2VLVideoProcessor"
+    assert "torchvision" not in __import__("sys").modules, "the import placeholder is gone again"
+
+
+def test_load_and_wrap_give_the_familys_class(family):
+    kind, path, _, inputs = family
+    assert type(load_model(path)) is VTR_CLASS[kind]
+    stock = _stock(kind, path, "sdpa")
+    with torch.no_grad():
+        want = stock(**inputs).logits
+    wrapped = wrap(stock)
+    assert type(wrapped) is VTR_CLASS[kind]
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(**inputs).logits, want, atol=0, rtol=0)
+
+
+def test_the_checkpoint_saved_by_the_vtr_class_loads_in_the_stock_class(family, tmp_path):
+    """Save and load keep the stock key layout (the stock class-name key mapping is registered for ours)."""
+    kind, path, _, inputs = family
+    load_model(path).save_pretrained(tmp_path)
+    reloaded = getattr(transformers, FAMILIES[kind][0]).from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, _stock(kind, path, "sdpa")(**inputs).logits)
