@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Efficiency benchmark of any fork: unpruned vs each strategy x budget, measured interleaved in one run.
 
-`--backbone` picks the fork (llava, llava-next, internvl, qwen3vl, videollava). Builds a random model of
-that backbone with a realistic visual token count (the fork's `tiny.bench_case`: LLaVA-1.5 576 image tokens
+`--backbone` picks the model family, a [family.*] of forks.toml (llava, llava-next, internvl, qwen3vl,
+videollava, ...), and so the fork that serves it. Builds a random model of that backbone with a realistic
+visual token count (the fork's `tiny.bench_case` with the family's `bench` arguments: LLaVA-1.5 576 image tokens
 + ~35 text tokens) unless --model is given, then repeats rounds in which every setting (and the vision tower alone) runs in turn, each round starting one
 setting later, so drift of the machine hits all settings alike; one warm-up round first, not timed. Every time
 is the median over the timed rounds with its range [min-max]; a speedup is the median of the per-round
@@ -36,6 +37,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -45,16 +47,18 @@ import torch
 
 from llava.vtr import outputs, timing
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import forks  # noqa: E402  (scripts/forks.py: --backbone is a model family of forks.toml)
+
 DTYPES = ("float32", "float16", "bfloat16")
 
-#: --backbone -> (fork package, extra keyword arguments of its `tiny.bench_case`)
-BACKBONES = {
-    "llava": ("llava.vtr", {}),
-    "llava-next": ("llava.vtr", {"anyres": True}),
-    "internvl": ("internvl_vtr", {}),
-    "qwen3vl": ("visual_token_pruning", {}),
-    "videollava": ("videollava.vtr", {}),
-}
+
+def families() -> dict:
+    """--backbone -> its forks.Family (the fork's package, the keyword arguments of its `tiny.bench_case`)."""
+    try:
+        return forks.load().families
+    except forks.RegistryError as error:
+        raise timing.UsageError(str(error)) from None
 
 
 class Clock:
@@ -153,13 +157,17 @@ def main(argv=None) -> int:
 
 
 def run(argv) -> int:
+    backbones = families()
+    anyres = [name for name, family in backbones.items() if family.bench.get("anyres")]
     p = timing.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backbone", choices=sorted(BACKBONES), default="llava", help="which fork (default llava)")
+    p.add_argument(
+        "--backbone", choices=sorted(backbones), default="llava", help="model family of forks.toml (default llava)"
+    )
     p.add_argument("--model", help="a real checkpoint of that backbone instead of the random one")
     p.add_argument(
         "--anyres",
         action="store_true",
-        help="same as --backbone llava-next: LLaVA-1.6, a 672x672 image gives the 336 px base view + 2x2 tiles "
+        help=f"same as --backbone {' or '.join(anyres)}: LLaVA-1.6, a 672x672 image gives the 336 px base view + 2x2 tiles "
         "+ a newline per feature row = 2,928 visual tokens",
     )
     p.add_argument("--hidden-size", type=int, default=1024)
@@ -184,18 +192,21 @@ def run(argv) -> int:
     args = p.parse_args(argv)
     sizes = ("hidden_size", "intermediate_size", "layers", "heads", "kv_heads", "batch_size", "rounds")
     timing.at_least(args, {**dict.fromkeys(sizes, 1), "decode_steps": 0, "prune_layer": 0})
-    if args.anyres and args.backbone not in ("llava", "llava-next"):
-        raise timing.UsageError(f"--anyres is LLaVA-1.6 (--backbone llava-next), not --backbone {args.backbone}")
+    serving = backbones[args.backbone].fork
+    backbone = next((n for n in anyres if backbones[n].fork == serving), None) if args.anyres else args.backbone
+    if backbone is None:  # --anyres: the family of the same fork whose bench case is anyres
+        raise timing.UsageError(
+            f"--anyres is LLaVA-1.6 (--backbone {' or '.join(anyres)}), not --backbone {args.backbone}"
+        )
     if not args.model and (args.hidden_size % args.heads or args.heads % args.kv_heads):
         raise timing.UsageError(
             f"--hidden-size {args.hidden_size}, --heads {args.heads}, --kv-heads {args.kv_heads}: the hidden size "
             "must be a multiple of the heads, and the heads of the kv heads"
         )
-    backbone = "llava-next" if args.anyres else args.backbone
     out = args.out or Path("bench-results") / f"bench-{backbone}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     if out.exists():
         raise timing.UsageError(f"--out {out}: exists; a finished result is never replaced, give another --out")
-    package, case_kwargs = BACKBONES[backbone]
+    package, case_kwargs = backbones[backbone].package, dict(backbones[backbone].bench)
     fork = importlib.import_module(package)
     VTRConfig = fork.VTRConfig
     cost = importlib.import_module(f"{package}.cost")

@@ -1,5 +1,5 @@
-"""scripts/bench.py on every backbone whose fork provides `tiny.bench_case`: two tiny rounds each, every time
-with its spread; bad arguments and Ctrl-C are one line; a result file is never replaced."""
+"""scripts/bench.py on every model family of forks.toml whose fork provides `tiny.bench_case`: two tiny rounds
+each, every time with its spread; bad arguments and Ctrl-C are one line; a result file is never replaced."""
 
 import importlib
 import json
@@ -12,19 +12,21 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bench  # noqa: E402
+import forks  # noqa: E402
 
+FAMILIES = forks.load().families
 TINY = ["--hidden-size", "64", "--intermediate-size", "128", "--layers", "3", "--heads", "2", "--kv-heads", "1"]
 
 
 def has_bench_case(backbone: str) -> bool:
-    package = bench.BACKBONES[backbone][0]
+    package = FAMILIES[backbone].package
     try:
         return hasattr(importlib.import_module(f"{package}.tiny"), "bench_case")
     except ImportError:
         return False
 
 
-@pytest.mark.parametrize("backbone", sorted(bench.BACKBONES))
+@pytest.mark.parametrize("backbone", sorted(FAMILIES))
 def test_bench_reports_every_setting_on_the_backbone(backbone, tmp_path, capsys):
     if not has_bench_case(backbone):
         pytest.skip(f"the {backbone} fork has no bench_case yet")
@@ -35,6 +37,7 @@ def test_bench_reports_every_setting_on_the_backbone(backbone, tmp_path, capsys)
     report = json.loads(out.read_text())
     env, rows = report["env"], report["rows"]
     assert env["backbone"] == backbone and env["layers"] == 3 and env["image_tokens"] > 8
+    assert ("(anyres)" in env["input"]) == bool(FAMILIES[backbone].bench.get("anyres")), env["input"]
     assert [(r["strategy"], r["keep_tokens"]) for r in rows] == [
         ("none", "-"),
         ("keep-all", "all"),
@@ -74,6 +77,10 @@ BAD = [
     (["--dtype", "float64"], "argument --dtype: invalid choice: 'float64'"),
     (["--heads", "3"], "the hidden size must be a multiple of the heads"),
     (["--backbone", "internvl", "--anyres"], "--anyres is LLaVA-1.6 (--backbone llava-next), not --backbone internvl"),
+    (
+        ["--backbone", "nope"],
+        "argument --backbone: invalid choice: 'nope' (choose from 'internvl', 'llava', 'llava-next'",
+    ),
     (["--model", "./no/such/folder"], "--model: model folder './no/such/folder' does not exist"),
 ]
 
@@ -125,3 +132,32 @@ def test_an_unwritable_out_is_one_line_before_the_benchmark_and_a_write_failure_
     with pytest.raises(bench.timing.UsageError, match=f"--out {tmp_path / 'b.json'}: cannot write .*No space left"):
         bench.write_new(tmp_path / "b.json", "x")
     assert [p.name for p in tmp_path.iterdir()] == ["file.txt"]  # nothing built, no temporary file
+
+
+def test_the_backbones_are_forks_toml_s_families_and_a_broken_registry_is_one_line(tmp_path, capsys, monkeypatch):
+    """A family added to forks.toml (one block) is a --backbone whose `bench` arguments reach its fork's
+    tiny.bench_case; --anyres picks the fork's anyres family; a broken forks.toml is one line."""
+    registry = forks.load()
+    for folder in ("image", "video"):
+        (tmp_path / folder).symlink_to(registry.path.parent / folder)
+    block = '\n[family.big-llava]\nfork = "llava"\nruntime = "lmms-eval"\n'
+    (tmp_path / "forks.toml").write_text(registry.path.read_text() + block)
+    monkeypatch.setattr(forks, "ROOT", tmp_path)
+    out = tmp_path / "b.json"
+    assert bench.main([*TINY, "--backbone", "big-llava", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == "scripts/bench.py: error: forks.toml: [family.big-llava] lacks runner, lmms_model, checkpoint\n"
+    block = block.replace("runtime", "runner") + 'lmms_model = "llava_vtr"\ncheckpoint = "x/y"\nbench = { size = 7 }\n'
+    (tmp_path / "forks.toml").write_text(registry.path.read_text() + block)
+    real, cases = importlib.import_module, []
+
+    def bench_case(shape, cache_dir, model=None, **kwargs):
+        cases.append(kwargs)
+        raise KeyboardInterrupt  # stop there: nothing built, nothing written
+
+    fake_tiny = type(sys)("fake_tiny")
+    fake_tiny.bench_case = bench_case
+    monkeypatch.setattr(importlib, "import_module", lambda name: fake_tiny if name == "llava.vtr.tiny" else real(name))
+    for argv in (["--backbone", "big-llava"], ["--backbone", "llava"], ["--anyres"], ["--backbone", "llava-next"]):
+        assert bench.main([*TINY, *argv, "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]) == 130
+    assert cases == [{"size": 7}, {}, {"anyres": True}, {"anyres": True}] and not out.exists()
