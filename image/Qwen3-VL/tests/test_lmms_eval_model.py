@@ -8,7 +8,7 @@ import torch
 from lmms_eval.api.instance import Instance
 from qwen3vl_testlib import oracle_forward, stage_drops, visual_ids
 
-from visual_token_pruning.lmms_eval_plugin import Qwen3VLVTR
+from visual_token_pruning.lmms_eval_plugin import Qwen2_5_VLVTR, Qwen2VLVTR, Qwen3VLVTR
 from visual_token_pruning.tiny import demo_image
 from visual_token_pruning.video_io import write_test_video
 
@@ -20,8 +20,8 @@ def clip(tmp_path_factory):
     return str(write_test_video(tmp_path_factory.mktemp("clips") / "clip.mp4", num_frames=16, size=(32, 32), fps=8))
 
 
-def make(tiny_path, args):
-    lm = Qwen3VLVTR.create_from_arg_string(f"pretrained={tiny_path},{args}", {"batch_size": None, "device": None})
+def make(tiny_path, args, model=Qwen3VLVTR):
+    lm = model.create_from_arg_string(f"pretrained={tiny_path},{args}", {"batch_size": None, "device": None})
     lm.task_dict = {"t": {"test": DOCS}}
     return lm
 
@@ -82,8 +82,10 @@ def test_loading_keys_reach_the_processor(tiny_path):
     visuals = lm.prepare_visuals([demo_image(128)])
     inputs = lm.encode([lm.build_prompt("Q?", visuals)], [visuals])
     assert int(inputs["image_grid_thw"].prod()) * 16 <= 2048, "max_pixels bounds the image"
-    prompt = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Q?<|im_end|>\n<|im_start|>assistant\n"
-    assert lm.build_prompt("<image>Q?", visuals) == prompt
+    user = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Q?<|im_end|>\n<|im_start|>assistant\n"
+    system = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"  # lmms-eval's qwen3_vl default
+    assert lm.build_prompt("<image>Q?", visuals) == system + user
+    assert make(tiny_path, "strategy=none,system_prompt=").build_prompt("<image>Q?", visuals) == user
 
 
 @pytest.mark.parametrize(
@@ -140,3 +142,37 @@ def test_the_cli_checks_model_args_before_the_task_index(monkeypatch, capsys):
         "qwen3_vl_vtr: invalid --model_args: unknown model_args key 'max_num_frame' (did you mean 'max_num_frames'?)"
         in capsys.readouterr().err
     )
+
+
+@pytest.mark.parametrize("model,family", [(Qwen2_5_VLVTR, "qwen2_5_vl"), (Qwen2VLVTR, "qwen2_vl")])
+def test_qwen2_families_batch_images_and_videos_with_their_counterparts_defaults(model, family, family_paths, clip):
+    """qwen2_5_vl_vtr / qwen2_vl_vtr: batched answers equal single ones on images + videos, the pixel bounds
+    default to lmms-eval's qwen2_5_vl / qwen2_vl values, and a video file is sampled at 2 frames per second
+    (at most max_num_frames) as qwen-vl-utils does."""
+    path = family_paths(family)
+
+    def mixed(doc):
+        return [clip] if len(doc["q"]) > 20 else [*image_visual(doc), clip]
+
+    requests = [gen_request(i, mixed) for i in DOCS]
+    args = "strategy=fastv,keep_tokens=8,prune_layer=2"
+    batched = make(path, args + ",batch_size=3", model)
+    answers = batched.generate_until(requests)
+    assert answers == make(path, args + ",batch_size=1", model).generate_until(requests) and len(answers) == 3
+    assert batched.model.vtr_last.stages[0].image_tokens_kept == [8, 8, 8]
+    size = batched.processor.image_processor.size
+    assert (size["shortest_edge"], size["longest_edge"]) == model.default_pixels
+    visuals = batched.prepare_visuals([clip])
+    inputs = batched.encode([batched.build_prompt("Q?", visuals)], [visuals])
+    assert inputs["video_grid_thw"][0, 0].tolist() == 2, "16 frames at 8 fps = 2 s -> 4 frames -> 2 temporal patches"
+    few = make(path, "strategy=none,max_num_frames=2", model)
+    assert few.encode([few.build_prompt("Q?", visuals)], [visuals])["video_grid_thw"][0, 0].tolist() == 1
+
+
+def test_a_checkpoint_of_another_family_names_the_right_model(tiny_path, family_paths):
+    with pytest.raises(
+        ValueError, match="'qwen3_vl' checkpoint; qwen2_5_vl_vtr takes qwen2_5_vl: use --model qwen3_vl_vtr"
+    ):
+        make(tiny_path, "strategy=none", Qwen2_5_VLVTR)
+    with pytest.raises(ValueError, match="'qwen2_vl' checkpoint; qwen3_vl_vtr .*use --model qwen2_vl_vtr"):
+        make(family_paths("qwen2_vl"), "strategy=none")

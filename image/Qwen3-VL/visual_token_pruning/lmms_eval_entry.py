@@ -1,5 +1,6 @@
-"""Entry point for lmms-eval's `lmms_eval.models` group: declares `qwen3_vl_vtr` without importing the model
-code (lmms-eval imports `visual_token_pruning.lmms_eval_plugin.Qwen3VLVTR` only when the model is requested).
+"""Entry points for lmms-eval's `lmms_eval.models` group: declare `qwen3_vl_vtr`, `qwen2_5_vl_vtr` and
+`qwen2_vl_vtr` without importing the model code (lmms-eval imports their classes in
+`visual_token_pruning.lmms_eval_plugin` only when a model is requested).
 It also installs the CLI's early checks of `--model_args`, `--include_path` and `--tasks` for this model
 (lmms_eval_compat.check_cli_before_tasks): lmms-eval loads this entry point when it starts, before its
 task index."""
@@ -9,6 +10,18 @@ from lmms_eval.models.registry_v2 import ModelManifest
 from .lmms_eval_compat import check_cli_before_tasks
 
 
+def _manifest(model_id: str, class_name: str) -> ModelManifest:
+    check_cli_before_tasks(model_id)
+    return ModelManifest(model_id=model_id, simple_class_path=f"visual_token_pruning.lmms_eval_plugin.{class_name}")
+
+
 def manifest() -> ModelManifest:
-    check_cli_before_tasks("qwen3_vl_vtr")
-    return ModelManifest(model_id="qwen3_vl_vtr", simple_class_path="visual_token_pruning.lmms_eval_plugin.Qwen3VLVTR")
+    return _manifest("qwen3_vl_vtr", "Qwen3VLVTR")
+
+
+def manifest_qwen2_5_vl() -> ModelManifest:
+    return _manifest("qwen2_5_vl_vtr", "Qwen2_5_VLVTR")
+
+
+def manifest_qwen2_vl() -> ModelManifest:
+    return _manifest("qwen2_vl_vtr", "Qwen2VLVTR")

@@ -1,34 +1,52 @@
-"""lmms-eval model `qwen3_vl_vtr`: any VTR strategy on Qwen3-VL (images and videos) from the command line.
+"""lmms-eval models `qwen3_vl_vtr`, `qwen2_5_vl_vtr` and `qwen2_vl_vtr`: any VTR strategy on Qwen3-VL,
+Qwen2.5-VL or Qwen2-VL (images and videos) from the command line.
 
 Registered through lmms-eval's `lmms_eval.models` entry-point group (image/Qwen3-VL/pyproject.toml):
 
-    python -m lmms_eval --model qwen3_vl_vtr \\
-        --model_args pretrained=Qwen/Qwen3-VL-4B-Instruct,strategy=fastv,keep_tokens=128,prune_layer=2 \\
+    python -m lmms_eval --model qwen2_5_vl_vtr \\
+        --model_args pretrained=Qwen/Qwen2.5-VL-7B-Instruct,strategy=fastv,keep_tokens=128,prune_layer=2 \\
         --tasks mme --batch_size 4 --output_path ./results/fastv
 
-Besides every `VTRConfig` field and the shared loading keys, it takes `min_pixels` / `max_pixels` (the
-image processor's pixel bounds; a bound not given stays the checkpoint's, videos keep theirs), `max_num_frames` and `fps` (video frame sampling: `fps` frames per
-second, at most `max_num_frames`). A doc's visuals may be PIL images and video file paths, several per
-prompt; all of them share one budget. Inputs go to the device of the model's embeddings (never a
-hard-coded "cuda"), and preprocessing needs no torchvision (processing.py).
+Besides every `VTRConfig` field and the shared loading keys, each takes the pixel and frame keys of its
+lmms-eval counterpart (`qwen3_vl`, `qwen2_5_vl`, `qwen2_vl`): `min_pixels` / `max_pixels` (the image
+processor's pixel bounds; Qwen2.5-VL and Qwen2-VL default to their counterparts' values, Qwen3-VL keeps the
+checkpoint's; a bound not given stays that default, videos keep theirs), `max_num_frames` and `fps` (video
+frame sampling: `fps` frames per second, at most `max_num_frames`; Qwen2.5-VL and Qwen2-VL sample 2 per
+second when `fps` is not given, as qwen-vl-utils does), and `system_prompt` (the counterparts' "You are a
+helpful assistant."; empty for none). A doc's visuals may be PIL images and video file paths, several per
+prompt; all of them share one budget. Each model takes checkpoints of its own family and names the right
+model for another. Inputs go to the device of the model's embeddings (never a hard-coded "cuda"), and
+preprocessing needs no torchvision (processing.py).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from .api import load_model, load_processor
+from .api import load_model, load_processor, vtr_class_for
 from .config import VTRConfig
 from .lmms_eval_base import VTRLmms, as_image, install_compat
+from .modeling import VTR_CLASSES
 from .video_io import VideoError
 
 
-class Qwen3VLVTR(VTRLmms):
-    """Qwen3-VL and Qwen3-VL-MoE (hub or local checkpoints) with visual token reduction."""
+class QwenVLVTR(VTRLmms):
+    """What the Qwen-VL families' lmms-eval models share; each family states its name, checkpoints and
+    defaults below."""
 
-    name = "qwen3_vl_vtr"
-    default_pretrained = "Qwen/Qwen3-VL-4B-Instruct"
-    EXTRA_LOAD_ARGS = {"min_pixels": int | None, "max_pixels": int | None, "max_num_frames": int, "fps": float | None}
+    EXTRA_LOAD_ARGS = {
+        "min_pixels": int | None,
+        "max_pixels": int | None,
+        "max_num_frames": int,
+        "fps": float | None,
+        "system_prompt": str,
+    }
+    #: the model_types this model takes
+    model_types: tuple[str, ...] = ()
+    #: (min_pixels, max_pixels) when not given (None: the checkpoint's), as the lmms-eval counterpart
+    default_pixels: tuple[int | None, int | None] = (None, None)
+    #: frames per second sampled from a video file when `fps` is not given (None: the processor's own)
+    default_fps: float | None = None
 
     @classmethod
     def check_load_args(cls, load: dict) -> None:
@@ -42,10 +60,22 @@ class Qwen3VLVTR(VTRLmms):
             raise ValueError(f"min_pixels={low} is larger than max_pixels={high}")
 
     def load_backbone(self, load: dict, **kwargs):
+        cls = vtr_class_for(self.pretrained, **kwargs)
+        model_type = next(t for t, c in VTR_CLASSES.items() if c is cls)
+        if model_type not in self.model_types:
+            right = next((m.name for m in MODELS if model_type in m.model_types), None)
+            raise ValueError(
+                f"{self.pretrained} is a {model_type!r} checkpoint; {self.name} takes {', '.join(self.model_types)}"
+                + (f": use --model {right}" if right else "")
+            )
         model = load_model(self.pretrained, VTRConfig(enabled=False), **kwargs)
         extra = {"revision": load["revision"]} if "revision" in load else {}
+        low, high = self.default_pixels
         processor = load_processor(
-            self.pretrained, min_pixels=load.get("min_pixels"), max_pixels=load.get("max_pixels"), **extra
+            self.pretrained,
+            min_pixels=load.get("min_pixels", low),
+            max_pixels=load.get("max_pixels", high),
+            **extra,
         )
         return model, processor
 
@@ -53,7 +83,8 @@ class Qwen3VLVTR(VTRLmms):
         video = self.processor.video_processor
         video.max_frames = load.get("max_num_frames", 32)
         video.min_frames = min(video.min_frames, video.max_frames)
-        self.fps = load.get("fps")
+        self.fps = load.get("fps", self.default_fps)
+        self.system_prompt = load.get("system_prompt", "You are a helpful assistant.")
 
     def prepare_visuals(self, visuals: list) -> list:
         """[("image", RGB image) | ("video", path)], in the doc's order."""
@@ -67,7 +98,7 @@ class Qwen3VLVTR(VTRLmms):
                     raise VideoError(f"video file not found: {v}")
                 prepared.append(("video", str(v)))
             else:
-                raise ValueError(f"qwen3_vl_vtr takes PIL images and video file paths; got a {type(v).__name__}")
+                raise ValueError(f"{self.name} takes PIL images and video file paths; got a {type(v).__name__}")
         return prepared
 
     def build_prompt(self, context: str, visuals: list) -> str:
@@ -75,12 +106,16 @@ class Qwen3VLVTR(VTRLmms):
         for placeholder in ("<image>", "<video>"):  # the chat template places the visuals itself
             context = context.replace(placeholder + "\n", "").replace(placeholder, "")
         content.append({"type": "text", "text": context.strip()})
-        return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        messages = [*system, {"role": "user", "content": content}]
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True)
 
     def encode(self, prompts: list[str], visuals: list[list]):
         images = [v for sample in visuals for kind, v in sample if kind == "image"]
         videos = [v for sample in visuals for kind, v in sample if kind == "video"]
         kwargs = {"fps": self.fps} if videos and self.fps is not None else {}
+        if kwargs and self.default_fps is not None:  # Qwen2-VL's video processor samples only when asked
+            kwargs["do_sample_frames"] = True
         inputs = self.processor(
             images=images or None, videos=videos or None, text=prompts, return_tensors="pt", padding=True, **kwargs
         )
@@ -91,7 +126,37 @@ class Qwen3VLVTR(VTRLmms):
         return inputs
 
 
-#: Every loading key qwen3_vl_vtr accepts (the shared ones and Qwen3-VL's own), with its type.
-LOAD_ARGS = Qwen3VLVTR.load_args()
+class Qwen3VLVTR(QwenVLVTR):
+    """Qwen3-VL and Qwen3-VL-MoE (hub or local checkpoints) with visual token reduction."""
 
-install_compat(Qwen3VLVTR)
+    name = "qwen3_vl_vtr"
+    default_pretrained = "Qwen/Qwen3-VL-4B-Instruct"
+    model_types = ("qwen3_vl", "qwen3_vl_moe")
+
+
+class Qwen2_5_VLVTR(QwenVLVTR):
+    """Qwen2.5-VL with visual token reduction; pixel bounds as lmms-eval's `qwen2_5_vl`."""
+
+    name = "qwen2_5_vl_vtr"
+    default_pretrained = "Qwen/Qwen2.5-VL-7B-Instruct"
+    model_types = ("qwen2_5_vl",)
+    default_pixels = (256 * 28 * 28, 1605632)
+    default_fps = 2.0
+
+
+class Qwen2VLVTR(QwenVLVTR):
+    """Qwen2-VL with visual token reduction; pixel bounds as lmms-eval's `qwen2_vl`."""
+
+    name = "qwen2_vl_vtr"
+    default_pretrained = "Qwen/Qwen2-VL-7B-Instruct"
+    model_types = ("qwen2_vl",)
+    default_pixels = (3136, 602112)
+    default_fps = 2.0
+
+
+MODELS = (Qwen3VLVTR, Qwen2_5_VLVTR, Qwen2VLVTR)
+
+#: Every loading key the Qwen-VL models accept (the shared ones and their own), with its type.
+LOAD_ARGS = QwenVLVTR.load_args()
+
+install_compat(QwenVLVTR)
