@@ -54,3 +54,15 @@ def test_demo_prints_each_time_with_its_spread(tiny_path, capsys):
     assert all(re.fullmatch(r"~?\d+\.\d\dx \[\d+\.\d\d-\d+\.\d\d\]", row[5]) for row in rows[2:])
     assert rows[3][2] == "20" and rows[3][6].startswith("g0: ")
     assert "median [min-max] over 2 timed rounds" in out and "~ = inside the noise" in out
+
+
+def test_the_kept_cells_of_a_qwen2_5_vl_video_lie_on_its_grids(family_paths, capsys):
+    """Qwen2.5-VL's frame groups sit apart in absolute time; the demo's (row, col) cells still come from each
+    group's own grid (never negative), image and frame groups each named."""
+    argv = ["--model", family_paths("qwen2_5_vl"), "--video", "builtin", "--strategies", "random"]
+    assert demo.main([*argv, "--budgets", "400", "--repeats", "1", "--max-new-tokens", "1"]) == 0
+    rows = [[c.strip() for c in line.split(" | ")] for line in capsys.readouterr().out.splitlines() if " | " in line]
+    cells = " | ".join(rows[-1][6:-1])  # the groups are ' | '-separated inside the column too
+    assert cells.startswith("g0: ") and "| g1: " in cells
+    shown = [c for c in cells.split()[:-1] if c not in ("...", "|") and ":" not in c]  # the column may cut the last
+    assert len(shown) >= 6 and all(re.fullmatch(r"\d+,\d+", cell) for cell in shown), cells

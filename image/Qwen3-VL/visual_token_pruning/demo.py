@@ -1,12 +1,13 @@
-"""`python -m visual_token_pruning.demo`: one image (and optionally a video) + a prompt through the Qwen3-VL
-fork with a few strategies and budgets; shows what was kept (grid cells per image / frame group) and the
+"""`python -m visual_token_pruning.demo`: one image (and optionally a video) + a prompt through the Qwen-VL
+fork (Qwen3-VL, Qwen2.5-VL, Qwen2-VL) with a few strategies and budgets; shows what was kept (grid cells per image / frame group) and the
 prefill time against the unpruned run: median [min-max] over interleaved timed rounds, a speedup marked `~`
 when it is inside the noise (see timing.py), and a keep-all row (the machinery, nothing dropped) to show
 what noise looks like. Progress goes to stderr.
 
-With no --model it builds (once, cached under .cache/) a random Qwen3-VL-shaped model with DeepStack:
-a 448 x 448 image is 196 visual tokens (16 px patches merged 2 x 2), so token counts and speedups are real
-while the generated text is noise. With --model (a Qwen3-VL hub id or local folder) it runs that checkpoint.
+With no --model it builds (once, cached under .cache/) a random model of --family (default qwen3_vl, with
+DeepStack; qwen2_5_vl has window attention in its vision tower): a 448 x 448 image is 196 visual tokens
+(16 px patches merged 2 x 2), so token counts and speedups are real while the generated text is noise.
+With --model (a Qwen3-VL, Qwen2.5-VL or Qwen2-VL hub id or local folder) it runs that checkpoint.
 """
 
 from __future__ import annotations
@@ -29,24 +30,29 @@ from .timing import (
     open_image,
     run_cli,
 )
-from .tiny import VISION_SHAPE, build_tiny_qwen3_vl, demo_image, demo_video
+from .tiny import FAMILIES, VISION_SHAPE, build_tiny_qwen3_vl, demo_image, demo_video
 
 DEMO_SHAPE = dict(VISION_SHAPE, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4, intermediate_size=1376)
 
 
 def kept_cells(model, inputs) -> str:
-    """Kept tokens of sample 0 per image / frame group, as (row, col) cells of its merged grid."""
+    """Kept tokens of sample 0 per image / frame group, as (row, col) cells of its merged grid (the adapter's
+    own `visual_grid` grouping)."""
     positions = model.vtr_last.stages[-1].kept_positions[0]
+    extra = {"second_per_grid_ts": inputs["second_per_grid_ts"]} if "second_per_grid_ts" in inputs else {}
     rope, _ = model.model.get_rope_index(
         inputs["input_ids"][:1],
         inputs["mm_token_type_ids"][:1],
         image_grid_thw=inputs.get("image_grid_thw"),
         video_grid_thw=inputs.get("video_grid_thw"),
+        **extra,
     )
-    t, h, w = rope[:, 0, positions.cpu()]
+    ids = torch.tensor([model.config.image_token_id, model.config.video_token_id], device=rope.device)
+    visual = torch.isin(inputs["input_ids"][:1].to(rope.device), ids)
+    group, row, col = (x[0, positions.to(rope.device)] for x in model.vtr_adapter._grid(visual, rope))
     groups = {}
-    for start, row, col in zip(t.tolist(), (h - t).tolist(), (w - t).tolist()):
-        groups.setdefault(start, []).append(f"{row},{col}")
+    for g, r, c in zip(group.tolist(), row.tolist(), col.tolist()):
+        groups.setdefault(g, []).append(f"{r},{c}")
     return " | ".join(
         f"g{i}: " + " ".join(cells[:4]) + (" ..." if len(cells) > 4 else "") for i, cells in enumerate(groups.values())
     )
@@ -58,7 +64,16 @@ def main(argv=None) -> int:
 
 def run(argv) -> int:
     parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="Qwen3-VL checkpoint (hub id or folder); default: a built-in random model")
+    parser.add_argument(
+        "--model",
+        help="Qwen3-VL, Qwen2.5-VL or Qwen2-VL checkpoint (hub id or folder); default: a built-in random model",
+    )
+    parser.add_argument(
+        "--family",
+        choices=sorted(FAMILIES),
+        default="qwen3_vl",
+        help="the built-in random model's family (default qwen3_vl); --model brings its own",
+    )
     parser.add_argument("--image", help="image file (default: a built-in 448 x 448 synthetic scene)")
     parser.add_argument(
         "--video", help="a video file, or 'builtin' for a generated 8-frame clip; adds it to the prompt"
@@ -74,8 +89,10 @@ def run(argv) -> int:
     model, processor, device, num_layers = load_demo_model(
         args,
         api,
-        lambda: build_tiny_qwen3_vl(Path(args.cache_dir) / "demo-qwen3-vl", **DEMO_SHAPE),
-        "Qwen3-VL",
+        lambda: build_tiny_qwen3_vl(
+            Path(args.cache_dir) / f"demo-{args.family.replace('_', '-')}", family=args.family, **DEMO_SHAPE
+        ),
+        {"qwen3_vl": "Qwen3-VL", "qwen2_5_vl": "Qwen2.5-VL", "qwen2_vl": "Qwen2-VL"}[args.family],
         gpu_dtype="bfloat16",
     )
     content, visuals = [{"type": "image"}], dict(images=[image])
@@ -105,7 +122,8 @@ def run(argv) -> int:
     )
     print("\n".join(lines))
     print(
-        "kept cells: (row, col) in each image / frame group's merged grid (g0, g1, ...); see docs/backbones/qwen3-vl.md"
+        "kept cells: (row, col) in each image / frame group's merged grid (g0, g1, ...); see docs/backbones/"
+        + ("qwen3-vl.md" if model.config.model_type.startswith("qwen3") else "qwen2-vl.md")
     )
     return 0
 
