@@ -282,14 +282,16 @@ VISION_SHAPE = dict(
 )
 
 
-def bench_case(shape: dict, cache_dir, model: str | None = None, image=(896, 672)) -> dict:
-    """What scripts/bench.py needs for this fork: a checkpoint (random Qwen3-VL-shaped with DeepStack, or
-    `model`), a batch builder and the vision-only step. The default 896 x 672 image is 56 x 42 patches of
-    16 px, merged 2 x 2: 588 visual tokens (Qwen3-VL's processor keeps the aspect ratio)."""
+def bench_case(shape: dict, cache_dir, model: str | None = None, image=(896, 672), family: str = "qwen3_vl") -> dict:
+    """What scripts/bench.py needs for this fork: a checkpoint (random, of `family`: Qwen3-VL-shaped with
+    DeepStack, Qwen2.5-VL with window attention, or Qwen2-VL; or `model`), a batch builder and the
+    vision-only step. The default 896 x 672 image is 56 x 42 patches of 16 px, merged 2 x 2: 588 visual
+    tokens (the processors keep the aspect ratio)."""
     if model is None:
         full = dict(VISION_SHAPE, **shape)
-        name = "bench-qwen3vl-{hidden_size}x{num_layers}-kv{num_kv_heads}".format(**full)
-        model = str(build_tiny_qwen3_vl(Path(cache_dir) / name, **full))
+        tag = family.replace("_", "")
+        name = f"bench-{tag}-" + "{hidden_size}x{num_layers}-kv{num_kv_heads}".format(**full)
+        model = str(build_tiny_qwen3_vl(Path(cache_dir) / name, family=family, **full))
 
     def inputs(processor, batch: int):
         content = [{"type": "image"}, {"type": "text", "text": "What is shown in the image?"}]
@@ -300,5 +302,9 @@ def bench_case(shape: dict, cache_dir, model: str | None = None, image=(896, 672
     def vision(vtr_model, batch_inputs):
         vtr_model.model.get_image_features(batch_inputs["pixel_values"], batch_inputs["image_grid_thw"])
 
-    what = f"Qwen3-VL, one {image[0]}x{image[1]} image (16 px patches merged 2x2, DeepStack)"
+    what = {
+        "qwen3_vl": "Qwen3-VL, one {}x{} image (16 px patches merged 2x2, DeepStack)",
+        "qwen2_5_vl": "Qwen2.5-VL, one {}x{} image (16 px patches merged 2x2, window attention)",
+        "qwen2_vl": "Qwen2-VL, one {}x{} image (16 px patches merged 2x2)",
+    }[family].format(*image)
     return dict(path=model, inputs=inputs, vision=vision, description=what)
