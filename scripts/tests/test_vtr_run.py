@@ -64,10 +64,13 @@ def common(tiny, output):
 def test_list_and_describe_teach_what_is_there():
     listing = vtr_run("--list")
     assert listing.returncode == 0
-    assert "| method \\ --backbone | llava | internvl | qwen3vl | videollava |" in listing.stdout
-    assert "| `pdrop` | yes | yes | yes | yes |" in listing.stdout
+    families = list(script().forks.load().families)  # every model family of forks.toml, in its order
+    assert families[:2] == ["llava", "llava-next"] and {"internvl", "qwen3vl", "videollava"} <= set(families)
+    assert "| method \\ --backbone | " + " | ".join(families) + " |" in listing.stdout
+    assert "| `pdrop` |" + " yes |" * len(families) in listing.stdout
     lines = {line.split()[0]: line for line in listing.stdout.splitlines() if line.strip()}
     assert "LLaVA-1.5, LLaVA-1.6" in lines["llava"] and "llava-hf/llava-1.5-7b-hf" in lines["llava"]
+    assert "llava-hf/llava-v1.6-vicuna-7b-hf" in lines["llava-next"] and "lmms-eval" in lines["llava-next"]
     assert "Qwen3-VL, Qwen3-VL-MoE" in lines["qwen3vl"] and "video QA" in lines["videollava"]
     assert not hasattr(script(), "available")  # every fork has its adapters: no "no adapter yet" path left
     described = vtr_run("--describe", "llava", "clse")
@@ -78,6 +81,29 @@ def test_list_and_describe_teach_what_is_there():
         in described.stdout
     )
     assert "--list" in vtr_run("--help").stdout
+
+
+def test_a_family_added_to_forks_toml_is_a_backbone_and_a_broken_registry_is_one_line(tmp_path, capsys, monkeypatch):
+    """One [family.*] block in forks.toml: a --backbone with its lmms-eval model and default checkpoint."""
+    forks = script().forks
+    registry = forks.load()
+    repo = tmp_path / "repo"
+    for folder in ("image", "video"):
+        (repo / folder).parent.mkdir(exist_ok=True)
+        (repo / folder).symlink_to(registry.path.parent / folder)
+    block = '\n[family.llava-13b]\nfork = "llava"\nrunner = "lmms-eval"\nlmms_model = "llava_vtr"\n'
+    block += 'checkpoint = "llava-hf/llava-1.5-13b-hf"\n'
+    (repo / "forks.toml").write_text(registry.path.read_text() + block)
+    monkeypatch.setattr(forks, "ROOT", repo)
+    argv = ["--backbone", "llava-13b", "--method", "fastv", "--no-baseline", "--output", str(tmp_path / "out")]
+    assert script().main([*argv, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "-m lmms_eval --model llava_vtr --model_args pretrained=llava-hf/llava-1.5-13b-hf,strategy=fastv" in out
+    (repo / "forks.toml").write_text(registry.path.read_text() + block.replace('"llava"', '"llava2"'))
+    assert script().main([*argv, "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vtr_run: error: forks.toml: [family.llava-13b] fork = 'llava2' is no fork; forks.toml has ")
+    assert err.count("\n") == 1 and not (tmp_path / "out").exists()
 
 
 def test_dry_run_prints_the_sweep_with_baseline_and_data_parallel_launch(tmp_path):
