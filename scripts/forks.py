@@ -6,7 +6,8 @@ Makefile runs it with the system python3 before the virtualenv exists).
     scripts/forks.py paths           the forks' folders (the Makefile's FORKS)
     scripts/forks.py testpaths       scripts/tests and every fork's tests folder (pyproject.toml's testpaths)
     scripts/forks.py families        the model families (vtr_run/bench --backbone, make demo BACKBONE=)
-    scripts/forks.py demo FAMILY     the demo module of the fork serving FAMILY (make demo BACKBONE=FAMILY)
+    scripts/forks.py demo FAMILY     the demo module of the fork serving FAMILY and the family's demo_args
+                                     (make demo BACKBONE=FAMILY)
 
 Lists are printed space-separated on one line. The scripts import it (`forks.load()`); the forks never do.
 """
@@ -14,6 +15,7 @@ Lists are printed space-separated on one line. The scripts import it (`forks.loa
 from __future__ import annotations
 
 import re
+import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +29,7 @@ NAME = re.compile(r"[a-z0-9][a-z0-9_.-]*")  # a fork or family name: no commas, 
 PACKAGE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 #: the keys of each kind of table: (required, optional)
 FORK_KEYS = (("path", "package"), ("first_party",))
-FAMILY_KEYS = (("fork", "runner", "lmms_model", "checkpoint"), ("bench",))
+FAMILY_KEYS = (("fork", "runner", "lmms_model", "checkpoint"), ("bench", "demo_args"))
 
 
 class RegistryError(Exception):
@@ -67,6 +69,7 @@ class Family:
     lmms_model: str
     checkpoint: str
     bench: dict = field(default_factory=dict)
+    demo_args: tuple[str, ...] = ()  # arguments of the fork's demo for this family (make demo BACKBONE=<name>)
 
     @property
     def package(self) -> str:
@@ -188,7 +191,10 @@ def _family(forks: dict, name: str, table: dict) -> Family:
     bench = table.get("bench", {})
     if not isinstance(bench, dict):
         raise RegistryError(f"{where} bench = {bench!r}: a table of tiny.bench_case keyword arguments expected")
-    return Family(name, forks[values.pop("fork")], bench=bench, **values)
+    demo_args = table.get("demo_args", [])
+    if not isinstance(demo_args, list) or not all(isinstance(a, str) and a for a in demo_args):
+        raise RegistryError(f"{where} demo_args = {demo_args!r}: a list of the demo's command-line arguments expected")
+    return Family(name, forks[values.pop("fork")], bench=bench, demo_args=tuple(demo_args), **values)
 
 
 def main(argv=None) -> int:
@@ -213,10 +219,11 @@ def main(argv=None) -> int:
         elif query == "families":
             print(" ".join(registry.families))
         else:
-            fork = registry.family(argv[1]).fork
+            family = registry.family(argv[1])
+            fork = family.fork
             if not (registry.path.parent / fork.package_dir / "demo.py").is_file():
                 raise RegistryError(f"[fork.{fork.name}] has no demo: {fork.package_dir}/demo.py does not exist")
-            print(fork.demo)
+            print(shlex.join([fork.demo, *family.demo_args]))
     except RegistryError as error:
         print(f"forks.py: error: {error}", file=sys.stderr)
         return 2

@@ -101,6 +101,7 @@ MISTAKES = [
     ),
     ('lmms_model = "llava_vtr"', "lmms_model = ''", "[family.llava] lmms_model = '': a non-empty string expected"),
     ('checkpoint = "Qwen', 'bench = 3\ncheckpoint = "Qwen', "[family.qwen3vl] bench = 3: a table of tiny.bench_case"),
+    ('checkpoint = "Qwen', 'demo_args = "-x"\ncheckpoint = "Qwen', "[family.qwen3vl] demo_args = '-x': a list of the"),
     ('path = "image/InternVL"', 'path = "image/InternVLX"', "[fork.internvl] path image/InternVLX does not exist"),
     (
         'package = "internvl_vtr"',
@@ -149,12 +150,19 @@ def test_a_missing_forks_toml_is_one_line(repo):
 
 def test_adding_a_family_to_a_fork_is_one_block(repo):
     block = '[family.qwen2vl]\nfork = "qwen3vl"\nrunner = "lmms-eval"\nlmms_model = "qwen2_vl_vtr"\n'
-    (repo / "forks.toml").write_text((repo / "forks.toml").read_text() + "\n" + block + 'checkpoint = "Qwen/x"\n')
+    block += 'checkpoint = "Qwen/x"\nbench = { family = "qwen2_vl" }\ndemo_args = ["--family", "qwen2_vl"]\n'
+    (repo / "forks.toml").write_text((repo / "forks.toml").read_text() + "\n" + block)
     registry = forks.load(repo)
     assert list(registry.families)[-1] == "qwen2vl" and registry.family("qwen2vl").package == "visual_token_pruning"
-    assert registry.family("qwen2vl").bench == {} and len(registry.forks) == 4
-    assert cli("demo", "qwen2vl", root=repo) == (0, "visual_token_pruning.demo\n", "")
+    assert registry.family("qwen2vl").bench == {"family": "qwen2_vl"} and len(registry.forks) == 4
+    assert registry.family("qwen3vl").demo_args == () and registry.family("qwen3vl").bench == {}
+    assert cli("demo", "qwen2vl", root=repo) == (0, "visual_token_pruning.demo --family qwen2_vl\n", "")
     assert cli("families", root=repo)[1].split()[-1] == "qwen2vl"
+    if shutil.which("make"):  # make demo passes the family's demo arguments
+        stamp = repo / "installed"
+        stamp.touch()
+        code, out, err = make("-n", "demo", "BACKBONE=qwen2vl", "MODEL=m", f"STAMP={stamp}", cwd=repo)
+        assert (code, out) == (0, ".venv/bin/python -m visual_token_pruning.demo --family qwen2_vl --model m\n"), err
 
 
 def make(*args, cwd=ROOT):
