@@ -163,7 +163,7 @@ def _text(table: dict, key: str, where: str) -> str:
 def _fork(root: Path, name: str, table: dict) -> Fork:
     where = f"{FILE}: [fork.{name}]"
     _keys(table, where, *FORK_KEYS)
-    path, package = _text(table, "path", where).strip("/"), _text(table, "package", where)
+    path, package = _text(table, "path", where).rstrip("/"), _text(table, "package", where)
     first_party = table.get("first_party", [])
     if not PACKAGE.fullmatch(package):
         raise RegistryError(f"{where} package = {package!r} is not an import name")

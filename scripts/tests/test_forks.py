@@ -119,6 +119,7 @@ MISTAKES = [
         "[fork.llava] and [fork.internvl] have the same path",
     ),
     ('path = "image/InternVL"', 'path = "../x"', "[fork.internvl] path = '../x': a folder inside the repository"),
+    ('path = "image/InternVL"', 'path = "/tmp"', "[fork.internvl] path = '/tmp': a folder inside the repository"),
     ('package = "internvl_vtr"', 'package = "internvl_vtr"\nfirst_party = "x"', "first_party = 'x': a list of impor"),
     ('origin = "llava"', 'origin = "lava"', "origin = 'lava' is no fork; forks.toml has llava, internvl, qwen3vl, "),
     ('origin = "llava"', "", "forks.toml lacks origin"),
