@@ -13,7 +13,7 @@ from visual_token_pruning import load_processor
 from visual_token_pruning.tiny import FAMILIES, build_tiny_qwen3_vl, demo_image, demo_video
 
 sys.path.insert(0, str(Path(__file__).parent))
-from qwen3vl_testlib import BackboneCase, chat, visual_ids  # noqa: E402
+from qwen3vl_testlib import BackboneCase, chat, image_video_batch, visual_ids  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -92,22 +92,6 @@ def family_paths(tmp_path_factory, tiny_path):
         return paths[family]
 
     return get
-
-
-def image_video_batch(processor):
-    """Two left-padded prompts: an image and an 8-frame video at 4 fps (4 frame groups), and another image."""
-    texts = [
-        chat(processor, "What happens in the video?", images=1, videos=1),
-        chat(processor, "Describe the picture in detail. Is there a cat, a dog or a car?"),
-    ]
-    return processor(
-        images=[demo_image(48), demo_image(64, height=48)],
-        videos=[demo_video(8, 32)],
-        text=texts,
-        return_tensors="pt",
-        padding=True,
-        video_metadata=[_metadata(8)],
-    )
 
 
 @pytest.fixture(scope="session", params=list(CONTRACT_FAMILIES))

@@ -10,6 +10,7 @@ import vtr_oracle
 from vtr_oracle import Embedded, stage_drops  # noqa: F401 (re-exported for the fork's tests)
 
 from visual_token_pruning import VTRConfig, load_model
+from visual_token_pruning.tiny import demo_image, demo_video
 
 QUESTION = "What is shown in the image?"
 
@@ -25,6 +26,22 @@ def vtr_model(path, impl="sdpa", **cfg):
 
 def visual_ids(config):
     return [config.image_token_id, config.video_token_id]
+
+
+def image_video_batch(processor):
+    """Two left-padded prompts: an image and an 8-frame video at 4 fps (4 frame groups), and another image."""
+    texts = [
+        chat(processor, "What happens in the video?", images=1, videos=1),
+        chat(processor, "Describe the picture in detail. Is there a cat, a dog or a car?"),
+    ]
+    return processor(
+        images=[demo_image(48), demo_image(64, height=48)],
+        videos=[demo_video(8, 32)],
+        text=texts,
+        return_tensors="pt",
+        padding=True,
+        video_metadata=[{"total_num_frames": 8, "fps": 4.0, "frames_indices": list(range(8))}],
+    )
 
 
 def qwen_embed(stock, inputs):

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import image_video_batch
-from qwen3vl_testlib import chat, visual_ids, vtr_model
+from qwen3vl_testlib import chat, image_video_batch, visual_ids, vtr_model
 
 from visual_token_pruning import (
     PruningStrategy,
