@@ -150,19 +150,19 @@ def test_a_missing_forks_toml_is_one_line(repo):
 
 
 def test_adding_a_family_to_a_fork_is_one_block(repo):
-    block = '[family.qwen2vl]\nfork = "qwen3vl"\nrunner = "lmms-eval"\nlmms_model = "qwen2_vl_vtr"\n'
+    block = '[family.newfamily]\nfork = "qwen3vl"\nrunner = "lmms-eval"\nlmms_model = "qwen2_vl_vtr"\n'
     block += 'checkpoint = "Qwen/x"\nbench = { family = "qwen2_vl" }\ndemo_args = ["--family", "qwen2_vl"]\n'
     (repo / "forks.toml").write_text((repo / "forks.toml").read_text() + "\n" + block)
     registry = forks.load(repo)
-    assert list(registry.families)[-1] == "qwen2vl" and registry.family("qwen2vl").package == "visual_token_pruning"
-    assert registry.family("qwen2vl").bench == {"family": "qwen2_vl"} and len(registry.forks) == 4
+    assert list(registry.families)[-1] == "newfamily" and registry.family("newfamily").package == "visual_token_pruning"
+    assert registry.family("newfamily").bench == {"family": "qwen2_vl"} and len(registry.forks) == 4
     assert registry.family("qwen3vl").demo_args == () and registry.family("qwen3vl").bench == {}
-    assert cli("demo", "qwen2vl", root=repo) == (0, "visual_token_pruning.demo --family qwen2_vl\n", "")
-    assert cli("families", root=repo)[1].split()[-1] == "qwen2vl"
+    assert cli("demo", "newfamily", root=repo) == (0, "visual_token_pruning.demo --family qwen2_vl\n", "")
+    assert cli("families", root=repo)[1].split()[-1] == "newfamily"
     if shutil.which("make"):  # make demo passes the family's demo arguments
         stamp = repo / "installed"
         stamp.touch()
-        code, out, err = make("-n", "demo", "BACKBONE=qwen2vl", "MODEL=m", f"STAMP={stamp}", cwd=repo)
+        code, out, err = make("-n", "demo", "BACKBONE=newfamily", "MODEL=m", f"STAMP={stamp}", cwd=repo)
         assert (code, out) == (0, ".venv/bin/python -m visual_token_pruning.demo --family qwen2_vl --model m\n"), err
 
 
@@ -177,7 +177,8 @@ def test_make_demo_runs_the_demo_of_the_family_s_fork_and_a_bad_backbone_lists_t
     stamp.touch()
     for family in forks.load().families.values():
         code, out, err = make("-n", "demo", f"BACKBONE={family.name}", f"STAMP={stamp}")
-        assert code == 0 and out.strip() == f".venv/bin/python -m {family.fork.demo}", (family.name, out, err)
+        want = " ".join([f".venv/bin/python -m {family.fork.demo}", *family.demo_args])
+        assert code == 0 and out.strip() == want, (family.name, out, err)
     code, out, _ = make("-n", "demo", f"STAMP={stamp}")
     assert out.strip() == ".venv/bin/python -m llava.vtr.demo"  # BACKBONE defaults to llava
     code, out, err = make("demo", "BACKBONE=qwen")  # refused before anything is installed or run
