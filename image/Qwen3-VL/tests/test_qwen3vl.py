@@ -1,77 +1,13 @@
-"""Qwen3-VL specifics: strategy facts (grids, vision importance), the MoE variant, clear errors."""
+"""Qwen3-VL specifics: the MoE variant, clear errors (the facts for strategies, for every Qwen-VL family: test_qwen2vl.py)."""
 
 import pytest
 import torch
 from qwen3vl_testlib import oracle_forward, stage_drops, visual_ids, vtr_model
 
 import visual_token_pruning
-from visual_token_pruning import PruningStrategy, VTRConfig, load_model, register_strategy, wrap
+from visual_token_pruning import VTRConfig, load_model, wrap
 
 ATOL = 1e-5
-FACTS = []
-
-
-@register_strategy("test_qwen_facts")
-class FactCapture(PruningStrategy):
-    needs_attention = False
-
-    def compute_scores(self, attention, image_token_range, config, **ctx):
-        FACTS.append((ctx["patch_grid"], ctx["visual_grid"](), ctx["vision_importance"]()))
-        start, end = image_token_range
-        return torch.zeros(end - start)
-
-
-def test_visual_grid_has_one_group_per_image_and_frame_group(tiny_path, video_inputs):
-    FACTS.clear()
-    model = vtr_model(tiny_path, "sdpa", strategy="test_qwen_facts", prune_layer=1, keep_tokens=4)
-    with torch.no_grad():
-        model(**video_inputs)
-    patch_grid, grid, _ = FACTS[0]
-    expected = []
-    image_t, image_h, image_w = video_inputs["image_grid_thw"][0].tolist()
-    video_t, video_h, video_w = video_inputs["video_grid_thw"][0].tolist()
-    groups = [(image_h // 2, image_w // 2)] * image_t + [(video_h // 2, video_w // 2)] * video_t
-    for g, (rows, cols) in enumerate(groups):
-        expected += [(g, r, c) for r in range(rows) for c in range(cols)]
-    assert grid.tolist() == [list(e) for e in expected]
-    assert patch_grid == (image_h // 2, image_w // 2)
-
-
-def test_vision_importance_is_the_last_vision_blocks_received_attention(tiny_path, video_inputs, monkeypatch):
-    """Equals the eager attention weights that the stock vision tower itself computes in its last block
-    (mean over heads and query patches of each image / frame group, then over each 2 x 2 merge)."""
-    from transformers.models.qwen3_vl import modeling_qwen3_vl
-
-    FACTS.clear()
-    model = vtr_model(tiny_path, "eager", strategy="test_qwen_facts", prune_layer=1, keep_tokens=4)
-    last = model.model.visual.blocks[-1].attn
-    recorded, stock_fn = [], modeling_qwen3_vl.eager_attention_forward
-
-    def recording(module, *args, **kwargs):
-        out, weights = stock_fn(module, *args, **kwargs)
-        if module is last:
-            recorded.append(weights[0].float().mean(dim=(0, 1)))  # [keys] of one image / frame group
-        return out, weights
-
-    monkeypatch.setattr(modeling_qwen3_vl, "eager_attention_forward", recording)
-    with torch.no_grad():
-        model(**video_inputs)
-    expected = torch.cat(recorded).reshape(-1, 4).mean(-1)
-    importance = FACTS[0][2]
-    assert importance.shape == (
-        int(torch.isin(video_inputs["input_ids"], torch.tensor(visual_ids(model.config))).sum()),
-    )
-    torch.testing.assert_close(importance, expected, atol=1e-6, rtol=0)
-
-
-def test_every_method_runs_on_a_video_prompt_with_generate(tiny_path, video_inputs):
-    from visual_token_pruning import available_strategies, get_strategy
-
-    for method in sorted(m for m in available_strategies() if not m.startswith(("test_", "contract_"))):
-        first = 0 if not get_strategy(method).needs_attention else 2
-        model = vtr_model(tiny_path, "sdpa", strategy=method, prune_layer=first, keep_tokens=9)
-        model.generate(**video_inputs, max_new_tokens=2, do_sample=False)
-        assert model.vtr_last.stages[0].image_tokens_kept == [9], method
 
 
 def test_moe_keep_all_is_stock_and_pruned_is_the_oracle(moe_path, moe_stock, batch_inputs):
@@ -136,15 +72,3 @@ def test_a_budget_past_the_model_is_refused(tiny_path):
 
     with pytest.raises(VTRConfigError, match="prune_layer"):
         load_model(tiny_path, VTRConfig(strategy="fastv", prune_layer=9, keep_tokens=4))
-
-
-def test_beam_search_repeats_each_samples_facts(tiny_path, batch_inputs):
-    """generate(num_beams=2) repeats each sample; vision importance (VisPruner) follows, so every copy keeps
-    what the sample keeps in a plain forward."""
-    model = vtr_model(tiny_path, "sdpa", strategy="vispruner", prune_layer=2, keep_tokens=8)
-    with torch.no_grad():
-        model(**batch_inputs)
-    single = [p.tolist() for p in model.vtr_last.stages[0].kept_positions]
-    model.generate(**batch_inputs, max_new_tokens=2, num_beams=2, do_sample=False)
-    beams = [p.tolist() for p in model.vtr_last.stages[0].kept_positions]
-    assert beams == [single[0], single[0], single[1], single[1]]

@@ -1,6 +1,6 @@
-"""Qwen2.5-VL and Qwen2-VL specifics: the facts strategies read (grid groups under Qwen2.5-VL's absolute-time
-rows, vision importance through the window-ordered tower), beam search, the processors without torchvision,
-loading and wrapping. The shared contract (stock when nothing is pruned, the oracle when pruned) is
+"""The Qwen-VL families' facts for strategies (grid groups, also under Qwen2.5-VL's absolute-time rows; vision
+importance, also through Qwen2.5-VL's window-ordered tower), every method on video, beam search (Qwen3-VL,
+Qwen2.5-VL, Qwen2-VL), and Qwen2.5-VL / Qwen2-VL's processors without torchvision, loading and wrapping. The shared contract (stock when nothing is pruned, the oracle when pruned) is
 test_contract.py's, run on these families by conftest.py's `backbone` fixture."""
 
 import json
@@ -38,10 +38,9 @@ class FactCapture(PruningStrategy):
         return torch.zeros(end - start)
 
 
-@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen2_vl"])
-def family(request, family_paths):
+def _case(kind, family_paths):
     """(model_type, tiny checkpoint, its processor, one prompt with an image and an 8-frame video at 4 fps)."""
-    path = family_paths(request.param)
+    path = family_paths(kind)
     processor = load_processor(path)
     inputs = processor(
         images=demo_image(48),
@@ -50,7 +49,17 @@ def family(request, family_paths):
         return_tensors="pt",
         video_metadata=[{"total_num_frames": 8, "fps": 4.0, "frames_indices": list(range(8))}],
     )
-    return request.param, path, processor, inputs
+    return kind, path, processor, inputs
+
+
+@pytest.fixture(scope="module", params=["qwen3_vl", "qwen2_5_vl", "qwen2_vl"])
+def family(request, family_paths):
+    return _case(request.param, family_paths)
+
+
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen2_vl"])
+def qwen2_family(request, family_paths):
+    return _case(request.param, family_paths)
 
 
 def _stock(kind, path, impl="eager"):
@@ -81,7 +90,8 @@ def test_visual_grid_has_one_group_per_image_and_frame_group(family):
     )
     video = inputs["input_ids"][0] == model.config.video_token_id
     steps = positions[0, 0, video].unique().diff().tolist()
-    assert steps == ([2] * (video_t - 1) if kind == "qwen2_5_vl" else [1] * (video_t - 1))
+    if kind != "qwen3_vl":  # (Qwen3-VL puts a timestamp before each frame group)
+        assert steps == ([2] * (video_t - 1) if kind == "qwen2_5_vl" else [1] * (video_t - 1))
 
 
 def test_vision_importance_is_the_last_vision_blocks_received_attention(family, monkeypatch):
@@ -148,10 +158,10 @@ def test_beam_search_repeats_each_samples_facts(family):
     assert beams == [single[0], single[0], single[1], single[1]]
 
 
-def test_the_processor_is_the_stock_class_without_torchvision(family):
+def test_the_processor_is_the_stock_class_without_torchvision(qwen2_family):
     """The stock processor class of the family (Qwen2.5-VL's computes second_per_grid_ts = temporal patch /
     fps), and the saved configs name the stock classes, as a hub checkpoint does."""
-    kind, path, processor, inputs = family
+    kind, path, processor, inputs = qwen2_family
     stock_name = FAMILIES[kind][1]
     assert isinstance(processor, getattr(transformers, stock_name))
     assert type(processor.video_processor).__name__ == "Qwen2VLVideoProcessorNoTV"
@@ -166,8 +176,8 @@ def test_the_processor_is_the_stock_class_without_torchvision(family):
     assert "torchvision" not in __import__("sys").modules, "the import placeholder is gone again"
 
 
-def test_load_and_wrap_give_the_familys_class(family):
-    kind, path, _, inputs = family
+def test_load_and_wrap_give_the_familys_class(qwen2_family):
+    kind, path, _, inputs = qwen2_family
     assert type(load_model(path)) is VTR_CLASS[kind]
     stock = _stock(kind, path, "sdpa")
     with torch.no_grad():
@@ -178,9 +188,9 @@ def test_load_and_wrap_give_the_familys_class(family):
         torch.testing.assert_close(wrapped(**inputs).logits, want, atol=0, rtol=0)
 
 
-def test_the_checkpoint_saved_by_the_vtr_class_loads_in_the_stock_class(family, tmp_path):
+def test_the_checkpoint_saved_by_the_vtr_class_loads_in_the_stock_class(qwen2_family, tmp_path):
     """Save and load keep the stock key layout (the stock class-name key mapping is registered for ours)."""
-    kind, path, _, inputs = family
+    kind, path, _, inputs = qwen2_family
     load_model(path).save_pretrained(tmp_path)
     reloaded = getattr(transformers, FAMILIES[kind][0]).from_pretrained(tmp_path).eval()
     with torch.no_grad():
