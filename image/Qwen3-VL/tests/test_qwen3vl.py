@@ -1,4 +1,4 @@
-"""Qwen3-VL specifics: the MoE variant, clear errors (the facts for strategies, for every Qwen-VL family: test_qwen2vl.py)."""
+"""Qwen3-VL specifics: the MoE variant, clear errors (the facts for strategies, for every Qwen-VL family: test_qwen_families.py)."""
 
 import pytest
 import torch
