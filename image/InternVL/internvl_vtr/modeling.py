@@ -41,24 +41,31 @@ class InternVLAdapter(BackboneAdapter):
     #: the share LLaVA-1.6 keeps by default (320 of 2,880).
     default_keep_tokens = 192
     output_class = InternVLCausalLMOutputWithPast
+    encoder_arguments = ("vision_feature_layer", "vision_feature_select_strategy")
 
     def anchor_row(self, span_end: int) -> int:
         """`span_end` is the row of the `</img>` closing the last tile or frame; the `\\n` after it sees the
         prefix and every visual token but no question."""
         return span_end + 1
 
-    def _vision_kwargs(self, args: dict) -> dict:
+    def encode_inputs(self, args: dict) -> dict:
+        """`mm_encoder_outputs` with `pixel_values` encoded by the stock `get_image_features` (the config's
+        feature layer and strategy unless given), keeping the hidden states the lazy facts read."""
+        encoded = super().encode_inputs(args)
+        if args.get("pixel_values") is None:
+            return encoded
+        if encoded.get("image") is not None:
+            raise ValueError("pass either pixel_values or mm_encoder_outputs['image'], not both")
         config = self.model.config
-        return {
-            key: args.get(key) if args.get(key) is not None else getattr(config, key)
-            for key in ("vision_feature_layer", "vision_feature_select_strategy")
+        vision_kwargs = {
+            key: args.get(key) if args.get(key) is not None else getattr(config, key) for key in self.encoder_arguments
         }
+        encoded["image"] = self.encode_images(args["pixel_values"], **vision_kwargs)
+        return encoded
 
     def prefill_tokens(self, args: dict) -> PrefillTokens:
         input_ids, inputs_embeds = self.input_embeddings(args)
-        image_output = (args.get("mm_encoder_outputs") or {}).get("image")
-        if image_output is None:
-            image_output = self.encode_images(args["pixel_values"], **self._vision_kwargs(args))
+        image_output = self.encode_inputs(args)["image"]
         features = image_output.pooler_output.to(inputs_embeds.device, inputs_embeds.dtype)  # [tiles, T, d]
         placeholder = self.model.model.get_placeholder_mask(
             input_ids, inputs_embeds=inputs_embeds, image_features=features
@@ -131,17 +138,6 @@ class InternVLAdapter(BackboneAdapter):
         return self.model.model.get_image_features(
             pixel_values=pixel_values, return_dict=True, output_hidden_states=self.vision_layers(), **vision_kwargs
         )
-
-    def pre_encode(self, generate_kwargs: dict) -> dict:
-        if generate_kwargs.get("pixel_values") is None:
-            return generate_kwargs
-        kwargs = dict(generate_kwargs)
-        vision_kwargs = {
-            key: kwargs.pop(key, None) for key in ("vision_feature_layer", "vision_feature_select_strategy")
-        }
-        encoded = self.encode_images(kwargs.pop("pixel_values"), **self._vision_kwargs(vision_kwargs))
-        kwargs["mm_encoder_outputs"] = {**(kwargs.get("mm_encoder_outputs") or {}), "image": encoded}
-        return kwargs
 
     def _cls_attention(self, image_output) -> torch.Tensor:
         """[tiles, rows * cols]: the CLS query's attention (mean over heads) in the vision layer whose output

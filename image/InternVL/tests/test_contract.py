@@ -90,6 +90,23 @@ def test_a_text_only_prompt_runs_unpruned(backbone):
     assert model.vtr_last is None
 
 
+def test_pre_encoded_visuals_prune_as_their_pixels_and_both_together_are_refused(backbone):
+    """`mm_encoder_outputs` from the adapter's own `encode_inputs` (what generate() hands the prefill) give the
+    pixels' kept set and logits; pixels and pre-encoded outputs of one modality together are an error."""
+    model = vtr(backbone, strategy="vispruner", keep_tokens=8)  # reads the vision tower's states
+    adapter, inputs = model.vtr_adapter, backbone.batch
+    with torch.no_grad():
+        want = model(**inputs).logits
+        kept = [p.tolist() for p in model.vtr_last.stages[0].kept_positions]
+        encoded = adapter.encode_inputs(inputs)
+        pre_encoded = {k: v for k, v in inputs.items() if k not in adapter.pixel_inputs}
+        got = model(**pre_encoded, mm_encoder_outputs=encoded).logits
+    assert [p.tolist() for p in model.vtr_last.stages[0].kept_positions] == kept
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="not both"):
+        model(**inputs, mm_encoder_outputs=encoded)
+
+
 METHODS = sorted(m for m in available_strategies() if not m.startswith(("test_", "contract_")))
 
 

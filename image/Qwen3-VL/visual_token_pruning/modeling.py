@@ -86,7 +86,7 @@ class QwenVLAdapter(BackboneAdapter):
         out.vtr_grid_thw = grid_thw
         return out
 
-    def _encoded(self, args: dict) -> dict:
+    def encode_inputs(self, args: dict) -> dict:
         encoded = dict(args.get("mm_encoder_outputs") or {})
         for name, pixels, grid in MODALITIES:
             if args.get(pixels) is not None:
@@ -95,19 +95,12 @@ class QwenVLAdapter(BackboneAdapter):
                 encoded[name] = self.encode(name, args[pixels], args.get(grid))
         return encoded
 
-    def pre_encode(self, generate_kwargs: dict) -> dict:
-        kwargs = dict(generate_kwargs)
-        kwargs["mm_encoder_outputs"] = self._encoded(kwargs)
-        for _, pixels, _ in MODALITIES:
-            kwargs.pop(pixels, None)
-        return kwargs
-
     # ------------------------------------------------------------------ the prefill
 
     def prefill_tokens(self, args: dict) -> PrefillTokens:
         model = self.model.model
         input_ids, embeds = self.input_embeddings(args)
-        encoded = self._encoded(args)
+        encoded = self.encode_inputs(args)
         visual = torch.zeros(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
         masks = {}
         for name, _, _ in MODALITIES:

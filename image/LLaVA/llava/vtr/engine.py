@@ -118,6 +118,8 @@ class BackboneAdapter:
         pixel_inputs           forward() arguments that carry pixels (default `("pixel_values",)`)
         encoded_modalities     keys of `mm_encoder_outputs` it accepts pre-encoded (default `("image",)`)
         default_keep_tokens    the budget when the user gives none (None: the config's own default)
+        encoder_arguments      forward() arguments only the visual encoding reads (e.g. LLaVA's
+                               `vision_feature_layer`), dropped from generate() once it has encoded
 
     Must implement:
         prefill_tokens(args)   encode, merge, describe every token: usually `input_embeddings(args)`, the
@@ -126,10 +128,13 @@ class BackboneAdapter:
     May override (defaults in brackets):
         language_model, rope_fn, rotary, num_layers    [Llama-style `model.model.language_model`]
         has_visual_input(args) [any `pixel_inputs` or `encoded_modalities` present]
-        pre_encode(kwargs)     [unchanged] generate() kwargs with the visuals encoded into
-                               `mm_encoder_outputs` as the prefill would encode them, keeping what the
-                               lazy facts read (vision hidden states, grids); generate() then expands the
-                               batch for beams (see the beam contract below)
+        encode_inputs(args)    [`mm_encoder_outputs` as given] modality -> the stock encoder output of this
+                               forward's visuals: the given `mm_encoder_outputs` plus the `pixel_inputs`
+                               encoded, keeping what the lazy facts read (vision hidden states, grids);
+                               `prefill_tokens` reads it, and so does the default `pre_encode`
+        pre_encode(kwargs)     [encode_inputs into `mm_encoder_outputs`, pixels and `encoder_arguments`
+                               dropped] generate() kwargs with the visuals encoded as the prefill would
+                               encode them; generate() then expands the batch for beams (the beam contract)
         stock_inputs(args, cache)  [unchanged] fills in what a stock forward after an UNPRUNED prefill needs
         after_layer(i, tokens, prefill)  [tokens.hidden] hidden states after decoder layer i (DeepStack)
         anchor_row(span_end)   [span_end] PriorTR's question-free row
@@ -155,6 +160,7 @@ class BackboneAdapter:
     pixel_inputs: tuple[str, ...] = ("pixel_values",)
     encoded_modalities: tuple[str, ...] = ("image",)
     default_keep_tokens: int | None = None
+    encoder_arguments: tuple[str, ...] = ()
 
     def __init__(self, model):
         self.model = model
@@ -225,10 +231,22 @@ class BackboneAdapter:
         with anything the stock model would get wrong filled in. Default: unchanged."""
         return args
 
+    def encode_inputs(self, args: dict) -> dict:
+        """modality -> the stock encoder output of this forward's visuals (see the class docstring); a
+        modality given both as pixels and pre-encoded is an error. Default: `mm_encoder_outputs` as given."""
+        return dict(args.get("mm_encoder_outputs") or {})
+
     def pre_encode(self, generate_kwargs: dict) -> dict:
         """generate() kwargs with the visuals encoded into `mm_encoder_outputs` the way the adapter's own
-        prefill encodes them (keeping what methods read). Default: unchanged."""
-        return generate_kwargs
+        prefill encodes them (`encode_inputs`, keeping what methods read); the pixels and the
+        `encoder_arguments` are dropped, as the stock model drops them once it has encoded."""
+        if not any(generate_kwargs.get(name) is not None for name in self.pixel_inputs):
+            return generate_kwargs
+        kwargs = dict(generate_kwargs)
+        kwargs["mm_encoder_outputs"] = self.encode_inputs(kwargs)
+        for name in (*self.pixel_inputs, *self.encoder_arguments):
+            kwargs.pop(name, None)
+        return kwargs
 
     def prefill_tokens(self, args: dict) -> PrefillTokens:
         """Encode the visual inputs, merge them into the embeddings, and describe every token."""

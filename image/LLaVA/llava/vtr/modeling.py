@@ -45,17 +45,29 @@ class LlavaAdapter(BackboneAdapter):
     #: Budget when the user gives none (VTRConfig.budget_defaulted): how LLaVA-1.5 was evaluated.
     default_keep_tokens = 192
     output_class = LlavaCausalLMOutputWithPast
+    encoder_arguments = ("vision_feature_layer", "vision_feature_select_strategy")
+
+    def encode_inputs(self, args: dict) -> dict:
+        """`mm_encoder_outputs` with `pixel_values` encoded by the stock `get_image_features` (the config's
+        feature layer and strategy unless given), keeping the hidden states the lazy facts read and the
+        image sizes (generate() drops `image_sizes` once the images are encoded)."""
+        encoded = super().encode_inputs(args)
+        if args.get("pixel_values") is None:
+            return encoded
+        if encoded.get("image") is not None:
+            raise ValueError("pass either pixel_values or mm_encoder_outputs['image'], not both")
+        vision_kwargs = {}
+        for key in self.encoder_arguments:  # the stock defaults
+            vision_kwargs[key] = args.get(key) if args.get(key) is not None else getattr(self.model.config, key)
+        if args.get("image_sizes") is not None:
+            vision_kwargs["image_sizes"] = args["image_sizes"]
+        encoded["image"] = self.encode_images(args["pixel_values"], **vision_kwargs)
+        encoded["image"].vtr_image_sizes = args.get("image_sizes")
+        return encoded
 
     def prefill_tokens(self, args: dict) -> PrefillTokens:
         input_ids, inputs_embeds = self.input_embeddings(args)
-        image_output = (args.get("mm_encoder_outputs") or {}).get("image")
-        if image_output is None:
-            vision_kwargs = {}
-            for key in ("vision_feature_layer", "vision_feature_select_strategy"):  # the stock defaults
-                vision_kwargs[key] = args.get(key) if args.get(key) is not None else getattr(self.model.config, key)
-            if args.get("image_sizes") is not None:
-                vision_kwargs["image_sizes"] = args["image_sizes"]
-            image_output = self.encode_images(args["pixel_values"], **vision_kwargs)
+        image_output = self.encode_inputs(args)["image"]
         features = torch.cat(image_output.pooler_output, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
         placeholder = self.model.model.get_placeholder_mask(
             input_ids, inputs_embeds=inputs_embeds, image_features=features
@@ -143,22 +155,6 @@ class LlavaAdapter(BackboneAdapter):
             )
         features = hidden_states[index]
         return features[:, 1:] if self.model.config.vision_feature_select_strategy == "default" else features
-
-    def pre_encode(self, generate_kwargs: dict) -> dict:
-        if generate_kwargs.get("pixel_values") is None:
-            return generate_kwargs
-        kwargs = dict(generate_kwargs)
-        vision_kwargs = {}
-        for key in ("vision_feature_layer", "vision_feature_select_strategy"):
-            value = kwargs.pop(key, None)
-            vision_kwargs[key] = value if value is not None else getattr(self.model.config, key)
-        if kwargs.get("image_sizes") is not None:
-            vision_kwargs["image_sizes"] = kwargs["image_sizes"]
-        encoded = self.encode_images(kwargs.pop("pixel_values"), **vision_kwargs)
-        # generate() drops image_sizes once the images are encoded; keep them with the features
-        encoded.vtr_image_sizes = kwargs.get("image_sizes")
-        kwargs["mm_encoder_outputs"] = {**(kwargs.get("mm_encoder_outputs") or {}), "image": encoded}
-        return kwargs
 
     def vision_layers(self) -> list[int]:
         """Indices into the tower's hidden states to keep: the projector's input and the input of the layer

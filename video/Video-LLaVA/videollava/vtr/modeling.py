@@ -48,6 +48,7 @@ class VideoLlavaAdapter(BackboneAdapter):
     output_class = VideoLlavaCausalLMOutputWithPast
     pixel_inputs = ("pixel_values", "pixel_values_images", "pixel_values_videos")
     encoded_modalities = ("image", "video")
+    encoder_arguments = ("vision_feature_layer", "vision_feature_select_strategy")
 
     # ------------------------------------------------------------------ encoding
 
@@ -59,7 +60,7 @@ class VideoLlavaAdapter(BackboneAdapter):
         wanted = [i if i >= 0 else states + i for i in wanted]
         return sorted({wanted[-1] - 1, *wanted})
 
-    def encode(self, args: dict) -> dict:
+    def encode_inputs(self, args: dict) -> dict:
         """{"image": ..., "video": ...}: the stock `get_image_features` / `get_video_features` outputs (or the
         pre-encoded ones in `mm_encoder_outputs`), keeping the tower states `vision_importance` reads."""
         model, config = self.model.model, self.model.config
@@ -105,15 +106,6 @@ class VideoLlavaAdapter(BackboneAdapter):
                     out.vtr_frames = config.video_seq_length // (self.patch_grid()[0] * self.patch_grid()[1] + 1)
         return encoded
 
-    def pre_encode(self, generate_kwargs: dict) -> dict:
-        if not any(generate_kwargs.get(k) is not None for k in self.pixel_inputs):
-            return generate_kwargs
-        kwargs = dict(generate_kwargs)
-        kwargs["mm_encoder_outputs"] = self.encode(kwargs)
-        for key in (*self.pixel_inputs, "vision_feature_layer", "vision_feature_select_strategy"):
-            kwargs.pop(key, None)
-        return kwargs
-
     @staticmethod
     def _features(out, dtype, device) -> torch.Tensor | None:
         """[1, tokens, hidden]: all projected features of one modality, in placeholder order."""
@@ -125,7 +117,7 @@ class VideoLlavaAdapter(BackboneAdapter):
 
     def prefill_tokens(self, args: dict) -> PrefillTokens:
         input_ids, inputs_embeds = self.input_embeddings(args)
-        encoded = self.encode(args)
+        encoded = self.encode_inputs(args)
         image, video = (
             self._features(encoded.get(m), inputs_embeds.dtype, inputs_embeds.device) for m in self.encoded_modalities
         )
