@@ -253,3 +253,47 @@ def test_prior_forward_rows_line_up_with_a_re_padded_sample(tiny_path, batch_inp
     for prior, full, shape in SEEN["prior"]:
         assert shape[-1] == full.shape[-1]
         torch.testing.assert_close(prior, full, atol=1e-5, rtol=0)
+
+
+def test_a_copied_or_emptied_pruned_cache_is_never_decoded_silently(tiny_path, single_inputs):
+    """A copy.deepcopy of a pruned cache has no decode state: decoding on it is refused (FastV: layers of
+    different lengths; a pre-LLM drop: a mask longer than the cache). An emptied one (reset()) takes a new
+    image prompt."""
+    import copy
+
+    for cfg in (dict(strategy="fastv", prune_layer=2), dict(strategy="random", prune_layer=0)):
+        model = vtr_model(tiny_path, "sdpa", keep_tokens=8, **cfg)
+        with torch.no_grad():
+            out = model(**single_inputs)
+        step = dict(
+            input_ids=out.logits[:, -1:].argmax(-1),
+            attention_mask=torch.ones(1, single_inputs["input_ids"].shape[1] + 1, dtype=torch.long),
+        )
+        with pytest.raises(ValueError, match="lost its decode state"), torch.no_grad():
+            model(**step, past_key_values=copy.deepcopy(out.past_key_values))
+        cache = out.past_key_values
+        cache.reset()
+        assert decode_state(cache) is None
+        with torch.no_grad():
+            model(**single_inputs, past_key_values=cache)
+        assert decode_state(cache) is not None and model.vtr_last.stages[0].image_tokens_kept == [8]
+
+
+def test_generate_encodes_without_gradients_and_leaves_given_outputs_alone(tiny_path, single_inputs, monkeypatch):
+    model = vtr_model(tiny_path, "sdpa", strategy="fastv", prune_layer=2, keep_tokens=8)
+    adapter, seen = model.vtr_adapter, []
+    encode = type(adapter).encode_inputs
+
+    def recording(self, args):
+        seen.append(torch.is_grad_enabled())
+        return encode(self, args)
+
+    monkeypatch.setattr(type(adapter), "encode_inputs", recording)
+    model.generate(**single_inputs, max_new_tokens=1)
+    assert seen and not any(seen), "the visuals are encoded under no_grad, as generate() runs"
+    with torch.no_grad():
+        encoded = adapter.encode_inputs(single_inputs)
+    features = encoded["image"].pooler_output
+    rest = {k: v for k, v in single_inputs.items() if k != "pixel_values"}
+    model.generate(**rest, mm_encoder_outputs=encoded, max_new_tokens=1, num_beams=2)
+    assert encoded["image"].pooler_output is features, "generate() expanded the caller's outputs for the beams"

@@ -28,6 +28,7 @@ one waits for the layers before it. Everything between them stays on the device.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import importlib
@@ -37,6 +38,7 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_utils import slice_logits_to_keep
@@ -112,7 +114,9 @@ class BackboneAdapter:
 
     `model` is the fork's `...ForConditionalGeneration` subclass. The defaults suit Llama-style decoders
     (Llama, Mistral, Qwen2/3) fed one placeholder run per image; override only what differs. An adapter
-    keeps no per-call state on itself: what one prefill needs later goes in `PrefillTokens.adapter_state`.
+    keeps no per-call state on itself: what one prefill needs later goes in `PrefillTokens.adapter_state`
+    (the stock models' own per-call fields, such as Qwen-VL's `rope_deltas`, stay where the stock code puts
+    them).
 
     Declared by every adapter (class attributes):
         output_class           the stock output class (`loss`, `logits`, `past_key_values`, `output_extras`)
@@ -153,8 +157,14 @@ class BackboneAdapter:
     A family that cannot provide one leaves it out (a strategy asking for it gets a clear KeyError).
 
     Beam contract: generate(num_beams=k / num_return_sequences=k) repeats each sample k times in a row
-    AFTER `pre_encode`, so the encoded visuals describe the original samples while the prompt rows are
-    repeated; a lazy fact maps them with `beam_repeats(...)` (each sample's values repeated k times).
+    AFTER `pre_encode`: the prompt rows and the stock fields of the encoder outputs (`pooler_output`,
+    DeepStack features) are expanded, but what the adapter keeps on them itself (vision hidden states,
+    grids, image sizes: `vtr_*` attributes) still describes the original samples; a lazy fact maps those
+    with `beam_repeats(...)` (each sample's values repeated k times). `pre_encode` hands generate() copies
+    of the outputs, so a caller's own `mm_encoder_outputs` are never expanded in place.
+
+    Attributes adapters set on the stock encoder outputs they return (read back by their lazy facts):
+    `vtr_grid_thw` (Qwen-VL), `vtr_image_sizes` (LLaVA-1.6), `vtr_frames` / `vtr_select` (Video-LLaVA).
     """
 
     output_class: type | None = None
@@ -241,10 +251,12 @@ class BackboneAdapter:
         """generate() kwargs with the visuals encoded into `mm_encoder_outputs` the way the adapter's own
         prefill encodes them (`encode_inputs`, keeping what methods read); the pixels and the
         `encoder_arguments` are dropped, as the stock model drops them once it has encoded."""
-        if not any(generate_kwargs.get(name) is not None for name in self.pixel_inputs):
+        pixels = any(generate_kwargs.get(name) is not None for name in self.pixel_inputs)
+        if not pixels and not generate_kwargs.get("mm_encoder_outputs"):
             return generate_kwargs
         kwargs = dict(generate_kwargs)
-        kwargs["mm_encoder_outputs"] = self.encode_inputs(kwargs)
+        # copies: generate() expands the outputs' stock fields in place for beams
+        kwargs["mm_encoder_outputs"] = {k: copy.copy(v) for k, v in self.encode_inputs(kwargs).items()}
         for name in (*self.pixel_inputs, *self.encoder_arguments):
             kwargs.pop(name, None)
         return kwargs
@@ -583,13 +595,19 @@ _DECODE_STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def decode_state(cache) -> DecodeState | None:
-    """The `DecodeState` of the pruned prefill that filled `cache` (None: not a pruned prefill's cache)."""
+    """The `DecodeState` of the pruned prefill that filled `cache` (None: not a pruned prefill's cache, or one
+    emptied since by `reset()`). A copy of a pruned cache (`copy.deepcopy`) has none: decoding
+    on it is refused where it can be told (`VTRModelMixin.vtr_forward`), so do not copy a pruned cache."""
     if cache is None:
         return None
     try:
-        return _DECODE_STATES.get(cache)
+        state = _DECODE_STATES.get(cache)
     except TypeError:  # an unhashable cache object is never one of ours
         return None
+    if state is not None and cache.get_seq_length() == 0:  # emptied: whatever comes next is a new prompt
+        del _DECODE_STATES[cache]
+        return None
+    return state
 
 
 # ----------------------------------------------------------------------------------------------- engine
@@ -977,6 +995,27 @@ def _decode_layer_hook(layer_idx: int):
     return hook
 
 
+def _refuse_unmapped_cache(args: dict, cache, past: int) -> None:
+    """A cache with no decode state that can only be a pruned prefill's (a `copy.deepcopy` of one loses the
+    state): full-attention layers of different lengths, or a 2-D mask longer than the cache plus the new
+    tokens. Decoding on it would be wrong, so it is refused with the reason."""
+    ids = args.get("input_ids")
+    query_len = (ids if ids is not None else args["inputs_embeds"]).shape[1]
+    mask = args.get("attention_mask")
+    lengths = {layer.get_seq_length() for layer in getattr(cache, "layers", ()) if type(layer) is DynamicLayer}
+    if len(lengths) > 1 or (mask is not None and mask.ndim == 2 and mask.shape[1] > past + query_len):
+        raise ValueError(
+            "this KV cache looks like a pruned prefill's that lost its decode state (a copy.deepcopy of it, which "
+            "is not supported: run the prefill again instead)"
+            + (f": its layers hold {sorted(lengths)} tokens" if len(lengths) > 1 else "")
+            + (
+                f": the attention_mask covers {mask.shape[1]} tokens, the cache {past} plus {query_len} new ones"
+                if mask is not None and mask.ndim == 2 and mask.shape[1] > past + query_len
+                else ""
+            )
+        )
+
+
 class VTRModelMixin:
     """Mixed into a fork's subclass of the stock `...ForConditionalGeneration` (listed first).
 
@@ -1034,8 +1073,9 @@ class VTRModelMixin:
     def generate(self, *args, **kwargs):
         if self.vtr_config.enabled and self.vtr_adapter.has_visual_input(kwargs):
             # encode here as the pruned prefill does (keeping what methods read, e.g. vision states), and
-            # hand generate() the result as pre-encoded features
-            kwargs = self.vtr_adapter.pre_encode(kwargs)
+            # hand generate() the result as pre-encoded features (without gradients, as generate() runs)
+            with torch.no_grad():
+                kwargs = self.vtr_adapter.pre_encode(kwargs)
             generation_config = kwargs.get("generation_config") or self.generation_config
             use_cache = kwargs.get("use_cache", getattr(generation_config, "use_cache", True))
             if use_cache is False:
@@ -1095,7 +1135,10 @@ class VTRModelMixin:
                 args.get("attention_mask"), args.get("position_ids"), cache, query_len
             )
             return stock_forward(**args, **kwargs)
-        if cache is None or cache.get_seq_length() == 0 or has_visual:  # a new prompt (not a decode step)
+        past = cache.get_seq_length() if cache is not None else 0
+        if past:
+            _refuse_unmapped_cache(args, cache, past)
+        if cache is None or past == 0 or has_visual:  # a new prompt (not a decode step)
             self.vtr_last = None
         if not self.vtr_config.enabled or not has_visual:
             return stock_forward(**adapter.stock_inputs(args, cache), **kwargs)
