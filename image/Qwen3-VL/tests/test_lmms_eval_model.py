@@ -1,6 +1,8 @@
 """The qwen3_vl_vtr lmms-eval model in process: images and videos, batching, loglikelihood pruned on the
 context, loading keys, bad arguments."""
 
+import importlib
+import inspect
 import sys
 
 import pytest
@@ -13,6 +15,11 @@ from visual_token_pruning.tiny import demo_image
 from visual_token_pruning.video_io import write_test_video
 
 DOCS = {i: {"q": q} for i, q in enumerate(["Is it red?", "What shape is shown in the picture?", "Any text?"])}
+
+
+@pytest.fixture(scope="module")
+def long_clip(tmp_path_factory):
+    return str(write_test_video(tmp_path_factory.mktemp("clips") / "long.mp4", num_frames=48, size=(32, 32), fps=8))
 
 
 @pytest.fixture(scope="module")
@@ -145,10 +152,13 @@ def test_the_cli_checks_model_args_before_the_task_index(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("model,family", [(Qwen2_5_VLVTR, "qwen2_5_vl"), (Qwen2VLVTR, "qwen2_vl")])
-def test_qwen2_families_batch_images_and_videos_with_their_counterparts_defaults(model, family, family_paths, clip):
+def test_qwen2_families_batch_images_and_videos_with_their_counterparts_defaults(
+    model, family, family_paths, clip, long_clip
+):
     """qwen2_5_vl_vtr / qwen2_vl_vtr: batched answers equal single ones on images + videos, the pixel bounds
-    default to lmms-eval's qwen2_5_vl / qwen2_vl values, and a video file is sampled at 2 frames per second
-    (at most max_num_frames) as qwen-vl-utils does."""
+    default to lmms-eval's qwen2_5_vl / qwen2_vl values (read from lmms-eval), video frames are sized as
+    qwen-vl-utils sizes them, and a video file is sampled at 2 frames per second (or `fps`, at most
+    max_num_frames) as qwen-vl-utils does."""
     path = family_paths(family)
 
     def mixed(doc):
@@ -160,13 +170,23 @@ def test_qwen2_families_batch_images_and_videos_with_their_counterparts_defaults
     answers = batched.generate_until(requests)
     assert answers == make(path, args + ",batch_size=1", model).generate_until(requests) and len(answers) == 3
     assert batched.model.vtr_last.stages[0].image_tokens_kept == [8, 8, 8]
+    counterpart = {"qwen2_5_vl": "Qwen2_5_VL", "qwen2_vl": "Qwen2_VL"}[family]
+    module = importlib.import_module(f"lmms_eval.models.simple.{family}")
+    params = inspect.signature(getattr(module, counterpart).__init__).parameters  # lmms-eval's own defaults
+    low, high = params["min_pixels"].default, params["max_pixels"].default
     size = batched.processor.image_processor.size
-    assert (size["shortest_edge"], size["longest_edge"]) == model.default_pixels
-    visuals = batched.prepare_visuals([clip])
-    inputs = batched.encode([batched.build_prompt("Q?", visuals)], [visuals])
-    assert inputs["video_grid_thw"][0, 0].tolist() == 2, "16 frames at 8 fps = 2 s -> 4 frames -> 2 temporal patches"
-    few = make(path, "strategy=none,max_num_frames=2", model)
-    assert few.encode([few.build_prompt("Q?", visuals)], [visuals])["video_grid_thw"][0, 0].tolist() == 1
+    assert (size["shortest_edge"], size["longest_edge"]) == (low, high)
+    video = batched.processor.video_processor.size  # qwen-vl-utils: within the bounds, at most 768 x 28 x 28
+    assert (video["shortest_edge"], video["longest_edge"]) == (low, min(high, 602112))
+    visuals = batched.prepare_visuals([long_clip])
+    for fps, groups in ((None, 6), (1, 3)):  # 6 s: 12 frames at the default 2 per second, 6 at fps=1
+        lm = make(path, "strategy=none" + (f",fps={fps}" if fps else ""), model)
+        inputs = lm.encode([lm.build_prompt("Q?", visuals)], [visuals])
+        assert inputs["video_grid_thw"][0, 0].tolist() == groups, fps
+        if family == "qwen2_5_vl":  # seconds per temporal patch: 2 frames at the sampled fps
+            assert inputs["second_per_grid_ts"].tolist() == [2 / (fps or 2)]
+    few = make(path, "strategy=none,max_num_frames=4", model)
+    assert few.encode([few.build_prompt("Q?", visuals)], [visuals])["video_grid_thw"][0, 0].tolist() == 2
 
 
 def test_a_checkpoint_of_another_family_names_the_right_model(tiny_path, family_paths):

@@ -4,6 +4,8 @@ Qwen2.5-VL, Qwen2-VL), and Qwen2.5-VL / Qwen2-VL's processors without torchvisio
 test_contract.py's, run on these families by conftest.py's `backbone` fixture."""
 
 import json
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ from visual_token_pruning import (
     get_strategy,
     load_model,
     load_processor,
+    modeling,
     register_strategy,
     wrap,
 )
@@ -112,6 +115,7 @@ def test_vision_importance_is_the_last_vision_blocks_received_attention(family, 
         return out, weights
 
     monkeypatch.setattr(module, "eager_attention_forward", recording)
+    monkeypatch.setattr(modeling, "QUERY_CHUNK", 7)  # the recompute's query rows in chunks of 7
     with torch.no_grad():
         model(**inputs)
     expected = []
@@ -158,9 +162,19 @@ def test_beam_search_repeats_each_samples_facts(family):
     assert beams == [single[0], single[0], single[1], single[1]]
 
 
-def test_the_processor_is_the_stock_class_without_torchvision(qwen2_family):
+def _torchvision_loads() -> bool:
+    try:
+        import torchvision  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+@pytest.mark.skipif(_torchvision_loads(), reason="torchvision loads here: load_processor returns the stock processor")
+def test_the_processor_is_the_stock_class_without_torchvision(qwen2_family, tmp_path):
     """The stock processor class of the family (Qwen2.5-VL's computes second_per_grid_ts = temporal patch /
-    fps), and the saved configs name the stock classes, as a hub checkpoint does."""
+    fps) around a torch-only video processor; what it saves names the stock classes, as a hub checkpoint
+    does, and loads back."""
     kind, path, processor, inputs = qwen2_family
     stock_name = FAMILIES[kind][1]
     assert isinstance(processor, getattr(transformers, stock_name))
@@ -169,11 +183,36 @@ def test_the_processor_is_the_stock_class_without_torchvision(qwen2_family):
         assert inputs["second_per_grid_ts"].tolist() == [2 / 4.0]
     else:
         assert "second_per_grid_ts" not in inputs
-    saved = json.loads((Path(path) / "processor_config.json").read_text())
-    assert saved["processor_class"] == stock_name
-    assert saved["image_processor"]["image_processor_type"] == "Qwen2VLImageProcessor"
-    assert saved["video_processor"]["video_processor_type"] == "Qwen2VLVideoProcessor"
-    assert "torchvision" not in __import__("sys").modules, "the import placeholder is gone again"
+    for folder in (Path(path), tmp_path):  # the tiny checkpoint, and the loaded processor saved again
+        saved = json.loads((folder / "processor_config.json").read_text())
+        assert saved["processor_class"] == stock_name
+        assert saved["image_processor"]["image_processor_type"] == "Qwen2VLImageProcessor"
+        assert saved["video_processor"]["video_processor_type"] == "Qwen2VLVideoProcessor"
+        processor.save_pretrained(tmp_path)
+    for name in ("tokenizer.json", "config.json"):
+        (tmp_path / name).write_bytes((Path(path) / name).read_bytes())
+    assert type(load_processor(str(tmp_path))) is type(processor)
+    assert "torchvision" not in sys.modules, "the import placeholder is gone again"
+
+
+def test_the_torchvision_placeholder_leaves_sys_modules_as_it_was(monkeypatch):
+    """Inside: importable placeholders; after (also after an error): exactly the entries of before, a
+    partly loaded torchvision included."""
+    from visual_token_pruning.processing import _torchvision_placeholder
+
+    partial = types.ModuleType("torchvision")
+    monkeypatch.setitem(sys.modules, "torchvision", partial)
+    monkeypatch.delitem(sys.modules, "torchvision.transforms", raising=False)
+    before = dict(sys.modules)
+    with pytest.raises(RuntimeError), _torchvision_placeholder():
+        import torchvision.transforms.v2.functional  # noqa: F401
+
+        assert sys.modules["torchvision"] is not partial
+        raise RuntimeError("an import failing inside")
+    assert sys.modules["torchvision"] is partial and "torchvision.transforms" not in sys.modules
+    assert {k: v for k, v in sys.modules.items() if k.startswith("torchvision")} == {
+        k: v for k, v in before.items() if k.startswith("torchvision")
+    }
 
 
 def test_load_and_wrap_give_the_familys_class(qwen2_family):
@@ -195,3 +234,50 @@ def test_the_checkpoint_saved_by_the_vtr_class_loads_in_the_stock_class(qwen2_fa
     reloaded = getattr(transformers, FAMILIES[kind][0]).from_pretrained(tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**inputs).logits, _stock(kind, path, "sdpa")(**inputs).logits)
+
+
+def test_frame_groups_that_share_a_temporal_row_are_still_told_apart(family_paths):
+    """At 16 fps Qwen2.5-VL's frame groups are 0.5 positions apart in time, so pairs of them share a temporal
+    row; each is still its own group (the raster order restarts)."""
+    path = family_paths("qwen2_5_vl")
+    processor = load_processor(path)
+    inputs = processor(
+        videos=[demo_video(8, 32)],
+        text=chat(processor, "What happens?", images=0, videos=1),
+        return_tensors="pt",
+        video_metadata=[{"total_num_frames": 8, "fps": 16.0, "frames_indices": list(range(8))}],
+    )
+    FACTS.clear()
+    model = vtr_model(path, "sdpa", strategy="test_qwen2_facts", prune_layer=1, keep_tokens=4)
+    with torch.no_grad():
+        model(**inputs)
+    _, grid, _ = FACTS[0]
+    video_t, video_h, video_w = inputs["video_grid_thw"][0].tolist()
+    rows, cols = video_h // 2, video_w // 2
+    assert grid.tolist() == [[g, r, c] for g in range(video_t) for r in range(rows) for c in range(cols)]
+    positions, _ = model.model.get_rope_index(
+        inputs["input_ids"],
+        inputs["mm_token_type_ids"],
+        video_grid_thw=inputs["video_grid_thw"],
+        second_per_grid_ts=inputs["second_per_grid_ts"],
+    )
+    video = inputs["input_ids"][0] == model.config.video_token_id
+    temporal = positions[0, 0, video][:: rows * cols].tolist()  # each group's temporal row
+    assert len(set(temporal)) < video_t, temporal
+
+
+def test_pre_encoded_outputs_bring_their_grids(qwen2_family):
+    """`mm_encoder_outputs` from encode_inputs, given without pixels or grids: the grids come from the outputs
+    (the same logits); a prompt whose visual tokens have no grid anywhere is a clear error."""
+    _, path, _, inputs = qwen2_family
+    model = vtr_model(path, "sdpa", strategy="fastv", prune_layer=2, keep_tokens=8)
+    bare = {k: v for k, v in inputs.items() if k not in ("pixel_values", "pixel_values_videos", "image_grid_thw")}
+    bare.pop("video_grid_thw")
+    with torch.no_grad():
+        want = model(**inputs).logits
+        got = model(**bare, mm_encoder_outputs=model.vtr_adapter.encode_inputs(inputs)).logits
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+        encoded = model.vtr_adapter.encode_inputs(inputs)
+        del encoded["image"].vtr_grid_thw
+        with pytest.raises(ValueError, match="image tokens need image_grid_thw"):
+            model(**bare, mm_encoder_outputs=encoded)

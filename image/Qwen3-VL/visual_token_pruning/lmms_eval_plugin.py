@@ -10,9 +10,10 @@ Registered through lmms-eval's `lmms_eval.models` entry-point group (image/Qwen3
 Besides every `VTRConfig` field and the shared loading keys, each takes the pixel and frame keys of its
 lmms-eval counterpart (`qwen3_vl`, `qwen2_5_vl`, `qwen2_vl`): `min_pixels` / `max_pixels` (the image
 processor's pixel bounds; Qwen2.5-VL and Qwen2-VL default to their counterparts' values, Qwen3-VL keeps the
-checkpoint's; a bound not given stays that default, videos keep theirs), `max_num_frames` and `fps` (video
+checkpoint's; a bound not given stays that default; Qwen3-VL's videos keep theirs), `max_num_frames` and `fps` (video
 frame sampling: `fps` frames per second, at most `max_num_frames`; Qwen2.5-VL and Qwen2-VL sample 2 per
-second when `fps` is not given, as qwen-vl-utils does), and `system_prompt` (the counterparts' "You are a
+second when `fps` is not given and size each frame within the pixel bounds and at most 768 tokens, as
+qwen-vl-utils does for their counterparts), and `system_prompt` (the counterparts' "You are a
 helpful assistant."; empty for none). A doc's visuals may be PIL images and video file paths, several per
 prompt; all of them share one budget. Each model takes checkpoints of its own family and names the right
 model for another. Inputs go to the device of the model's embeddings (never a hard-coded "cuda"), and
@@ -28,6 +29,9 @@ from .config import VTRConfig
 from .lmms_eval_base import VTRLmms, as_image, install_compat
 from .modeling import VTR_CLASSES
 from .video_io import VideoError
+
+#: qwen-vl-utils' largest video frame (768 tokens of 28 x 28 pixels)
+VIDEO_MAX_PIXELS = 768 * 28 * 28
 
 
 class QwenVLVTR(VTRLmms):
@@ -84,6 +88,13 @@ class QwenVLVTR(VTRLmms):
         video.max_frames = load.get("max_num_frames", 32)
         video.min_frames = min(video.min_frames, video.max_frames)
         self.fps = load.get("fps", self.default_fps)
+        low, high = self.default_pixels
+        if (
+            high is not None
+        ):  # frames sized as qwen-vl-utils sizes the counterpart's: the pixel bounds, at most 768 tokens
+            low, high = load.get("min_pixels", low), min(load.get("max_pixels", high), VIDEO_MAX_PIXELS)
+            size = {"shortest_edge": low, "longest_edge": max(high, int(low * 1.05))}
+            video.size = size if isinstance(video.size, dict) else type(video.size)(**size)
         self.system_prompt = load.get("system_prompt", "You are a helpful assistant.")
 
     def prepare_visuals(self, visuals: list) -> list:
@@ -155,6 +166,7 @@ class Qwen2VLVTR(QwenVLVTR):
 
 
 MODELS = (Qwen3VLVTR, Qwen2_5_VLVTR, Qwen2VLVTR)
+
 
 #: Every loading key the Qwen-VL models accept (the shared ones and their own), with its type.
 LOAD_ARGS = QwenVLVTR.load_args()

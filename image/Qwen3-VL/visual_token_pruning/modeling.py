@@ -63,6 +63,8 @@ __all__ = [
 ]
 
 MODALITIES = (("image", "pixel_values", "image_grid_thw"), ("video", "pixel_values_videos", "video_grid_thw"))
+#: query rows per step of the vision-importance recompute
+QUERY_CHUNK = 1024
 
 
 class QwenVLAdapter(BackboneAdapter):
@@ -116,6 +118,9 @@ class QwenVLAdapter(BackboneAdapter):
             masks[name] = mask
         mask = args.get("attention_mask")
         valid = mask.bool() if mask is not None else torch.ones_like(visual)
+        for name, _, grid in MODALITIES:  # a caller's pre-encoded outputs carry their grids
+            if encoded.get(name) is not None and args.get(grid) is None:
+                args = {**args, grid: getattr(encoded[name], "vtr_grid_thw", None)}
         positions = self._positions(args, input_ids, mask, *visual.shape)  # [3, b, s]
         next_position = positions.masked_fill(~valid[None], -1).amax(dim=(0, 2)) + 1  # [b]
         model.rope_deltas = (next_position - valid.sum(1)).unsqueeze(1)  # what the stock prefill leaves there
@@ -144,6 +149,12 @@ class QwenVLAdapter(BackboneAdapter):
                     "Qwen-VL needs mm_token_type_ids (0 text, 1 image, 2 video; the processor returns it) to compute "
                     "the M-RoPE positions of hand-built inputs"
                 )
+            config = self.model.config
+            for (name, _, grid), token in zip(MODALITIES, (config.image_token_id, config.video_token_id)):
+                if args.get(grid) is None and bool((input_ids == token).any()):
+                    raise ValueError(
+                        f"the prompt's {name} tokens need {grid} for their M-RoPE positions (the processor returns it)"
+                    )
             positions, _ = self.model.model.get_rope_index(
                 input_ids,
                 args["mm_token_type_ids"],
@@ -273,9 +284,13 @@ class QwenVLAdapter(BackboneAdapter):
         received = torch.zeros(n, dtype=torch.float32, device=x.device)
         bounds = cu_seqlens.tolist()
         for start, end in zip(bounds[:-1], bounds[1:]):
-            qs, ks = q[start:end].transpose(0, 1).float(), k[start:end].transpose(0, 1).float()
-            probs = torch.softmax(qs @ ks.transpose(-1, -2) * attn.scaling, dim=-1)  # [heads, len, len]
-            received[start:end] = probs.mean(dim=(0, 1))
+            ks = k[start:end].transpose(0, 1).float()
+            # query rows in chunks, so that a large image never holds its whole [heads, len, len] map
+            for first in range(start, end, QUERY_CHUNK):
+                qs = q[first : min(first + QUERY_CHUNK, end)].transpose(0, 1).float()
+                probs = torch.softmax(qs @ ks.transpose(-1, -2) * attn.scaling, dim=-1)  # [heads, chunk, len]
+                received[start:end] += probs.sum(dim=(0, 1))
+            received[start:end] /= attn.num_heads * (end - start)
         merged = received.reshape(-1, visual_model.spatial_merge_size**2).mean(-1)
         return merged if restore is None else merged[restore]
 

@@ -97,21 +97,24 @@ class Qwen3VLVideoProcessorNoTV(_NoTVVideo, Qwen3VLVideoProcessor, _TorchOnlyBac
 @contextlib.contextmanager
 def _torchvision_placeholder():
     """Importable `torchvision.transforms.v2.functional` placeholders for the duration of one import (only
-    where torchvision itself is missing); every placeholder is removed afterwards."""
+    where torchvision is missing or cannot load); afterwards `sys.modules` holds what it held before."""
     names = [
         "torchvision",
         "torchvision.transforms",
         "torchvision.transforms.v2",
         "torchvision.transforms.v2.functional",
     ]
-    added = [name for name in names if name not in sys.modules]
-    for name in added:
+    saved = {name: sys.modules[name] for name in names if name in sys.modules}  # a partly loaded broken install
+    for name in names:
         sys.modules[name] = types.ModuleType(name)
     try:
         yield
     finally:
-        for name in added:
-            sys.modules.pop(name, None)
+        for name in names:
+            if name in saved:
+                sys.modules[name] = saved[name]
+            else:
+                sys.modules.pop(name, None)
 
 
 _QWEN2_VIDEO = []
@@ -123,7 +126,8 @@ def qwen2_vl_video_class():
         return _QWEN2_VIDEO[0]
     try:
         from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
-    except ImportError:
+    except Exception:  # torchvision missing, or installed but unable to load beside this torch
+        sys.modules.pop("transformers.models.qwen2_vl.video_processing_qwen2_vl", None)
         with _torchvision_placeholder():
             from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
@@ -164,8 +168,14 @@ def _processor_class(name: str = "Qwen3VLProcessor"):
                 return type(argument)
             return super(cls, self).check_argument_for_proper_class(argument_name, argument)
 
+        def to_dict(self):
+            out = super(cls, self).to_dict()
+            out["processor_class"] = name  # what AutoProcessor reads back: the stock class
+            return out
+
         cls = type(f"{name}NoTV", (getattr(transformers, name),), {})
         cls.check_argument_for_proper_class = check_argument_for_proper_class
+        cls.to_dict = to_dict
         _PROCESSORS[name] = cls
     return _PROCESSORS[name]
 
