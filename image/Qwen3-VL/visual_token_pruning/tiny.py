@@ -137,7 +137,7 @@ def tiny_qwen3_vl_config(
             out_hidden_size=hidden_size,
             window_size=patch_size * 2 * 2,  # 2 x 2 merged tokens per window
             fullatt_block_indexes=list(range(vision_depth - 1, -1, -2))[::-1],
-            tokens_per_second=4,  # the stock value: frame groups 2 positions apart at 4 fps
+            tokens_per_second=4,  # transformers' config default: frame groups 2 positions apart at 4 fps
         )
         config_class = Qwen2_5_VLConfig
     else:
