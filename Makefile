@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 space := $(subst ,, )
 # The forks' folders, from forks.toml (the registry of forks and model families; scripts/forks.py reads it).
 FORKS := $(shell $(PYTHON) scripts/forks.py paths 2>&1)
-ifneq ($(.SHELLSTATUS),0)
+ifneq ($(filter-out 0,$(.SHELLSTATUS)),)  # (GNU make >= 4.2 sets .SHELLSTATUS)
 $(error $(subst forks.py: error: ,,$(FORKS)))
 endif
 STAMP := $(VENV)/.vtr-installed
@@ -18,7 +18,7 @@ MODEL ?=
 BACKBONE ?= llava
 ifneq ($(filter demo,$(MAKECMDGOALS)),)
 DEMO := $(shell $(PYTHON) scripts/forks.py demo '$(BACKBONE)' 2>&1)
-ifneq ($(.SHELLSTATUS),0)
+ifneq ($(filter-out 0,$(.SHELLSTATUS)),)  # (GNU make >= 4.2 sets .SHELLSTATUS)
 $(error BACKBONE=$(BACKBONE): $(subst forks.py: error: ,,$(DEMO)))
 endif
 endif
