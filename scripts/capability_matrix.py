@@ -58,6 +58,31 @@ def fork_packages() -> list[str]:
         raise MatrixError(str(error)) from None
 
 
+def check_families() -> None:
+    """Each fork's families in forks.toml cover exactly the models its package names (`BACKBONES`): the
+    registry and the forks never disagree about what a fork serves."""
+    try:
+        registry = forks.load()
+    except forks.RegistryError as error:
+        raise MatrixError(str(error)) from None
+    for fork in registry.forks.values():
+        listed = {m for family in registry.families.values() if family.fork is fork for m in family.models}
+        named = set(backbones(fork.package))
+        if listed != named:
+            extra, missing = sorted(listed - named), sorted(named - listed)
+            raise MatrixError(
+                f"forks.toml's [family.*] models of fork {fork.name!r} and {fork.package}.BACKBONES differ: "
+                + "; ".join(
+                    part
+                    for part in (
+                        f"not in BACKBONES: {', '.join(extra)}" if extra else "",
+                        f"in no family: {', '.join(missing)}" if missing else "",
+                    )
+                    if part
+                )
+            )
+
+
 def matrix(packages: list[str]) -> str:
     columns, methods, cells = [], set(), set()
     for package in packages:
@@ -81,6 +106,7 @@ def main(argv=None) -> int:
     group.add_argument("--write", action="store_true", help="rewrite README.md's table")
     args = parser.parse_args(argv)
     try:
+        check_families()
         table = matrix(fork_packages())
     except MatrixError as error:
         print(f"capability_matrix: error: {error}", file=sys.stderr)

@@ -29,7 +29,7 @@ NAME = re.compile(r"[a-z0-9][a-z0-9_.-]*")  # a fork or family name: no commas, 
 PACKAGE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 #: the keys of each kind of table: (required, optional)
 FORK_KEYS = (("path", "package"), ("first_party",))
-FAMILY_KEYS = (("fork", "runner", "lmms_model", "checkpoint"), ("bench", "demo_args"))
+FAMILY_KEYS = (("fork", "runner", "lmms_model", "checkpoint", "models"), ("bench", "demo_args"))
 
 
 class RegistryError(Exception):
@@ -68,6 +68,7 @@ class Family:
     runner: str
     lmms_model: str
     checkpoint: str
+    models: tuple[str, ...] = ()  # the models it covers, as its fork's BACKBONES names them (matrix columns)
     bench: dict = field(default_factory=dict)
     demo_args: tuple[str, ...] = ()  # arguments of the fork's demo for this family (make demo BACKBONE=<name>)
 
@@ -183,7 +184,10 @@ def _fork(root: Path, name: str, table: dict) -> Fork:
 def _family(forks: dict, name: str, table: dict) -> Family:
     where = f"{FILE}: [family.{name}]"
     _keys(table, where, *FAMILY_KEYS)
-    values = {key: _text(table, key, where) for key in FAMILY_KEYS[0]}
+    models = table.get("models")
+    if not isinstance(models, list) or not models or not all(isinstance(m, str) and m for m in models):
+        raise RegistryError(f"{where} models = {models!r}: a non-empty list of model names expected")
+    values = {key: _text(table, key, where) for key in FAMILY_KEYS[0] if key != "models"}
     if values["fork"] not in forks:
         raise RegistryError(f"{where} fork = {values['fork']!r} is no fork; {FILE} has {', '.join(forks)}")
     if values["runner"] not in RUNNERS:
@@ -194,7 +198,8 @@ def _family(forks: dict, name: str, table: dict) -> Family:
     demo_args = table.get("demo_args", [])
     if not isinstance(demo_args, list) or not all(isinstance(a, str) and a for a in demo_args):
         raise RegistryError(f"{where} demo_args = {demo_args!r}: a list of the demo's command-line arguments expected")
-    return Family(name, forks[values.pop("fork")], bench=bench, demo_args=tuple(demo_args), **values)
+    fork = forks[values.pop("fork")]
+    return Family(name, fork, models=tuple(models), bench=bench, demo_args=tuple(demo_args), **values)
 
 
 def main(argv=None) -> int:

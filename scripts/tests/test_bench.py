@@ -146,8 +146,11 @@ def test_the_backbones_are_forks_toml_s_families_and_a_broken_registry_is_one_li
     out = tmp_path / "b.json"
     assert bench.main([*TINY, "--backbone", "big-llava", "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert err == "scripts/bench.py: error: forks.toml: [family.big-llava] lacks runner, lmms_model, checkpoint\n"
+    assert (
+        err == "scripts/bench.py: error: forks.toml: [family.big-llava] lacks runner, lmms_model, checkpoint, models\n"
+    )
     block = block.replace("runtime", "runner") + 'lmms_model = "llava_vtr"\ncheckpoint = "x/y"\nbench = { size = 7 }\n'
+    block += 'models = ["LLaVA-1.5"]\n'
     (tmp_path / "forks.toml").write_text(registry.path.read_text() + block)
     real, cases = importlib.import_module, []
 

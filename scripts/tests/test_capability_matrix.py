@@ -56,3 +56,18 @@ def test_the_forks_are_forks_toml_s_in_its_order(capability_matrix, monkeypatch,
     err = capsys.readouterr().err
     assert err.startswith("capability_matrix: error: forks.toml: origin = 'nope' is no fork; forks.toml has llava, ")
     assert err.count("\n") == 1
+
+
+def test_forks_toml_and_the_forks_agree_on_the_models(capability_matrix, monkeypatch, tmp_path, capsys):
+    """Each fork's [family.*] models cover exactly its BACKBONES: a model only one of them names is an error."""
+    registry = capability_matrix.forks.load()
+    for folder in ("image", "video"):
+        (tmp_path / folder).symlink_to(registry.path.parent / folder)
+    text = registry.path.read_text()
+    assert 'models = ["Qwen2-VL"]' in text
+    (tmp_path / "forks.toml").write_text(text.replace('models = ["Qwen2-VL"]', 'models = ["Qwen2-VL-72B"]'))
+    monkeypatch.setattr(capability_matrix.forks, "ROOT", tmp_path)
+    assert capability_matrix.main(["--check"]) == 2
+    err = capsys.readouterr().err
+    assert "models of fork 'qwen3vl' and visual_token_pruning.BACKBONES differ" in err
+    assert "not in BACKBONES: Qwen2-VL-72B; in no family: Qwen2-VL" in err and err.count("\n") == 1

@@ -37,7 +37,7 @@ def registry(root, names=tuple(FORKS)):
         path, package, first_party = FORKS[name]
         lines += [f"[fork.{name}]", f'path = "{path}"', f'package = "{package}"', f"first_party = {first_party}"]
         lines += [f"[family.{name}]", f'fork = "{name}"', 'runner = "lmms-eval"', f'lmms_model = "{name}_vtr"']
-        lines += [f'checkpoint = "org/{name}"']
+        lines += [f'checkpoint = "org/{name}"', f'models = ["{name}"]']
         package_dir = root / path / package.replace(".", "/")
         package_dir.mkdir(parents=True, exist_ok=True)
         (root / path / "tests").mkdir(exist_ok=True)

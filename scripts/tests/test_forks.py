@@ -152,6 +152,7 @@ def test_a_missing_forks_toml_is_one_line(repo):
 def test_adding_a_family_to_a_fork_is_one_block(repo):
     block = '[family.newfamily]\nfork = "qwen3vl"\nrunner = "lmms-eval"\nlmms_model = "qwen2_vl_vtr"\n'
     block += 'checkpoint = "Qwen/x"\nbench = { family = "qwen2_vl" }\ndemo_args = ["--family", "qwen2_vl"]\n'
+    block += 'models = ["Qwen2-VL"]\n'
     (repo / "forks.toml").write_text((repo / "forks.toml").read_text() + "\n" + block)
     registry = forks.load(repo)
     assert list(registry.families)[-1] == "newfamily" and registry.family("newfamily").package == "visual_token_pruning"

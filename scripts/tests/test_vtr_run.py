@@ -69,9 +69,12 @@ def test_list_and_describe_teach_what_is_there():
     assert "| method \\ --backbone | " + " | ".join(families) + " |" in listing.stdout
     assert "| `pdrop` |" + " yes |" * len(families) in listing.stdout
     lines = {line.split()[0]: line for line in listing.stdout.splitlines() if line.strip()}
-    assert "LLaVA-1.5, LLaVA-1.6" in lines["llava"] and "llava-hf/llava-1.5-7b-hf" in lines["llava"]
+    assert "LLaVA-1.5" in lines["llava"] and "LLaVA-1.6" not in lines["llava"]  # each family's own models
+    assert "llava-hf/llava-1.5-7b-hf" in lines["llava"]
     assert "llava-hf/llava-v1.6-vicuna-7b-hf" in lines["llava-next"] and "lmms-eval" in lines["llava-next"]
-    assert "Qwen3-VL, Qwen3-VL-MoE" in lines["qwen3vl"] and "video QA" in lines["videollava"]
+    assert "Qwen3-VL, Qwen3-VL-MoE" in lines["qwen3vl"] and "Qwen2.5-VL" not in lines["qwen3vl"]
+    assert "Qwen2.5-VL" in lines["qwen2.5vl"] and "Qwen/Qwen2.5-VL-7B-Instruct" in lines["qwen2.5vl"]
+    assert "qwen2vl" in lines and "video QA" in lines["videollava"]
     assert not hasattr(script(), "available")  # every fork has its adapters: no "no adapter yet" path left
     described = vtr_run("--describe", "llava", "clse")
     assert described.returncode == 0
@@ -92,7 +95,7 @@ def test_a_family_added_to_forks_toml_is_a_backbone_and_a_broken_registry_is_one
         (repo / folder).parent.mkdir(exist_ok=True)
         (repo / folder).symlink_to(registry.path.parent / folder)
     block = '\n[family.llava-13b]\nfork = "llava"\nrunner = "lmms-eval"\nlmms_model = "llava_vtr"\n'
-    block += 'checkpoint = "llava-hf/llava-1.5-13b-hf"\n'
+    block += 'checkpoint = "llava-hf/llava-1.5-13b-hf"\nmodels = ["LLaVA-1.5"]\n'
     (repo / "forks.toml").write_text(registry.path.read_text() + block)
     monkeypatch.setattr(forks, "ROOT", repo)
     argv = ["--backbone", "llava-13b", "--method", "fastv", "--no-baseline", "--output", str(tmp_path / "out")]
