@@ -199,3 +199,15 @@ def test_the_makefile_installs_every_fork_of_forks_toml_and_refuses_a_broken_reg
         code, out, err = make("-n", goal, cwd=repo)
         assert code == 2 and out == "" and err.count("\n") == 1, (goal, out, err)
         assert "*** forks.toml: [family.videollava] fork = 'video-llava' is no fork; forks.toml has llava," in err
+
+
+def test_every_familys_demo_args_are_its_demos_own():
+    """`make demo BACKBONE=<family>` runs `<fork's demo> <demo_args>`: the demo's own parser takes them (a
+    typo in forks.toml would only show when someone runs the demo)."""
+    for family in forks.load().families.values():
+        if not family.demo_args:
+            continue
+        # a bad --budgets stops the demo right after its arguments are parsed, before any model loads
+        argv = [sys.executable, "-m", family.fork.demo, *family.demo_args, "--budgets", "abc"]
+        proc = subprocess.run(argv, capture_output=True, text=True)
+        assert proc.returncode == 2 and "--budgets 'abc'" in proc.stderr, (family.name, proc.stderr[-500:])
