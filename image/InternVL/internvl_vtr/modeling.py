@@ -56,11 +56,7 @@ class InternVLAdapter(BackboneAdapter):
             return encoded
         if encoded.get("image") is not None:
             raise ValueError("pass either pixel_values or mm_encoder_outputs['image'], not both")
-        config = self.model.config
-        vision_kwargs = {
-            key: args.get(key) if args.get(key) is not None else getattr(config, key) for key in self.encoder_arguments
-        }
-        encoded["image"] = self.encode_images(args["pixel_values"], **vision_kwargs)
+        encoded["image"] = self.encode_images(args["pixel_values"], **self.encoder_kwargs(args))
         return encoded
 
     def prefill_tokens(self, args: dict) -> PrefillTokens:

@@ -44,6 +44,20 @@ def image_video_batch(processor):
     )
 
 
+def rope_index(model, inputs, ids=None, types=None, attention_mask=None) -> torch.Tensor:
+    """[3, b, s]: the stock `get_rope_index` of `inputs` (its own ids and types unless given), with the grids and
+    Qwen2.5-VL's second_per_grid_ts when the processor returned them (`model`: the inner `...Model`)."""
+    positions, _ = model.get_rope_index(
+        inputs["input_ids"] if ids is None else ids,
+        inputs["mm_token_type_ids"] if types is None else types,
+        image_grid_thw=inputs.get("image_grid_thw"),
+        video_grid_thw=inputs.get("video_grid_thw"),
+        attention_mask=attention_mask,
+        **({"second_per_grid_ts": inputs["second_per_grid_ts"]} if "second_per_grid_ts" in inputs else {}),
+    )
+    return positions
+
+
 def qwen_embed(stock, inputs):
     """The stock model's merge, written out: features scattered into the placeholders of the prompt, the
     3-row positions of the whole (prompt + decoded) sequence, and DeepStack added to every visual row."""
@@ -74,14 +88,7 @@ def qwen_embed(stock, inputs):
         for mask, per_layer in joint.values():
             feats[mask[visual]] = per_layer[layer]
         deepstack.append(feats)
-    positions, _ = model.get_rope_index(
-        ids,
-        types,
-        image_grid_thw=inputs.get("image_grid_thw"),
-        video_grid_thw=inputs.get("video_grid_thw"),
-        attention_mask=inputs.get("attention_mask"),
-        **({"second_per_grid_ts": inputs["second_per_grid_ts"]} if "second_per_grid_ts" in inputs else {}),
-    )
+    positions = rope_index(model, inputs, ids, types, inputs.get("attention_mask"))
 
     def after_layer(i, hidden):
         if i >= len(deepstack) or not joint:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from qwen3vl_testlib import chat, image_video_batch, visual_ids, vtr_model
+from qwen3vl_testlib import chat, image_video_batch, rope_index, visual_ids, vtr_model
 
 from visual_token_pruning import (
     PruningStrategy,
@@ -84,13 +84,7 @@ def test_visual_grid_has_one_group_per_image_and_frame_group(family):
     expected = [[g, r, c] for g, (rows, cols) in enumerate(groups) for r in range(rows) for c in range(cols)]
     assert grid.tolist() == expected
     assert patch_grid == (image_h // 2, image_w // 2)
-    positions, _ = model.model.get_rope_index(
-        inputs["input_ids"],
-        inputs["mm_token_type_ids"],
-        image_grid_thw=inputs["image_grid_thw"],
-        video_grid_thw=inputs["video_grid_thw"],
-        **({"second_per_grid_ts": inputs["second_per_grid_ts"]} if kind == "qwen2_5_vl" else {}),
-    )
+    positions = rope_index(model.model, inputs)
     video = inputs["input_ids"][0] == model.config.video_token_id
     steps = positions[0, 0, video].unique().diff().tolist()
     if kind != "qwen3_vl":  # (Qwen3-VL puts a timestamp before each frame group)
@@ -255,12 +249,7 @@ def test_frame_groups_that_share_a_temporal_row_are_still_told_apart(family_path
     video_t, video_h, video_w = inputs["video_grid_thw"][0].tolist()
     rows, cols = video_h // 2, video_w // 2
     assert grid.tolist() == [[g, r, c] for g in range(video_t) for r in range(rows) for c in range(cols)]
-    positions, _ = model.model.get_rope_index(
-        inputs["input_ids"],
-        inputs["mm_token_type_ids"],
-        video_grid_thw=inputs["video_grid_thw"],
-        second_per_grid_ts=inputs["second_per_grid_ts"],
-    )
+    positions = rope_index(model.model, inputs)
     video = inputs["input_ids"][0] == model.config.video_token_id
     temporal = positions[0, 0, video][:: rows * cols].tolist()  # each group's temporal row
     assert len(set(temporal)) < video_t, temporal

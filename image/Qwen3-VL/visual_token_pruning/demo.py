@@ -39,14 +39,8 @@ def kept_cells(model, inputs) -> str:
     """Kept tokens of sample 0 per image / frame group, as (row, col) cells of its merged grid (the adapter's
     own `visual_grid` grouping)."""
     positions = model.vtr_last.stages[-1].kept_positions[0]
-    extra = {"second_per_grid_ts": inputs["second_per_grid_ts"]} if "second_per_grid_ts" in inputs else {}
-    rope, _ = model.model.get_rope_index(
-        inputs["input_ids"][:1],
-        inputs["mm_token_type_ids"][:1],
-        image_grid_thw=inputs.get("image_grid_thw"),
-        video_grid_thw=inputs.get("video_grid_thw"),
-        **extra,
-    )
+    prompt = {k: v[:1] if k in ("input_ids", "mm_token_type_ids") else v for k, v in inputs.items()}
+    rope = model.vtr_adapter._positions(prompt, prompt["input_ids"], None, 1, prompt["input_ids"].shape[1])
     ids = torch.tensor([model.config.image_token_id, model.config.video_token_id], device=rope.device)
     visual = torch.isin(inputs["input_ids"][:1].to(rope.device), ids)
     group, row, col = (x[0, positions.to(rope.device)] for x in model.vtr_adapter._grid(visual, rope))

@@ -242,6 +242,11 @@ class BackboneAdapter:
         with anything the stock model would get wrong filled in. Default: unchanged."""
         return args
 
+    def encoder_kwargs(self, args: dict) -> dict:
+        """The `encoder_arguments` of a forward: as given, else the model config's value (the stock default)."""
+        config = self.model.config
+        return {key: args[key] if args.get(key) is not None else getattr(config, key) for key in self.encoder_arguments}
+
     def encode_inputs(self, args: dict) -> dict:
         """modality -> the stock encoder output of this forward's visuals (see the class docstring); a
         modality given both as pixels and pre-encoded is an error. Default: `mm_encoder_outputs` as given."""

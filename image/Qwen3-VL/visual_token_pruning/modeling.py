@@ -45,6 +45,7 @@ from .engine import (
     StageRecord,
     VTRModelMixin,
     VTRRecord,
+    _next_position,
     beam_repeats,
     register_vtr_classes,
     repeat_per_sample,
@@ -116,14 +117,10 @@ class QwenVLAdapter(BackboneAdapter):
             embeds = embeds.masked_scatter(mask[..., None], features)
             visual |= mask
             masks[name] = mask
-        mask = args.get("attention_mask")
-        valid = mask.bool() if mask is not None else torch.ones_like(visual)
         for name, _, grid in MODALITIES:  # a caller's pre-encoded outputs carry their grids
             if encoded.get(name) is not None and args.get(grid) is None:
                 args = {**args, grid: getattr(encoded[name], "vtr_grid_thw", None)}
-        positions = self._positions(args, input_ids, mask, *visual.shape)  # [3, b, s]
-        next_position = positions.masked_fill(~valid[None], -1).amax(dim=(0, 2)) + 1  # [b]
-        model.rope_deltas = (next_position - valid.sum(1)).unsqueeze(1)  # what the stock prefill leaves there
+        positions = self._positions(args, input_ids, args.get("attention_mask"), *visual.shape)  # [3, b, s]
         group, row, col = self._grid(visual, positions)
         tokens = self.prefill(
             args,
@@ -133,6 +130,9 @@ class QwenVLAdapter(BackboneAdapter):
             strategy_ctx={"patch_grid": self._first_grids(group, row, col)},
             lazy_ctx=self._lazy_facts(visual, group, row, col, masks, encoded),
         )
+        # what the stock prefill leaves there: each sample's next position minus its real length
+        next_position = _next_position(tokens.positions, tokens.valid)
+        model.rope_deltas = (next_position - tokens.valid.sum(1)).unsqueeze(1)
         self.visual_extras(tokens, encoded, masks)
         return tokens
 

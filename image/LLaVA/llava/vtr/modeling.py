@@ -56,9 +56,7 @@ class LlavaAdapter(BackboneAdapter):
             return encoded
         if encoded.get("image") is not None:
             raise ValueError("pass either pixel_values or mm_encoder_outputs['image'], not both")
-        vision_kwargs = {}
-        for key in self.encoder_arguments:  # the stock defaults
-            vision_kwargs[key] = args.get(key) if args.get(key) is not None else getattr(self.model.config, key)
+        vision_kwargs = self.encoder_kwargs(args)
         if args.get("image_sizes") is not None:
             vision_kwargs["image_sizes"] = args["image_sizes"]
         encoded["image"] = self.encode_images(args["pixel_values"], **vision_kwargs)
