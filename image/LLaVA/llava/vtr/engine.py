@@ -999,22 +999,27 @@ def _decode_layer_hook(layer_idx: int):
     return hook
 
 
+def _query_len(args: dict) -> int:
+    """How many new tokens a forward's `input_ids` (or `inputs_embeds`) carry."""
+    ids = args.get("input_ids")
+    return (ids if ids is not None else args["inputs_embeds"]).shape[1]
+
+
 def _refuse_unmapped_cache(args: dict, cache, past: int) -> None:
     """A cache with no decode state that can only be a pruned prefill's (a `copy.deepcopy` of one loses the
     state): full-attention layers of different lengths, or a 2-D mask longer than the cache plus the new
     tokens. Decoding on it would be wrong, so it is refused with the reason."""
-    ids = args.get("input_ids")
-    query_len = (ids if ids is not None else args["inputs_embeds"]).shape[1]
-    mask = args.get("attention_mask")
+    query_len, mask = _query_len(args), args.get("attention_mask")
     lengths = {layer.get_seq_length() for layer in getattr(cache, "layers", ()) if type(layer) is DynamicLayer}
-    if len(lengths) > 1 or (mask is not None and mask.ndim == 2 and mask.shape[1] > past + query_len):
+    too_long = mask is not None and mask.ndim == 2 and mask.shape[1] > past + query_len
+    if len(lengths) > 1 or too_long:
         raise ValueError(
             "this KV cache looks like a pruned prefill's that lost its decode state (a copy.deepcopy of it, which "
             "is not supported: run the prefill again instead)"
             + (f": its layers hold {sorted(lengths)} tokens" if len(lengths) > 1 else "")
             + (
                 f": the attention_mask covers {mask.shape[1]} tokens, the cache {past} plus {query_len} new ones"
-                if mask is not None and mask.ndim == 2 and mask.shape[1] > past + query_len
+                if too_long
                 else ""
             )
         )
@@ -1133,10 +1138,8 @@ class VTRModelMixin:
                 "(all images in the first forward) for another image"
             )
         if state is not None:
-            ids = args.get("input_ids")
-            query_len = (ids if ids is not None else args["inputs_embeds"]).shape[1]
             args["attention_mask"], args["position_ids"] = state.map_inputs(
-                args.get("attention_mask"), args.get("position_ids"), cache, query_len
+                args.get("attention_mask"), args.get("position_ids"), cache, _query_len(args)
             )
             return stock_forward(**args, **kwargs)
         past = cache.get_seq_length() if cache is not None else 0
