@@ -7,7 +7,7 @@ InternVL2.5 and InternVL3 `-hf` checkpoints (model_type `internvl`, e.g. `OpenGV
 from __future__ import annotations
 
 from .config import VTRConfig
-from .model_args import check_checkpoint
+from .model_args import checkpoint_model_type
 from .modeling import VTR_CLASSES
 from .processing import load_processor
 
@@ -16,12 +16,7 @@ __all__ = ["load_model", "load_processor", "vtr_class_for", "wrap"]
 
 def vtr_class_for(pretrained: str, **kwargs) -> type:
     """The VTR class for a checkpoint (hub id or local folder), chosen from its config's model_type."""
-    from transformers import AutoConfig
-
-    check_checkpoint(pretrained)
-
-    keys = ("revision", "trust_remote_code", "cache_dir", "token", "local_files_only")
-    model_type = AutoConfig.from_pretrained(pretrained, **{k: v for k, v in kwargs.items() if k in keys}).model_type
+    model_type = checkpoint_model_type(pretrained, **kwargs)
     if model_type not in VTR_CLASSES:
         hint = " (the original OpenGVLab remote-code checkpoints: use their `-hf` conversions)"
         raise ValueError(

@@ -8,7 +8,7 @@ apart by the checkpoint's config; anything else is refused with a clear error.
 from __future__ import annotations
 
 from .config import VTRConfig
-from .model_args import check_checkpoint
+from .model_args import checkpoint_model_type
 from .modeling import VTR_CLASSES
 from .processing import load_processor
 
@@ -17,12 +17,7 @@ __all__ = ["load_model", "load_processor", "vtr_class_for", "wrap"]
 
 def vtr_class_for(pretrained: str, **kwargs) -> type:
     """The VTR class for a checkpoint (hub id or local folder), chosen from its config's model_type."""
-    from transformers import AutoConfig
-
-    check_checkpoint(pretrained)
-
-    keys = ("revision", "trust_remote_code", "cache_dir", "token", "local_files_only")
-    model_type = AutoConfig.from_pretrained(pretrained, **{k: v for k, v in kwargs.items() if k in keys}).model_type
+    model_type = checkpoint_model_type(pretrained, **kwargs)
     if model_type not in VTR_CLASSES:
         raise ValueError(
             f"{pretrained} is a {model_type!r} checkpoint; the Qwen-VL fork handles {sorted(VTR_CLASSES)}. "

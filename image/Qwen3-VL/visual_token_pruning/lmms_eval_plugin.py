@@ -24,10 +24,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .api import load_model, load_processor, vtr_class_for
+from .api import load_model, load_processor
 from .config import VTRConfig
 from .lmms_eval_base import VTRLmms, as_image, install_compat
-from .modeling import VTR_CLASSES
+from .model_args import checkpoint_model_type
 from .video_io import VideoError
 
 #: qwen-vl-utils' largest video frame (768 tokens of 28 x 28 pixels)
@@ -65,8 +65,7 @@ class QwenVLVTR(VTRLmms):
             raise ValueError(f"min_pixels={low} is larger than max_pixels={high}")
 
     def load_backbone(self, load: dict, **kwargs):
-        cls = vtr_class_for(self.pretrained, **kwargs)
-        model_type = next(t for t, c in VTR_CLASSES.items() if c is cls)
+        model_type = checkpoint_model_type(self.pretrained, **kwargs)
         if model_type not in self.model_types:
             right = next((m.name for m in MODELS if model_type in m.model_types), None)
             raise ValueError(

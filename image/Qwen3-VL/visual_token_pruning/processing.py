@@ -19,6 +19,7 @@ around:
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import sys
 import types
@@ -30,7 +31,7 @@ from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoP
 from transformers.video_utils import VideoMetadata
 
 from . import video_io
-from .model_args import PROCESSOR_FILES, check_checkpoint
+from .model_args import PROCESSOR_FILES, check_checkpoint, checkpoint_model_type
 
 _FALLBACK_NOTICE = (
     "visual_token_pruning: torchvision is unavailable, so the {family} processor uses the PIL image processor "
@@ -117,13 +118,9 @@ def _torchvision_placeholder():
                 sys.modules.pop(name, None)
 
 
-_QWEN2_VIDEO = []
-
-
+@functools.cache
 def qwen2_vl_video_class():
     """`Qwen2VLVideoProcessorNoTV`: the stock Qwen2-VL / Qwen2.5-VL video processor without torchvision."""
-    if _QWEN2_VIDEO:
-        return _QWEN2_VIDEO[0]
     try:
         from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
     except Exception:  # torchvision missing, or installed but unable to load beside this torch
@@ -137,7 +134,6 @@ def qwen2_vl_video_class():
 
         stock_name = "Qwen2VLVideoProcessor"
 
-    _QWEN2_VIDEO.append(Qwen2VLVideoProcessorNoTV)
     return Qwen2VLVideoProcessorNoTV
 
 
@@ -154,30 +150,29 @@ PROCESSOR_FOR = {
     "qwen2_5_vl": "Qwen2_5_VLProcessor",
     "qwen2_vl": "Qwen2VLProcessor",
 }
-_PROCESSORS = {}
 
 
+@functools.cache
 def _processor_class(name: str = "Qwen3VLProcessor"):
     """The stock processor class `name`; only its class check, which looks the video processor up through
-    torchvision-backed mappings, also accepts this module's torchvision-free video processors."""
-    if name not in _PROCESSORS:
-        import transformers
+    torchvision-backed mappings, also accepts this module's torchvision-free video processors, and it saves
+    the stock class's name."""
+    import transformers
 
-        def check_argument_for_proper_class(self, argument_name, argument):
-            if argument_name == "video_processor" and isinstance(argument, _NoTVVideo):
-                return type(argument)
-            return super(cls, self).check_argument_for_proper_class(argument_name, argument)
+    def check_argument_for_proper_class(self, argument_name, argument):
+        if argument_name == "video_processor" and isinstance(argument, _NoTVVideo):
+            return type(argument)
+        return super(cls, self).check_argument_for_proper_class(argument_name, argument)
 
-        def to_dict(self):
-            out = super(cls, self).to_dict()
-            out["processor_class"] = name  # what AutoProcessor reads back: the stock class
-            return out
+    def to_dict(self):
+        out = super(cls, self).to_dict()
+        out["processor_class"] = name  # what AutoProcessor reads back: the stock class
+        return out
 
-        cls = type(f"{name}NoTV", (getattr(transformers, name),), {})
-        cls.check_argument_for_proper_class = check_argument_for_proper_class
-        cls.to_dict = to_dict
-        _PROCESSORS[name] = cls
-    return _PROCESSORS[name]
+    cls = type(f"{name}NoTV", (getattr(transformers, name),), {})
+    cls.check_argument_for_proper_class = check_argument_for_proper_class
+    cls.to_dict = to_dict
+    return cls
 
 
 def read_video(path, sample_indices_fn=None):
@@ -320,10 +315,7 @@ def load_processor(pretrained: str, min_pixels: int | None = None, max_pixels: i
 
 
 def _processor_class_of(pretrained, **kwargs) -> str:
-    from transformers import AutoConfig
-
-    keys = ("revision", "trust_remote_code", "cache_dir", "token", "local_files_only")
-    model_type = AutoConfig.from_pretrained(pretrained, **{k: v for k, v in kwargs.items() if k in keys}).model_type
+    model_type = checkpoint_model_type(pretrained, **kwargs)
     if model_type not in PROCESSOR_FOR:
         raise ValueError(
             f"{pretrained} is a {model_type!r} checkpoint; this fork's processors serve {sorted(PROCESSOR_FOR)}"
