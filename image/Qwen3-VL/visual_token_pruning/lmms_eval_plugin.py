@@ -74,26 +74,23 @@ class QwenVLVTR(VTRLmms):
             )
         model = load_model(self.pretrained, VTRConfig(enabled=False), **kwargs)
         extra = {"revision": load["revision"]} if "revision" in load else {}
+        low, high = self.pixel_bounds(load)
+        return model, load_processor(self.pretrained, min_pixels=low, max_pixels=high, **extra)
+
+    def pixel_bounds(self, load: dict) -> tuple[int | None, int | None]:
+        """(min_pixels, max_pixels): as given, else the family's defaults (None: the checkpoint's)."""
         low, high = self.default_pixels
-        processor = load_processor(
-            self.pretrained,
-            min_pixels=load.get("min_pixels", low),
-            max_pixels=load.get("max_pixels", high),
-            **extra,
-        )
-        return model, processor
+        return load.get("min_pixels", low), load.get("max_pixels", high)
 
     def configure(self, load: dict) -> None:
         video = self.processor.video_processor
         video.max_frames = load.get("max_num_frames", 32)
         video.min_frames = min(video.min_frames, video.max_frames)
         self.fps = load.get("fps", self.default_fps)
-        low, high = self.default_pixels
-        if (
-            high is not None
-        ):  # frames sized as qwen-vl-utils sizes the counterpart's: the pixel bounds, at most 768 tokens
-            low, high = load.get("min_pixels", low), min(load.get("max_pixels", high), VIDEO_MAX_PIXELS)
-            size = {"shortest_edge": low, "longest_edge": max(high, int(low * 1.05))}
+        if self.default_pixels[1] is not None:
+            # frames sized as qwen-vl-utils sizes the counterpart's: the pixel bounds, at most 768 tokens
+            low, high = self.pixel_bounds(load)
+            size = {"shortest_edge": low, "longest_edge": max(min(high, VIDEO_MAX_PIXELS), int(low * 1.05))}
             video.size = size if isinstance(video.size, dict) else type(video.size)(**size)
         self.system_prompt = load.get("system_prompt", "You are a helpful assistant.")
 
