@@ -60,6 +60,16 @@ def check_checkpoint(pretrained, files=("config.json",)) -> None:
         )
 
 
+def checkpoint_model_type(pretrained: str, **kwargs) -> str:
+    """The `model_type` of a checkpoint's config (hub id or local folder, checked first); of `kwargs` only the
+    hub options (revision, trust_remote_code, cache_dir, token, local_files_only) reach transformers."""
+    from transformers import AutoConfig
+
+    check_checkpoint(pretrained)
+    keys = ("revision", "trust_remote_code", "cache_dir", "token", "local_files_only")
+    return AutoConfig.from_pretrained(pretrained, **{k: v for k, v in kwargs.items() if k in keys}).model_type
+
+
 def split_args(arg_string: str) -> dict[str, str]:
     """`a=1,b=[2,3],c=x` -> {'a': '1', 'b': '[2,3]', 'c': 'x'} (commas inside brackets/quotes kept)."""
     parts, current, depth, quote = [], [], 0, None
