@@ -297,7 +297,7 @@ class VTRConfig:
         merge = self.token_merge
         if merge is None:
             merge = bool(method is not None and method.supports_token_merge and method.token_merge_default)
-            if self.convention == "common":
+            if self.convention == "common" and not (method is not None and method.merge_is_method):
                 merge = False
         return Conventions(token_merge=merge, **chosen)
 

@@ -799,8 +799,9 @@ class PrunedPrefill:
         return changed
 
     def _merge_stage(self, stage, prune_at, tokens: TokenState, scores, keep_visual, info, cache, record) -> bool:
-        """Prune and insert the strategy's merged tokens (`merge_tokens`) right after each sample's last kept
-        visual row (SparseVLM: the end of the visual segment). A merged row takes the RoPE position and
+        """Prune and insert the strategy's merged tokens (`merge_tokens`). Each merged token goes right after the
+        row the strategy names for it (default: the sample's last kept visual row, SparseVLM's end of the visual
+        segment; VisionZip: its image's last row; the pool baseline: its cell) and takes the RoPE position and
         identity of a representative dropped token (`compact` then renumbers it with the rest); it exists
         from layer `prune_at` on (`born`): under `earlier_cache="keep"` the layers before never hold it,
         under `"trim"` their cache rows for it are placeholders that no decode step may attend to
@@ -810,11 +811,13 @@ class PrunedPrefill:
         batch, seq_len = tokens.visual.shape
         device = tokens.visual.device
         orders, inserts, kept_visual_counts, merged_counts = [], [], [], []
-        for b, (span_start, _, count, _) in enumerate(info):
+        for b, (span_start, span_end, count, _) in enumerate(info):
             keep_b = (~tokens.visual[b] | keep_visual[b]).nonzero().reshape(-1)
             kept_visual = keep_visual[b].nonzero().reshape(-1)
             dropped = (tokens.visual[b] & ~keep_visual[b]).nonzero().reshape(-1)
             merged, reps = None, torch.empty(0, dtype=torch.long, device=device)
+            anchor = int(kept_visual.max()) if kept_visual.numel() else span_start - 1
+            after = torch.empty(0, dtype=torch.long, device=device)
             if count and dropped.numel():
                 out = self.strategy.merge_tokens(
                     tokens.hidden[b, dropped],
@@ -822,14 +825,28 @@ class PrunedPrefill:
                     self.config,
                     stage=stage,
                     layer_idx=prune_at - 1,
+                    dropped_index=dropped,
+                    kept_index=kept_visual,
+                    image_token_range=(span_start, span_end),
+                    vtr_ctx=self.sample_ctx[b],
                 )
                 if out is not None:
-                    merged, which = out
-                    reps = dropped[which.to(device)]
-            anchor = int(kept_visual.max()) if kept_visual.numel() else span_start - 1
-            at = int((keep_b <= anchor).sum())
-            orders.append(torch.cat([keep_b[:at], reps, keep_b[at:]]))
-            inserts.append((at, merged))
+                    merged, which = out[0], out[1].to(device)
+                    reps = dropped[which]
+                    after = out[2].to(device) if len(out) > 2 and out[2] is not None else None
+                    if after is None:
+                        after = torch.full_like(reps, anchor)
+                    if merged.shape[0] != reps.numel() or after.shape != reps.shape:
+                        raise ValueError(
+                            f"strategy {self.config.strategy!r}.merge_tokens returned {merged.shape[0]} merged tokens, "
+                            f"{reps.numel()} representatives and {after.numel()} insertion rows; they must match"
+                        )
+            # kept rows in order, each merged token right after its row (merged ones in their given order)
+            keys = torch.cat([2 * keep_b, 2 * after + 1])
+            perm = torch.sort(keys, stable=True).indices
+            slot = torch.cat([torch.full_like(keep_b, -1), torch.arange(reps.numel(), device=device)])[perm]
+            orders.append(torch.cat([keep_b, reps])[perm])
+            inserts.append((slot, merged))
             kept_visual_counts.append(kept_visual.numel())
             merged_counts.append(reps.numel())
         new_len = max(o.numel() for o in orders)
@@ -841,10 +858,10 @@ class PrunedPrefill:
         real = keep_visual & ~tokens.merged
         record.kept_positions = [tokens.original_index[b, real[b]] for b in range(batch)]
         tokens.gather(index, new_valid)
-        for b, (at, merged) in enumerate(inserts):
+        for b, (slot, merged) in enumerate(inserts):
             if merged is not None and merged.numel():
-                rows = slice(new_len - orders[b].numel() + at, new_len - orders[b].numel() + at + merged.shape[0])
-                tokens.hidden[b, rows] = merged.to(tokens.hidden.dtype)
+                rows = (slot >= 0).nonzero().reshape(-1) + new_len - slot.numel()
+                tokens.hidden[b, rows] = merged[slot[slot >= 0]].to(tokens.hidden.dtype)
                 tokens.born[b, rows] = prune_at
                 tokens.visual[b, rows] = True  # a candidate at later stages
                 tokens.merged[b, rows] = True
@@ -893,6 +910,7 @@ class PrunedPrefill:
                 anchor_index=self.adapter.anchor_row(end),
                 prior_attention=lambda end, b=b, k=layer_idx, t=tokens: self._prior_attention(b, end, k, t),
                 original_index=tokens.original_index[b, :length],
+                final_norm=self.adapter.language_model.norm,
                 snapshots={
                     -1: (self.layer0.hidden[b : b + 1], self.layer0.original_index[b]),
                     **{k: (h[b : b + 1], idx[b]) for k, (h, idx) in self.snapshots.items()},

@@ -8,6 +8,7 @@ from . import (  # noqa: F401
     divprune,
     fastv,
     pdrop,
+    pool,
     priortr,
     priortr_2f,
     random,
