@@ -107,6 +107,8 @@ class VTRConfig:
     clse_temperature: CLSE's sigmoid temperature on the z-scored evolution factor.
     clse_reference_layer: CLSE's reference: the hidden states entering that decoder layer (0 = the input
         embeddings, the default; it must come before the first prune layer).
+    pivot_image_tokens / pivot_text_tokens: DART's pivots, the image tokens and the tokens after the image
+        with the largest key norms (4 + 4, the official setting).
     token_merge: recycle dropped tokens into merged ones inserted after the kept visual tokens (methods
         with `supports_token_merge`, e.g. sparsevlm); None = the method's own default (SparseVLM: on).
         merge_ratio: int(merge_ratio x dropped) + 1 of the best-scored dropped tokens are recycled;
@@ -135,6 +137,8 @@ class VTRConfig:
     clse_cutoff: float = 0.1
     clse_temperature: float = 0.1
     clse_reference_layer: int = 0
+    pivot_image_tokens: int = 4
+    pivot_text_tokens: int = 4
     token_merge: bool | None = None
     merge_ratio: float = 0.3
     merge_clusters: int = 0
@@ -216,6 +220,12 @@ class VTRConfig:
         ref = self.clse_reference_layer
         if isinstance(ref, bool) or not isinstance(ref, int) or ref < 0:
             raise _bad("clse_reference_layer", ref, "must be a decoder layer index >= 0 (0 = the input embeddings)")
+        for name in ("pivot_image_tokens", "pivot_text_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise _bad(name, value, "must be an integer >= 0")
+        if self.pivot_image_tokens + self.pivot_text_tokens == 0:
+            raise _bad("pivot_image_tokens", 0, "DART needs at least one pivot (image or text)")
         if self.token_merge is not None and not isinstance(self.token_merge, bool):
             raise _bad("token_merge", self.token_merge, "must be True, False or None (the method's default)")
         if self.convention not in CONVENTION_MODES:
