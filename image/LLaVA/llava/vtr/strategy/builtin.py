@@ -4,6 +4,7 @@
 `make share-method METHOD=<name>` moves a method you wrote in one fork here and copies it into every fork."""
 
 from . import (  # noqa: F401
+    cdpruner,
     clse,
     divprune,
     fastv,
