@@ -3,8 +3,9 @@
 
 Each fork package of forks.toml (the columns follow its order) registers its methods
 (`<package>.strategy.available_strategies()`; only those of the shared core count, not one written in a single
-fork and not yet shared) and names the model families it has an adapter for (`<package>.BACKBONES`; a fork naming none is an error). A cell is "yes"
-when the fork that serves the backbone registers the method.
+fork and not yet shared) and names the model families it has an adapter for (`<package>.BACKBONES`: name -> adapter
+class; a fork naming none is an error). A cell is "yes" when the fork that serves the backbone registers the method
+and the family's adapter provides every fact the method `requires` (its `facts`), "—" otherwise.
 
     scripts/capability_matrix.py            print the Markdown table
     scripts/capability_matrix.py --check    exit 1 if README.md's table differs (make test runs this)
@@ -83,6 +84,14 @@ def check_families() -> None:
             )
 
 
+def supported(package: str, method: str, backbone: str) -> bool:
+    """Whether the adapter of `backbone` (`<package>.BACKBONES[backbone]`) provides every fact the method
+    `requires` (a family that lacks one refuses the method: "not supported on ...")."""
+    adapter = importlib.import_module(package).BACKBONES[backbone]
+    strategy = importlib.import_module(f"{package}.strategy").get_strategy(method)
+    return set(strategy.requires) <= set(getattr(adapter, "facts", ()))
+
+
 def matrix(packages: list[str]) -> str:
     columns, methods, cells = [], set(), set()
     for package in packages:
@@ -90,7 +99,7 @@ def matrix(packages: list[str]) -> str:
         methods.update(registered)
         for backbone in backbones(package):
             columns.append(backbone)
-            cells.update((method, backbone) for method in registered)
+            cells.update((method, backbone) for method in registered if supported(package, method, backbone))
     header = "| method | " + " | ".join(columns) + " |"
     lines = [header, "|---" * (len(columns) + 1) + "|"]
     for method in sorted(methods):

@@ -8,7 +8,7 @@ model.vtr_last.stages[0].kept_positions   # what was kept
 
 from .api import load_model, load_processor, wrap
 from .config import VTRConfig, VTRConfigError
-from .modeling import StageRecord, VTRInternVLForConditionalGeneration, VTRRecord
+from .modeling import InternVLAdapter, StageRecord, VTRInternVLForConditionalGeneration, VTRRecord
 from .strategy import PruningStrategy, available_strategies, get_strategy, register_strategy
 
 __version__ = "0.1.0"
@@ -29,5 +29,6 @@ __all__ = [
     "wrap",
 ]
 
-#: Model families this fork has an adapter for (scripts/capability_matrix.py reads it).
-BACKBONES = ["InternVL2.5", "InternVL3"]
+#: Model families this fork has an adapter for, with that adapter (scripts/capability_matrix.py reads it: a
+#: method runs on a family whose adapter provides every fact it `requires`).
+BACKBONES = {"InternVL2.5": InternVLAdapter, "InternVL3": InternVLAdapter}

@@ -41,6 +41,7 @@ class InternVLAdapter(BackboneAdapter):
     #: the share LLaVA-1.6 keeps by default (320 of 2,880).
     default_keep_tokens = 192
     output_class = InternVLCausalLMOutputWithPast
+    facts = ("patch_grid", "visual_grid", "vision_importance")
     encoder_arguments = ("vision_feature_layer", "vision_feature_select_strategy")
 
     def anchor_row(self, span_end: int) -> int:

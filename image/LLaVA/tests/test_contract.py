@@ -111,6 +111,47 @@ METHODS = sorted(m for m in available_strategies() if not m.startswith(("test_",
 MERGING = [m for m in METHODS if get_strategy(m).merge_is_method]
 
 
+def refused_if_unsupported(backbone, method) -> bool:
+    """True (after checking the refusal) when the backbone's adapter lacks a fact the method `requires`: loading
+    it then fails with "not supported", naming what is missing."""
+    model = vtr(backbone)
+    missing = [f for f in get_strategy(method).requires if f not in model.vtr_adapter.facts]
+    if missing:
+        with pytest.raises(ValueError, match=f"{method!r} is not supported on .*{missing[0]}"):
+            model.set_vtr_config(VTRConfig(strategy=method))
+    return bool(missing)
+
+
+def test_every_fact_an_adapter_declares_is_given_to_strategies(backbone):
+    """`BackboneAdapter.facts` (what `requires` is checked against) names exactly what the compute_scores ctx
+    holds, and each per-token fact has one row per visual token of the sample."""
+    seen = {}
+
+    @register_strategy("contract_facts")
+    class Facts(PruningStrategy):
+        needs_attention = False
+
+        def compute_scores(self, attention, image_token_range, config, **ctx):
+            seen.setdefault(ctx["batch_index"], ctx)
+            return torch.zeros(image_token_range[1] - image_token_range[0])
+
+    model = vtr(backbone, strategy="contract_facts", prune_layer=0, keep_ratio=1.0)
+    with torch.no_grad():
+        model(**backbone.batch)
+    facts = model.vtr_adapter.facts
+    for b, ctx in seen.items():
+        assert all(fact in ctx for fact in facts), [f for f in facts if f not in ctx]
+        count = ctx["image_token_indices"].numel()
+        for name in ("visual_grid", "vision_importance", "vision_features", "vision_cls"):
+            if name in facts:
+                assert ctx[name]().shape[0] == count, name
+        if "vision_layer" in facts:
+            layer = ctx["vision_layer"]()
+            assert layer["received"].shape == (count,) and layer["keys"].shape[0] == count
+        if "project" in facts and "vision_features" in facts:
+            assert ctx["project"](ctx["vision_features"]()[:2]).shape == (2, ctx["hidden_states"].shape[-1])
+
+
 def check_against_oracle(backbone, model, kept=((14, 14), (5, 5))):
     """The pruned prefill and greedy decode of `model` on the padded batch equal the oracle run with the same
     drops under the model's conventions."""
@@ -139,6 +180,8 @@ def check_against_oracle(backbone, model, kept=((14, 14), (5, 5))):
 @pytest.mark.parametrize("method", [m for m in METHODS if m not in MERGING])
 def test_every_method_keeps_its_budget_and_equals_the_oracle(backbone, method):
     """Each method under its own (official) conventions; recycling has its own oracle test."""
+    if refused_if_unsupported(backbone, method):
+        return
     strategy = get_strategy(method)
     first = 0 if not strategy.needs_attention or strategy.scoring_layer == "own" else 1  # K=0: before layer 0
     merge = dict(token_merge=False) if strategy.supports_token_merge else {}
@@ -151,6 +194,8 @@ def test_every_merging_method_equals_the_literal_oracle(backbone, method, positi
     """A method whose merged tokens replace the visual ones before the LLM: the pruned prefill and greedy
     decode on the padded batch equal the stock layers run on the literal shortened prompt (kept tokens and the
     method's merged ones, in the engine's order, at their positions), whatever the positions convention."""
+    if refused_if_unsupported(backbone, method):
+        return
     calls = []
     merge = get_strategy(method).merge_tokens
 

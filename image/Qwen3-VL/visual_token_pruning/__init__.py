@@ -40,5 +40,11 @@ __all__ = [
     "wrap",
 ]
 
-#: Model families this fork has an adapter for (scripts/capability_matrix.py reads it).
-BACKBONES = ["Qwen3-VL", "Qwen3-VL-MoE", "Qwen2.5-VL", "Qwen2-VL"]
+#: Model families this fork has an adapter for, with that adapter (scripts/capability_matrix.py reads it: a
+#: method runs on a family whose adapter provides every fact it `requires`).
+BACKBONES = {
+    "Qwen3-VL": VTRQwen3VLForConditionalGeneration.vtr_adapter_class,
+    "Qwen3-VL-MoE": VTRQwen3VLMoeForConditionalGeneration.vtr_adapter_class,
+    "Qwen2.5-VL": VTRQwen2_5_VLForConditionalGeneration.vtr_adapter_class,
+    "Qwen2-VL": VTRQwen2VLForConditionalGeneration.vtr_adapter_class,
+}

@@ -72,6 +72,7 @@ class QwenVLAdapter(BackboneAdapter):
     """What the Qwen-VL families share (see the module docstring); Qwen2-VL is exactly this."""
 
     output_class = CausalLMOutputWithPast
+    facts = ("patch_grid", "visual_grid", "vision_importance")
     pixel_inputs = ("pixel_values", "pixel_values_videos")
     encoded_modalities = ("image", "video")
     #: forward() arguments that `get_rope_index` also reads (Qwen2.5-VL: the seconds per temporal patch)

@@ -9,7 +9,14 @@ model.vtr_last.stages[0].kept_positions   # what was kept
 
 from .api import load_model, load_processor, wrap
 from .config import VTRConfig, VTRConfigError
-from .modeling import StageRecord, VTRLlavaForConditionalGeneration, VTRLlavaNextForConditionalGeneration, VTRRecord
+from .modeling import (
+    LlavaAdapter,
+    LlavaNextAdapter,
+    StageRecord,
+    VTRLlavaForConditionalGeneration,
+    VTRLlavaNextForConditionalGeneration,
+    VTRRecord,
+)
 from .strategy import PruningStrategy, available_strategies, get_strategy, register_strategy
 
 __all__ = [
@@ -29,5 +36,6 @@ __all__ = [
     "wrap",
 ]
 
-#: Model families this fork has an adapter for (scripts/capability_matrix.py reads it).
-BACKBONES = ["LLaVA-1.5", "LLaVA-1.6"]
+#: Model families this fork has an adapter for, with that adapter (scripts/capability_matrix.py reads it: a
+#: method runs on a family whose adapter provides every fact it `requires`).
+BACKBONES = {"LLaVA-1.5": LlavaAdapter, "LLaVA-1.6": LlavaNextAdapter}

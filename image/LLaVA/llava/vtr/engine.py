@@ -122,6 +122,7 @@ class BackboneAdapter:
         pixel_inputs           forward() arguments that carry pixels (default `("pixel_values",)`)
         encoded_modalities     keys of `mm_encoder_outputs` it accepts pre-encoded (default `("image",)`)
         default_keep_tokens    the budget when the user gives none (None: the config's own default)
+        facts                  the facts below it provides (strategies' `requires` are checked against them)
         encoder_arguments      forward() arguments only the visual encoding reads (e.g. LLaVA's
                                `vision_feature_layer`), dropped from generate() once it has encoded
 
@@ -146,14 +147,24 @@ class BackboneAdapter:
                                positions when generate() passes none (M-RoPE: `state.next_position`)
         engine_positions, layer_masks, lm_head, output
 
-    Facts strategies may rely on (the compute_scores ctx; `PrefillTokens.strategy_ctx` / `lazy_ctx`):
+    Facts strategies may rely on (the compute_scores ctx; `PrefillTokens.strategy_ctx` / `lazy_ctx`), each
+    named in the adapter's `facts` when it provides it:
         patch_grid             (rows, cols) of the sample's first image's (or frame's) token grid
         visual_grid()          [num_visual, 3] long: (group, row, col) of each visual token in prompt order,
                                group = one image / tile / frame (-1: off-grid tokens such as row newlines)
         vision_importance()    [num_visual] float: the attention each visual token receives in the vision
                                tower (CLS attention for CLIP-style towers; mean received attention otherwise)
         vision_features()      [num_visual, width]: the vision tower's features before the projector
-    A family that cannot provide one leaves it out (a strategy asking for it gets a clear KeyError).
+        vision_layer(i=None)   vision-tower layer i (one the strategy names in `vision_layers`; None: the layer whose
+                               output the projector reads), per visual token
+                               (prompt order; zeros for tokens of no view, such as row newlines): {`cls` [n] the CLS
+                               query's attention, mean over heads (None without CLS); `received` [n] the attention
+                               it receives, mean over heads and every query row; `keys` [n, head_dim] mean over heads}
+        vision_depth           how many layers the vision tower has
+        vision_cls()           [num_visual, width]: the CLS token's features before the projector, of each visual
+                               token's own view (image, tile, frame); zeros for tokens of no view
+        project                a callable: pre-projector features [n, width] -> the LLM input embeddings [n, hidden]
+    A family that cannot provide one leaves it out of `facts`; a method that `requires` it is refused there.
 
     Beam contract: generate(num_beams=k / num_return_sequences=k) repeats each sample k times in a row
     AFTER `pre_encode`: the prompt rows and the stock fields of the encoder outputs (`pooler_output`,
@@ -167,6 +178,8 @@ class BackboneAdapter:
     """
 
     output_class: type | None = None
+    #: the facts above that this family provides (a method's `requires` is checked against it)
+    facts: tuple[str, ...] = ()
     pixel_inputs: tuple[str, ...] = ("pixel_values",)
     encoded_modalities: tuple[str, ...] = ("image",)
     default_keep_tokens: int | None = None
@@ -341,6 +354,25 @@ def clip_cls_attention(layer, hidden: torch.Tensor) -> torch.Tensor:
     k = attn.k_proj(h).view(views, length, attn.num_heads, attn.head_dim).transpose(1, 2)
     probs = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * attn.scale, dim=-1)  # [v, heads, 1, len]
     return probs.mean(dim=1)[:, 0]
+
+
+def clip_layer_attention(layer, hidden: torch.Tensor, cls: bool = True) -> dict:
+    """{`cls` [views, length] | None, `received` [views, length], `keys` [views, length, head_dim]} of one
+    CLIP/SigLIP-style encoder layer, recomputed in float32 from its input `hidden` [views, length, width]: the
+    CLS row (row 0) mean over heads, the attention each token receives (mean over heads and query rows), the keys
+    (`k_proj` of the normed input, bias included) mean over heads. Only this layer's attention map is built."""
+    attn = layer.self_attn
+    h = layer.layer_norm1(hidden)
+    views, length, _ = h.shape
+    q = attn.q_proj(h).view(views, length, attn.num_heads, attn.head_dim).transpose(1, 2).float()
+    k = attn.k_proj(h).view(views, length, attn.num_heads, attn.head_dim).transpose(1, 2).float()
+    probs = torch.softmax((q @ k.transpose(-1, -2)) * attn.scale, dim=-1)  # [views, heads, length, length]
+    per_head = probs.mean(dim=1)
+    return {
+        "cls": per_head[:, 0] if cls else None,
+        "received": per_head.mean(dim=1),
+        "keys": k.mean(dim=1),
+    }
 
 
 def register_vtr_classes(vtr_classes: dict) -> None:
@@ -1091,6 +1123,12 @@ class VTRModelMixin:
             vtr_config.budget_defaulted, vtr_config.prune_layer_defaulted = True, layers_defaulted
         if vtr_config.enabled:  # a method's own schedule for what the user left unset (PDrop, CLSE)
             method = get_strategy(vtr_config.strategy)
+            missing = [fact for fact in method.requires if fact not in self.vtr_adapter.facts]
+            if missing:
+                raise ValueError(
+                    f"strategy {vtr_config.strategy!r} is not supported on {type(self).__name__}: it needs "
+                    f"{', '.join(missing)}, which this model family does not provide (see `scripts/vtr_run --list`)"
+                )
             updates = method.schedule_defaults(vtr_config, self.vtr_adapter.num_layers)
             if updates:
                 vtr_config = dataclasses.replace(vtr_config, **updates)

@@ -25,8 +25,10 @@ from .engine import (
     VTRRecord,
     beam_repeats,
     clip_cls_attention,
+    clip_layer_attention,
     register_vtr_classes,
 )
+from .strategy import get_strategy
 
 __all__ = [
     "LlavaAdapter",
@@ -45,6 +47,16 @@ class LlavaAdapter(BackboneAdapter):
     #: Budget when the user gives none (VTRConfig.budget_defaulted): how LLaVA-1.5 was evaluated.
     default_keep_tokens = 192
     output_class = LlavaCausalLMOutputWithPast
+    facts = (
+        "patch_grid",
+        "visual_grid",
+        "vision_importance",
+        "vision_features",
+        "vision_layer",
+        "vision_depth",
+        "vision_cls",
+        "project",
+    )
     encoder_arguments = ("vision_feature_layer", "vision_feature_select_strategy")
 
     def encode_inputs(self, args: dict) -> dict:
@@ -76,50 +88,106 @@ class LlavaAdapter(BackboneAdapter):
             inputs_embeds.masked_scatter(placeholder, features),
             visual,
             output_extras={"image_hidden_states": features},
-            strategy_ctx={"patch_grid": self.patch_grid()},
+            strategy_ctx={
+                "patch_grid": self.patch_grid(),
+                "project": self.project,
+                "vision_depth": self.model.config.vision_config.num_hidden_layers,
+            },
             lazy_ctx=self._lazy_facts(visual, image_output, self._image_sizes(args, image_output)),
         )
 
     # ------------------------------------------------------------------ per-image facts for strategies
 
     def _lazy_facts(self, visual, image_output, image_sizes) -> dict:
-        """`visual_grid(b)`, `vision_importance(b)` and `vision_features(b)`, computed on request (a host sync
-        each)."""
-        names = {"coords": "visual_grid", "importance": "vision_importance", "features": "vision_features"}
+        """`visual_grid(b)`, `vision_importance(b)`, `vision_features(b)`, `vision_cls(b)` and `vision_layer(b, i)`,
+        computed on request (a host sync each)."""
+        names = {
+            "coords": "visual_grid",
+            "importance": "vision_importance",
+            "features": "vision_features",
+            "cls": "vision_cls",
+        }
         cache = {}
 
-        def per_sample(b: int, kind: str):
+        def images_of(b: int, what: str) -> list[int]:
+            """The images (batch order) whose visual tokens sample b holds."""
             if "counts" not in cache:
                 cache["counts"] = visual.sum(1).tolist()
                 cache["coords"] = self._image_coords(image_sizes, sum(cache["counts"]))  # per image, batch order
+            coords, counts = cache["coords"], cache["counts"]
+            # beam search repeats each sample k times in a row; the images (and sizes) are the original samples'
+            repeats = beam_repeats(sum(counts), sum(c.shape[0] for c in coords), f"{what} for sample {b}")
+            counts, b = counts[::repeats], b // repeats
+            chosen, first, need = [], sum(counts[:b]), counts[b]
+            for j, image in enumerate(coords):
+                if first > 0:  # the images of earlier samples
+                    first -= image.shape[0]
+                elif need > 0:
+                    chosen.append(j)
+                    need -= image.shape[0]
+            if need != 0 or first != 0 or not chosen:
+                raise ValueError(
+                    f"{what} for sample {b}: the visual tokens ({counts}) do not line up with the encoded images"
+                )
+            return chosen
+
+        def per_sample(b: int, kind: str):
+            chosen = images_of(b, names[kind])
             if kind == "importance" and kind not in cache:
                 cache[kind] = self._image_importance(image_output, image_sizes)
             elif kind == "features" and kind not in cache:
                 cache[kind] = self._arrange(self._vision_features(image_output), image_sizes)
-            facts, counts = cache[kind], cache["counts"]
-            # beam search repeats each sample k times in a row; the images (and sizes) are the original samples'
-            repeats = beam_repeats(sum(counts), sum(f.shape[0] for f in facts), f"{names[kind]} for sample {b}")
-            counts, b = counts[::repeats], b // repeats
-            chosen, first, need = [], sum(counts[:b]), counts[b]
-            for fact in facts:
-                if first > 0:  # the images of earlier samples
-                    first -= fact.shape[0]
-                elif need > 0:
-                    chosen.append(fact)
-                    need -= fact.shape[0]
-            if need != 0 or first != 0 or not chosen:
-                raise ValueError(
-                    f"{names[kind]} for sample {b}: the visual tokens ({counts}) do not line up with the encoded images"
-                )
+            elif kind == "cls" and kind not in cache:  # each view's CLS features on each of its positions
+                patches = self._vision_features(image_output)
+                cls = self._vision_features(image_output, cls=True)
+                cache[kind] = self._arrange(cls[:, None].expand_as(patches), image_sizes)
             if kind != "coords":
-                return torch.cat(chosen).to(visual.device)
+                return torch.cat([cache[kind][j] for j in chosen]).to(visual.device)
             grids = []  # a group id per (image of this sample, tile); -1 stays off-grid
-            for j, coords in enumerate(chosen):
-                group = torch.where(coords[:, 0] >= 0, coords[:, 0] + 1000 * j, -1)
+            for n, j in enumerate(chosen):
+                coords = cache["coords"][j]
+                group = torch.where(coords[:, 0] >= 0, coords[:, 0] + 1000 * n, -1)
                 grids.append(torch.stack([group, coords[:, 1], coords[:, 2]], -1))
             return torch.cat(grids).to(visual.device)
 
-        return {name: functools.partial(per_sample, kind=kind) for kind, name in names.items()}
+        def vision_layer(b: int, layer: int | None = None) -> dict:
+            chosen = images_of(b, "vision_layer")
+            key = ("layer", self.vision_layers()[-1] - 1 if layer is None else self._tower_layer(layer))
+            if key not in cache:
+                facts = self._layer_attention(image_output, key[1])
+                cache[key] = {name: self._arrange(value, image_sizes) for name, value in facts.items()}
+            return {name: torch.cat([v[j] for j in chosen]).to(visual.device) for name, v in cache[key].items()}
+
+        facts = {name: functools.partial(per_sample, kind=kind) for kind, name in names.items()}
+        return {**facts, "vision_layer": vision_layer}
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """The stock projector on pre-projector features [n, width] (per token: LLaVA's MLP)."""
+        projector = self.model.model.multi_modal_projector
+        return projector(features.to(projector.linear_1.weight.dtype))
+
+    def _tower_layer(self, layer: int) -> int:
+        """A vision-tower layer index (negative from the end) as a 0-based index, checked."""
+        count = self.model.config.vision_config.num_hidden_layers
+        index = layer + count if layer < 0 else layer
+        if not 0 <= index < count:
+            raise ValueError(f"vision layer {layer} does not exist: the vision tower has {count} layers")
+        return index
+
+    def _layer_attention(self, image_output, layer: int) -> dict:
+        """{cls, received, keys} per view and patch position of tower layer `layer` (0-based), recomputed from
+        the layer's input (kept by `encode_images` when the strategy names the layer in `vision_layers`)."""
+        hidden_states = getattr(image_output, "hidden_states", None)
+        if hidden_states is None or hidden_states[layer] is None:
+            raise ValueError(
+                f"vision_layer({layer}) needs the vision tower's hidden states entering that layer, which these "
+                "encoded features lack; name the layer in the strategy's vision_layers()"
+            )
+        tower = self.model.model.vision_tower
+        encoder = getattr(tower, "vision_model", tower).encoder
+        facts = clip_layer_attention(encoder.layers[layer], hidden_states[layer])
+        patches = slice(1, None) if self.model.config.vision_feature_select_strategy == "default" else slice(None)
+        return {name: value[:, patches] for name, value in facts.items()}
 
     @staticmethod
     def _image_sizes(args, image_output):
@@ -142,8 +210,9 @@ class LlavaAdapter(BackboneAdapter):
         positions (LLaVA-1.5: one view per image)."""
         return list(per_view)
 
-    def _vision_features(self, image_output) -> torch.Tensor:
-        """[views, patches, width]: the vision tower's features the projector reads (before it), per patch."""
+    def _vision_features(self, image_output, cls: bool = False) -> torch.Tensor:
+        """[views, patches, width]: the vision tower's features the projector reads (before it), per patch; with
+        `cls`, [views, width]: the CLS token's features of that layer."""
         index = self.vision_layers()[-1]
         hidden_states = getattr(image_output, "hidden_states", None)
         if hidden_states is None or hidden_states[index] is None:
@@ -152,6 +221,8 @@ class LlavaAdapter(BackboneAdapter):
                 "lack; pass pixel_values (generate() does this for methods that set needs_vision_attention)"
             )
         features = hidden_states[index]
+        if cls:
+            return features[:, 0]
         return features[:, 1:] if self.model.config.vision_feature_select_strategy == "default" else features
 
     def vision_layers(self) -> list[int]:
@@ -163,7 +234,13 @@ class LlavaAdapter(BackboneAdapter):
         states = config.vision_config.num_hidden_layers + 1
         index = layer if layer >= 0 else states + layer
         wanted = config.vision_feature_layer if isinstance(config.vision_feature_layer, list) else [index]
-        return sorted({index - 1, *(i if i >= 0 else states + i for i in wanted)})
+        vtr_config = getattr(self.model, "vtr_config", None)
+        inputs = []  # the inputs of the layers the strategy reads through vision_layer(i)
+        if vtr_config is not None and vtr_config.enabled:
+            method = get_strategy(vtr_config.strategy)()
+            depth = config.vision_config.num_hidden_layers
+            inputs = [self._tower_layer(i) for i in method.vision_layers(vtr_config, depth)]
+        return sorted({index - 1, *(i if i >= 0 else states + i for i in wanted), *inputs})
 
     def encode_images(self, pixel_values, **vision_kwargs):
         """The stock `get_image_features`, also keeping the hidden state that `vision_importance` needs."""

@@ -29,5 +29,6 @@ __all__ = [
     "wrap",
 ]
 
-#: Model families this fork has an adapter for (scripts/capability_matrix.py reads it).
-BACKBONES = ["Video-LLaVA"]
+#: Model families this fork has an adapter for, with that adapter (scripts/capability_matrix.py reads it: a
+#: method runs on a family whose adapter provides every fact it `requires`).
+BACKBONES = {"Video-LLaVA": VTRVideoLlavaForConditionalGeneration.vtr_adapter_class}

@@ -40,6 +40,10 @@ class PruningStrategy(ABC):
     supports_token_merge: bool = False
     #: Whether recycling is on when `VTRConfig.token_merge` is left unset (None).
     token_merge_default: bool = False
+    #: The backbone facts (ctx names an adapter declares in `BackboneAdapter.facts`) the method cannot run without,
+    #: e.g. ("vision_layer", "project"): on a backbone lacking one, the method is refused when the config is set
+    #: ("not supported on ...") and `--list` shows it unsupported there.
+    requires: tuple[str, ...] = ()
     #: True for methods whose merged tokens are the method itself (VisionZip's contextual tokens, the pool
     #: baseline), not an add-on: `convention="common"` then keeps merging (it turns add-ons such as SparseVLM's off).
     merge_is_method: bool = False
@@ -91,6 +95,12 @@ class PruningStrategy(ABC):
             encoder's own attention to each visual token), and `vtr_ctx`: a dict that lives for one forward
             pass of one sample, shared by all its prune stages.
         """
+
+    def vision_layers(self, config, depth: int) -> tuple[int, ...]:
+        """Vision-tower layers (0-based, negative from the end) whose attention this method reads through
+        `ctx["vision_layer"](i)`, for a tower of `depth` layers (`ctx["vision_depth"]`): the adapter keeps their
+        inputs when it encodes, and recomputes those layers only."""
+        return ()
 
     def snapshot_layers(self, config) -> tuple[int, ...]:
         """Decoder layers whose output hidden states this method reads later (`ctx["snapshots"]`; -1, the

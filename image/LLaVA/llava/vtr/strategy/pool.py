@@ -17,6 +17,7 @@ import math
 import torch
 
 from .base import PruningStrategy
+from .grouping import split_budget
 from .registry import register_strategy
 
 
@@ -27,30 +28,11 @@ def pooled_shape(rows: int, cols: int, budget: int) -> tuple[int, int]:
         w = min(cols, budget // h)
         if w == 0:
             break
-        key = (h * w, -abs(math.log((h / w) / (rows / cols))), -h)
+        key = (h * w, -round(abs(math.log((h / w) / (rows / cols))), 9), -h)  # rounded: 3:4 and 4:3 tie
         if key > best[:3]:
             best = (*key, h)
     h = best[3]
     return (h, min(cols, budget // h)) if h else (0, 0)
-
-
-def split_budget(sizes: list[int], budget: int) -> list[int]:
-    """Shares of `budget` proportional to `sizes` (floors, then one more each for the largest remainders,
-    earlier groups first among equal remainders), never more than a group holds."""
-    total = sum(sizes)
-    if total == 0:
-        return [0] * len(sizes)
-    exact = [budget * s / total for s in sizes]
-    shares = [min(s, math.floor(e)) for s, e in zip(sizes, exact)]
-    order = sorted(range(len(sizes)), key=lambda i: (-(exact[i] - math.floor(exact[i])), i))
-    left = min(budget, total) - sum(shares)
-    for i in order:
-        if left <= 0:
-            break
-        if shares[i] < sizes[i]:
-            shares[i] += 1
-            left -= 1
-    return shares
 
 
 def pool_cells(grid: torch.Tensor, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,6 +72,7 @@ class Pool(PruningStrategy):
     token_merge_default = True
     merge_is_method = True
     positions = "original"
+    requires = ("visual_grid",)
 
     @classmethod
     def schedule_defaults(cls, config, num_layers: int) -> dict:
