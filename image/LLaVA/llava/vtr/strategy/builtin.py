@@ -6,6 +6,7 @@
 from . import (  # noqa: F401
     cdpruner,
     clse,
+    dart,
     divprune,
     fastv,
     pdrop,
