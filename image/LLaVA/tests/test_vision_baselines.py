@@ -201,3 +201,22 @@ def test_a_score_threshold_is_refused_with_the_reason(tiny_path, single_inputs, 
     model = load_model(tiny_path, VTRConfig(strategy=method, score_threshold=0.1))
     with pytest.raises(ValueError, match="keeps a fixed number of tokens"):
         model(**single_inputs)
+
+
+@pytest.mark.parametrize("method", ["fastervlm", "hiprune", "visionzip"])
+@pytest.mark.parametrize("backbone", ["llava-1.5", "llava-1.6"])
+def test_beam_search_copies_read_their_own_samples_vision_facts(
+    backbone, method, tiny_path, batch_inputs, next_path, two_shapes
+):
+    """generate() repeats each sample per beam; each copy keeps (and merges) what its sample does in a forward."""
+    path, inputs = (tiny_path, batch_inputs) if backbone == "llava-1.5" else (next_path, two_shapes)
+    model = load_model(path, VTRConfig(strategy=method, keep_tokens=12))
+    with torch.no_grad():
+        model(**inputs)
+    stage = model.vtr_last.stages[0]
+    single, merged = [p.tolist() for p in stage.kept_positions], stage.merged
+    assert single[0] != single[1], "the two samples keep different tokens"
+    out = model.generate(**inputs, max_new_tokens=2, num_beams=2, num_return_sequences=2, do_sample=False)
+    stage = model.vtr_last.stages[0]
+    assert out.shape[0] == 4 and [p.tolist() for p in stage.kept_positions] == [single[i // 2] for i in range(4)]
+    assert stage.merged == [merged[i // 2] for i in range(4)] if merged else not stage.merged

@@ -109,22 +109,19 @@ class LlavaAdapter(BackboneAdapter):
         }
         cache = {}
 
-        def images_of(b: int, what: str) -> list[int]:
-            """The images (batch order) whose visual tokens sample b holds."""
-            if "counts" not in cache:
-                cache["counts"] = visual.sum(1).tolist()
-                cache["coords"] = self._image_coords(image_sizes, sum(cache["counts"]))  # per image, batch order
-            coords, counts = cache["coords"], cache["counts"]
+        def images_of(b: int, what: str, facts: list) -> list[int]:
+            """The entries of `facts` (one per image, batch order) whose visual tokens sample b holds."""
+            counts = cache["counts"]
             # beam search repeats each sample k times in a row; the images (and sizes) are the original samples'
-            repeats = beam_repeats(sum(counts), sum(c.shape[0] for c in coords), f"{what} for sample {b}")
+            repeats = beam_repeats(sum(counts), sum(f.shape[0] for f in facts), f"{what} for sample {b}")
             counts, b = counts[::repeats], b // repeats
             chosen, first, need = [], sum(counts[:b]), counts[b]
-            for j, image in enumerate(coords):
+            for j, fact in enumerate(facts):
                 if first > 0:  # the images of earlier samples
-                    first -= image.shape[0]
+                    first -= fact.shape[0]
                 elif need > 0:
                     chosen.append(j)
-                    need -= image.shape[0]
+                    need -= fact.shape[0]
             if need != 0 or first != 0 or not chosen:
                 raise ValueError(
                     f"{what} for sample {b}: the visual tokens ({counts}) do not line up with the encoded images"
@@ -132,7 +129,9 @@ class LlavaAdapter(BackboneAdapter):
             return chosen
 
         def per_sample(b: int, kind: str):
-            chosen = images_of(b, names[kind])
+            if "counts" not in cache:
+                cache["counts"] = visual.sum(1).tolist()
+                cache["coords"] = self._image_coords(image_sizes, sum(cache["counts"]))  # per image, batch order
             if kind == "importance" and kind not in cache:
                 cache[kind] = self._image_importance(image_output, image_sizes)
             elif kind == "features" and kind not in cache:
@@ -141,6 +140,7 @@ class LlavaAdapter(BackboneAdapter):
                 patches = self._vision_features(image_output)
                 cls = self._vision_features(image_output, cls=True)
                 cache[kind] = self._arrange(cls[:, None].expand_as(patches), image_sizes)
+            chosen = images_of(b, names[kind], cache[kind])
             if kind != "coords":
                 return torch.cat([cache[kind][j] for j in chosen]).to(visual.device)
             grids = []  # a group id per (image of this sample, tile); -1 stays off-grid
@@ -151,11 +151,12 @@ class LlavaAdapter(BackboneAdapter):
             return torch.cat(grids).to(visual.device)
 
         def vision_layer(b: int, layer: int | None = None) -> dict:
-            chosen = images_of(b, "vision_layer")
+            per_sample(b, "coords")  # the counts
             key = ("layer", self.vision_layers()[-1] - 1 if layer is None else self._tower_layer(layer))
             if key not in cache:
                 facts = self._layer_attention(image_output, key[1])
                 cache[key] = {name: self._arrange(value, image_sizes) for name, value in facts.items()}
+            chosen = images_of(b, "vision_layer", cache[key]["received"])
             return {name: torch.cat([v[j] for j in chosen]).to(visual.device) for name, v in cache[key].items()}
 
         facts = {name: functools.partial(per_sample, kind=kind) for kind, name in names.items()}
