@@ -8,15 +8,23 @@ engine. No parameters are added; `LanguageBind/Video-LLaVA-7B-hf` loads and save
     <video>  -> video_tower, per frame, CLS KEPT -> projector:               8 frames x 257 = 2056 tokens
     both kinds in one prompt: every visual position is a candidate, under one global budget
 
-Strategies get `patch_grid` (16, 16), `video_frames` (t, 0 without a video) and `frame_tokens` (257), and
-on request `visual_grid()` ([num_visual, 3]: group = the image or frame, numbered 0.. in prompt order,
-row, col; CLS rows -1),
-`vision_importance()` (the CLS query's attention in the vision layer the projector reads; per frame for
-videos, where the CLS row gets its own self-attention) and `video_grid()` ([(t, h, w)] per video of
-the sample). Positions are 1-D (0..seq-1, or `position_ids`), so decode needs nothing special.
+Strategies get `patch_grid` (16, 16), `video_frames` (t, 0 without a video), `frame_tokens` (257),
+`vision_depth` (the towers' layer count) and `project` (the one projector, per token), and on request
+`visual_grid()` ([num_visual, 3]: group = the image or frame, numbered 0.. in prompt order, row, col; CLS
+rows -1), `video_grid()` ([(t, h, w)] per video of the sample) and, per visual token in prompt order, from
+the tower that encoded it (a view is an image or a frame):
+    vision_importance()   the CLS query's attention in the vision layer the projector reads
+    vision_features()     the tower features the projector reads (the feature layer(s), before it)
+    vision_cls()          the CLS features of that layer, of the token's own image or frame
+    vision_layer(i=None)  {cls, received, keys} of tower layer i (None: the one the projector reads)
+A video frame's CLS row is one of its visual tokens: its values are those of the frame's row 0 (its own
+self-attention, the CLS features themselves). Positions are 1-D (0..seq-1, or `position_ids`), so decode
+needs nothing special.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from transformers import VideoLlavaForConditionalGeneration
@@ -31,9 +39,11 @@ from .engine import (
     VTRRecord,
     beam_repeats,
     clip_cls_attention,
+    clip_layer_attention,
     register_vtr_classes,
     repeat_per_sample,
 )
+from .strategy import get_strategy
 
 __all__ = ["StageRecord", "VTRRecord", "VTRVideoLlavaForConditionalGeneration", "VideoLlavaAdapter"]
 
@@ -49,16 +59,49 @@ class VideoLlavaAdapter(BackboneAdapter):
     pixel_inputs = ("pixel_values", "pixel_values_images", "pixel_values_videos")
     encoded_modalities = ("image", "video")
     encoder_arguments = ("vision_feature_layer", "vision_feature_select_strategy")
+    facts = (
+        "patch_grid",
+        "visual_grid",
+        "vision_importance",
+        "vision_features",
+        "vision_layer",
+        "vision_depth",
+        "vision_cls",
+        "project",
+    )
 
     # ------------------------------------------------------------------ encoding
 
+    @property
+    def vision_depth(self) -> int:
+        """Layers of each vision tower (the image and the video tower share one config)."""
+        return self.model.config.vision_config.num_hidden_layers
+
     def vision_layers(self, feature_layer) -> list[int]:
-        """Tower hidden states to keep: the projector's input(s), and the input of the layer that produced
-        the last of them (whose CLS attention `vision_importance` recomputes)."""
-        states = self.model.config.vision_config.num_hidden_layers + 1
+        """Tower hidden states to keep: the projector's input(s), the input of the layer that produced the
+        last of them (whose CLS attention `vision_importance` recomputes), and the inputs of the layers the
+        strategy reads through `vision_layer(i)` (its `vision_layers(config, depth)`)."""
+        wanted = self._feature_states(feature_layer)
+        vtr_config = getattr(self.model, "vtr_config", None)
+        inputs = []
+        if vtr_config is not None and vtr_config.enabled:
+            method = get_strategy(vtr_config.strategy)()
+            inputs = [self._tower_layer(i) for i in method.vision_layers(vtr_config, self.vision_depth)]
+        return sorted({wanted[-1] - 1, *wanted, *inputs})
+
+    def _feature_states(self, feature_layer) -> list[int]:
+        """The tower hidden states (0-based indices, in the given order) the projector reads."""
+        states = self.vision_depth + 1
         wanted = feature_layer if isinstance(feature_layer, (list, tuple)) else [feature_layer]
-        wanted = [i if i >= 0 else states + i for i in wanted]
-        return sorted({wanted[-1] - 1, *wanted})
+        return [i if i >= 0 else states + i for i in wanted]
+
+    def _tower_layer(self, layer: int) -> int:
+        """A vision-tower layer index (negative from the end) as a 0-based index, checked."""
+        count = self.vision_depth
+        index = layer + count if layer < 0 else layer
+        if not 0 <= index < count:
+            raise ValueError(f"vision layer {layer} does not exist: the vision towers have {count} layers")
+        return index
 
     def encode_inputs(self, args: dict) -> dict:
         """{"image": ..., "video": ...}: the stock `get_image_features` / `get_video_features` outputs (or the
@@ -145,6 +188,8 @@ class VideoLlavaAdapter(BackboneAdapter):
                 "patch_grid": side,
                 "video_frames": getattr(video_out, "vtr_frames", 0) if video_out is not None else 0,
                 "frame_tokens": side[0] * side[1] + 1,
+                "project": self.project,
+                "vision_depth": self.vision_depth,
             },
             lazy_ctx=self._lazy_facts(visual, masks, encoded),
         )
@@ -173,56 +218,94 @@ class VideoLlavaAdapter(BackboneAdapter):
         out[:, 1:, 0] = group
         return out.reshape(count, frames * frame.shape[0], 3)
 
-    def _item_importance(self, modality: str, out) -> torch.Tensor:
-        """[items, tokens per item]: the CLS attention each position got in its own image or frame."""
-        tower = self.model.model.image_tower if modality == "image" else self.model.model.video_tower
-        probs = self._cls_attention(tower, out)
-        if modality == "image":
-            return probs[:, 1:] if out.vtr_select == "default" else probs
-        return probs.reshape(-1, out.vtr_frames * probs.shape[-1])
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """The stock projector on pre-projector features [n, width] (per token, images and frames alike)."""
+        projector = self.model.model.multi_modal_projector
+        return projector(features.to(projector.linear_1.weight.dtype))
 
-    def _cls_attention(self, tower, out) -> torch.Tensor:
-        """[views, tokens]: the CLS query's attention (mean over heads) in the tower layer whose output the
-        projector reads, recomputed for that one layer from the kept hidden states."""
-        index = self.vision_layers(out.vtr_layer)[-1]
+    def _item_facts(self, modality: str, out, kind) -> dict:
+        """name -> [items, tokens per item, ...]: the facts of `kind` ("importance", "features", "cls", or
+        ("layer", i): {cls, received, keys} of tower layer i) at each placeholder of each encoded image or video
+        (a video's frames one after the other, CLS row first in each), in the order the tower encoded them (the
+        original samples, before any beam expansion)."""
+        tower = self.model.model.image_tower if modality == "image" else self.model.model.video_tower
+        encoder = getattr(tower, "vision_model", tower).encoder
+        if kind == "importance":
+            index = self._feature_states(out.vtr_layer)[-1] - 1
+            state = self._tower_state(out, index, "vision_importance")
+            views = {"importance": clip_cls_attention(encoder.layers[index], state)}
+        elif kind in ("features", "cls"):  # the stock projector's input: the feature layers side by side
+            states = [self._tower_state(out, i, f"vision_{kind}") for i in self._feature_states(out.vtr_layer)]
+            features = torch.cat(states, dim=-1)
+            views = {kind: features[:, :1].expand_as(features) if kind == "cls" else features}
+        else:  # ("layer", i): tower layer i (0-based; None: the one producing the projector's input)
+            index = kind[1] if kind[1] is not None else self._feature_states(out.vtr_layer)[-1] - 1
+            state = self._tower_state(out, index, f"vision_layer({index})")
+            views = clip_layer_attention(encoder.layers[index], state)
+        rows = slice(1, None) if out.vtr_select == "default" else slice(None)  # images: CLS dropped or kept
+        frames = getattr(out, "vtr_frames", 1)
+        return {
+            name: value[:, rows].reshape(-1, frames * value[:, rows].shape[1], *value.shape[2:])
+            for name, value in views.items()
+        }
+
+    @staticmethod
+    def _tower_state(out, index: int, what: str) -> torch.Tensor:
+        """[views, tokens, width]: the tower's hidden state `index` (the input of layer `index`), kept by
+        `encode_inputs`; a clear error when these encoded features lack it."""
         states = getattr(out, "hidden_states", None)
-        if states is None or states[index - 1] is None:
+        if states is None or states[index] is None:
             raise ValueError(
-                "vision_importance needs the vision tower's hidden states, which these pre-encoded features lack; "
-                "pass pixel values (generate() and forward() encode them keeping what is needed)"
+                f"{what} needs the vision tower's hidden states (state {index}), which these encoded features lack; "
+                "pass pixel values (generate() and forward() encode them keeping what the strategy's "
+                "vision_layers() names)"
             )
-        return clip_cls_attention(getattr(tower, "vision_model", tower).encoder.layers[index - 1], states[index - 1])
+        return states[index]
 
     def _lazy_facts(self, visual, masks, encoded) -> dict:
-        """`visual_grid(b)`, `vision_importance(b)` and `video_grid(b)`, computed on request (host syncs)."""
+        """`visual_grid(b)`, `video_grid(b)`, `vision_importance(b)`, `vision_features(b)`, `vision_cls(b)` and
+        `vision_layer(b, i)`, computed on request (host syncs)."""
+        names = {"importance": "vision_importance", "features": "vision_features", "cls": "vision_cls"}
         cache = {}
 
-        def per_token(kind: str) -> torch.Tensor:
-            """[batch, seq, ...] facts at every visual position (image and video placeholders alike)."""
+        def per_token(kind) -> dict:
+            """name -> [batch, seq, ...]: the facts of `kind` at every visual position (image and video
+            placeholders alike; -1 / zeros elsewhere)."""
             if kind in cache:
                 return cache[kind]
-            batch, seq = visual.shape
-            shape = (batch, seq, 3) if kind == "coords" else (batch, seq)
-            fill = -1 if kind == "coords" else 0.0
-            table = torch.full(shape, fill, dtype=torch.long if kind == "coords" else torch.float32)
-            table = table.to(visual.device)
-            offset = 0
+            tables, offset = {}, 0
             for modality in self.encoded_modalities:
                 out, mask = encoded.get(modality), masks[modality]
                 if out is None:
                     continue
-                frames = getattr(out, "vtr_frames", 1)
                 per_item = self._tokens_per_item(out)
                 counts = (mask.sum(1) // per_item).tolist()
                 if kind == "coords":
-                    items = self._item_coords(modality, sum(counts), frames)
+                    items = self._item_coords(modality, sum(counts), getattr(out, "vtr_frames", 1))
                     items[..., 0] = torch.where(items[..., 0] >= 0, items[..., 0] + offset, -1)
                     offset += int(items[..., 0].max()) + 1 if items.numel() else 0
+                    facts = {"coords": items}
                 else:
-                    items = _expand_beams(self._item_importance(modality, out), counts, per_item, modality)
-                table[mask] = items.reshape(-1, *shape[2:]).to(table)
-            cache[kind] = table
-            return table
+                    what = names.get(kind, "vision_layer")
+                    facts = {
+                        name: _expand_beams(value, counts, per_item, modality, what)
+                        for name, value in self._item_facts(modality, out, kind).items()
+                    }
+                for name, items in facts.items():
+                    items = items.reshape(-1, *items.shape[2:]).to(visual.device)
+                    if name not in tables:
+                        fill = -1 if kind == "coords" else 0
+                        tables[name] = items.new_full((*visual.shape, *items.shape[1:]), fill)
+                    tables[name][mask] = items.to(tables[name].dtype)
+            cache[kind] = tables
+            return tables
+
+        def per_sample(b: int, kind: str) -> torch.Tensor:
+            return per_token(kind)[kind][b][visual[b]]
+
+        def vision_layer(b: int, layer: int | None = None) -> dict:
+            kind = ("layer", None if layer is None else self._tower_layer(layer))
+            return {name: table[b][visual[b]] for name, table in per_token(kind).items()}
 
         def video_grid(b: int):
             out = encoded.get("video")
@@ -232,8 +315,9 @@ class VideoLlavaAdapter(BackboneAdapter):
             return [(out.vtr_frames, *self.patch_grid())] * (int(masks["video"][b].sum()) // per_item)
 
         return {
-            "visual_grid": lambda b: _number_groups(per_token("coords")[b][visual[b]]),
-            "vision_importance": lambda b: per_token("importance")[b][visual[b]],
+            "visual_grid": lambda b: _number_groups(per_sample(b, "coords")),
+            **{name: functools.partial(per_sample, kind=kind) for kind, name in names.items()},
+            "vision_layer": vision_layer,
             "video_grid": video_grid,
         }
 
@@ -254,10 +338,10 @@ def _number_groups(grid: torch.Tensor) -> torch.Tensor:
     return grid
 
 
-def _expand_beams(items: torch.Tensor, counts: list[int], per_item: int, modality: str) -> torch.Tensor:
+def _expand_beams(items: torch.Tensor, counts: list[int], per_item: int, modality: str, what: str) -> torch.Tensor:
     """Per-item facts computed from the original batch (`per_item` placeholders each), lined up with a batch
     that generate() expanded for beam search / num_return_sequences (`counts` items per sample)."""
-    repeats = beam_repeats(sum(counts) * per_item, items.shape[0] * per_item, f"vision_importance ({modality}s)")
+    repeats = beam_repeats(sum(counts) * per_item, items.shape[0] * per_item, f"{what} ({modality}s)")
     if sum(counts[::repeats]) != items.shape[0]:
         raise ValueError(
             f"the {modality} placeholders ({counts} per sample) do not line up with the encoded {modality}s"
