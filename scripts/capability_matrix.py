@@ -32,10 +32,12 @@ class MatrixError(Exception):
 
 def backbones(package: str) -> list[str]:
     """The model families `package` has an adapter for (its `BACKBONES`)."""
-    names = list(getattr(importlib.import_module(package), "BACKBONES", None) or [])
-    if not names:
+    mapping = getattr(importlib.import_module(package), "BACKBONES", None)
+    if not mapping:
         raise MatrixError(f"{package}.BACKBONES is missing or empty: name the model families it has an adapter for")
-    return names
+    if not isinstance(mapping, dict):
+        raise MatrixError(f"{package}.BACKBONES must map each model family to its adapter class")
+    return list(mapping)
 
 
 def shipped(package: str) -> list[str]:

@@ -55,7 +55,8 @@ def naive_greedy_order(kernel, picks):
 
 def strategy_scores(hidden, start, end, rows, budget=None, **cfg):
     cfg = cfg or dict(keep_tokens=budget)
-    ctx = dict(stage=0, hidden_states=hidden[None], image_token_indices=rows, vtr_ctx={})
+    valid = torch.ones(hidden.shape[0], dtype=torch.bool)
+    ctx = dict(stage=0, hidden_states=hidden[None], image_token_indices=rows, valid=valid, vtr_ctx={})
     return get_strategy("cdpruner")().compute_scores(None, (start, end), VTRConfig(strategy="cdpruner", **cfg), **ctx)
 
 

@@ -49,6 +49,7 @@ def dart_kept(keys, states, image_rows, cfg, pad=0, num_heads=None):
         hidden_states=states,
         image_token_indices=rows,
         original_index=torch.arange(n),
+        valid=valid[0],
         final_norm=torch.nn.Identity(),
         vtr_ctx={},
     )

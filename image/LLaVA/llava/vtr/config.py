@@ -113,8 +113,8 @@ class VTRConfig:
         round(share x 10/64), the official 54 + 10 split of 64 tokens.
     hiprune_alpha / hiprune_layer: HiPrune's share of a view's budget for anchors and their buffers (anchors =
         round(share x alpha / 5)), and the vision layer (0-based; negative from the end) whose received attention
-        picks the anchors (the official 0.1 and the 9th of CLIP's 24 layers; None = that depth: round(9 L / 24) - 1
-        of an L-layer tower).
+        picks the anchors (the official 0.1; None = the official layer: the 9th of CLIP's 24, the 16th of
+        Qwen2.5-VL's 32 blocks, at the same relative depth in other towers).
     token_merge: recycle dropped tokens into merged ones inserted after the kept visual tokens (methods
         with `supports_token_merge`, e.g. sparsevlm); None = the method's own default (SparseVLM: on).
         merge_ratio: int(merge_ratio x dropped) + 1 of the best-scored dropped tokens are recycled;

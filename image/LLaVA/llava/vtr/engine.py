@@ -160,7 +160,7 @@ class BackboneAdapter:
                                (prompt order; zeros for tokens of no view, such as row newlines): {`cls` [n] the CLS
                                query's attention, mean over heads (None without CLS); `received` [n] the attention
                                it receives, mean over heads and every query row; `keys` [n, head_dim] mean over heads}
-        vision_depth           how many layers the vision tower has
+        vision_tower           {"depth": the vision tower's layer count, "cls": whether it has a CLS token}
         vision_cls()           [num_visual, width]: the CLS token's features before the projector, of each visual
                                token's own view (image, tile, frame); zeros for tokens of no view
         project                a callable: pre-projector features [n, width] -> the LLM input embeddings [n, hidden]
@@ -942,6 +942,7 @@ class PrunedPrefill:
                 anchor_index=self.adapter.anchor_row(end),
                 prior_attention=lambda end, b=b, k=layer_idx, t=tokens: self._prior_attention(b, end, k, t),
                 original_index=tokens.original_index[b, :length],
+                valid=tokens.valid[b, :length],
                 final_norm=self.adapter.language_model.norm,
                 snapshots={
                     -1: (self.layer0.hidden[b : b + 1], self.layer0.original_index[b]),

@@ -53,7 +53,7 @@ class LlavaAdapter(BackboneAdapter):
         "vision_importance",
         "vision_features",
         "vision_layer",
-        "vision_depth",
+        "vision_tower",
         "vision_cls",
         "project",
     )
@@ -91,7 +91,7 @@ class LlavaAdapter(BackboneAdapter):
             strategy_ctx={
                 "patch_grid": self.patch_grid(),
                 "project": self.project,
-                "vision_depth": self.model.config.vision_config.num_hidden_layers,
+                "vision_tower": self.vision_tower(),
             },
             lazy_ctx=self._lazy_facts(visual, image_output, self._image_sizes(args, image_output)),
         )
@@ -167,6 +167,10 @@ class LlavaAdapter(BackboneAdapter):
         projector = self.model.model.multi_modal_projector
         return projector(features.to(projector.linear_1.weight.dtype))
 
+    def vision_tower(self) -> dict:
+        """The `vision_tower` fact: the CLIP tower's depth, with a CLS token."""
+        return {"depth": self.model.config.vision_config.num_hidden_layers, "cls": True}
+
     def _tower_layer(self, layer: int) -> int:
         """A vision-tower layer index (negative from the end) as a 0-based index, checked."""
         count = self.model.config.vision_config.num_hidden_layers
@@ -239,8 +243,7 @@ class LlavaAdapter(BackboneAdapter):
         inputs = []  # the inputs of the layers the strategy reads through vision_layer(i)
         if vtr_config is not None and vtr_config.enabled:
             method = get_strategy(vtr_config.strategy)()
-            depth = config.vision_config.num_hidden_layers
-            inputs = [self._tower_layer(i) for i in method.vision_layers(vtr_config, depth)]
+            inputs = [self._tower_layer(i) for i in method.vision_layers(vtr_config, self.vision_tower())]
         return sorted({index - 1, *(i if i >= 0 else states + i for i in wanted), *inputs})
 
     def encode_images(self, pixel_values, **vision_kwargs):

@@ -86,7 +86,8 @@ class PruningStrategy(ABC):
             (a callable: `prior_attention(end)` runs the prompt cut before row `end` through the layers
             up to the scoring layer, earlier stages' drops applied, and returns that layer's lazy
             attention over the cut prompt; PriorTR-2F's explicit prior forward), `original_index` (the
-            prompt position of each current row: a token's identity across stages), `snapshots`
+            prompt position of each current row: a token's identity across stages), `valid` ([seq] bool: False
+            for the sample's padding rows), `snapshots`
             ({layer: (hidden [1, seq_then, hidden], original index [seq_then])} for the layers named by
             `snapshot_layers`, and -1: the input embeddings), `final_norm` (the language model's final norm
             module, as its lm_head input gets it), backbone facts from the adapter (e.g.
@@ -96,10 +97,10 @@ class PruningStrategy(ABC):
             pass of one sample, shared by all its prune stages.
         """
 
-    def vision_layers(self, config, depth: int) -> tuple[int, ...]:
+    def vision_layers(self, config, tower: dict) -> tuple[int, ...]:
         """Vision-tower layers (0-based, negative from the end) whose attention this method reads through
-        `ctx["vision_layer"](i)`, for a tower of `depth` layers (`ctx["vision_depth"]`): the adapter keeps their
-        inputs when it encodes, and recomputes those layers only."""
+        `ctx["vision_layer"](i)`, for the tower `tower` (`ctx["vision_tower"]`: its `depth` and whether it has a
+        `cls` token): the adapter keeps their inputs when it encodes, and recomputes those layers only."""
         return ()
 
     def snapshot_layers(self, config) -> tuple[int, ...]:

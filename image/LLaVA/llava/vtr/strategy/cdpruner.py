@@ -86,7 +86,7 @@ class CDPruner(PruningStrategy):
         hidden = ctx["hidden_states"][0]
         text = hidden[end:]  # the question after the visual span (trailing padding is not in hidden)
         if text.shape[0] == 0:  # no text after the visuals: every non-visual token before them
-            text = hidden[:start]
+            text = hidden[:start][ctx["valid"][:start]]  # not the left padding
         kernel, relevance = conditional_kernel(hidden[rows], text)
         order = greedy_map(kernel, picks, relevance)
         scores = torch.full((end - start,), -float("inf"), device=rows.device)

@@ -91,7 +91,7 @@ class DART(PruningStrategy):
         # one table: the visual tokens, then the text after them; prompt indices for the official set order
         table = torch.cat([rows, text])
         pivot_rows = torch.cat([image_pivots, text_pivots + rows.numel()])
-        valid = attention._key_valid[0]  # the sample's padding rows (ScoringAttention has no public accessor yet)
+        valid = ctx["valid"]  # the sample's padding rows
         first = int(valid.long().argmax())  # its first real row: prompt index 0
         ids = (ctx["original_index"][table[pivot_rows]] - ctx["original_index"][first]).tolist()
         visiting = pivot_rows[pivot_order(ids)].tolist()

@@ -7,7 +7,8 @@ the budget (split over the views in proportion to their sizes; the official code
 A layer's score of a token is the attention it receives, mean over heads and over every query row (CLS
 included) (`ctx["vision_layer"](i)["received"]`):
 - anchors: the round(V x alpha / 5) tokens (Python's round; `hiprune_alpha`, 0.1) scoring highest in a middle
-  layer (`hiprune_layer`; default the 9th of CLIP's 24, at the same depth in other towers);
+  layer (`hiprune_layer`; default the official one: the 9th of CLIP's 24 layers, the 16th of Qwen2.5-VL's 32
+  blocks, at the same relative depth in other towers with and without CLS);
 - buffers: each anchor's neighbours p - 1, p + 1, p - W, p + W in the view's raster index p (W its width),
   clamped to [0, H x W - 1], as the official code (no row check: p +- 1 wraps to the next or previous row);
 - registers: the rest of V, the tokens scoring highest in the layer whose output the projector reads, anchors
@@ -48,16 +49,20 @@ def hiprune_view(shallow, deep, row, col, budget: int, alpha: float) -> torch.Te
 
 @register_strategy("hiprune")
 class HiPrune(ViewSelection):
-    requires = ("vision_layer", "vision_depth", "visual_grid")
+    requires = ("vision_layer", "vision_tower", "visual_grid")
 
-    def vision_layers(self, config, depth: int) -> tuple[int, ...]:
-        return (round(9 * depth / 24) - 1 if config.hiprune_layer is None else config.hiprune_layer,)
+    def vision_layers(self, config, tower: dict) -> tuple[int, ...]:
+        if config.hiprune_layer is not None:
+            return (config.hiprune_layer,)
+        # the official layers: the 9th of CLIP's 24, the 16th of Qwen2.5-VL's 32 blocks (towers without CLS)
+        share = 9 / 24 if tower["cls"] else 16 / 32
+        return (round(share * tower["depth"]) - 1,)
 
     def compute_scores(self, attention, image_token_range, config, **ctx):
         rows = ctx["image_token_indices"]
 
         def facts():
-            layer, (anchor_layer,) = ctx["vision_layer"], self.vision_layers(config, ctx["vision_depth"])
+            layer, (anchor_layer,) = ctx["vision_layer"], self.vision_layers(config, ctx["vision_tower"])
             return (layer(anchor_layer)["received"], layer()["received"], ctx["visual_grid"]())
 
         shallow, deep, grid = first_stage_facts(ctx, "hiprune", facts)
