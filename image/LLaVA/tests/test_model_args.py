@@ -40,6 +40,11 @@ EVERY_FIELD = {
     "earlier_cache": ("trim", "trim"),
     "merge_ratio": ("0.2", 0.2),
     "merge_clusters": ("3", 3),
+    "pivot_image_tokens": ("2", 2),
+    "pivot_text_tokens": ("3", 3),
+    "contextual_tokens": ("5", 5),
+    "hiprune_alpha": ("0.2", 0.2),
+    "hiprune_layer": ("-4", -4),
 }
 
 

@@ -36,6 +36,12 @@ class ScoringAttention:
         self.device = keys.device
         self.ndim = 4
 
+    @property
+    def keys(self) -> torch.Tensor:
+        """`[batch, kv_heads, seq, head_dim]`: the scoring layer's keys as it attended to them (RoPE applied),
+        for methods that read key states rather than attention (DART's pivots)."""
+        return self._keys
+
     def size(self, dim: int | None = None):
         return self.shape if dim is None else self.shape[dim]
 

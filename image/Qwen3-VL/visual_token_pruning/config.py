@@ -108,6 +108,14 @@ class VTRConfig:
     clse_temperature: CLSE's sigmoid temperature on the z-scored evolution factor.
     clse_reference_layer: CLSE's reference: the hidden states entering that decoder layer (0 = the input
         embeddings, the default; it must come before the first prune layer).
+    pivot_image_tokens / pivot_text_tokens: DART's pivots, the image tokens and the tokens after the image
+        with the largest key norms (4 + 4, the official setting).
+    contextual_tokens: VisionZip's merged (contextual) tokens per view out of its share of the budget; None =
+        round(share x 10/64), the official 54 + 10 split of 64 tokens.
+    hiprune_alpha / hiprune_layer: HiPrune's share of a view's budget for anchors and their buffers (anchors =
+        round(share x alpha / 5)), and the vision layer (0-based; negative from the end) whose received attention
+        picks the anchors (the official 0.1; None = the official layer: the 9th of CLIP's 24, the 16th of
+        Qwen2.5-VL's 32 blocks, at the same relative depth in other towers).
     token_merge: recycle dropped tokens into merged ones inserted after the kept visual tokens (methods
         with `supports_token_merge`, e.g. sparsevlm); None = the method's own default (SparseVLM: on).
         merge_ratio: int(merge_ratio x dropped) + 1 of the best-scored dropped tokens are recycled;
@@ -136,6 +144,11 @@ class VTRConfig:
     clse_cutoff: float = 0.1
     clse_temperature: float = 0.1
     clse_reference_layer: int = 0
+    pivot_image_tokens: int = 4
+    pivot_text_tokens: int = 4
+    contextual_tokens: int | None = None
+    hiprune_alpha: float = 0.1
+    hiprune_layer: int | None = None
     token_merge: bool | None = None
     merge_ratio: float = 0.3
     merge_clusters: int = 0
@@ -217,6 +230,22 @@ class VTRConfig:
         ref = self.clse_reference_layer
         if isinstance(ref, bool) or not isinstance(ref, int) or ref < 0:
             raise _bad("clse_reference_layer", ref, "must be a decoder layer index >= 0 (0 = the input embeddings)")
+        for name in ("pivot_image_tokens", "pivot_text_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise _bad(name, value, "must be an integer >= 0")
+        ctx_tokens = self.contextual_tokens
+        if ctx_tokens is not None and (
+            isinstance(ctx_tokens, bool) or not isinstance(ctx_tokens, int) or ctx_tokens < 0
+        ):
+            raise _bad("contextual_tokens", ctx_tokens, "must be an integer >= 0, or None (VisionZip's 10/64 split)")
+        if not self._valid_ratio(self.hiprune_alpha):
+            raise _bad("hiprune_alpha", self.hiprune_alpha, "must be a number in [0, 1]")
+        layer = self.hiprune_layer
+        if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int)):
+            raise _bad("hiprune_layer", layer, "must be a vision layer index (negative: from the end), or None")
+        if self.pivot_image_tokens + self.pivot_text_tokens == 0:
+            raise _bad("pivot_image_tokens", 0, "DART needs at least one pivot (image or text)")
         if self.token_merge is not None and not isinstance(self.token_merge, bool):
             raise _bad("token_merge", self.token_merge, "must be True, False or None (the method's default)")
         if self.convention not in CONVENTION_MODES:
@@ -298,7 +327,7 @@ class VTRConfig:
         merge = self.token_merge
         if merge is None:
             merge = bool(method is not None and method.supports_token_merge and method.token_merge_default)
-            if self.convention == "common":
+            if self.convention == "common" and not (method is not None and method.merge_is_method):
                 merge = False
         return Conventions(token_merge=merge, **chosen)
 

@@ -123,6 +123,7 @@ class BackboneAdapter:
         pixel_inputs           forward() arguments that carry pixels (default `("pixel_values",)`)
         encoded_modalities     keys of `mm_encoder_outputs` it accepts pre-encoded (default `("image",)`)
         default_keep_tokens    the budget when the user gives none (None: the config's own default)
+        facts                  the facts below it provides (strategies' `requires` are checked against them)
         encoder_arguments      forward() arguments only the visual encoding reads (e.g. LLaVA's
                                `vision_feature_layer`), dropped from generate() once it has encoded
 
@@ -147,14 +148,24 @@ class BackboneAdapter:
                                positions when generate() passes none (M-RoPE: `state.next_position`)
         engine_positions, layer_masks, lm_head, output
 
-    Facts strategies may rely on (the compute_scores ctx; `PrefillTokens.strategy_ctx` / `lazy_ctx`):
+    Facts strategies may rely on (the compute_scores ctx; `PrefillTokens.strategy_ctx` / `lazy_ctx`), each
+    named in the adapter's `facts` when it provides it:
         patch_grid             (rows, cols) of the sample's first image's (or frame's) token grid
         visual_grid()          [num_visual, 3] long: (group, row, col) of each visual token in prompt order,
                                group = one image / tile / frame (-1: off-grid tokens such as row newlines)
         vision_importance()    [num_visual] float: the attention each visual token receives in the vision
                                tower (CLS attention for CLIP-style towers; mean received attention otherwise)
         vision_features()      [num_visual, width]: the vision tower's features before the projector
-    A family that cannot provide one leaves it out (a strategy asking for it gets a clear KeyError).
+        vision_layer(i=None)   vision-tower layer i (one the strategy names in `vision_layers`; None: the layer whose
+                               output the projector reads), per visual token
+                               (prompt order; zeros for tokens of no view, such as row newlines): {`cls` [n] the CLS
+                               query's attention, mean over heads (None without CLS); `received` [n] the attention
+                               it receives, mean over heads and every query row; `keys` [n, head_dim] mean over heads}
+        vision_tower           {"depth": the vision tower's layer count, "cls": whether it has a CLS token}
+        vision_cls()           [num_visual, width]: the CLS token's features before the projector, of each visual
+                               token's own view (image, tile, frame); zeros for tokens of no view
+        project                a callable: pre-projector features [n, width] -> the LLM input embeddings [n, hidden]
+    A family that cannot provide one leaves it out of `facts`; a method that `requires` it is refused there.
 
     Beam contract: generate(num_beams=k / num_return_sequences=k) repeats each sample k times in a row
     AFTER `pre_encode`: the prompt rows and the stock fields of the encoder outputs (`pooler_output`,
@@ -168,6 +179,8 @@ class BackboneAdapter:
     """
 
     output_class: type | None = None
+    #: the facts above that this family provides (a method's `requires` is checked against it)
+    facts: tuple[str, ...] = ()
     pixel_inputs: tuple[str, ...] = ("pixel_values",)
     encoded_modalities: tuple[str, ...] = ("image",)
     default_keep_tokens: int | None = None
@@ -342,6 +355,25 @@ def clip_cls_attention(layer, hidden: torch.Tensor) -> torch.Tensor:
     k = attn.k_proj(h).view(views, length, attn.num_heads, attn.head_dim).transpose(1, 2)
     probs = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * attn.scale, dim=-1)  # [v, heads, 1, len]
     return probs.mean(dim=1)[:, 0]
+
+
+def clip_layer_attention(layer, hidden: torch.Tensor, cls: bool = True) -> dict:
+    """{`cls` [views, length] | None, `received` [views, length], `keys` [views, length, head_dim]} of one
+    CLIP/SigLIP-style encoder layer, recomputed in float32 from its input `hidden` [views, length, width]: the
+    CLS row (row 0) mean over heads, the attention each token receives (mean over heads and query rows), the keys
+    (`k_proj` of the normed input, bias included) mean over heads. Only this layer's attention map is built."""
+    attn = layer.self_attn
+    h = layer.layer_norm1(hidden)
+    views, length, _ = h.shape
+    q = attn.q_proj(h).view(views, length, attn.num_heads, attn.head_dim).transpose(1, 2).float()
+    k = attn.k_proj(h).view(views, length, attn.num_heads, attn.head_dim).transpose(1, 2).float()
+    probs = torch.softmax((q @ k.transpose(-1, -2)) * attn.scale, dim=-1)  # [views, heads, length, length]
+    per_head = probs.mean(dim=1)
+    return {
+        "cls": per_head[:, 0] if cls else None,
+        "received": per_head.mean(dim=1),
+        "keys": k.mean(dim=1),
+    }
 
 
 def register_vtr_classes(vtr_classes: dict) -> None:
@@ -800,8 +832,9 @@ class PrunedPrefill:
         return changed
 
     def _merge_stage(self, stage, prune_at, tokens: TokenState, scores, keep_visual, info, cache, record) -> bool:
-        """Prune and insert the strategy's merged tokens (`merge_tokens`) right after each sample's last kept
-        visual row (SparseVLM: the end of the visual segment). A merged row takes the RoPE position and
+        """Prune and insert the strategy's merged tokens (`merge_tokens`). Each merged token goes right after the
+        row the strategy names for it (default: the sample's last kept visual row, SparseVLM's end of the visual
+        segment; VisionZip: its image's last row; the pool baseline: its cell) and takes the RoPE position and
         identity of a representative dropped token (`compact` then renumbers it with the rest); it exists
         from layer `prune_at` on (`born`): under `earlier_cache="keep"` the layers before never hold it,
         under `"trim"` their cache rows for it are placeholders that no decode step may attend to
@@ -811,11 +844,13 @@ class PrunedPrefill:
         batch, seq_len = tokens.visual.shape
         device = tokens.visual.device
         orders, inserts, kept_visual_counts, merged_counts = [], [], [], []
-        for b, (span_start, _, count, _) in enumerate(info):
+        for b, (span_start, span_end, count, _) in enumerate(info):
             keep_b = (~tokens.visual[b] | keep_visual[b]).nonzero().reshape(-1)
             kept_visual = keep_visual[b].nonzero().reshape(-1)
             dropped = (tokens.visual[b] & ~keep_visual[b]).nonzero().reshape(-1)
             merged, reps = None, torch.empty(0, dtype=torch.long, device=device)
+            anchor = int(kept_visual.max()) if kept_visual.numel() else span_start - 1
+            after = torch.empty(0, dtype=torch.long, device=device)
             if count and dropped.numel():
                 out = self.strategy.merge_tokens(
                     tokens.hidden[b, dropped],
@@ -823,14 +858,28 @@ class PrunedPrefill:
                     self.config,
                     stage=stage,
                     layer_idx=prune_at - 1,
+                    dropped_index=dropped,
+                    kept_index=kept_visual,
+                    image_token_range=(span_start, span_end),
+                    vtr_ctx=self.sample_ctx[b],
                 )
                 if out is not None:
-                    merged, which = out
-                    reps = dropped[which.to(device)]
-            anchor = int(kept_visual.max()) if kept_visual.numel() else span_start - 1
-            at = int((keep_b <= anchor).sum())
-            orders.append(torch.cat([keep_b[:at], reps, keep_b[at:]]))
-            inserts.append((at, merged))
+                    merged, which = out[0], out[1].to(device)
+                    reps = dropped[which]
+                    after = out[2].to(device) if len(out) > 2 and out[2] is not None else None
+                    if after is None:
+                        after = torch.full_like(reps, anchor)
+                    if merged.shape[0] != reps.numel() or after.shape != reps.shape:
+                        raise ValueError(
+                            f"strategy {self.config.strategy!r}.merge_tokens returned {merged.shape[0]} merged tokens, "
+                            f"{reps.numel()} representatives and {after.numel()} insertion rows; they must match"
+                        )
+            # kept rows in order, each merged token right after its row (merged ones in their given order)
+            keys = torch.cat([2 * keep_b, 2 * after + 1])
+            perm = torch.sort(keys, stable=True).indices
+            slot = torch.cat([torch.full_like(keep_b, -1), torch.arange(reps.numel(), device=device)])[perm]
+            orders.append(torch.cat([keep_b, reps])[perm])
+            inserts.append((slot, merged))
             kept_visual_counts.append(kept_visual.numel())
             merged_counts.append(reps.numel())
         new_len = max(o.numel() for o in orders)
@@ -842,10 +891,10 @@ class PrunedPrefill:
         real = keep_visual & ~tokens.merged
         record.kept_positions = [tokens.original_index[b, real[b]] for b in range(batch)]
         tokens.gather(index, new_valid)
-        for b, (at, merged) in enumerate(inserts):
+        for b, (slot, merged) in enumerate(inserts):
             if merged is not None and merged.numel():
-                rows = slice(new_len - orders[b].numel() + at, new_len - orders[b].numel() + at + merged.shape[0])
-                tokens.hidden[b, rows] = merged.to(tokens.hidden.dtype)
+                rows = (slot >= 0).nonzero().reshape(-1) + new_len - slot.numel()
+                tokens.hidden[b, rows] = merged[slot[slot >= 0]].to(tokens.hidden.dtype)
                 tokens.born[b, rows] = prune_at
                 tokens.visual[b, rows] = True  # a candidate at later stages
                 tokens.merged[b, rows] = True
@@ -894,6 +943,8 @@ class PrunedPrefill:
                 anchor_index=self.adapter.anchor_row(end),
                 prior_attention=lambda end, b=b, k=layer_idx, t=tokens: self._prior_attention(b, end, k, t),
                 original_index=tokens.original_index[b, :length],
+                valid=tokens.valid[b, :length],
+                final_norm=self.adapter.language_model.norm,
                 snapshots={
                     -1: (self.layer0.hidden[b : b + 1], self.layer0.original_index[b]),
                     **{k: (h[b : b + 1], idx[b]) for k, (h, idx) in self.snapshots.items()},
@@ -1074,6 +1125,12 @@ class VTRModelMixin:
             vtr_config.budget_defaulted, vtr_config.prune_layer_defaulted = True, layers_defaulted
         if vtr_config.enabled:  # a method's own schedule for what the user left unset (PDrop, CLSE)
             method = get_strategy(vtr_config.strategy)
+            missing = [fact for fact in method.requires if fact not in self.vtr_adapter.facts]
+            if missing:
+                raise ValueError(
+                    f"strategy {vtr_config.strategy!r} is not supported on {type(self).__name__}: it needs "
+                    f"{', '.join(missing)}, which this model family does not provide (see `scripts/vtr_run --list`)"
+                )
             updates = method.schedule_defaults(vtr_config, self.vtr_adapter.num_layers)
             if updates:
                 vtr_config = dataclasses.replace(vtr_config, **updates)

@@ -9,7 +9,7 @@ prompt, a left-padded batch, a text-only prompt, the visual token id(s) and the 
 
 import pytest
 import torch
-from vtr_oracle import oracle_forward, oracle_greedy, stage_drops  # noqa: E402
+from vtr_oracle import literal_forward, literal_greedy, oracle_forward, oracle_greedy, stage_drops  # noqa: E402
 
 from videollava.vtr import (  # noqa: E402
     PruningStrategy,
@@ -108,6 +108,49 @@ def test_pre_encoded_visuals_prune_as_their_pixels_and_both_together_are_refused
 
 
 METHODS = sorted(m for m in available_strategies() if not m.startswith(("test_", "contract_")))
+#: methods whose merged tokens are the method itself (VisionZip, pool): checked against the literal oracle
+MERGING = [m for m in METHODS if get_strategy(m).merge_is_method]
+
+
+def refused_if_unsupported(backbone, method) -> bool:
+    """True (after checking the refusal) when the backbone's adapter lacks a fact the method `requires`: loading
+    it then fails with "not supported", naming what is missing."""
+    model = vtr(backbone)
+    missing = [f for f in get_strategy(method).requires if f not in model.vtr_adapter.facts]
+    if missing:
+        with pytest.raises(ValueError, match=f"{method!r} is not supported on .*{missing[0]}"):
+            model.set_vtr_config(VTRConfig(strategy=method))
+    return bool(missing)
+
+
+def test_every_fact_an_adapter_declares_is_given_to_strategies(backbone):
+    """`BackboneAdapter.facts` (what `requires` is checked against) names exactly what the compute_scores ctx
+    holds, and each per-token fact has one row per visual token of the sample."""
+    seen = {}
+
+    @register_strategy("contract_facts")
+    class Facts(PruningStrategy):
+        needs_attention = False
+
+        def compute_scores(self, attention, image_token_range, config, **ctx):
+            seen.setdefault(ctx["batch_index"], ctx)
+            return torch.zeros(image_token_range[1] - image_token_range[0])
+
+    model = vtr(backbone, strategy="contract_facts", prune_layer=0, keep_ratio=1.0)
+    with torch.no_grad():
+        model(**backbone.batch)
+    facts = model.vtr_adapter.facts
+    for ctx in seen.values():
+        assert all(fact in ctx for fact in facts), [f for f in facts if f not in ctx]
+        count = ctx["image_token_indices"].numel()
+        for name in ("visual_grid", "vision_importance", "vision_features", "vision_cls"):
+            if name in facts:
+                assert ctx[name]().shape[0] == count, name
+        if "vision_layer" in facts:
+            layer = ctx["vision_layer"]()
+            assert layer["received"].shape == (count,) and layer["keys"].shape[0] == count
+        if "project" in facts and "vision_features" in facts:
+            assert ctx["project"](ctx["vision_features"]()[:2]).shape == (2, ctx["hidden_states"].shape[-1])
 
 
 def check_against_oracle(backbone, model, kept=((14, 14), (5, 5))):
@@ -135,13 +178,65 @@ def check_against_oracle(backbone, model, kept=((14, 14), (5, 5))):
     torch.testing.assert_close(step_logits, want_logits, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", [m for m in METHODS if m not in MERGING])
 def test_every_method_keeps_its_budget_and_equals_the_oracle(backbone, method):
     """Each method under its own (official) conventions; recycling has its own oracle test."""
+    if refused_if_unsupported(backbone, method):
+        return
     strategy = get_strategy(method)
     first = 0 if not strategy.needs_attention or strategy.scoring_layer == "own" else 1  # K=0: before layer 0
     merge = dict(token_merge=False) if strategy.supports_token_merge else {}
-    check_against_oracle(backbone, vtr(backbone, strategy=method, prune_layer=[first, 3], keep_tokens=[14, 5], **merge))
+    model = vtr(backbone, strategy=method, prune_layer=[first, 3], keep_tokens=[14, 5], **merge)
+    # DART keeps its 4 image pivots on top of 8 pivots x budget // 8 picks, as the official code does
+    kept = ((12, 12), (4, 4)) if method == "dart" else ((14, 14), (5, 5))
+    check_against_oracle(backbone, model, kept)
+
+
+@pytest.mark.parametrize("positions", ["official", "original", "compact"])
+@pytest.mark.parametrize("method", MERGING)
+def test_every_merging_method_equals_the_literal_oracle(backbone, method, positions, monkeypatch):
+    """A method whose merged tokens replace the visual ones before the LLM: the pruned prefill and greedy
+    decode on the padded batch equal the stock layers run on the literal shortened prompt (kept tokens and the
+    method's merged ones, in the engine's order, at their positions), whatever the positions convention."""
+    if refused_if_unsupported(backbone, method):
+        return
+    calls = []
+    merge = get_strategy(method).merge_tokens
+
+    def recording(self, dropped_hidden, dropped_scores, config, **ctx):
+        out = merge(self, dropped_hidden, dropped_scores, config, **ctx)
+        calls.append((ctx["dropped_index"], out))
+        return out
+
+    monkeypatch.setattr(get_strategy(method), "merge_tokens", recording)
+    chosen = {} if positions == "official" else dict(positions=positions)
+    model = vtr(backbone, strategy=method, keep_tokens=14, **chosen)
+    inputs, stock = backbone.batch, backbone.stock["eager"]
+    conventions = model.vtr_config.conventions()
+
+    def merged_rows():
+        record, replace = model.vtr_last, {}
+        assert [s.layer for s in record.stages] == [0] and len(calls) == 2
+        for b, (dropped, (merged, which, *_)) in enumerate(calls):
+            for value, original in zip(merged, dropped[which].tolist()):
+                (j,) = (record.kept_index[b] == original).nonzero().reshape(-1).tolist()
+                replace[(b, j)] = value
+        for kept, merged in zip(record.stages[0].image_tokens_kept, record.stages[0].merged):
+            assert 0 < kept + merged <= 14  # the budget (pool's cells may not fill it exactly on small tiles)
+        return record.kept_index, replace
+
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    rows, replace = merged_rows()
+    expected = literal_forward(stock, inputs, rows, replace, backbone.embed, conventions)
+    real = (rows >= 0) & inputs["attention_mask"].bool().gather(1, rows.clamp_min(0))
+    torch.testing.assert_close(logits[real], expected[real], atol=ATOL, rtol=0)
+    calls.clear()
+    tokens, step_logits = greedy(model, inputs)
+    rows, replace = merged_rows()
+    want_tokens, want_logits = literal_greedy(stock, inputs, rows, replace, STEPS, backbone.embed, conventions)
+    assert torch.equal(tokens, want_tokens)
+    torch.testing.assert_close(step_logits, want_logits, atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])

@@ -1,4 +1,4 @@
-"""The vision-side facts of the Video-LLaVA adapter (vision_features, vision_cls, vision_layer, vision_depth,
+"""The vision-side facts of the Video-LLaVA adapter (vision_features, vision_cls, vision_layer, vision_tower,
 project), each against the stock model's own outputs, and the methods that read them run on images and videos."""
 
 import pytest
@@ -14,9 +14,9 @@ SEEN = []
 class VisionFacts(PruningStrategy):
     needs_attention = False
     needs_vision_attention = True
-    requires = ("vision_features", "vision_cls", "vision_layer", "vision_depth", "project")
+    requires = ("vision_features", "vision_cls", "vision_layer", "vision_tower", "project")
 
-    def vision_layers(self, config, depth):
+    def vision_layers(self, config, tower):
         return (0, -1)  # the tiny model's towers have 2 layers; layer 0 produces the projector's input (-2)
 
     def compute_scores(self, attention, image_token_range, config, **ctx):
@@ -28,7 +28,7 @@ class VisionFacts(PruningStrategy):
                 cls=ctx["vision_cls"](),
                 layer=ctx["vision_layer"](),
                 layers={i: ctx["vision_layer"](i) for i in (0, 1, -1)},
-                depth=ctx["vision_depth"],
+                depth=ctx["vision_tower"]["depth"],
                 projected=ctx["project"](features),
             )
         )
@@ -152,7 +152,7 @@ def test_a_vision_layer_the_towers_lack_or_the_encoding_did_not_keep_is_refused(
     text = {k: v for k, v in video_single.items() if k != "pixel_values_videos"}
     with pytest.raises(ValueError, match=r"vision_layer\(0\) needs the vision tower's hidden states \(state 0\)"):
         _run(model, {**text, "mm_encoder_outputs": {"video": encoded}})
-    monkeypatch.setattr(VisionFacts, "vision_layers", lambda self, config, depth: (5,))
+    monkeypatch.setattr(VisionFacts, "vision_layers", lambda self, config, tower: (5,))
     with pytest.raises(ValueError, match="vision layer 5 does not exist: the vision towers have 2 layers"):
         _run(model, video_single)
 

@@ -128,3 +128,63 @@ def oracle_greedy(stock, inputs, prune_stages, steps, embed, conventions=None, p
         ids = torch.cat([ids, nxt], 1)
         mask = torch.cat([mask, torch.ones_like(nxt)], 1)
     return torch.cat(out, 1), torch.stack(step_logits, 1)
+
+
+@torch.no_grad()
+def literal_forward(stock, inputs, rows, replace, embed, conventions, position_ids=None, new_ids=None):
+    """The pruned prompt built literally, no masking: sample b's sequence is the prompt rows `rows[b]` (its
+    original index per row, -1 = re-padding; e.g. `VTRRecord.kept_index`) at their prompt positions (renumbered
+    without gaps under `positions="compact"`; the prompt's padding stays padding), the embedding of row j replaced by `replace[(b, j)]` where given
+    (merged tokens), then `new_ids` [batch, n] (decoded tokens) continuing after each sample's largest position.
+    Stock decoder layers, eager, explicit causal + padding mask; a per-layer `after_layer` hook (DeepStack) adds
+    what it adds to each kept row's prompt row. Returns logits [batch, len(rows) + n, vocab]."""
+    emb = embedded(embed(stock, inputs))
+    embeds = emb.embeds
+    batch, seq, _ = embeds.shape
+    positions = emb.positions if emb.positions is not None else position_ids
+    if positions is None:
+        positions = torch.arange(seq).unsqueeze(0).expand(batch, -1)
+    multi = positions.ndim == 3  # M-RoPE [rows, batch, seq]
+    index = rows.clamp_min(0)
+    prompt_mask = inputs.get("attention_mask", torch.ones(batch, seq)).bool()
+    valid = (rows >= 0) & prompt_mask.gather(1, index)
+    h = torch.stack([embeds[b, index[b]] for b in range(batch)])
+    for (b, j), value in replace.items():
+        h[b, j] = value.to(h.dtype)
+    pos = torch.stack([positions[:, b, index[b]] if multi else positions[b, index[b]] for b in range(batch)], -2)
+    if conventions is not None and conventions.positions == "compact":
+        pos = compact(pos, valid)
+    if new_ids is not None and new_ids.shape[1]:
+        n = new_ids.shape[1]
+        top = (pos.amax(0) if multi else pos).masked_fill(~valid, -1).amax(-1)  # [batch]
+        extra = top[:, None] + 1 + torch.arange(n)[None]
+        h = torch.cat([h, stock.get_input_embeddings()(new_ids)], 1)
+        pos = torch.cat([pos, extra.expand(pos.shape[0], -1, -1) if multi else extra], -1)
+        valid = torch.cat([valid, torch.ones_like(new_ids, dtype=torch.bool)], 1)
+    length = h.shape[1]
+    allowed = torch.ones(length, length, dtype=torch.bool).tril()[None] & valid[:, None, :]
+    mask = torch.zeros(batch, 1, length, length).masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
+    lm = stock.model.language_model
+    cos, sin = lm.rotary_emb(h, pos)
+    for i, layer in enumerate(lm.layers):
+        h = layer(h, attention_mask=mask, position_embeddings=(cos, sin))
+        if emb.after_layer is not None:  # what the hook adds to each prompt row, on that row's kept copy
+            added = emb.after_layer(i, torch.zeros_like(embeds))
+            gathered = torch.stack([added[b, index[b]] for b in range(batch)]) * valid[:, : rows.shape[1], None]
+            h = h + torch.nn.functional.pad(gathered, (0, 0, 0, length - gathered.shape[1]))
+    return stock.lm_head(lm.norm(h))
+
+
+@torch.no_grad()
+def literal_greedy(stock, inputs, rows, replace, steps, embed, conventions):
+    """Greedy decode with `literal_forward`, recomputing the whole sequence each step, prompt positions as
+    generate() makes them. Returns (tokens [batch, steps], logits [batch, steps, vocab])."""
+    mask = inputs["attention_mask"]
+    pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    new = inputs["input_ids"][:, :0]
+    out = []
+    for _ in range(steps):
+        logits = literal_forward(stock, inputs, rows, replace, embed, conventions, pos, new)
+        out.append(logits[:, -1])
+        new = torch.cat([new, logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return new, torch.stack(out, 1)

@@ -152,7 +152,7 @@ class LlavaAdapter(BackboneAdapter):
 
         def vision_layer(b: int, layer: int | None = None) -> dict:
             per_sample(b, "coords")  # the counts
-            key = ("layer", self.vision_layers()[-1] - 1 if layer is None else self._tower_layer(layer))
+            key = ("layer", self._feature_index() - 1 if layer is None else self._tower_layer(layer))
             if key not in cache:
                 facts = self._layer_attention(image_output, key[1])
                 cache[key] = {name: self._arrange(value, image_sizes) for name, value in facts.items()}
@@ -218,7 +218,7 @@ class LlavaAdapter(BackboneAdapter):
     def _vision_features(self, image_output, cls: bool = False) -> torch.Tensor:
         """[views, patches, width]: the vision tower's features the projector reads (before it), per patch; with
         `cls`, [views, width]: the CLS token's features of that layer."""
-        index = self.vision_layers()[-1]
+        index = self._feature_index()
         hidden_states = getattr(image_output, "hidden_states", None)
         if hidden_states is None or hidden_states[index] is None:
             raise ValueError(
@@ -230,14 +230,18 @@ class LlavaAdapter(BackboneAdapter):
             return features[:, 0]
         return features[:, 1:] if self.model.config.vision_feature_select_strategy == "default" else features
 
+    def _feature_index(self) -> int:
+        """The tower hidden state the projector reads (the last of several feature layers), 0-based."""
+        layer = self.model.config.vision_feature_layer
+        layer = layer[-1] if isinstance(layer, (list, tuple)) else layer
+        return layer if layer >= 0 else self.model.config.vision_config.num_hidden_layers + 1 + layer
+
     def vision_layers(self) -> list[int]:
         """Indices into the tower's hidden states to keep: the projector's input and the input of the layer
         that produced it (whose CLS attention `vision_importance` recomputes)."""
         config = self.model.config
-        layer = config.vision_feature_layer
-        layer = layer[-1] if isinstance(layer, (list, tuple)) else layer
         states = config.vision_config.num_hidden_layers + 1
-        index = layer if layer >= 0 else states + layer
+        index = self._feature_index()
         wanted = config.vision_feature_layer if isinstance(config.vision_feature_layer, list) else [index]
         vtr_config = getattr(self.model, "vtr_config", None)
         inputs = []  # the inputs of the layers the strategy reads through vision_layer(i)
@@ -255,7 +259,7 @@ class LlavaAdapter(BackboneAdapter):
     def _cls_attention(self, image_output) -> torch.Tensor:
         """[num_views, patches]: the CLS query's attention (mean over heads) in the vision layer whose output
         the projector reads, recomputed for that one layer from the tower's hidden states."""
-        index = self.vision_layers()[-1]
+        index = self._feature_index()
         hidden_states = getattr(image_output, "hidden_states", None)
         if hidden_states is None or hidden_states[index - 1] is None:
             raise ValueError(

@@ -9,7 +9,7 @@ engine. No parameters are added; `LanguageBind/Video-LLaVA-7B-hf` loads and save
     both kinds in one prompt: every visual position is a candidate, under one global budget
 
 Strategies get `patch_grid` (16, 16), `video_frames` (t, 0 without a video), `frame_tokens` (257),
-`vision_depth` (the towers' layer count) and `project` (the one projector, per token), and on request
+`vision_tower` (the towers' layer count; CLS: yes) and `project` (the one projector, per token), and on request
 `visual_grid()` ([num_visual, 3]: group = the image or frame, numbered 0.. in prompt order, row, col; CLS
 rows -1), `video_grid()` ([(t, h, w)] per video of the sample) and, per visual token in prompt order, from
 the tower that encoded it (a view is an image or a frame):
@@ -65,7 +65,7 @@ class VideoLlavaAdapter(BackboneAdapter):
         "vision_importance",
         "vision_features",
         "vision_layer",
-        "vision_depth",
+        "vision_tower",
         "vision_cls",
         "project",
     )
@@ -77,16 +77,20 @@ class VideoLlavaAdapter(BackboneAdapter):
         """Layers of each vision tower (the image and the video tower share one config)."""
         return self.model.config.vision_config.num_hidden_layers
 
+    def vision_tower(self) -> dict:
+        """The `vision_tower` fact: the towers' depth (LanguageBind, CLIP-style, with a CLS token)."""
+        return {"depth": self.vision_depth, "cls": True}
+
     def vision_layers(self, feature_layer) -> list[int]:
         """Tower hidden states to keep: the projector's input(s), the input of the layer that produced the
         last of them (whose CLS attention `vision_importance` recomputes), and the inputs of the layers the
-        strategy reads through `vision_layer(i)` (its `vision_layers(config, depth)`)."""
+        strategy reads through `vision_layer(i)` (its `vision_layers(config, tower)`)."""
         wanted = self._feature_states(feature_layer)
         vtr_config = getattr(self.model, "vtr_config", None)
         inputs = []
         if vtr_config is not None and vtr_config.enabled:
             method = get_strategy(vtr_config.strategy)()
-            inputs = [self._tower_layer(i) for i in method.vision_layers(vtr_config, self.vision_depth)]
+            inputs = [self._tower_layer(i) for i in method.vision_layers(vtr_config, self.vision_tower())]
         return sorted({wanted[-1] - 1, *wanted, *inputs})
 
     def _feature_states(self, feature_layer) -> list[int]:
@@ -189,7 +193,7 @@ class VideoLlavaAdapter(BackboneAdapter):
                 "video_frames": getattr(video_out, "vtr_frames", 0) if video_out is not None else 0,
                 "frame_tokens": side[0] * side[1] + 1,
                 "project": self.project,
-                "vision_depth": self.vision_depth,
+                "vision_tower": self.vision_tower(),
             },
             lazy_ctx=self._lazy_facts(visual, masks, encoded),
         )

@@ -37,10 +37,17 @@ class PruningStrategy(ABC):
     #: framework then keeps the vision states it needs, also through generate().
     needs_vision_attention: bool = False
     #: True for methods that can recycle dropped tokens (`VTRConfig.token_merge=True` then calls
-    #: `merge_tokens` and inserts its tokens after the kept visual tokens).
+    #: `merge_tokens` and inserts its tokens among the kept ones).
     supports_token_merge: bool = False
     #: Whether recycling is on when `VTRConfig.token_merge` is left unset (None).
     token_merge_default: bool = False
+    #: The backbone facts (ctx names an adapter declares in `BackboneAdapter.facts`) the method cannot run without,
+    #: e.g. ("vision_layer", "project"): on a backbone lacking one, the method is refused when the config is set
+    #: ("not supported on ...") and `--list` shows it unsupported there.
+    requires: tuple[str, ...] = ()
+    #: True for methods whose merged tokens are the method itself (VisionZip's contextual tokens, the pool
+    #: baseline), not an add-on: `convention="common"` then keeps merging (it turns add-ons such as SparseVLM's off).
+    merge_is_method: bool = False
 
     # The conventions of the method's official code (config.CONVENTIONS; a VTRConfig field of the same name,
     # or `convention="common"`, overrides them). Declared here so `--describe` shows them.
@@ -52,10 +59,15 @@ class PruningStrategy(ABC):
     earlier_cache: str = "keep"
 
     def merge_tokens(self, dropped_hidden: torch.Tensor, dropped_scores: torch.Tensor, config, **ctx):
-        """For `supports_token_merge` methods with `token_merge=True`: the tokens to insert after a sample's kept visual tokens, made from
-        the dropped ones. dropped_hidden: [n, hidden] their states at the prune point; dropped_scores: [n].
+        """For `supports_token_merge` methods with `token_merge=True`: the tokens to insert among a sample's kept
+        tokens, made from the dropped ones. dropped_hidden: [n, hidden] their states at the prune point;
+        dropped_scores: [n]. ctx: `stage`, `layer_idx`, `dropped_index` / `kept_index` (rows of the dropped /
+        kept visual tokens in the current sequence), `image_token_range`, and `vtr_ctx` (the sample's context,
+        with everything `compute_scores` got: facts, `visual_grid`, `vision_features`, ...).
         Returns (merged [m, hidden], representative [m] indices into the dropped tokens: each merged token
-        takes that token's RoPE position and identity), or None to insert nothing."""
+        takes that token's RoPE position and identity[, after [m] current-sequence rows: each merged token goes
+        right after that row, a kept or dropped one, in the given order among equals; default: after the last
+        kept visual token]), or None to insert nothing."""
         return None
 
     @abstractmethod
@@ -64,7 +76,7 @@ class PruningStrategy(ABC):
 
         attention: lazy `[1, heads, seq, seq]` float32 causal attention probabilities of the scoring layer
             over the current (possibly already pruned) sequence of this sample (trailing padding excluded),
-            or None when `needs_attention` is False.
+            or None when `needs_attention` is False; `attention.keys` are that layer's keys (RoPE applied).
         image_token_range: `(start, end)` of the visual tokens in the current sequence; with several
             images or non-contiguous frames it spans all of them and the scores of text inside are ignored.
         ctx: `layer_idx` (0-based scoring layer; -1 for a pre-LLM stage, prune_layer=0), `stage` (0-based
@@ -75,14 +87,22 @@ class PruningStrategy(ABC):
             (a callable: `prior_attention(end)` runs the prompt cut before row `end` through the layers
             up to the scoring layer, earlier stages' drops applied, and returns that layer's lazy
             attention over the cut prompt; PriorTR-2F's explicit prior forward), `original_index` (the
-            prompt position of each current row: a token's identity across stages), `snapshots`
+            prompt position of each current row: a token's identity across stages), `valid` ([seq] bool: False
+            for the sample's padding rows), `snapshots`
             ({layer: (hidden [1, seq_then, hidden], original index [seq_then])} for the layers named by
-            `snapshot_layers`, and -1: the input embeddings), backbone facts from the adapter (e.g.
+            `snapshot_layers`, and -1: the input embeddings), `final_norm` (the language model's final norm
+            module, as its lm_head input gets it), backbone facts from the adapter (e.g.
             `patch_grid`; and callables computed on request: `visual_grid()` -> [num_visual, 3] (group,
             row, col) with -1 for tokens off any grid, `vision_importance()` -> [num_visual] the vision
             encoder's own attention to each visual token), and `vtr_ctx`: a dict that lives for one forward
             pass of one sample, shared by all its prune stages.
         """
+
+    def vision_layers(self, config, tower: dict) -> tuple[int, ...]:
+        """Vision-tower layers (0-based, negative from the end) whose attention this method reads through
+        `ctx["vision_layer"](i)`, for the tower `tower` (`ctx["vision_tower"]`: its `depth` and whether it has a
+        `cls` token): the adapter keeps their inputs when it encodes, and recomputes those layers only."""
+        return ()
 
     def snapshot_layers(self, config) -> tuple[int, ...]:
         """Decoder layers whose output hidden states this method reads later (`ctx["snapshots"]`; -1, the

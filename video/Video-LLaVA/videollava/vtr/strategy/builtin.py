@@ -5,13 +5,19 @@
 `make share-method METHOD=<name>` moves a method you wrote in one fork here and copies it into every fork."""
 
 from . import (  # noqa: F401
+    cdpruner,
     clse,
+    dart,
     divprune,
+    fastervlm,
     fastv,
+    hiprune,
     pdrop,
+    pool,
     priortr,
     priortr_2f,
     random,
     sparsevlm,
+    visionzip,
     vispruner,
 )

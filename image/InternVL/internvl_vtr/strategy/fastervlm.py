@@ -1,0 +1,72 @@
+# Copied from image/LLaVA/llava/vtr/strategy/fastervlm.py
+# Shared vtr file: edit it in image/LLaVA/llava/vtr, then `make fix-copies` updates every fork.
+"""FasterVLM (Zhang et al., 2024): keep the visual tokens the vision encoder's [CLS] attends to most.
+
+As the official code (Theia-4869/FasterVLM, `llava_arch.py`), before the LLM (`prune_layer=0` by default; the
+kept tokens then get contiguous positions, as features spliced into the prompt do): the score of a token is
+the CLS query's attention to it in the vision layer whose output the projector reads, mean over heads
+(`ctx["vision_importance"]()`), and each view (image crop, frame: a `visual_grid` group) keeps its own top
+tokens, the budget split over the views in proportion to their sizes (the official code keeps K per crop or
+frame). Tokens off every grid (LLaVA-1.6's row newlines) are not kept. Towers without CLS (Qwen-VL, InternViT
+after pixel shuffle) score by the attention each token receives instead (`vision_importance` there). Needs a
+token count: keep_tokens or keep_ratio.
+"""
+
+import torch
+
+from .base import PruningStrategy
+from .grouping import first_stage_facts, view_shares
+from .registry import register_strategy
+
+
+def top_per_view(scores: torch.Tensor, groups: torch.Tensor, budget: int) -> torch.Tensor:
+    """[n] bool: in each group of `groups` [n], its share of `budget` (`view_shares`) of the highest `scores`
+    (ties: the earlier token)."""
+    keep = torch.zeros_like(groups, dtype=torch.bool)
+    for group, share in view_shares(groups, budget).items():
+        members = (groups == group).nonzero().reshape(-1)
+        order = torch.sort(scores[members].float(), descending=True, stable=True).indices
+        keep[members[order[:share]]] = True
+    return keep
+
+
+class ViewSelection(PruningStrategy):
+    """A method that picks its kept set per view itself: `compute_scores` marks the picks (finite scores, the rest
+    -inf) and `select_tokens` keeps exactly those."""
+
+    needs_attention = False
+    needs_vision_attention = True
+    positions = "compact"
+
+    @classmethod
+    def schedule_defaults(cls, config, num_layers: int) -> dict:
+        return {"prune_layer": 0} if config.prune_layer_defaulted else {}
+
+    def budget(self, config, ctx) -> int:
+        count = self._budget_count(config, ctx["stage"], ctx["image_token_indices"].numel())
+        if count is None:
+            raise ValueError(f"{self.name} keeps a fixed number of tokens: give keep_tokens or keep_ratio")
+        return count
+
+    @staticmethod
+    def marked(keep: torch.Tensor, values: torch.Tensor, image_token_range, rows) -> torch.Tensor:
+        start, end = image_token_range
+        scores = torch.full((end - start,), -float("inf"), device=rows.device)
+        scores[rows[keep] - start] = values[keep].float().to(rows.device)
+        return scores
+
+    def select_tokens(self, scores, num_tokens, config, stage=0):
+        return (scores.reshape(-1) > -float("inf")).nonzero().reshape(-1)
+
+
+@register_strategy("fastervlm")
+class FasterVLM(ViewSelection):
+    requires = ("vision_importance", "visual_grid")
+
+    def compute_scores(self, attention, image_token_range, config, **ctx):
+        rows = ctx["image_token_indices"]
+        importance, groups = first_stage_facts(
+            ctx, "fastervlm", lambda: (ctx["vision_importance"]().float(), ctx["visual_grid"]()[:, 0])
+        )
+        keep = top_per_view(importance, groups.to(importance.device), self.budget(config, ctx))
+        return self.marked(keep, importance, image_token_range, rows)

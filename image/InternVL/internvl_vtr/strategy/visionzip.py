@@ -1,0 +1,131 @@
+# Copied from image/LLaVA/llava/vtr/strategy/visionzip.py
+# Shared vtr file: edit it in image/LLaVA/llava/vtr, then `make fix-copies` updates every fork.
+"""VisionZip (Yang et al., CVPR 2025): dominant tokens by the vision encoder's CLS attention, the rest merged into
+a few contextual tokens, before the projector.
+
+As the official code (dvlab-research/VisionZip, `clip_encoder.py`), in the vision layer whose output the
+projector reads (`ctx["vision_layer"]()`), per view (an image, a tile, a frame), with a share T of the budget
+(split over the views in proportion to their sizes) of which C = round(T x 10/64) are contextual
+(`contextual_tokens` overrides; the official 54 + 10 for 64 tokens, 108 + 20, 162 + 30) and D = T - C dominant:
+- dominant: the CLS token and the D - 1 patches its query attends to most (mean over heads; ties: the
+  earlier patch), in patch order; the CLS token is fed to the LLM too, projected like the patches;
+- contextual: the other patches in patch order form a list of M; targets are its entries 0, s, 2s, ... (the
+  first C, s = max(1, M // C)); every other entry joins the target whose key (the layer's keys, mean over heads,
+  L2-normalised) is most similar (ties: the first target); a contextual token is its target's features PLUS the
+  mean features of the patches that joined it (the target alone when none did), on the layer's output before the
+  projector, then projected.
+Each view enters the LLM as [CLS, dominant patches, contextual tokens] (the official order), the image shortened
+before the first decoder layer (`prune_layer=0`, contiguous positions). Tokens off every grid (LLaVA-1.6's row
+newlines) are dropped. Needs a token count: keep_tokens or keep_ratio.
+"""
+
+import torch
+
+from .base import PruningStrategy
+from .grouping import view_shares
+from .registry import register_strategy
+
+CONTEXTUAL_SHARE = 10 / 64  # the official split: 10 contextual of 64 tokens
+
+
+def contextual_count(share: int, config) -> int:
+    """How many of a view's `share` tokens are contextual."""
+    if config.contextual_tokens is not None:
+        return min(share, config.contextual_tokens)
+    return min(share, int(share * CONTEXTUAL_SHARE + 0.5))
+
+
+def merge_contextual(features: torch.Tensor, keys: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """VisionZip's contextual tokens of the remaining patches (`features` [m, width], `keys` [m, dim], in patch
+    order): (contextual [c, width], target [c] indices into the remaining patches). c = min(count, m)."""
+    m = features.shape[0]
+    if count <= 0 or m == 0:
+        return features[:0], torch.empty(0, dtype=torch.long, device=features.device)
+    step = max(1, m // count)
+    targets = torch.arange(0, m, step, device=features.device)[:count]
+    others = torch.ones(m, dtype=torch.bool, device=features.device)
+    others[targets] = False
+    k = keys.float() / keys.float().norm(dim=-1, keepdim=True)
+    assigned = (k[others] @ k[targets].T).argmax(dim=1)  # first maximum on ties
+    x = features.float()
+    sums = torch.zeros(targets.numel(), x.shape[1], device=x.device).index_add_(0, assigned, x[others])
+    counts = torch.bincount(assigned, minlength=targets.numel()).clamp_min(1)
+    return (x[targets] + sums / counts[:, None].to(x.dtype)).to(features.dtype), targets
+
+
+@register_strategy("visionzip")
+class VisionZip(PruningStrategy):
+    needs_attention = False
+    needs_vision_attention = True
+    supports_token_merge = True
+    token_merge_default = True
+    merge_is_method = True
+    positions = "compact"
+    requires = ("vision_layer", "vision_features", "vision_cls", "visual_grid", "project")
+
+    @classmethod
+    def schedule_defaults(cls, config, num_layers: int) -> dict:
+        return {"prune_layer": 0} if config.prune_layer_defaulted else {}
+
+    def compute_scores(self, attention, image_token_range, config, **ctx):
+        if ctx["layer_idx"] != -1 or ctx["stage"] != 0:
+            raise ValueError("visionzip works in the vision tower: it runs before the LLM only (prune_layer=0)")
+        rows = ctx["image_token_indices"]
+        budget = self._budget_count(config, 0, rows.numel())
+        if budget is None:
+            raise ValueError("visionzip keeps a fixed number of tokens: give keep_tokens or keep_ratio")
+        cls = ctx["vision_layer"]()["cls"].float()
+        groups = ctx["visual_grid"]()[:, 0].to(rows.device)
+        plan, dominant = [], torch.zeros(rows.numel(), dtype=torch.bool, device=rows.device)
+        views = [g for g in torch.unique(groups).tolist() if g >= 0]  # ascending = prompt order of the views
+        shares = view_shares(groups, budget)
+        for group in views:
+            members = (groups == group).nonzero().reshape(-1)
+            share = shares[group]
+            if share == 0:
+                continue
+            contextual = contextual_count(share, config)
+            patches = max(0, share - contextual - 1)  # the CLS token counts as dominant
+            order = torch.sort(cls[members], descending=True, stable=True).indices
+            dominant[members[order[:patches]]] = True
+            plan.append((members, share - contextual > 0, contextual))
+        ctx["vtr_ctx"]["visionzip"] = (rows, dominant, plan)
+        if not config.conventions().token_merge:
+            plan[:] = [(members, False, 0) for members, _, _ in plan]  # dominant patches only
+        start, end = image_token_range
+        scores = torch.full((end - start,), -float("inf"), device=rows.device)
+        scores[rows[dominant] - start] = cls[dominant].to(rows.device)
+        return scores
+
+    def select_tokens(self, scores, num_tokens, config, stage=0):
+        return (scores.reshape(-1) > -float("inf")).nonzero().reshape(-1)
+
+    def merge_tokens(self, dropped_hidden, dropped_scores, config, **ctx):
+        state = ctx["vtr_ctx"]
+        rows, dominant, plan = state["visionzip"]
+        dropped = ctx["dropped_index"]  # current rows, ascending
+        features = state["vision_features"]().to(rows.device)
+        keys = state["vision_layer"]()["keys"].to(rows.device)
+        cls_features = state["vision_cls"]().to(rows.device)
+        merged, which, after = [], [], []
+        for members, with_cls, contextual in plan:
+            rest = members[~dominant[members]]  # the remaining patches of the view, in patch order
+            if rest.numel() == 0:
+                continue
+            slot = torch.searchsorted(dropped, rows[rest])  # their places among the dropped tokens
+            kept = members[dominant[members]]
+            tokens, targets = merge_contextual(features[rest], keys[rest], contextual)
+            free = torch.ones(rest.numel(), dtype=torch.bool, device=rest.device)
+            free[targets] = False
+            if with_cls and bool(free.any()):  # right before the view's first dominant patch (or its first patch)
+                first = rows[kept].min() if kept.numel() else rows[members].min()
+                merged.append(cls_features[members[:1]])
+                which.append(slot[free.nonzero()[0]])  # a dropped patch no contextual token stands for
+                after.append((first - 1).reshape(1))
+            merged.append(tokens)
+            which.append(slot[targets])
+            after.append(rows[members].max().expand(targets.numel()))
+        if not merged:
+            return None
+        projected = ctx["vtr_ctx"]["project"](torch.cat(merged))
+        return projected.to(dropped_hidden.dtype), torch.cat(which), torch.cat(after)
