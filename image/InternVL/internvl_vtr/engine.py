@@ -123,6 +123,7 @@ class BackboneAdapter:
         pixel_inputs           forward() arguments that carry pixels (default `("pixel_values",)`)
         encoded_modalities     keys of `mm_encoder_outputs` it accepts pre-encoded (default `("image",)`)
         default_keep_tokens    the budget when the user gives none (None: the config's own default)
+        mrope                  True for M-RoPE backbones (methods' `mrope_positions` apply)
         facts                  the facts below it provides (strategies' `requires` are checked against them)
         encoder_arguments      forward() arguments only the visual encoding reads (e.g. LLaVA's
                                `vision_feature_layer`), dropped from generate() once it has encoded
@@ -179,6 +180,8 @@ class BackboneAdapter:
     """
 
     output_class: type | None = None
+    #: True for M-RoPE backbones (Qwen-VL): a method's `mrope_positions` then sets its official positions
+    mrope: bool = False
     #: the facts above that this family provides (a method's `requires` is checked against it)
     facts: tuple[str, ...] = ()
     pixel_inputs: tuple[str, ...] = ("pixel_values",)
@@ -656,7 +659,7 @@ class PrunedPrefill:
     def __init__(self, adapter: BackboneAdapter, config: VTRConfig, args: dict, kwargs: dict):
         self.adapter, self.config, self.args, self.kwargs = adapter, config, args, kwargs
         self.strategy: PruningStrategy = get_strategy(config.strategy)()
-        self.conventions = config.conventions()
+        self.conventions = config.conventions(mrope=adapter.mrope)
 
     def run(self):
         args, kwargs, lm = self.args, self.kwargs, self.adapter.language_model
@@ -1111,6 +1114,10 @@ class VTRModelMixin:
         model.__class__ = cls
         model._vtr_setup(vtr_config)
         return model
+
+    def vtr_conventions(self):
+        """The conventions the current config runs with on this backbone (`VTRConfig.conventions`)."""
+        return self.vtr_config.conventions(mrope=self.vtr_adapter.mrope)
 
     def set_vtr_config(self, vtr_config: VTRConfig) -> None:
         """Validate against this model and keep it. A config given no budget gets the backbone's default

@@ -45,7 +45,7 @@ def test_loglikelihood_applies_pruning_and_equals_the_oracle(tiny_path, stock_mo
     full = dict(inputs, input_ids=torch.cat([inputs["input_ids"], target], 1))
     full["attention_mask"] = torch.ones_like(full["input_ids"])
     stages = stage_drops(record, 1, ctx_len, inputs["input_ids"] == lm.model.config.image_token_id)
-    conventions = lm.model.vtr_config.conventions()
+    conventions = lm.model.vtr_conventions()
     assert conventions.earlier_cache == "keep"
     logits = oracle_forward(stock_models["eager"], full, stages, ctx_len, conventions=conventions)
     logprobs = torch.log_softmax(logits[0, ctx_len - 1 : -1], -1)

@@ -157,7 +157,7 @@ def check_against_oracle(backbone, model, kept=((14, 14), (5, 5))):
     """The pruned prefill and greedy decode of `model` on the padded batch equal the oracle run with the same
     drops under the model's conventions."""
     inputs, stock = backbone.batch, backbone.stock["eager"]
-    conventions = model.vtr_config.conventions()
+    conventions = model.vtr_conventions()
     with torch.no_grad():
         logits = model(**inputs).logits
     record = model.vtr_last
@@ -212,7 +212,7 @@ def test_every_merging_method_equals_the_literal_oracle(backbone, method, positi
     chosen = {} if positions == "official" else dict(positions=positions)
     model = vtr(backbone, strategy=method, keep_tokens=14, **chosen)
     inputs, stock = backbone.batch, backbone.stock["eager"]
-    conventions = model.vtr_config.conventions()
+    conventions = model.vtr_conventions()
 
     def merged_rows():
         record, replace = model.vtr_last, {}
@@ -248,7 +248,7 @@ def test_every_convention_equals_the_oracle(backbone, impl, scoring, positions, 
     """Scoring layer x positions of kept tokens x the earlier layers' cache, prefill and greedy decode."""
     cfg = dict(strategy="fastv", prune_layer=[1, 3], keep_tokens=[14, 5])
     model = vtr(backbone, impl, scoring_layer=scoring, positions=positions, earlier_cache=cache, **cfg)
-    assert tuple(model.vtr_config.conventions())[:3] == (scoring, positions, cache)
+    assert tuple(model.vtr_conventions())[:3] == (scoring, positions, cache)
     check_against_oracle(backbone, model)
 
 
@@ -305,7 +305,7 @@ def test_a_follow_up_turn_on_the_pruned_cache_equals_the_oracle(backbone, positi
         handle.remove()
     assert fed[0] == 1 + question.shape[1], "the last answer token and the question, nothing the cache holds"
     turn2 = dict(inputs, input_ids=history, attention_mask=mask)
-    conventions = model.vtr_config.conventions()
+    conventions = model.vtr_conventions()
     want, want_logits = oracle_greedy(stock, turn2, stages, STEPS, backbone.embed, conventions, prompt_len)
     assert torch.equal(out.sequences[:, history.shape[1] :], want)
     torch.testing.assert_close(torch.stack(out.logits, 1), want_logits, atol=ATOL, rtol=0)

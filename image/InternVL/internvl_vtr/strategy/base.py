@@ -57,6 +57,10 @@ class PruningStrategy(ABC):
     positions: str = "original"
     #: "keep": layers before K keep every token in their KV cache; "trim": their cache keeps the kept tokens only.
     earlier_cache: str = "keep"
+    #: The positions convention of the method's official port to M-RoPE backbones (Qwen-VL) where it differs from
+    #: `positions` (None: the same): those ports compute the M-RoPE ids of the whole prompt first and gather the
+    #: kept tokens' ids ("original"), where the LLaVA code splices a shortened image in ("compact").
+    mrope_positions: str | None = None
 
     def merge_tokens(self, dropped_hidden: torch.Tensor, dropped_scores: torch.Tensor, config, **ctx):
         """For `supports_token_merge` methods with `token_merge=True`: the tokens to insert among a sample's kept

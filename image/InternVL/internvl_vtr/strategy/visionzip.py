@@ -17,6 +17,12 @@ projector reads (`ctx["vision_layer"]()`), per view (an image, a tile, a frame),
 Each view enters the LLM as [CLS, dominant patches, contextual tokens] (the official order), the image shortened
 before the first decoder layer (`prune_layer=0`, contiguous positions). Tokens off every grid (LLaVA-1.6's row
 newlines) are dropped. Needs a token count: keep_tokens or keep_ratio.
+
+Towers whose projector merges patches (Qwen-VL, InternVL) follow the official Qwen2.5-VL port: no CLS token
+enters, the importance is the CLS attention where the tower has one and else the attention each token receives
+(`vision_layer()["received"]`), C = max(1, T // 14) (the port's 5% of a 70% budget), the merging runs on the
+projected tokens (keys pooled over the merged patches), each contextual token takes its target's place, and on
+M-RoPE backbones the kept tokens keep their original positions (`mrope_positions`).
 """
 
 import torch
@@ -28,10 +34,13 @@ from .registry import register_strategy
 CONTEXTUAL_SHARE = 10 / 64  # the official split: 10 contextual of 64 tokens
 
 
-def contextual_count(share: int, config) -> int:
-    """How many of a view's `share` tokens are contextual."""
+def contextual_count(share: int, config, spliced: bool = True) -> int:
+    """How many of a view's `share` tokens are contextual: 10/64 (rounded) before a per-patch projector, the
+    official LLaVA split; 1/14 (at least one) after a merging one, the Qwen port's 5% of a 70% budget."""
     if config.contextual_tokens is not None:
         return min(share, config.contextual_tokens)
+    if not spliced:
+        return min(share, max(1, share // 14))
     return min(share, int(share * CONTEXTUAL_SHARE + 0.5))
 
 
@@ -61,11 +70,18 @@ class VisionZip(PruningStrategy):
     token_merge_default = True
     merge_is_method = True
     positions = "compact"
-    requires = ("vision_layer", "vision_features", "vision_cls", "visual_grid", "project")
+    mrope_positions = "original"  # the Qwen2.5-VL port gathers the kept tokens' M-RoPE ids
+    requires = ("vision_layer", "visual_grid")
 
     @classmethod
     def schedule_defaults(cls, config, num_layers: int) -> dict:
         return {"prune_layer": 0} if config.prune_layer_defaulted else {}
+
+    @staticmethod
+    def spliced(ctx) -> bool:
+        """True on towers whose projector maps each patch on its own (LLaVA, Video-LLaVA): VisionZip then works
+        before the projector, with the CLS token; False where the projector merges patches (the Qwen port)."""
+        return all(name in ctx for name in ("project", "vision_features", "vision_cls"))
 
     def compute_scores(self, attention, image_token_range, config, **ctx):
         if ctx["layer_idx"] != -1 or ctx["stage"] != 0:
@@ -74,27 +90,28 @@ class VisionZip(PruningStrategy):
         budget = self._budget_count(config, 0, rows.numel())
         if budget is None:
             raise ValueError("visionzip keeps a fixed number of tokens: give keep_tokens or keep_ratio")
-        cls = ctx["vision_layer"]()["cls"].float()
+        spliced = self.spliced(ctx)
+        layer = ctx["vision_layer"]()
+        importance = (layer["cls"] if layer["cls"] is not None else layer["received"]).float().to(rows.device)
         groups = ctx["visual_grid"]()[:, 0].to(rows.device)
         plan, dominant = [], torch.zeros(rows.numel(), dtype=torch.bool, device=rows.device)
-        views = [g for g in torch.unique(groups).tolist() if g >= 0]  # ascending = prompt order of the views
         shares = view_shares(groups, budget)
-        for group in views:
+        for group in sorted(shares):  # ascending = prompt order of the views
             members = (groups == group).nonzero().reshape(-1)
             share = shares[group]
             if share == 0:
                 continue
-            contextual = contextual_count(share, config)
-            patches = max(0, share - contextual - 1)  # the CLS token counts as dominant
-            order = torch.sort(cls[members], descending=True, stable=True).indices
+            contextual = contextual_count(share, config, spliced)
+            patches = max(0, share - contextual - spliced)  # the CLS token counts as dominant
+            order = torch.sort(importance[members], descending=True, stable=True).indices
             dominant[members[order[:patches]]] = True
-            plan.append((members, share - contextual > 0, contextual))
-        ctx["vtr_ctx"]["visionzip"] = (rows, dominant, plan)
+            plan.append((members, spliced and share - contextual > 0, contextual))
         if not config.conventions().token_merge:
-            plan[:] = [(members, False, 0) for members, _, _ in plan]  # dominant patches only
+            plan = [(members, False, 0) for members, _, _ in plan]  # dominant patches only
+        ctx["vtr_ctx"]["visionzip"] = (rows, dominant, plan, spliced)
         start, end = image_token_range
         scores = torch.full((end - start,), -float("inf"), device=rows.device)
-        scores[rows[dominant] - start] = cls[dominant].to(rows.device)
+        scores[rows[dominant] - start] = importance[dominant]
         return scores
 
     def select_tokens(self, scores, num_tokens, config, stage=0):
@@ -102,30 +119,34 @@ class VisionZip(PruningStrategy):
 
     def merge_tokens(self, dropped_hidden, dropped_scores, config, **ctx):
         state = ctx["vtr_ctx"]
-        rows, dominant, plan = state["visionzip"]
+        rows, dominant, plan, spliced = state["visionzip"]
         dropped = ctx["dropped_index"]  # current rows, ascending
-        features = state["vision_features"]().to(rows.device)
         keys = state["vision_layer"]()["keys"].to(rows.device)
-        cls_features = state["vision_cls"]().to(rows.device)
+        if spliced:  # the tower's features before the projector
+            features, cls_features = state["vision_features"]().to(rows.device), state["vision_cls"]().to(rows.device)
         merged, which, after = [], [], []
         for members, with_cls, contextual in plan:
             rest = members[~dominant[members]]  # the remaining patches of the view, in patch order
-            if rest.numel() == 0:
+            if rest.numel() == 0 or contextual == 0 and not with_cls:
                 continue
             slot = torch.searchsorted(dropped, rows[rest])  # their places among the dropped tokens
-            kept = members[dominant[members]]
-            tokens, targets = merge_contextual(features[rest], keys[rest], contextual)
+            values = features[rest] if spliced else dropped_hidden[slot]
+            tokens, targets = merge_contextual(values, keys[rest], contextual)
             free = torch.ones(rest.numel(), dtype=torch.bool, device=rest.device)
             free[targets] = False
             if with_cls and bool(free.any()):  # right before the view's first dominant patch (or its first patch)
+                kept = members[dominant[members]]
                 first = rows[kept].min() if kept.numel() else rows[members].min()
                 merged.append(cls_features[members[:1]])
                 which.append(slot[free.nonzero()[0]])  # a dropped patch no contextual token stands for
                 after.append((first - 1).reshape(1))
             merged.append(tokens)
             which.append(slot[targets])
-            after.append(rows[members].max().expand(targets.numel()))
+            # spliced: after the view's dominant patches; the Qwen port: in its target's place
+            after.append(rows[members].max().expand(targets.numel()) if spliced else rows[rest[targets]])
         if not merged:
             return None
-        projected = ctx["vtr_ctx"]["project"](torch.cat(merged))
-        return projected.to(dropped_hidden.dtype), torch.cat(which), torch.cat(after)
+        merged = torch.cat(merged)
+        if spliced:
+            merged = state["project"](merged)
+        return merged.to(dropped_hidden.dtype), torch.cat(which), torch.cat(after)

@@ -51,6 +51,7 @@ def hiprune_view(shallow, deep, row, col, budget: int, alpha: float) -> torch.Te
 @register_strategy("hiprune")
 class HiPrune(ViewSelection):
     requires = ("vision_layer", "vision_tower", "visual_grid")
+    mrope_positions = "original"  # the Qwen2.5-VL port gathers the kept tokens' M-RoPE ids
 
     def vision_layers(self, config, tower: dict) -> tuple[int, ...]:
         if config.hiprune_layer is not None:

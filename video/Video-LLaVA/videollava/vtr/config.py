@@ -310,9 +310,10 @@ class VTRConfig:
             if not valid(v):
                 raise _bad(name, value, f"each value must be {allowed}")
 
-    def conventions(self) -> Conventions:
+    def conventions(self, mrope: bool = False) -> Conventions:
         """The conventions this config runs with: an explicit field, else `COMMON_CONVENTIONS` under
-        `convention="common"`, else the method's own (its class attributes)."""
+        `convention="common"`, else the method's own (its class attributes; on an M-RoPE backbone, `mrope`,
+        its `mrope_positions` where it sets one)."""
         from .strategy import get_strategy
 
         method = get_strategy(self.strategy) if self.enabled else None
@@ -323,6 +324,8 @@ class VTRConfig:
                 value = (
                     COMMON_CONVENTIONS[name] if self.convention == "common" or method is None else getattr(method, name)
                 )
+                if name == "positions" and mrope and method is not None and self.convention != "common":
+                    value = method.mrope_positions or value
             chosen[name] = value
         merge = self.token_merge
         if merge is None:
