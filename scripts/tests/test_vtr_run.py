@@ -548,6 +548,32 @@ def test_describe_shows_a_user_methods_class_docstring(capsys):
     assert "--describe llava user_norm: unknown strategy 'user_norm'" in capsys.readouterr().err
 
 
+def test_a_method_a_family_cannot_run_is_refused_before_the_sweep_and_described_so(tmp_path, capsys):
+    """A method that `requires` a fact an adapter does not give: --dry-run refuses it naming the model and the
+    fact, --describe says so, and a family that gives it runs it (CLIP-towered LLaVA gives vision_cls)."""
+    from llava.vtr.strategy import PruningStrategy, register_strategy
+    from llava.vtr.strategy.registry import _REGISTRY
+
+    @register_strategy("user_needs")
+    class UserNeeds(PruningStrategy):
+        """Needs a fact no family gives."""
+
+        needs_attention = False
+        requires = ("visual_grid", "no_such_fact")
+
+    try:
+        out = str(tmp_path / "out")
+        assert script().main(["--backbone", "llava", "--method", "user_needs", "--output", out, "--dry-run"]) == 2
+        err = capsys.readouterr().err
+        assert "user_needs is not supported on llava: LLaVA-1.5 needs no_such_fact" in err and err.count("\n") == 1
+        assert script().main(["--describe", "llava-next", "user_needs"]) == 0
+        assert "not supported here: LLaVA-1.6 needs no_such_fact" in capsys.readouterr().out
+        UserNeeds.requires = ("vision_cls",)
+        assert script().main(["--backbone", "llava", "--method", "user_needs", "--output", out, "--dry-run"]) == 0
+    finally:
+        _REGISTRY.pop("user_needs")
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
