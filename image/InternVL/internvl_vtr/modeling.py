@@ -29,6 +29,7 @@ from .engine import (
     beam_repeats,
     register_vtr_classes,
 )
+from .strategy import get_strategy
 
 __all__ = ["InternVLAdapter", "StageRecord", "VTRInternVLForConditionalGeneration", "VTRRecord"]
 
@@ -41,7 +42,7 @@ class InternVLAdapter(BackboneAdapter):
     #: the share LLaVA-1.6 keeps by default (320 of 2,880).
     default_keep_tokens = 192
     output_class = InternVLCausalLMOutputWithPast
-    facts = ("patch_grid", "visual_grid", "vision_importance")
+    facts = ("patch_grid", "visual_grid", "vision_importance", "vision_layer", "vision_tower")
     encoder_arguments = ("vision_feature_layer", "vision_feature_select_strategy")
 
     def anchor_row(self, span_end: int) -> int:
@@ -73,7 +74,7 @@ class InternVLAdapter(BackboneAdapter):
             inputs_embeds.masked_scatter(placeholder, features),
             visual,
             output_extras={"image_hidden_states": features},
-            strategy_ctx={"patch_grid": self.patch_grid()},
+            strategy_ctx={"patch_grid": self.patch_grid(), "vision_tower": self.vision_tower()},
             lazy_ctx=self._lazy_facts(visual, image_output),
         )
 
@@ -86,8 +87,8 @@ class InternVLAdapter(BackboneAdapter):
         return (rows, cols)
 
     def _lazy_facts(self, visual: torch.Tensor, image_output) -> dict:
-        """`visual_grid(b)` and `vision_importance(b)`, computed on request (a host sync each). A sample's
-        visual tokens are its tiles (or frames) in order, `rows * cols` tokens each, row-major."""
+        """`visual_grid(b)`, `vision_importance(b)` and `vision_layer(b, i)`, computed on request (a host sync
+        each). A sample's visual tokens are its tiles (or frames) in order, `rows * cols` tokens each, row-major."""
         rows, cols = self.patch_grid()
         per_tile = rows * cols
         cache = {}
@@ -103,32 +104,67 @@ class InternVLAdapter(BackboneAdapter):
             within = index % per_tile
             return torch.stack([index // per_tile, within // cols, within % cols], dim=-1)
 
-        def vision_importance(b: int) -> torch.Tensor:
-            if "importance" not in cache:
-                cache["importance"] = self._cls_attention(image_output).reshape(-1)  # every tile of the batch
-            importance, sample_counts = cache["importance"], counts()
+        def sample_rows(b: int, total: int, what: str) -> slice:
+            """Sample b's rows among the `total` encoded tile positions of the batch (all tiles, in order)."""
             # beam search repeats each sample k times in a row; the encoded tiles are the original samples'
-            total = importance.numel()
-            repeats = beam_repeats(sum(sample_counts), total, "vision_importance")
+            sample_counts = counts()
+            repeats = beam_repeats(sum(sample_counts), total, what)
             sample_counts, b = sample_counts[::repeats], b // repeats
             first = sum(sample_counts[:b])
             if sum(sample_counts) != total:
                 raise ValueError(
-                    f"vision_importance: the visual tokens ({sample_counts}) do not line up with the {total} "
-                    "encoded tile positions"
+                    f"{what}: the visual tokens ({sample_counts}) do not line up with the {total} encoded tile "
+                    "positions"
                 )
-            return importance[first : first + sample_counts[b]].to(visual.device)
+            return slice(first, first + sample_counts[b])
 
-        return {"visual_grid": visual_grid, "vision_importance": vision_importance}
+        def vision_importance(b: int) -> torch.Tensor:
+            if "importance" not in cache:
+                cache["importance"] = self._cls_attention(image_output).reshape(-1)  # every tile of the batch
+            importance = cache["importance"]
+            return importance[sample_rows(b, importance.numel(), "vision_importance")].to(visual.device)
 
-    def vision_layers(self) -> list[int]:
-        """Indices into the tower's hidden states to keep: the projector's input and the input of the layer
-        that produced it (whose CLS attention `vision_importance` recomputes)."""
+        def vision_layer(b: int, layer: int | None = None) -> dict:
+            index = self._feature_index() - 1 if layer is None else self._tower_layer(layer)
+            if ("layer", index) not in cache:  # every tile of the batch, [tiles * rows * cols, ...]
+                facts = self._layer_attention(image_output, index)
+                cache[("layer", index)] = {name: value.flatten(0, 1) for name, value in facts.items()}
+            facts = cache[("layer", index)]
+            chosen = sample_rows(b, facts["received"].shape[0], "vision_layer")
+            return {name: value[chosen].to(visual.device) for name, value in facts.items()}
+
+        return {"visual_grid": visual_grid, "vision_importance": vision_importance, "vision_layer": vision_layer}
+
+    def vision_tower(self) -> dict:
+        """The `vision_tower` fact: InternViT's depth, with a CLS token."""
+        return {"depth": self.model.config.vision_config.num_hidden_layers, "cls": True}
+
+    def _tower_layer(self, layer: int) -> int:
+        """A vision-tower layer index (negative from the end) as a 0-based index, checked."""
+        count = self.model.config.vision_config.num_hidden_layers
+        index = layer + count if layer < 0 else layer
+        if not 0 <= index < count:
+            raise ValueError(f"vision layer {layer} does not exist: the vision tower has {count} layers")
+        return index
+
+    def _feature_index(self) -> int:
+        """The tower hidden state the projector reads (the config's feature layer, the last of several), 0-based."""
         config = self.model.config
         layer = config.vision_feature_layer
         layer = layer[-1] if isinstance(layer, (list, tuple)) else layer
-        index = layer if layer >= 0 else config.vision_config.num_hidden_layers + 1 + layer
-        return sorted({index - 1, index})
+        return layer if layer >= 0 else config.vision_config.num_hidden_layers + 1 + layer
+
+    def vision_layers(self) -> list[int]:
+        """Indices into the tower's hidden states to keep: the projector's input, the input of the layer that
+        produced it (whose CLS attention `vision_importance` recomputes) and the inputs of the layers the
+        configured strategy reads through `vision_layer(i)` (its `vision_layers`)."""
+        index = self._feature_index()
+        vtr_config = getattr(self.model, "vtr_config", None)
+        inputs = []
+        if vtr_config is not None and vtr_config.enabled:
+            method = get_strategy(vtr_config.strategy)()
+            inputs = [self._tower_layer(i) for i in method.vision_layers(vtr_config, self.vision_tower())]
+        return sorted({index - 1, index, *inputs})
 
     def encode_images(self, pixel_values, **vision_kwargs):
         """The stock `get_image_features`, also keeping the hidden states `vision_importance` needs."""
@@ -140,7 +176,7 @@ class InternVLAdapter(BackboneAdapter):
         """[tiles, rows * cols]: the CLS query's attention (mean over heads) in the vision layer whose output
         the projector reads, recomputed for that one layer, summed over each 2 x 2 patch block that the
         pixel shuffle merges into one token (the stock `pixel_shuffle` does the grouping)."""
-        index = self.vision_layers()[-1]
+        index = self._feature_index()
         hidden_states = getattr(image_output, "hidden_states", None)
         if hidden_states is None or hidden_states[index - 1] is None:
             raise ValueError(
@@ -159,6 +195,40 @@ class InternVLAdapter(BackboneAdapter):
         grid = patches.reshape(tiles, side, side, 1)
         shuffled = self.model.model.pixel_shuffle(grid, scale_factor=self.model.config.downsample_ratio)
         return shuffled.sum(-1).reshape(tiles, -1)
+
+    def _layer_attention(self, image_output, layer: int) -> dict:
+        """{cls, received, keys} per tile and visual token, [tiles, rows * cols, ...], of tower layer `layer`
+        (0-based), recomputed in float32 from the layer's input (kept by `encode_images` when the strategy names
+        the layer in `vision_layers`), only this layer's attention map built: the CLS row's attention to each
+        patch (mean over heads), the attention each patch receives (mean over heads and the tile's query rows,
+        CLS included) and its keys (after `k_norm`, mean over heads), each then averaged over the 2 x 2
+        patches the pixel shuffle merges into one token."""
+        hidden_states = getattr(image_output, "hidden_states", None)
+        if hidden_states is None or hidden_states[layer] is None:
+            raise ValueError(
+                f"vision_layer({layer}) needs the vision tower's hidden states entering that layer, which these "
+                "encoded features lack; name the layer in the strategy's vision_layers()"
+            )
+        block = self.model.model.vision_tower.encoder.layer[layer]
+        attn, h = block.attention, block.layernorm_before(hidden_states[layer])
+        tiles, length, _ = h.shape
+        q = attn.q_norm(attn.q_proj(h)).view(tiles, length, attn.num_heads, attn.head_dim).transpose(1, 2).float()
+        k = attn.k_norm(attn.k_proj(h)).view(tiles, length, attn.num_heads, attn.head_dim).transpose(1, 2).float()
+        probs = torch.softmax((q @ k.transpose(-1, -2)) * attn.scale, dim=-1).mean(dim=1)  # [tiles, len, len]
+        return {
+            "cls": self._merge_patches(probs[:, 0, 1:, None])[..., 0],  # the CLS row, patch columns
+            "received": self._merge_patches(probs.mean(dim=1)[:, 1:, None])[..., 0],
+            "keys": self._merge_patches(k.mean(dim=1)[:, 1:]),
+        }
+
+    def _merge_patches(self, per_patch: torch.Tensor) -> torch.Tensor:
+        """[tiles, patches, c] -> [tiles, rows * cols, c]: the mean over the patches the stock `pixel_shuffle`
+        merges into each visual token (it lays their channels side by side)."""
+        tiles, patches, channels = per_patch.shape
+        side = int(patches**0.5)
+        grid = per_patch.reshape(tiles, side, side, channels)
+        shuffled = self.model.model.pixel_shuffle(grid, scale_factor=self.model.config.downsample_ratio)
+        return shuffled.reshape(tiles, -1, shuffled.shape[-1] // channels, channels).mean(dim=2)
 
 
 class VTRInternVLForConditionalGeneration(VTRModelMixin, InternVLForConditionalGeneration):
