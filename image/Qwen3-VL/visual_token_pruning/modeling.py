@@ -18,6 +18,11 @@ below except what `QwenVLAdapter`'s subclasses state:
                      order restarts; row / col are the height / width rows minus the group's smallest
     vision_importance  the mean attention each merged token receives in the vision tower's last block,
                      recomputed from that block's input (Qwen2.5-VL: in its window order, mapped back)
+    vision_layer(i)  vision block i's (None: the last block's) `received` (as vision_importance) and `keys`
+                     (after the vision RoPE, mean over heads and the 2 x 2 merge) per merged token, recomputed
+                     from the block's input (kept when encoding: the last block's and the strategy's
+                     `vision_layers`); `cls` is None: these ViTs have no CLS token
+    vision_tower     {"depth": the vision blocks, "cls": False}
     after_layer(i)   Qwen3-VL's DeepStack: for i < len(deepstack_visual_indexes), the i-th DeepStack feature
                      of each visual token still present is added to its row
     decode           generate() passes the M-RoPE rows itself (continuing the original prompt); a decode
@@ -50,6 +55,7 @@ from .engine import (
     register_vtr_classes,
     repeat_per_sample,
 )
+from .strategy import get_strategy
 
 __all__ = [
     "Qwen2VLAdapter",
@@ -64,7 +70,7 @@ __all__ = [
 ]
 
 MODALITIES = (("image", "pixel_values", "image_grid_thw"), ("video", "pixel_values_videos", "video_grid_thw"))
-#: query rows per step of the vision-importance recompute
+#: query rows per step of a vision block's attention recompute (vision_importance, vision_layer)
 QUERY_CHUNK = 1024
 
 
@@ -72,7 +78,7 @@ class QwenVLAdapter(BackboneAdapter):
     """What the Qwen-VL families share (see the module docstring); Qwen2-VL is exactly this."""
 
     output_class = CausalLMOutputWithPast
-    facts = ("patch_grid", "visual_grid", "vision_importance")
+    facts = ("patch_grid", "visual_grid", "vision_importance", "vision_layer", "vision_tower")
     pixel_inputs = ("pixel_values", "pixel_values_videos")
     encoded_modalities = ("image", "video")
     #: forward() arguments that `get_rope_index` also reads (Qwen2.5-VL: the seconds per temporal patch)
@@ -81,14 +87,42 @@ class QwenVLAdapter(BackboneAdapter):
     # ------------------------------------------------------------------ encoding
 
     def encode(self, modality: str, pixels: torch.Tensor, grid_thw: torch.Tensor):
-        """The stock `get_image_features` / `get_video_features`, also keeping the input of the last vision
-        block (for `vision_importance`) and the grid (generate() drops it once visuals are encoded)."""
+        """The stock `get_image_features` / `get_video_features`, also keeping the inputs of the vision blocks
+        the facts recompute (`vision_layers`) and the grid (generate() drops it once visuals are encoded)."""
         if grid_thw is None:
             raise ValueError(f"{modality} pixels need {modality}_grid_thw (the processor returns it)")
         fn = getattr(self.model.model, f"get_{modality}_features")
-        out = fn(pixels, grid_thw, return_dict=True, output_hidden_states=[-2])
+        out = fn(pixels, grid_thw, return_dict=True, output_hidden_states=self.vision_layers())
         out.vtr_grid_thw = grid_thw
         return out
+
+    @property
+    def vision_depth(self) -> int:
+        """The vision tower's block count."""
+        return self.model.config.vision_config.depth
+
+    def vision_tower(self) -> dict:
+        """The `vision_tower` fact: the ViT's block count; it has no CLS token."""
+        return {"depth": self.vision_depth, "cls": False}
+
+    def _tower_layer(self, layer: int) -> int:
+        """A vision block index (negative from the end) as a 0-based index, checked."""
+        count = self.vision_depth
+        index = layer + count if layer < 0 else layer
+        if not 0 <= index < count:
+            raise ValueError(f"vision layer {layer} does not exist: the vision tower has {count} blocks")
+        return index
+
+    def vision_layers(self) -> list[int]:
+        """The tower hidden states to keep (state i is the input of block i): the last block's (read by
+        `vision_importance` and `vision_layer()`) and those of the blocks the strategy reads through
+        `vision_layer(i)` (its `vision_layers(config, tower)`)."""
+        vtr_config = getattr(self.model, "vtr_config", None)
+        inputs = []
+        if vtr_config is not None and vtr_config.enabled:
+            method = get_strategy(vtr_config.strategy)()
+            inputs = [self._tower_layer(i) for i in method.vision_layers(vtr_config, self.vision_tower())]
+        return sorted({self.vision_depth - 1, *inputs})
 
     def encode_inputs(self, args: dict) -> dict:
         encoded = dict(args.get("mm_encoder_outputs") or {})
@@ -128,7 +162,7 @@ class QwenVLAdapter(BackboneAdapter):
             embeds,
             visual,
             positions=positions.permute(1, 2, 0),
-            strategy_ctx={"patch_grid": self._first_grids(group, row, col)},
+            strategy_ctx={"patch_grid": self._first_grids(group, row, col), "vision_tower": self.vision_tower()},
             lazy_ctx=self._lazy_facts(visual, group, row, col, masks, encoded),
         )
         # what the stock prefill leaves there: each sample's next position minus its real length
@@ -241,42 +275,63 @@ class QwenVLAdapter(BackboneAdapter):
         return [tuple(rc) for rc in torch.stack([rows, cols], 1).tolist()]
 
     def _lazy_facts(self, visual, group, row, col, masks, encoded) -> dict:
+        """`visual_grid(b)`, `vision_importance(b)` and `vision_layer(b, i)`, computed on request (each vision
+        block once per prefill)."""
         cache = {}
 
+        def block(b: int, index: int, what: str) -> dict:
+            if index not in cache:
+                cache[index] = self._vision_layer(visual, masks, encoded, index, what)
+            return {name: per_sample[b] for name, per_sample in cache[index].items()}
+
+        def vision_layer(b: int, layer: int | None = None) -> dict:
+            index = self.vision_depth - 1 if layer is None else self._tower_layer(layer)
+            return {"cls": None, **block(b, index, f"vision_layer({layer})")}
+
         def importance(b: int) -> torch.Tensor:
-            if "importance" not in cache:
-                cache["importance"] = self._vision_importance(visual, masks, encoded)
-            return cache["importance"][b]
+            return block(b, self.vision_depth - 1, "vision_importance")["received"]
 
         def grid(b: int) -> torch.Tensor:
             return torch.stack([group[b], row[b], col[b]], -1)[visual[b]]
 
-        return {"visual_grid": grid, "vision_importance": importance}
+        return {"visual_grid": grid, "vision_importance": importance, "vision_layer": vision_layer}
 
-    def _vision_importance(self, visual, masks, encoded) -> list[torch.Tensor]:
-        """Per sample, [num_visual]: the mean attention each merged token receives in the last vision block
-        (mean over heads, over the query patches of its own image or frame group, and over its 2 x 2
-        patches). These ViTs have no CLS token; that block's attention is recomputed from its input."""
-        values = torch.zeros(visual.shape, dtype=torch.float32, device=visual.device)
+    def _vision_layer(self, visual, masks, encoded, layer: int, what: str) -> dict[str, list[torch.Tensor]]:
+        """name -> per sample [num_visual, ...]: vision block `layer`'s `received` [num_visual] and `keys`
+        [num_visual, head_dim] (`_block_facts`) at each visual token in prompt order, from the outputs that
+        encoded its modality (beam search: each sample's repeated for its beams)."""
+        tables = {}
         for name, mask in masks.items():
-            received = self._merged_attention(encoded[name]).to(values.device)
-            repeats = beam_repeats(int(mask.sum()), received.numel(), f"vision_importance ({name})")
+            facts = self._block_facts(encoded[name], layer, what)
+            repeats = beam_repeats(int(mask.sum()), facts["received"].numel(), f"{what} ({name})")
             counts = mask.sum(1)[::repeats].tolist()
-            values[mask] = repeat_per_sample(received, counts, repeats)
-        return [values[b, visual[b]] for b in range(visual.shape[0])]
+            for key, value in facts.items():
+                if key not in tables:
+                    tables[key] = torch.zeros(
+                        *visual.shape, *value.shape[1:], dtype=torch.float32, device=visual.device
+                    )
+                tables[key][mask] = repeat_per_sample(value.to(visual.device), counts, repeats)
+        return {key: [table[b, visual[b]] for b in range(visual.shape[0])] for key, table in tables.items()}
 
-    def _merged_attention(self, out) -> torch.Tensor:
+    def _block_facts(self, out, layer: int, what: str) -> dict[str, torch.Tensor]:
+        """{received [n], keys [n, head_dim]} of vision block `layer` per merged token of `out` (its images or
+        videos in order): the attention each patch receives (mean over heads and over the query patches of the
+        span it attends within: its image or frame group, or Qwen2.5-VL's window in a windowed block) and its
+        keys as the block attends with them (after the vision RoPE, mean over heads), each then the mean over
+        the token's 2 x 2 patches. These ViTs have no CLS token; the block's attention is recomputed in float32
+        from its input, in query chunks, and no other block's is."""
         visual_model = self.model.model.visual
         hidden_states = getattr(out, "hidden_states", None)
         grid = getattr(out, "vtr_grid_thw", None)
-        if hidden_states is None or hidden_states[-2] is None or grid is None:
+        if hidden_states is None or grid is None or len(hidden_states) <= layer or hidden_states[layer] is None:
             raise ValueError(
-                "vision_importance needs the vision tower's last-block input, which these pre-encoded features lack; "
-                "pass pixel values (generate() encodes them through this fork, which keeps it)"
+                f"{what} needs the input of vision block {layer}, which these encoded features lack; pass pixel "
+                "values (generate() and forward() encode them through this fork, keeping the blocks the strategy's "
+                "vision_layers() names)"
             )
-        block = visual_model.blocks[-1]
-        x = block.norm1(hidden_states[-2])
-        cos, sin, cu_seqlens, restore = self._last_block_layout(visual_model, x, grid)
+        block = visual_model.blocks[layer]
+        x = block.norm1(hidden_states[layer])
+        cos, sin, cu_seqlens, restore = self._block_layout(visual_model, x, grid, layer)
         attn = block.attn
         n = x.shape[0]
         q, k, _ = attn.qkv(x).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
@@ -292,11 +347,15 @@ class QwenVLAdapter(BackboneAdapter):
                 probs = torch.softmax(qs @ ks.transpose(-1, -2) * attn.scaling, dim=-1)  # [heads, chunk, len]
                 received[start:end] += probs.sum(dim=(0, 1))
             received[start:end] /= attn.num_heads * (end - start)
-        merged = received.reshape(-1, visual_model.spatial_merge_size**2).mean(-1)
-        return merged if restore is None else merged[restore]
+        unit = visual_model.spatial_merge_size**2
+        merged = {
+            "received": received.reshape(-1, unit).mean(-1),
+            "keys": k.float().mean(1).reshape(-1, unit, k.shape[-1]).mean(1),
+        }
+        return merged if restore is None else {name: value[restore] for name, value in merged.items()}
 
-    def _last_block_layout(self, visual_model, x, grid):
-        """(cos, sin, cu_seqlens, restore) of the last vision block as the stock tower runs it: its rotary
+    def _block_layout(self, visual_model, x, grid, layer: int):
+        """(cos, sin, cu_seqlens, restore) of vision block `layer` as the stock tower runs it: its rotary
         tables and attention bounds over the patches in the tower's order, and the index that puts merged
         tokens back in prompt order (None: already in it)."""
         from transformers.vision_utils import get_vision_attention_seqlens, get_vision_position_ids
@@ -314,11 +373,12 @@ class Qwen2VLAdapter(QwenVLAdapter):
 class Qwen2_5_VLAdapter(QwenVLAdapter):
     """Qwen2.5-VL: the temporal M-RoPE row is absolute time (`second_per_grid_ts`), and the vision tower runs
     on patches reordered by window (window attention except in `fullatt_block_indexes`), restoring the order
-    after the merger; `vision_importance` recomputes the last block in that order and maps it back."""
+    after the merger; `vision_importance` and `vision_layer` recompute a block in that order (within windows
+    or whole images as that block attends) and map it back."""
 
     rope_inputs = ("second_per_grid_ts",)
 
-    def _last_block_layout(self, visual_model, x, grid):
+    def _block_layout(self, visual_model, x, grid, layer: int):
         from transformers.vision_utils import (
             get_vision_attention_seqlens,
             get_vision_position_ids,
@@ -335,7 +395,7 @@ class Qwen2_5_VLAdapter(QwenVLAdapter):
         position_ids = get_vision_position_ids(grid, visual_model.spatial_merge_size, kwargs={})
         cos, sin = visual_model.rotary_pos_emb(x, position_ids)
         cos, sin = (visual_model.permute_input_for_window_attn(t, window_index, seq_len=x.shape[0]) for t in (cos, sin))
-        if len(visual_model.blocks) - 1 in visual_model.fullatt_block_indexes:
+        if layer in visual_model.fullatt_block_indexes:
             cu_seqlens, _ = get_vision_attention_seqlens(grid, visual_model.config, kwargs={})
         else:
             cu_seqlens = cu_window_seqlens
