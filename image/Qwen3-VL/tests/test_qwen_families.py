@@ -281,3 +281,22 @@ def test_pre_encoded_outputs_bring_their_grids(qwen2_family):
         del encoded["image"].vtr_grid_thw
         with pytest.raises(ValueError, match="image tokens need image_grid_thw"):
             model(**bare, mm_encoder_outputs=encoded)
+
+
+def test_methods_ported_to_qwen_keep_their_ports_positions(family):
+    """VisionZip's, HiPrune's and CDPruner's Qwen-VL ports gather the kept tokens' M-RoPE ids (original positions);
+    methods without a port keep their LLaVA convention; an explicit field or convention="common" still wins."""
+    _, path, _, inputs = family
+    for method, positions in (("visionzip", "original"), ("hiprune", "original"), ("cdpruner", "original"),
+                              ("divprune", "compact"), ("fastervlm", "compact")):  # fmt: skip
+        model = vtr_model(path, "sdpa", strategy=method, keep_tokens=9)
+        assert model.vtr_conventions().positions == positions, method
+        assert model.vtr_config.conventions().positions == "compact", "LLaVA's, without the backbone"
+    model = vtr_model(path, "sdpa", strategy="visionzip", keep_tokens=9, positions="compact")
+    assert model.vtr_conventions().positions == "compact"
+    model = vtr_model(path, "sdpa", strategy="visionzip", keep_tokens=9, convention="common")
+    assert model.vtr_conventions().positions == "original"
+    with torch.no_grad():
+        model(**inputs)
+    kept = model.vtr_last.kept_index[0]
+    assert (kept[1:] > kept[:-1]).all(), "each contextual token in its target's place: prompt order"

@@ -78,6 +78,7 @@ class QwenVLAdapter(BackboneAdapter):
     """What the Qwen-VL families share (see the module docstring); Qwen2-VL is exactly this."""
 
     output_class = CausalLMOutputWithPast
+    mrope = True  # M-RoPE positions: methods' Qwen-VL ports (`mrope_positions`) apply
     facts = ("patch_grid", "visual_grid", "vision_importance", "vision_layer", "vision_tower")
     pixel_inputs = ("pixel_values", "pixel_values_videos")
     encoded_modalities = ("image", "video")
