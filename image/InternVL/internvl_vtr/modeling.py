@@ -29,7 +29,6 @@ from .engine import (
     beam_repeats,
     register_vtr_classes,
 )
-from .strategy import get_strategy
 
 __all__ = ["InternVLAdapter", "StageRecord", "VTRInternVLForConditionalGeneration", "VTRRecord"]
 
@@ -125,7 +124,7 @@ class InternVLAdapter(BackboneAdapter):
             return importance[sample_rows(b, importance.numel(), "vision_importance")].to(visual.device)
 
         def vision_layer(b: int, layer: int | None = None) -> dict:
-            index = self._feature_index() - 1 if layer is None else self._tower_layer(layer)
+            index = self._feature_index() - 1 if layer is None else self.tower_layer(layer)
             if ("layer", index) not in cache:  # every tile of the batch, [tiles * rows * cols, ...]
                 facts = self._layer_attention(image_output, index)
                 cache[("layer", index)] = {name: value.flatten(0, 1) for name, value in facts.items()}
@@ -134,18 +133,6 @@ class InternVLAdapter(BackboneAdapter):
             return {name: value[chosen].to(visual.device) for name, value in facts.items()}
 
         return {"visual_grid": visual_grid, "vision_importance": vision_importance, "vision_layer": vision_layer}
-
-    def vision_tower(self) -> dict:
-        """The `vision_tower` fact: InternViT's depth, with a CLS token."""
-        return {"depth": self.model.config.vision_config.num_hidden_layers, "cls": True}
-
-    def _tower_layer(self, layer: int) -> int:
-        """A vision-tower layer index (negative from the end) as a 0-based index, checked."""
-        count = self.model.config.vision_config.num_hidden_layers
-        index = layer + count if layer < 0 else layer
-        if not 0 <= index < count:
-            raise ValueError(f"vision layer {layer} does not exist: the vision tower has {count} layers")
-        return index
 
     def _feature_index(self) -> int:
         """The tower hidden state the projector reads (the config's feature layer, the last of several), 0-based."""
@@ -159,11 +146,7 @@ class InternVLAdapter(BackboneAdapter):
         produced it (whose CLS attention `vision_importance` recomputes) and the inputs of the layers the
         configured strategy reads through `vision_layer(i)` (its `vision_layers`)."""
         index = self._feature_index()
-        vtr_config = getattr(self.model, "vtr_config", None)
-        inputs = []
-        if vtr_config is not None and vtr_config.enabled:
-            method = get_strategy(vtr_config.strategy)()
-            inputs = [self._tower_layer(i) for i in method.vision_layers(vtr_config, self.vision_tower())]
+        inputs = self.strategy_vision_layers()
         return sorted({index - 1, index, *inputs})
 
     def encode_images(self, pixel_values, **vision_kwargs):

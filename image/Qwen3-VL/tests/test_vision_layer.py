@@ -152,7 +152,7 @@ def test_the_blocks_a_strategy_names_are_kept_and_others_are_a_clear_error(famil
         run(path, inputs, named=[1], asked=[0])
     assert "\n" not in str(err.value)
     for named, asked, layer in (([], [3], 3), ([], [-4], -4), ([5], [], 5), ([-4], [], -4)):
-        with pytest.raises(ValueError, match=rf"^vision layer {layer} does not exist: the vision tower has 3 blocks$"):
+        with pytest.raises(ValueError, match=rf"^vision layer {layer} does not exist: the vision tower has 3 layers$"):
             run(path, inputs, named=named, asked=asked)
     model = run(path, inputs, named=[], asked=[])  # nothing named: the last block's input only (vision_importance)
     assert model.vtr_adapter.vision_layers() == [2]

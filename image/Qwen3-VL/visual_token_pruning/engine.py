@@ -253,6 +253,28 @@ class BackboneAdapter:
         valid = mask.bool() if mask is not None else torch.ones_like(visual)
         return PrefillTokens(hidden=hidden, visual=visual, valid=valid, positions=positions, cos=cos, sin=sin, **fields)
 
+    def vision_tower(self) -> dict:
+        """The `vision_tower` fact: {"depth": the tower's layer count, "cls": whether it has a CLS token}. Default:
+        a CLIP-style tower, `vision_config.num_hidden_layers` layers with CLS; a family without CLS overrides it."""
+        return {"depth": self.model.config.vision_config.num_hidden_layers, "cls": True}
+
+    def tower_layer(self, layer: int) -> int:
+        """A vision-tower layer index (negative from the end) as a 0-based index; out of range, a clear error."""
+        depth = self.vision_tower()["depth"]
+        index = layer + depth if layer < 0 else layer
+        if not 0 <= index < depth:
+            raise ValueError(f"vision layer {layer} does not exist: the vision tower has {depth} layers")
+        return index
+
+    def strategy_vision_layers(self) -> list[int]:
+        """The vision-tower layers (0-based) the configured strategy reads through `vision_layer(i)` (its
+        `vision_layers`): the adapter keeps their inputs when it encodes."""
+        config = getattr(self.model, "vtr_config", None)
+        if config is None or not config.enabled:
+            return []
+        method = get_strategy(config.strategy)()
+        return [self.tower_layer(i) for i in method.vision_layers(config, self.vision_tower())]
+
     def stock_inputs(self, args: dict, cache) -> dict:
         """The arguments of a stock forward that follows an UNPRUNED prefill (no decode state on the cache),
         with anything the stock model would get wrong filled in. Default: unchanged."""

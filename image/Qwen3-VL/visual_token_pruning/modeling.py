@@ -55,7 +55,6 @@ from .engine import (
     register_vtr_classes,
     repeat_per_sample,
 )
-from .strategy import get_strategy
 
 __all__ = [
     "Qwen2VLAdapter",
@@ -106,23 +105,11 @@ class QwenVLAdapter(BackboneAdapter):
         """The `vision_tower` fact: the ViT's block count; it has no CLS token."""
         return {"depth": self.vision_depth, "cls": False}
 
-    def _tower_layer(self, layer: int) -> int:
-        """A vision block index (negative from the end) as a 0-based index, checked."""
-        count = self.vision_depth
-        index = layer + count if layer < 0 else layer
-        if not 0 <= index < count:
-            raise ValueError(f"vision layer {layer} does not exist: the vision tower has {count} blocks")
-        return index
-
     def vision_layers(self) -> list[int]:
         """The tower hidden states to keep (state i is the input of block i): the last block's (read by
         `vision_importance` and `vision_layer()`) and those of the blocks the strategy reads through
         `vision_layer(i)` (its `vision_layers(config, tower)`)."""
-        vtr_config = getattr(self.model, "vtr_config", None)
-        inputs = []
-        if vtr_config is not None and vtr_config.enabled:
-            method = get_strategy(vtr_config.strategy)()
-            inputs = [self._tower_layer(i) for i in method.vision_layers(vtr_config, self.vision_tower())]
+        inputs = self.strategy_vision_layers()
         return sorted({self.vision_depth - 1, *inputs})
 
     def encode_inputs(self, args: dict) -> dict:
@@ -286,7 +273,7 @@ class QwenVLAdapter(BackboneAdapter):
             return {name: per_sample[b] for name, per_sample in cache[index].items()}
 
         def vision_layer(b: int, layer: int | None = None) -> dict:
-            index = self.vision_depth - 1 if layer is None else self._tower_layer(layer)
+            index = self.vision_depth - 1 if layer is None else self.tower_layer(layer)
             return {"cls": None, **block(b, index, f"vision_layer({layer})")}
 
         def importance(b: int) -> torch.Tensor:

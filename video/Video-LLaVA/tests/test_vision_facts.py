@@ -153,7 +153,7 @@ def test_a_vision_layer_the_towers_lack_or_the_encoding_did_not_keep_is_refused(
     with pytest.raises(ValueError, match=r"vision_layer\(0\) needs the vision tower's hidden states \(state 0\)"):
         _run(model, {**text, "mm_encoder_outputs": {"video": encoded}})
     monkeypatch.setattr(VisionFacts, "vision_layers", lambda self, config, tower: (5,))
-    with pytest.raises(ValueError, match="vision layer 5 does not exist: the vision towers have 2 layers"):
+    with pytest.raises(ValueError, match="vision layer 5 does not exist: the vision tower has 2 layers"):
         _run(model, video_single)
 
 

@@ -28,7 +28,6 @@ from .engine import (
     clip_layer_attention,
     register_vtr_classes,
 )
-from .strategy import get_strategy
 
 __all__ = [
     "LlavaAdapter",
@@ -152,7 +151,7 @@ class LlavaAdapter(BackboneAdapter):
 
         def vision_layer(b: int, layer: int | None = None) -> dict:
             per_sample(b, "coords")  # the counts
-            key = ("layer", self._feature_index() - 1 if layer is None else self._tower_layer(layer))
+            key = ("layer", self._feature_index() - 1 if layer is None else self.tower_layer(layer))
             if key not in cache:
                 facts = self._layer_attention(image_output, key[1])
                 cache[key] = {name: self._arrange(value, image_sizes) for name, value in facts.items()}
@@ -166,18 +165,6 @@ class LlavaAdapter(BackboneAdapter):
         """The stock projector on pre-projector features [n, width] (per token: LLaVA's MLP)."""
         projector = self.model.model.multi_modal_projector
         return projector(features.to(projector.linear_1.weight.dtype))
-
-    def vision_tower(self) -> dict:
-        """The `vision_tower` fact: the CLIP tower's depth, with a CLS token."""
-        return {"depth": self.model.config.vision_config.num_hidden_layers, "cls": True}
-
-    def _tower_layer(self, layer: int) -> int:
-        """A vision-tower layer index (negative from the end) as a 0-based index, checked."""
-        count = self.model.config.vision_config.num_hidden_layers
-        index = layer + count if layer < 0 else layer
-        if not 0 <= index < count:
-            raise ValueError(f"vision layer {layer} does not exist: the vision tower has {count} layers")
-        return index
 
     def _layer_attention(self, image_output, layer: int) -> dict:
         """{cls, received, keys} per view and patch position of tower layer `layer` (0-based), recomputed from
@@ -243,11 +230,7 @@ class LlavaAdapter(BackboneAdapter):
         states = config.vision_config.num_hidden_layers + 1
         index = self._feature_index()
         wanted = config.vision_feature_layer if isinstance(config.vision_feature_layer, list) else [index]
-        vtr_config = getattr(self.model, "vtr_config", None)
-        inputs = []  # the inputs of the layers the strategy reads through vision_layer(i)
-        if vtr_config is not None and vtr_config.enabled:
-            method = get_strategy(vtr_config.strategy)()
-            inputs = [self._tower_layer(i) for i in method.vision_layers(vtr_config, self.vision_tower())]
+        inputs = self.strategy_vision_layers()
         return sorted({index - 1, *(i if i >= 0 else states + i for i in wanted), *inputs})
 
     def encode_images(self, pixel_values, **vision_kwargs):

@@ -43,7 +43,6 @@ from .engine import (
     register_vtr_classes,
     repeat_per_sample,
 )
-from .strategy import get_strategy
 
 __all__ = ["StageRecord", "VTRRecord", "VTRVideoLlavaForConditionalGeneration", "VideoLlavaAdapter"]
 
@@ -77,20 +76,12 @@ class VideoLlavaAdapter(BackboneAdapter):
         """Layers of each vision tower (the image and the video tower share one config)."""
         return self.model.config.vision_config.num_hidden_layers
 
-    def vision_tower(self) -> dict:
-        """The `vision_tower` fact: the towers' depth (LanguageBind, CLIP-style, with a CLS token)."""
-        return {"depth": self.vision_depth, "cls": True}
-
     def vision_layers(self, feature_layer) -> list[int]:
         """Tower hidden states to keep: the projector's input(s), the input of the layer that produced the
         last of them (whose CLS attention `vision_importance` recomputes), and the inputs of the layers the
         strategy reads through `vision_layer(i)` (its `vision_layers(config, tower)`)."""
         wanted = self._feature_states(feature_layer)
-        vtr_config = getattr(self.model, "vtr_config", None)
-        inputs = []
-        if vtr_config is not None and vtr_config.enabled:
-            method = get_strategy(vtr_config.strategy)()
-            inputs = [self._tower_layer(i) for i in method.vision_layers(vtr_config, self.vision_tower())]
+        inputs = self.strategy_vision_layers()
         return sorted({wanted[-1] - 1, *wanted, *inputs})
 
     def _feature_states(self, feature_layer) -> list[int]:
@@ -98,14 +89,6 @@ class VideoLlavaAdapter(BackboneAdapter):
         states = self.vision_depth + 1
         wanted = feature_layer if isinstance(feature_layer, (list, tuple)) else [feature_layer]
         return [i if i >= 0 else states + i for i in wanted]
-
-    def _tower_layer(self, layer: int) -> int:
-        """A vision-tower layer index (negative from the end) as a 0-based index, checked."""
-        count = self.vision_depth
-        index = layer + count if layer < 0 else layer
-        if not 0 <= index < count:
-            raise ValueError(f"vision layer {layer} does not exist: the vision towers have {count} layers")
-        return index
 
     def encode_inputs(self, args: dict) -> dict:
         """{"image": ..., "video": ...}: the stock `get_image_features` / `get_video_features` outputs (or the
@@ -308,7 +291,7 @@ class VideoLlavaAdapter(BackboneAdapter):
             return per_token(kind)[kind][b][visual[b]]
 
         def vision_layer(b: int, layer: int | None = None) -> dict:
-            kind = ("layer", None if layer is None else self._tower_layer(layer))
+            kind = ("layer", None if layer is None else self.tower_layer(layer))
             return {name: table[b][visual[b]] for name, table in per_token(kind).items()}
 
         def video_grid(b: int):
