@@ -90,6 +90,7 @@ class InternVLAdapter(BackboneAdapter):
         each). A sample's visual tokens are its tiles (or frames) in order, `rows * cols` tokens each, row-major."""
         rows, cols = self.patch_grid()
         per_tile = rows * cols
+        used = getattr(image_output, "vtr_feature_layer", None)  # the feature layer the tiles were encoded with
         cache = {}
 
         def counts():
@@ -124,7 +125,7 @@ class InternVLAdapter(BackboneAdapter):
             return importance[sample_rows(b, importance.numel(), "vision_importance")].to(visual.device)
 
         def vision_layer(b: int, layer: int | None = None) -> dict:
-            index = self._feature_index() - 1 if layer is None else self.tower_layer(layer)
+            index = self._feature_index(used) - 1 if layer is None else self.tower_layer(layer)
             if ("layer", index) not in cache:  # every tile of the batch, [tiles * rows * cols, ...]
                 facts = self._layer_attention(image_output, index)
                 cache[("layer", index)] = {name: value.flatten(0, 1) for name, value in facts.items()}
@@ -134,32 +135,38 @@ class InternVLAdapter(BackboneAdapter):
 
         return {"visual_grid": visual_grid, "vision_importance": vision_importance, "vision_layer": vision_layer}
 
-    def _feature_index(self) -> int:
-        """The tower hidden state the projector reads (the config's feature layer, the last of several), 0-based."""
+    def _feature_index(self, layer=None) -> int:
+        """The tower hidden state the projector reads for feature layer `layer` (default: the config's; the last
+        of several), 0-based; encoded features carry the forward's own as `vtr_feature_layer`."""
         config = self.model.config
-        layer = config.vision_feature_layer
+        layer = config.vision_feature_layer if layer is None else layer
         layer = layer[-1] if isinstance(layer, (list, tuple)) else layer
         return layer if layer >= 0 else config.vision_config.num_hidden_layers + 1 + layer
 
-    def vision_layers(self) -> list[int]:
-        """Indices into the tower's hidden states to keep: the projector's input, the input of the layer that
-        produced it (whose CLS attention `vision_importance` recomputes) and the inputs of the layers the
-        configured strategy reads through `vision_layer(i)` (its `vision_layers`)."""
-        index = self._feature_index()
+    def vision_layers(self, feature_layer=None) -> list[int]:
+        """Indices into the tower's hidden states to keep: the projector's input for `feature_layer` (default: the
+        config's), the input of the layer that produced it (whose CLS attention `vision_importance` recomputes)
+        and the inputs of the layers the configured strategy reads through `vision_layer(i)` (its
+        `vision_layers`)."""
+        index = self._feature_index(feature_layer)
         inputs = self.strategy_vision_layers()
         return sorted({index - 1, index, *inputs})
 
     def encode_images(self, pixel_values, **vision_kwargs):
-        """The stock `get_image_features`, also keeping the hidden states `vision_importance` needs."""
-        return self.model.model.get_image_features(
-            pixel_values=pixel_values, return_dict=True, output_hidden_states=self.vision_layers(), **vision_kwargs
+        """The stock `get_image_features`, also keeping the hidden states the lazy facts read, and noting the
+        feature layer it used (a forward may give its own)."""
+        layer = vision_kwargs.get("vision_feature_layer")
+        out = self.model.model.get_image_features(
+            pixel_values=pixel_values, return_dict=True, output_hidden_states=self.vision_layers(layer), **vision_kwargs
         )
+        out.vtr_feature_layer = layer
+        return out
 
     def _cls_attention(self, image_output) -> torch.Tensor:
         """[tiles, rows * cols]: the CLS query's attention (mean over heads) in the vision layer whose output
         the projector reads, recomputed for that one layer, summed over each 2 x 2 patch block that the
         pixel shuffle merges into one token (the stock `pixel_shuffle` does the grouping)."""
-        index = self._feature_index()
+        index = self._feature_index(getattr(image_output, "vtr_feature_layer", None))
         hidden_states = getattr(image_output, "hidden_states", None)
         if hidden_states is None or hidden_states[index - 1] is None:
             raise ValueError(

@@ -211,3 +211,32 @@ def test_the_vision_layer_methods_run_on_images_and_videos(request, deep_path, m
     out = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 3
     assert all(torch.equal(a, b) for a, b in zip(model.vtr_last.stages[0].kept_positions, first))
+
+
+def test_a_forwards_own_feature_layer_is_the_one_the_facts_read(tiny_path, stock_models, single_inputs):
+    """forward(vision_feature_layer=-2) on a 2-layer tower whose config reads -1: the model runs as the stock one
+    does with it (no missing hidden state), and `vision_layer()` is the layer that produced it (layer 0)."""
+    stock = stock_models["eager"]
+    assert stock.config.vision_feature_layer == -1 and stock.config.vision_config.num_hidden_layers == 2
+    model = vtr_model(tiny_path, "eager", strategy="random", keep_ratio=1.0, prune_layer=0)
+    with torch.no_grad():
+        want = stock(**single_inputs, vision_feature_layer=-2).logits
+        torch.testing.assert_close(model(**single_inputs, vision_feature_layer=-2).logits, want, atol=1e-5, rtol=0)
+    seen = []
+
+    @register_strategy("test_feature_layer")
+    class FeatureLayer(PruningStrategy):
+        needs_attention = False
+        requires = ("vision_layer",)
+
+        def compute_scores(self, attention, image_token_range, config, **ctx):
+            seen.append((ctx["vision_layer"](), ctx["vision_layer"](0), ctx["vision_layer"](1)))
+            return torch.zeros(image_token_range[1] - image_token_range[0])
+
+    model = vtr_model(tiny_path, "eager", strategy="test_feature_layer", keep_ratio=1.0, prune_layer=0)
+    with torch.no_grad():
+        model(**single_inputs, vision_feature_layer=-2)
+    default, first, second = seen[-1]
+    assert torch.equal(default["received"], first["received"]) and not torch.equal(
+        first["received"], second["received"]
+    )

@@ -220,3 +220,22 @@ def test_beam_search_copies_read_their_own_samples_vision_facts(
     stage = model.vtr_last.stages[0]
     assert out.shape[0] == 4 and [p.tolist() for p in stage.kept_positions] == [single[i // 2] for i in range(4)]
     assert stage.merged == [merged[i // 2] for i in range(4)] if merged else not stage.merged
+
+
+def test_a_forwards_own_feature_layer_is_the_one_the_facts_read(tiny_path, stock_models, single_inputs, monkeypatch):
+    """forward(vision_feature_layer=-1) (not the config's -2): the model runs as the stock one does with it, and
+    the vision facts (here FasterVLM's CLS attention) come from that layer."""
+    stock = stock_models["eager"]
+    model = load_model(
+        tiny_path, VTRConfig(strategy="random", keep_ratio=1.0, prune_layer=0), attn_implementation="eager"
+    )
+    with torch.no_grad():
+        want = stock(**single_inputs, vision_feature_layer=-1).logits
+        torch.testing.assert_close(model(**single_inputs, vision_feature_layer=-1).logits, want, atol=1e-5, rtol=0)
+        tower = stock.model.vision_tower(single_inputs["pixel_values"], output_attentions=True)
+    cls = tower.attentions[-1][0, :, 0, 1:].mean(0)
+    model.set_vtr_config(VTRConfig(strategy="fastervlm", keep_tokens=20))
+    with torch.no_grad():
+        model(**single_inputs, vision_feature_layer=-1)
+    image = (single_inputs["input_ids"][0] == stock.config.image_token_id).nonzero().reshape(-1)
+    assert torch.equal(model.vtr_last.stages[0].kept_positions[0], image[torch.topk(cls, 20).indices.sort().values])

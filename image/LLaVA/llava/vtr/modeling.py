@@ -151,7 +151,7 @@ class LlavaAdapter(BackboneAdapter):
 
         def vision_layer(b: int, layer: int | None = None) -> dict:
             per_sample(b, "coords")  # the counts
-            key = ("layer", self._feature_index() - 1 if layer is None else self.tower_layer(layer))
+            key = ("layer", self._feature_index(image_output) - 1 if layer is None else self.tower_layer(layer))
             if key not in cache:
                 facts = self._layer_attention(image_output, key[1])
                 cache[key] = {name: self._arrange(value, image_sizes) for name, value in facts.items()}
@@ -178,7 +178,7 @@ class LlavaAdapter(BackboneAdapter):
         tower = self.model.model.vision_tower
         encoder = getattr(tower, "vision_model", tower).encoder
         facts = clip_layer_attention(encoder.layers[layer], hidden_states[layer])
-        patches = slice(1, None) if self.model.config.vision_feature_select_strategy == "default" else slice(None)
+        patches = slice(1, None) if self._patches_only(image_output) else slice(None)
         return {name: value[:, patches] for name, value in facts.items()}
 
     @staticmethod
@@ -205,7 +205,7 @@ class LlavaAdapter(BackboneAdapter):
     def _vision_features(self, image_output, cls: bool = False) -> torch.Tensor:
         """[views, patches, width]: the vision tower's features the projector reads (before it), per patch; with
         `cls`, [views, width]: the CLS token's features of that layer."""
-        index = self._feature_index()
+        index = self._feature_index(image_output)
         hidden_states = getattr(image_output, "hidden_states", None)
         if hidden_states is None or hidden_states[index] is None:
             raise ValueError(
@@ -215,34 +215,48 @@ class LlavaAdapter(BackboneAdapter):
         features = hidden_states[index]
         if cls:
             return features[:, 0]
-        return features[:, 1:] if self.model.config.vision_feature_select_strategy == "default" else features
+        return features[:, 1:] if self._patches_only(image_output) else features
 
-    def _feature_index(self) -> int:
+    def _feature_layer(self, image_output=None):
+        """The `vision_feature_layer` the images were encoded with (the forward's, else the config's)."""
+        layer = getattr(image_output, "vtr_feature_layer", None)
+        return self.model.config.vision_feature_layer if layer is None else layer
+
+    def _patches_only(self, image_output=None) -> bool:
+        """Whether the projector read the patches without CLS (`vision_feature_select_strategy="default"`)."""
+        select = getattr(image_output, "vtr_select_strategy", None) or self.model.config.vision_feature_select_strategy
+        return select == "default"
+
+    def _feature_index(self, image_output=None) -> int:
         """The tower hidden state the projector reads (the last of several feature layers), 0-based."""
-        layer = self.model.config.vision_feature_layer
+        layer = self._feature_layer(image_output)
         layer = layer[-1] if isinstance(layer, (list, tuple)) else layer
         return layer if layer >= 0 else self.model.config.vision_config.num_hidden_layers + 1 + layer
 
-    def vision_layers(self) -> list[int]:
-        """Indices into the tower's hidden states to keep: the projector's input and the input of the layer
-        that produced it (whose CLS attention `vision_importance` recomputes)."""
-        config = self.model.config
-        states = config.vision_config.num_hidden_layers + 1
-        index = self._feature_index()
-        wanted = config.vision_feature_layer if isinstance(config.vision_feature_layer, list) else [index]
-        inputs = self.strategy_vision_layers()
-        return sorted({index - 1, *(i if i >= 0 else states + i for i in wanted), *inputs})
+    def vision_layers(self, feature_layer=None) -> list[int]:
+        """Indices into the tower's hidden states to keep: the projector's input(s) for `feature_layer` (default:
+        the config's), the input of the layer that produced the last (whose CLS attention `vision_importance`
+        recomputes) and the inputs of the layers the strategy reads through `vision_layer(i)`."""
+        layer = self.model.config.vision_feature_layer if feature_layer is None else feature_layer
+        states = self.model.config.vision_config.num_hidden_layers + 1
+        wanted = [i if i >= 0 else states + i for i in (layer if isinstance(layer, (list, tuple)) else [layer])]
+        return sorted({wanted[-1] - 1, *wanted, *self.strategy_vision_layers()})
 
     def encode_images(self, pixel_values, **vision_kwargs):
-        """The stock `get_image_features`, also keeping the hidden state that `vision_importance` needs."""
-        return self.model.model.get_image_features(
-            pixel_values=pixel_values, return_dict=True, output_hidden_states=self.vision_layers(), **vision_kwargs
+        """The stock `get_image_features`, also keeping the hidden states the lazy facts read, and noting the
+        feature layer and selection it used (a forward may give its own)."""
+        layer = vision_kwargs.get("vision_feature_layer")
+        out = self.model.model.get_image_features(
+            pixel_values=pixel_values, return_dict=True, output_hidden_states=self.vision_layers(layer), **vision_kwargs
         )
+        out.vtr_feature_layer = layer
+        out.vtr_select_strategy = vision_kwargs.get("vision_feature_select_strategy")
+        return out
 
     def _cls_attention(self, image_output) -> torch.Tensor:
         """[num_views, patches]: the CLS query's attention (mean over heads) in the vision layer whose output
         the projector reads, recomputed for that one layer from the tower's hidden states."""
-        index = self._feature_index()
+        index = self._feature_index(image_output)
         hidden_states = getattr(image_output, "hidden_states", None)
         if hidden_states is None or hidden_states[index - 1] is None:
             raise ValueError(
@@ -252,7 +266,7 @@ class LlavaAdapter(BackboneAdapter):
         tower = self.model.model.vision_tower
         encoder = getattr(tower, "vision_model", tower).encoder  # CLIPVisionModel, older or newer layout
         probs = clip_cls_attention(encoder.layers[index - 1], hidden_states[index - 1])
-        return probs[:, 1:] if self.model.config.vision_feature_select_strategy == "default" else probs
+        return probs[:, 1:] if self._patches_only(image_output) else probs
 
     def patch_grid(self) -> tuple[int, int]:
         """(rows, cols) of one image's (LLaVA-1.6: one tile's) feature grid (24 x 24 for 336px / 14px)."""
