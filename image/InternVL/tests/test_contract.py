@@ -123,6 +123,21 @@ def refused_if_unsupported(backbone, method) -> bool:
     return bool(missing)
 
 
+def test_a_method_needing_a_fact_the_family_lacks_is_refused_naming_it(backbone):
+    @register_strategy("contract_needs")
+    class Needs(PruningStrategy):
+        needs_attention = False
+        requires = ("visual_grid", "no_such_fact")
+
+        def compute_scores(self, attention, image_token_range, config, **ctx):
+            return torch.zeros(image_token_range[1] - image_token_range[0])
+
+    with pytest.raises(ValueError, match="'contract_needs' is not supported on .*: it needs no_such_fact,"):
+        vtr(backbone, strategy="contract_needs", prune_layer=0)
+    Needs.requires = ("visual_grid",)
+    assert vtr(backbone, strategy="contract_needs", prune_layer=0).vtr_config.strategy == "contract_needs"
+
+
 def test_every_fact_an_adapter_declares_is_given_to_strategies(backbone):
     """`BackboneAdapter.facts` (what `requires` is checked against) names exactly what the compute_scores ctx
     holds, and each per-token fact has one row per visual token of the sample."""
@@ -215,26 +230,28 @@ def test_every_merging_method_equals_the_literal_oracle(backbone, method, positi
     conventions = model.vtr_conventions()
 
     def merged_rows():
-        record, replace = model.vtr_last, {}
+        record, replace, mixed = model.vtr_last, {}, {}
         assert [s.layer for s in record.stages] == [0] and len(calls) == 2
-        for b, (dropped, (merged, which, *_)) in enumerate(calls):
-            for value, original in zip(merged, dropped[which].tolist()):
+        for b, (dropped, (merged, which, *rest)) in enumerate(calls):
+            for i, (value, original) in enumerate(zip(merged, dropped[which].tolist())):
                 (j,) = (record.kept_index[b] == original).nonzero().reshape(-1).tolist()
                 replace[(b, j)] = value
+                if len(rest) > 1:  # the merged token's weights over the dropped ones (DeepStack mixes alike)
+                    mixed[(b, j)] = (dropped, rest[1][i])
         for kept, merged in zip(record.stages[0].image_tokens_kept, record.stages[0].merged):
             assert 0 < kept + merged <= 14  # the budget (pool's cells may not fill it exactly on small tiles)
-        return record.kept_index, replace
+        return record.kept_index, replace, mixed
 
     with torch.no_grad():
         logits = model(**inputs).logits
-    rows, replace = merged_rows()
-    expected = literal_forward(stock, inputs, rows, replace, backbone.embed, conventions)
+    rows, replace, mixed = merged_rows()
+    expected = literal_forward(stock, inputs, rows, replace, backbone.embed, conventions, mixed=mixed)
     real = (rows >= 0) & inputs["attention_mask"].bool().gather(1, rows.clamp_min(0))
     torch.testing.assert_close(logits[real], expected[real], atol=ATOL, rtol=0)
     calls.clear()
     tokens, step_logits = greedy(model, inputs)
-    rows, replace = merged_rows()
-    want_tokens, want_logits = literal_greedy(stock, inputs, rows, replace, STEPS, backbone.embed, conventions)
+    rows, replace, mixed = merged_rows()
+    want_tokens, want_logits = literal_greedy(stock, inputs, rows, replace, STEPS, backbone.embed, conventions, mixed)
     assert torch.equal(tokens, want_tokens)
     torch.testing.assert_close(step_logits, want_logits, atol=ATOL, rtol=0)
 

@@ -9,7 +9,7 @@ import torch
 from llava.vtr import VTRConfig, load_model
 from llava.vtr.strategy.hiprune import hiprune_view
 from llava.vtr.strategy.pool import pool_cells, pooled_shape
-from llava.vtr.strategy.visionzip import merge_contextual
+from llava.vtr.strategy.visionzip import VisionZip, merge_contextual
 
 # ------------------------------------------------------------------ the rules on hand-built inputs
 
@@ -36,15 +36,15 @@ def test_visionzip_contextual_tokens_are_their_target_plus_the_mean_of_the_token
     features = torch.arange(10.0).reshape(5, 2)
     # keys: tokens 1, 2 point like target 0; token 4 like target 3 (targets at 0 and 5 // 2 = 2? no: step 2 -> 0, 2)
     keys = torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.9, 0.1], [0.1, 1.0]])
-    merged, targets = merge_contextual(features, keys, 2)
+    merged, targets, _ = merge_contextual(features, keys, 2)
     assert targets.tolist() == [0, 2]  # step = 5 // 2 = 2: entries 0 and 2
     # 1 and 3 join target 0, 4 joins target 2
     assert torch.equal(merged[0], features[0] + (features[1] + features[3]) / 2)
     assert torch.equal(merged[1], features[2] + features[4])
-    merged, targets = merge_contextual(features, keys, 1)
+    merged, targets, _ = merge_contextual(features, keys, 1)
     assert targets.tolist() == [0] and torch.equal(merged[0], features[0] + features[1:].mean(0))
     ties = torch.ones(4, 2)  # every key alike: the first target takes everyone
-    merged, targets = merge_contextual(torch.eye(4), ties, 2)
+    merged, targets, _ = merge_contextual(torch.eye(4), ties, 2)
     assert torch.equal(
         merged, torch.stack([torch.eye(4)[0] + (torch.eye(4)[1] + torch.eye(4)[3]) / 2, torch.eye(4)[2]])
     )
@@ -239,3 +239,70 @@ def test_a_forwards_own_feature_layer_is_the_one_the_facts_read(tiny_path, stock
         model(**single_inputs, vision_feature_layer=-1)
     image = (single_inputs["input_ids"][0] == stock.config.image_token_id).nonzero().reshape(-1)
     assert torch.equal(model.vtr_last.stages[0].kept_positions[0], image[torch.topk(cls, 20).indices.sort().values])
+
+
+@pytest.fixture(scope="module")
+def deep_tower(tmp_path_factory):
+    """A tiny LLaVA with a 4-layer vision tower: HiPrune's default anchor layer (round(9 x 4 / 24) - 1 = 1) is
+    then neither the projector's layer (2) nor its input."""
+    from transformers import LlavaForConditionalGeneration
+
+    from llava.vtr.tiny import build_tiny_llava
+
+    path = str(build_tiny_llava(tmp_path_factory.mktemp("deep-tower"), vision_layers=4))
+    return path, LlavaForConditionalGeneration.from_pretrained(path, attn_implementation="eager").eval()
+
+
+def test_hiprune_takes_anchors_from_its_middle_layer_and_registers_from_the_projectors(deep_tower, single_inputs):
+    path, stock = deep_tower
+    with torch.no_grad():
+        tower = stock.model.vision_tower(single_inputs["pixel_values"], output_attentions=True)
+    shallow = tower.attentions[1][0].mean(0).mean(0)[1:]  # the default anchor layer
+    deep = tower.attentions[stock.config.vision_feature_layer][0].mean(0).mean(0)[1:]
+    budget, side = 20, 8
+    anchors = torch.topk(shallow, round(budget * 0.5 / 5)).indices  # 2 anchors
+    around = torch.cat([anchors, anchors - 1, anchors + 1, anchors - side, anchors + side]).clamp(0, 63).unique()
+    rest = torch.tensor([i for i in range(64) if i not in around.tolist()])
+    kept = torch.cat([around, rest[torch.topk(deep[rest], budget - around.numel()).indices]]).sort().values
+    assert not torch.equal(torch.topk(shallow, 2).indices.sort().values, torch.topk(deep, 2).indices.sort().values)
+    _, model = pruned(path, single_inputs, strategy="hiprune", keep_tokens=budget, hiprune_alpha=0.5)
+    image = (single_inputs["input_ids"][0] == stock.config.image_token_id).nonzero().reshape(-1)
+    assert torch.equal(model.vtr_last.stages[0].kept_positions[0], image[kept])
+
+
+def test_several_feature_layers_are_joined_as_the_stock_projector_reads_them(tmp_path, single_inputs):
+    """vision_feature_layer=[-3, -2]: `vision_features` holds both layers side by side, so VisionZip's merged
+    features go through the stock projector (as the patches do in the stock model)."""
+    from transformers import LlavaForConditionalGeneration
+
+    from llava.vtr.tiny import build_tiny_llava
+
+    path = str(build_tiny_llava(tmp_path / "two-layers", vision_feature_layer=[-3, -2]))
+    stock = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation="eager").eval()
+    seen = []
+    merge = VisionZip.merge_tokens
+
+    def recording(self, dropped_hidden, dropped_scores, config, **ctx):
+        seen.append(ctx["vtr_ctx"])
+        return merge(self, dropped_hidden, dropped_scores, config, **ctx)
+
+    VisionZip.merge_tokens = recording
+    try:
+        _, model = pruned(path, single_inputs, strategy="visionzip", keep_tokens=12)
+    finally:
+        VisionZip.merge_tokens = merge
+    with torch.no_grad():
+        want = stock.model.get_image_features(pixel_values=single_inputs["pixel_values"]).pooler_output[0]
+        got = seen[0]["project"](seen[0]["vision_features"]())
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert model.vtr_last.stages[0].image_tokens_kept == [9] and model.vtr_last.stages[0].merged == [3]
+
+
+def test_settings_a_vision_side_method_cannot_honour_are_refused_when_set(tiny_path, single_inputs):
+    with pytest.raises(ValueError, match="visionzip works in the vision tower, before the LLM: prune_layer must be 0"):
+        load_model(tiny_path, VTRConfig(strategy="visionzip", prune_layer=3, keep_tokens=8))
+    with pytest.raises(ValueError, match=r"pool runs at one prune layer; got prune_layer=\[0, 2\]"):
+        load_model(tiny_path, VTRConfig(strategy="pool", prune_layer=[0, 2], keep_tokens=[16, 8]))
+    # VisionZip without merging (an ablation): the whole share on dominant patches, no CLS, no contextual tokens
+    _, model = pruned(tiny_path, single_inputs, strategy="visionzip", keep_tokens=16, token_merge=False)
+    assert model.vtr_last.stages[0].image_tokens_kept == [16] and not any(model.vtr_last.stages[0].merged)

@@ -130,13 +130,14 @@ def oracle_greedy(stock, inputs, prune_stages, steps, embed, conventions=None, p
 
 
 @torch.no_grad()
-def literal_forward(stock, inputs, rows, replace, embed, conventions, position_ids=None, new_ids=None):
+def literal_forward(stock, inputs, rows, replace, embed, conventions, position_ids=None, new_ids=None, mixed=None):
     """The pruned prompt built literally, no masking: sample b's sequence is the prompt rows `rows[b]` (its
     original index per row, -1 = re-padding; e.g. `VTRRecord.kept_index`) at their prompt positions (renumbered
     without gaps under `positions="compact"`; the prompt's padding stays padding), the embedding of row j replaced by `replace[(b, j)]` where given
     (merged tokens), then `new_ids` [batch, n] (decoded tokens) continuing after each sample's largest position.
     Stock decoder layers, eager, explicit causal + padding mask; a per-layer `after_layer` hook (DeepStack) adds
-    what it adds to each kept row's prompt row. Returns logits [batch, len(rows) + n, vocab]."""
+    what it adds to each kept row's prompt row, and to a merged row j the mix `mixed[(b, j)] = (prompt rows,
+    weights)` of what it adds to those rows. Returns logits [batch, len(rows) + n, vocab]."""
     emb = embedded(embed(stock, inputs))
     embeds = emb.embeds
     batch, seq, _ = embeds.shape
@@ -170,12 +171,14 @@ def literal_forward(stock, inputs, rows, replace, embed, conventions, position_i
         if emb.after_layer is not None:  # what the hook adds to each prompt row, on that row's kept copy
             added = emb.after_layer(i, torch.zeros_like(embeds))
             gathered = torch.stack([added[b, index[b]] for b in range(batch)]) * valid[:, : rows.shape[1], None]
+            for (b, j), (source, weights) in (mixed or {}).items():
+                gathered[b, j] = weights.to(added.dtype) @ added[b, source]
             h = h + torch.nn.functional.pad(gathered, (0, 0, 0, length - gathered.shape[1]))
     return stock.lm_head(lm.norm(h))
 
 
 @torch.no_grad()
-def literal_greedy(stock, inputs, rows, replace, steps, embed, conventions):
+def literal_greedy(stock, inputs, rows, replace, steps, embed, conventions, mixed=None):
     """Greedy decode with `literal_forward`, recomputing the whole sequence each step, prompt positions as
     generate() makes them. Returns (tokens [batch, steps], logits [batch, steps, vocab])."""
     mask = inputs["attention_mask"]
@@ -183,7 +186,7 @@ def literal_greedy(stock, inputs, rows, replace, steps, embed, conventions):
     new = inputs["input_ids"][:, :0]
     out = []
     for _ in range(steps):
-        logits = literal_forward(stock, inputs, rows, replace, embed, conventions, pos, new)
+        logits = literal_forward(stock, inputs, rows, replace, embed, conventions, pos, new, mixed)
         out.append(logits[:, -1])
         new = torch.cat([new, logits[:, -1].argmax(-1, keepdim=True)], 1)
     return new, torch.stack(out, 1)

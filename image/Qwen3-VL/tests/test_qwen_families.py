@@ -284,10 +284,11 @@ def test_pre_encoded_outputs_bring_their_grids(qwen2_family):
 
 
 def test_methods_ported_to_qwen_keep_their_ports_positions(family):
-    """VisionZip's, HiPrune's and CDPruner's Qwen-VL ports gather the kept tokens' M-RoPE ids (original positions);
-    methods without a port keep their LLaVA convention; an explicit field or convention="common" still wins."""
+    """VisionZip's and HiPrune's Qwen-VL ports gather the kept tokens' M-RoPE ids (original positions); CDPruner's
+    (OpenVINO) renumbers the text after each image as `compact`; methods without a port keep their LLaVA
+    convention; an explicit field or convention="common" still wins."""
     _, path, _, inputs = family
-    for method, positions in (("visionzip", "original"), ("hiprune", "original"), ("cdpruner", "original"),
+    for method, positions in (("visionzip", "original"), ("hiprune", "original"), ("cdpruner", "compact"),
                               ("divprune", "compact"), ("fastervlm", "compact")):  # fmt: skip
         model = vtr_model(path, "sdpa", strategy=method, keep_tokens=9)
         assert model.vtr_conventions().positions == positions, method

@@ -412,6 +412,19 @@ class Qwen3VLAdapter(QwenVLAdapter):
         tokens.extras["deepstack_row"] = row.masked_fill(~visual, -1)
         tokens.adapter_state["deepstack"] = deepstack
 
+    def merged_extras(self, extras: dict, mix: torch.Tensor, prefill: PrefillTokens) -> dict:
+        """Merged tokens (pool's cells, VisionZip's contextual tokens) get their DeepStack features mixed as their
+        states were: new feature rows, the same weights over the dropped tokens' rows."""
+        features, rows = prefill.adapter_state.get("deepstack"), extras.get("deepstack_row")
+        if features is None or rows is None:
+            return {}
+        weights = mix.float() * (rows >= 0)[None].to(mix.device)  # DeepStack reaches visual tokens only
+        for i, table in enumerate(features):
+            added = weights.to(table.device) @ table[rows.clamp_min(0)].float()
+            features[i] = torch.cat([table, added.to(table.dtype)])
+        first = features[0].shape[0] - mix.shape[0]
+        return {"deepstack_row": torch.arange(first, first + mix.shape[0], device=rows.device)}
+
     def after_layer(self, layer_idx: int, tokens, prefill: PrefillTokens) -> torch.Tensor:
         features = prefill.adapter_state.get("deepstack")
         if features is None or layer_idx >= len(features):

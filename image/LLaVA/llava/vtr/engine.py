@@ -143,6 +143,7 @@ class BackboneAdapter:
                                encode them; generate() then expands the batch for beams (the beam contract)
         stock_inputs(args, cache)  [unchanged] fills in what a stock forward after an UNPRUNED prefill needs
         after_layer(i, tokens, prefill)  [tokens.hidden] hidden states after decoder layer i (DeepStack)
+        merged_extras(extras, mix, prefill)  [{}] the extras rows of tokens a method merged as a weighted mix
         anchor_row(span_end)   [span_end] PriorTR's question-free row
         decode_positions(state, decoded, query_len, batch)  [original_len + decoded, ...] a decode step's
                                positions when generate() passes none (M-RoPE: `state.next_position`)
@@ -311,6 +312,12 @@ class BackboneAdapter:
         """PriorTR's question-free row for a visual span ending (exclusive) at `span_end`: by default the
         first token after it, which under the causal mask sees only the prefix and the visuals."""
         return span_end
+
+    def merged_extras(self, extras: dict, mix: torch.Tensor, prefill: PrefillTokens) -> dict:
+        """The `PrefillTokens.extras` rows of merged tokens that a method made as `mix` [m, n] (weights over n
+        dropped tokens, whose own extras are `extras`: name -> [n, ...]); name -> [m, ...]. Default: none (a merged
+        token keeps its representative's). Qwen3-VL mixes the DeepStack features the same way."""
+        return {}
 
     def after_layer(self, layer_idx: int, tokens: TokenState, prefill: PrefillTokens) -> torch.Tensor:
         """Called after every decoder layer with the current tokens and this prefill's `PrefillTokens`; returns
@@ -867,7 +874,7 @@ class PrunedPrefill:
         syncs: this path is for methods that merge, not the batched fast path."""
         batch, seq_len = tokens.visual.shape
         device = tokens.visual.device
-        orders, inserts, kept_visual_counts, merged_counts = [], [], [], []
+        orders, inserts, kept_visual_counts, merged_counts, mixes = [], [], [], [], {}
         for b, (span_start, span_end, count, _) in enumerate(info):
             keep_b = (~tokens.visual[b] | keep_visual[b]).nonzero().reshape(-1)
             kept_visual = keep_visual[b].nonzero().reshape(-1)
@@ -893,11 +900,21 @@ class PrunedPrefill:
                     after = out[2].to(device) if len(out) > 2 and out[2] is not None else None
                     if after is None:
                         after = torch.full_like(reps, anchor)
-                    if merged.shape[0] != reps.numel() or after.shape != reps.shape:
+                    mix = out[3] if len(out) > 3 else None
+                    if (
+                        merged.shape[0] != reps.numel()
+                        or after.shape != reps.shape
+                        or (mix is not None and tuple(mix.shape) != (reps.numel(), dropped.numel()))
+                    ):
                         raise ValueError(
                             f"strategy {self.config.strategy!r}.merge_tokens returned {merged.shape[0]} merged tokens, "
-                            f"{reps.numel()} representatives and {after.numel()} insertion rows; they must match"
+                            f"{reps.numel()} representatives and {after.numel()} insertion rows"
+                            + (f" and a {tuple(mix.shape)} mix" if mix is not None else "")
+                            + f" (for {dropped.numel()} dropped tokens); they must match"
                         )
+                    if mix is not None:  # the adapter's per-token extras of the merged tokens, mixed alike
+                        extras = {name: tokens.tensors[name][b, dropped] for name in self.prefill_tokens.extras}
+                        mixes[b] = self.adapter.merged_extras(extras, mix.to(device), self.prefill_tokens)
             # kept rows in order, each merged token right after its row (merged ones in their given order)
             keys = torch.cat([2 * keep_b, 2 * after + 1])
             perm = torch.sort(keys, stable=True).indices
@@ -919,6 +936,8 @@ class PrunedPrefill:
             if merged is not None and merged.numel():
                 rows = (slot >= 0).nonzero().reshape(-1) + new_len - slot.numel()
                 tokens.hidden[b, rows] = merged[slot[slot >= 0]].to(tokens.hidden.dtype)
+                for name, values in mixes.get(b, {}).items():
+                    tokens.tensors[name][b, rows] = values[slot[slot >= 0]].to(tokens.tensors[name].dtype)
                 tokens.born[b, rows] = prune_at
                 tokens.visual[b, rows] = True  # a candidate at later stages
                 tokens.merged[b, rows] = True

@@ -203,19 +203,22 @@ class LlavaAdapter(BackboneAdapter):
         return list(per_view)
 
     def _vision_features(self, image_output, cls: bool = False) -> torch.Tensor:
-        """[views, patches, width]: the vision tower's features the projector reads (before it), per patch; with
-        `cls`, [views, width]: the CLS token's features of that layer."""
-        index = self._feature_index(image_output)
+        """[views, patches, width]: the vision tower's features the projector reads (before it), per patch, the
+        feature layers side by side where there are several (as the stock model joins them); with `cls`, [views,
+        width]: the CLS token's features of those layers."""
+        layer = self._feature_layer(image_output)
+        states = self.model.config.vision_config.num_hidden_layers + 1
+        indices = [i if i >= 0 else states + i for i in (layer if isinstance(layer, (list, tuple)) else [layer])]
         hidden_states = getattr(image_output, "hidden_states", None)
-        if hidden_states is None or hidden_states[index] is None:
+        if hidden_states is None or any(hidden_states[i] is None for i in indices):
             raise ValueError(
                 "vision_features needs the vision tower's hidden states, which these pre-encoded image features "
                 "lack; pass pixel_values (generate() does this for methods that set needs_vision_attention)"
             )
-        features = hidden_states[index]
         if cls:
-            return features[:, 0]
-        return features[:, 1:] if self._patches_only(image_output) else features
+            return torch.cat([hidden_states[i][:, 0] for i in indices], dim=-1)
+        first = 1 if self._patches_only(image_output) else 0
+        return torch.cat([hidden_states[i][:, first:] for i in indices], dim=-1)
 
     def _feature_layer(self, image_output=None):
         """The `vision_feature_layer` the images were encoded with (the forward's, else the config's)."""

@@ -69,13 +69,15 @@ def tiny_llava_config(
     num_kv_heads: int = 2,
     intermediate_size: int = 128,
     vision_hidden_size: int = 32,
+    vision_layers: int = 2,
+    vision_feature_layer: int | list = -2,
 ):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     vision = CLIPVisionConfig(
         hidden_size=vision_hidden_size,
         intermediate_size=vision_hidden_size * 2,
-        num_hidden_layers=2,
+        num_hidden_layers=vision_layers,
         num_attention_heads=2,
         image_size=image_size,
         patch_size=patch_size,
@@ -98,7 +100,7 @@ def tiny_llava_config(
         text_config=text,
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         image_seq_length=(image_size // patch_size) ** 2,
-        vision_feature_layer=-2,
+        vision_feature_layer=vision_feature_layer,
         vision_feature_select_strategy="default",
         pad_token_id=tokenizer.pad_token_id,
     )
@@ -185,7 +187,7 @@ def build_tiny_llava_next(
         text_config=base.text_config,
         image_token_index=base.image_token_id,
         image_grid_pinpoints=[list(p) for p in grid_pinpoints],
-        vision_feature_layer=-2,
+        vision_feature_layer=base.vision_feature_layer,
         vision_feature_select_strategy="default",
         pad_token_id=tokenizer.pad_token_id,
     )

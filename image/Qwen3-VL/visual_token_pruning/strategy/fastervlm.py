@@ -7,9 +7,9 @@ kept tokens then get contiguous positions, as features spliced into the prompt d
 the CLS query's attention to it in the vision layer whose output the projector reads, mean over heads
 (`ctx["vision_importance"]()`), and each view (image crop, frame: a `visual_grid` group) keeps its own top
 tokens, the budget split over the views in proportion to their sizes (the official code keeps K per crop or
-frame). Tokens off every grid (LLaVA-1.6's row newlines) are not kept. Towers without CLS (Qwen-VL, InternViT
-after pixel shuffle) score by the attention each token receives instead (`vision_importance` there). Needs a
-token count: keep_tokens or keep_ratio.
+frame). Tokens off every grid (LLaVA-1.6's row newlines) are not kept. InternVL scores a token by the CLS
+attention of the 2 x 2 patches merged into it (summed); the Qwen-VL towers have no CLS and score by the attention
+each token receives in the last block (`vision_importance` there). Needs a token count: keep_tokens or keep_ratio.
 """
 
 import torch

@@ -15,7 +15,8 @@ projector reads (`ctx["vision_layer"]()`), per view (an image, a tile, a frame),
   mean features of the patches that joined it (the target alone when none did), on the layer's output before the
   projector, then projected.
 Each view enters the LLM as [CLS, dominant patches, contextual tokens] (the official order), the image shortened
-before the first decoder layer (`prune_layer=0`, contiguous positions). Tokens off every grid (LLaVA-1.6's row
+before the first decoder layer (`prune_layer=0`, contiguous positions); `token_merge=False` spends the whole
+share on dominant patches (no CLS, no contextual tokens: an ablation). Tokens off every grid (LLaVA-1.6's row
 newlines) are dropped. Needs a token count: keep_tokens or keep_ratio.
 
 Towers whose projector merges patches (Qwen-VL, InternVL) follow the official Qwen2.5-VL port: no CLS token
@@ -44,22 +45,24 @@ def contextual_count(share: int, config, spliced: bool = True) -> int:
     return min(share, int(share * CONTEXTUAL_SHARE + 0.5))
 
 
-def merge_contextual(features: torch.Tensor, keys: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_contextual(features: torch.Tensor, keys: torch.Tensor, count: int):
     """VisionZip's contextual tokens of the remaining patches (`features` [m, width], `keys` [m, dim], in patch
-    order): (contextual [c, width], target [c] indices into the remaining patches). c = min(count, m)."""
+    order): (contextual [c, width], target [c] indices into the remaining patches, weights [c, m] with
+    contextual = weights @ features). c = min(count, m)."""
     m = features.shape[0]
     if count <= 0 or m == 0:
-        return features[:0], torch.empty(0, dtype=torch.long, device=features.device)
+        return features[:0], torch.empty(0, dtype=torch.long, device=features.device), features.new_zeros(0, m).float()
     step = max(1, m // count)
     targets = torch.arange(0, m, step, device=features.device)[:count]
     others = torch.ones(m, dtype=torch.bool, device=features.device)
     others[targets] = False
     k = keys.float() / keys.float().norm(dim=-1, keepdim=True)
     assigned = (k[others] @ k[targets].T).argmax(dim=1)  # first maximum on ties
-    x = features.float()
-    sums = torch.zeros(targets.numel(), x.shape[1], device=x.device).index_add_(0, assigned, x[others])
     counts = torch.bincount(assigned, minlength=targets.numel()).clamp_min(1)
-    return (x[targets] + sums / counts[:, None].to(x.dtype)).to(features.dtype), targets
+    weights = torch.zeros(targets.numel(), m, device=features.device)
+    weights[torch.arange(targets.numel(), device=features.device), targets] = 1.0  # the target itself
+    weights[assigned, others.nonzero().reshape(-1)] = 1.0 / counts[assigned].float()  # plus its members' mean
+    return (weights @ features.float()).to(features.dtype), targets, weights
 
 
 @register_strategy("visionzip")
@@ -75,6 +78,11 @@ class VisionZip(PruningStrategy):
 
     @classmethod
     def schedule_defaults(cls, config, num_layers: int) -> dict:
+        if not config.prune_layer_defaulted and config.prune_layers != [0]:
+            raise ValueError(
+                f"visionzip works in the vision tower, before the LLM: prune_layer must be 0 (or unset); got "
+                f"prune_layer={config.prune_layer}"
+            )
         return {"prune_layer": 0} if config.prune_layer_defaulted else {}
 
     @staticmethod
@@ -91,6 +99,7 @@ class VisionZip(PruningStrategy):
         if budget is None:
             raise ValueError("visionzip keeps a fixed number of tokens: give keep_tokens or keep_ratio")
         spliced = self.spliced(ctx)
+        merge = config.conventions().token_merge  # False: the whole share on dominant patches (an ablation)
         layer = ctx["vision_layer"]()
         importance = (layer["cls"] if layer["cls"] is not None else layer["received"]).float().to(rows.device)
         groups = ctx["visual_grid"]()[:, 0].to(rows.device)
@@ -101,13 +110,12 @@ class VisionZip(PruningStrategy):
             share = shares[group]
             if share == 0:
                 continue
-            contextual = contextual_count(share, config, spliced)
-            patches = max(0, share - contextual - spliced)  # the CLS token counts as dominant
+            contextual = contextual_count(share, config, spliced) if merge else 0
+            with_cls = spliced and merge and share - contextual > 0
+            patches = share - contextual - with_cls  # the CLS token counts as dominant
             order = torch.sort(importance[members], descending=True, stable=True).indices
             dominant[members[order[:patches]]] = True
-            plan.append((members, spliced and share - contextual > 0, contextual))
-        if not config.conventions().token_merge:
-            plan = [(members, False, 0) for members, _, _ in plan]  # dominant patches only
+            plan.append((members, with_cls, contextual))
         ctx["vtr_ctx"]["visionzip"] = (rows, dominant, plan, spliced)
         start, end = image_token_range
         scores = torch.full((end - start,), -float("inf"), device=rows.device)
@@ -124,14 +132,14 @@ class VisionZip(PruningStrategy):
         keys = state["vision_layer"]()["keys"].to(rows.device)
         if spliced:  # the tower's features before the projector
             features, cls_features = state["vision_features"]().to(rows.device), state["vision_cls"]().to(rows.device)
-        merged, which, after = [], [], []
+        merged, which, after, mixes = [], [], [], []
         for members, with_cls, contextual in plan:
             rest = members[~dominant[members]]  # the remaining patches of the view, in patch order
             if rest.numel() == 0 or contextual == 0 and not with_cls:
                 continue
             slot = torch.searchsorted(dropped, rows[rest])  # their places among the dropped tokens
             values = features[rest] if spliced else dropped_hidden[slot]
-            tokens, targets = merge_contextual(values, keys[rest], contextual)
+            tokens, targets, weights = merge_contextual(values, keys[rest], contextual)
             free = torch.ones(rest.numel(), dtype=torch.bool, device=rest.device)
             free[targets] = False
             if with_cls and bool(free.any()):  # right before the view's first dominant patch (or its first patch)
@@ -144,9 +152,13 @@ class VisionZip(PruningStrategy):
             which.append(slot[targets])
             # spliced: after the view's dominant patches; the Qwen port: in its target's place
             after.append(rows[members].max().expand(targets.numel()) if spliced else rows[rest[targets]])
+            if not spliced:  # the merged tokens' weights over the dropped ones (DeepStack features mix alike)
+                mix = torch.zeros(targets.numel(), dropped.numel(), device=weights.device)
+                mix[:, slot] = weights
+                mixes.append(mix)
         if not merged:
             return None
         merged = torch.cat(merged)
         if spliced:
-            merged = state["project"](merged)
-        return merged.to(dropped_hidden.dtype), torch.cat(which), torch.cat(after)
+            return state["project"](merged).to(dropped_hidden.dtype), torch.cat(which), torch.cat(after)
+        return merged.to(dropped_hidden.dtype), torch.cat(which), torch.cat(after), torch.cat(mixes)

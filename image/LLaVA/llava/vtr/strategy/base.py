@@ -70,7 +70,9 @@ class PruningStrategy(ABC):
         Returns (merged [m, hidden], representative [m] indices into the dropped tokens: each merged token
         takes that token's RoPE position and identity[, after [m] current-sequence rows: each merged token goes
         right after that row, a kept or dropped one, in the given order among equals; default: after the last
-        kept visual token]), or None to insert nothing."""
+        kept visual token[, mix [m, n]: when merged = mix @ the dropped tokens' states, those weights, so the
+        adapter mixes its per-token extras alike (Qwen3-VL's DeepStack features); default: the representative's]]),
+        or None to insert nothing."""
         return None
 
     @abstractmethod

@@ -76,6 +76,8 @@ class Pool(PruningStrategy):
 
     @classmethod
     def schedule_defaults(cls, config, num_layers: int) -> dict:
+        if len(config.prune_layers) > 1:
+            raise ValueError(f"pool runs at one prune layer; got prune_layer={config.prune_layer}")
         return {"prune_layer": 0} if config.prune_layer_defaulted else {}
 
     def compute_scores(self, attention, image_token_range, config, **ctx):
@@ -100,9 +102,9 @@ class Pool(PruningStrategy):
         dropped = ctx["dropped_index"]
         if not torch.equal(dropped, rows):
             raise ValueError("pool runs at one stage, on all the visual tokens of the prompt")
-        x = dropped_hidden.float()
-        on_grid = cell >= 0
-        sums = torch.zeros(centres.numel(), x.shape[1], device=x.device).index_add_(0, cell[on_grid], x[on_grid])
+        on_grid = (cell >= 0).nonzero().reshape(-1)
         counts = torch.bincount(cell[on_grid], minlength=centres.numel()).clamp_min(1)
-        merged = (sums / counts[:, None].to(sums.dtype)).to(dropped_hidden.dtype)
-        return merged, centres, rows[centres]
+        mix = torch.zeros(centres.numel(), cell.numel(), device=dropped_hidden.device)  # each cell's mean
+        mix[cell[on_grid], on_grid] = 1.0 / counts[cell[on_grid]].float()
+        merged = (mix @ dropped_hidden.float()).to(dropped_hidden.dtype)
+        return merged, centres, rows[centres], mix

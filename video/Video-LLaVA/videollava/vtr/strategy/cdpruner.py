@@ -69,7 +69,6 @@ def greedy_map(kernel: torch.Tensor, picks: int, fallback: torch.Tensor) -> torc
 class CDPruner(PruningStrategy):
     needs_attention = False
     positions = "compact"
-    mrope_positions = "original"  # the Qwen-VL ports gather the kept tokens' M-RoPE ids
 
     @classmethod
     def schedule_defaults(cls, config, num_layers: int) -> dict:
