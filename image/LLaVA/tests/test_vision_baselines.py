@@ -29,7 +29,11 @@ def test_pool_cuts_each_grid_into_the_finest_cells_that_fit_the_budget():
     two = torch.cat([grid, torch.tensor([[-1, -1, -1]]), grid + torch.tensor([1, 0, 0])])
     cell, centre = pool_cells(two, 5)  # shares 3 and 2 (the tied remainder to the first); the newline pooled away
     assert cell[16] == -1 and centre.numel() == 3 + 2  # cuts 1 x 3 and 1 x 2 (ties: fewer rows)
-    assert cell[:16].reshape(4, 4)[0].tolist() == [0, 0, 1, 2] and cell[17:].reshape(4, 4)[3].tolist() == [3, 3, 4, 4]
+    # columns [floor(j 4 / 3), floor((j + 1) 4 / 3)): [0], [1], [2, 3]; and [0, 1], [2, 3]
+    assert cell[:16].reshape(4, 4)[0].tolist() == [0, 1, 2, 2] and cell[17:].reshape(4, 4)[3].tolist() == [3, 3, 4, 4]
+    row = torch.stack([torch.zeros(24, dtype=torch.long), torch.zeros(24, dtype=torch.long), torch.arange(24)], 1)
+    cell, centre = pool_cells(row, 10)  # 1 x 24 in 10 cells: [0, 1], [2, 3], [4, 5, 6], ... (floor(24 j / 10))
+    assert cell[:7].tolist() == [0, 0, 1, 1, 2, 2, 2] and centre[:3].tolist() == [0, 2, 5]
 
 
 def test_visionzip_contextual_tokens_are_their_target_plus_the_mean_of_the_tokens_that_joined_it():

@@ -52,7 +52,8 @@ def pool_cells(grid: torch.Tensor, budget: int) -> tuple[torch.Tensor, torch.Ten
         r0, c0 = int(r.min()), int(c.min())
         height, width = int(r.max()) - r0 + 1, int(c.max()) - c0 + 1
         h, w = pooled_shape(height, width, share)
-        ci, cj = (r - r0) * h // height, (c - c0) * w // width
+        # cell i holds rows [floor(i H / h), floor((i + 1) H / h)): row r's cell is floor(((r + 1) h - 1) / H)
+        ci, cj = ((r - r0 + 1) * h - 1) // height, ((c - c0 + 1) * w - 1) // width
         local = ci * w + cj
         for k in torch.unique(local).tolist():  # cells in raster order; empty cells (partial grids) are skipped
             inside = (local == k).nonzero().reshape(-1)

@@ -14,8 +14,9 @@ projector reads (`ctx["vision_layer"]()`), per view (an image, a tile, a frame),
   L2-normalised) is most similar (ties: the first target); a contextual token is its target's features PLUS the
   mean features of the patches that joined it (the target alone when none did), on the layer's output before the
   projector, then projected.
-Each view enters the LLM as [CLS, dominant patches, contextual tokens] (the official order), the image shortened
-before the first decoder layer (`prune_layer=0`, contiguous positions); `token_merge=False` spends the whole
+Each view enters the LLM as [CLS, dominant patches, contextual tokens] (the official order; LLaVA-1.6's tiles,
+whose rows the stock layout stitches together, interleave: a tile's CLS goes right before its first kept patch,
+its contextual tokens after its last row), the image shortened before the first decoder layer (`prune_layer=0`, contiguous positions); `token_merge=False` spends the whole
 share on dominant patches (no CLS, no contextual tokens: an ablation). Tokens off every grid (LLaVA-1.6's row
 newlines) are dropped. Needs a token count: keep_tokens or keep_ratio.
 
