@@ -90,8 +90,7 @@ def supported(package: str, method: str, backbone: str) -> bool:
     """Whether the adapter of `backbone` (`<package>.BACKBONES[backbone]`) provides every fact the method
     `requires` (a family that lacks one refuses the method: "not supported on ...")."""
     adapter = importlib.import_module(package).BACKBONES[backbone]
-    strategy = importlib.import_module(f"{package}.strategy").get_strategy(method)
-    return set(strategy.requires) <= set(getattr(adapter, "facts", ()))
+    return not importlib.import_module(f"{package}.strategy").get_strategy(method).missing_facts(adapter)
 
 
 def matrix(packages: list[str]) -> str:

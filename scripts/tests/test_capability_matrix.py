@@ -23,7 +23,8 @@ def capability_matrix(tmp_path, monkeypatch):
             f"def available_strategies():\n    return {methods}\n"
             "def get_strategy(name):\n"
             "    needs = ('grid',) if name == 'tiled' else ()\n"
-            "    return type(name, (), {'__module__': __name__, 'requires': needs})\n"
+            "    missing = classmethod(lambda cls, adapter: [f for f in needs if f not in adapter.facts])\n"
+            "    return type(name, (), {'__module__': __name__, 'requires': needs, 'missing_facts': missing})\n"
         )
     monkeypatch.syspath_prepend(str(tmp_path))
     spec = importlib.util.spec_from_file_location("capability_matrix_under_test", SCRIPT)

@@ -138,29 +138,7 @@ class InternVLAdapter(BackboneAdapter):
     def _feature_index(self, layer=None) -> int:
         """The tower hidden state the projector reads for feature layer `layer` (default: the config's; the last
         of several), 0-based; encoded features carry the forward's own as `vtr_feature_layer`."""
-        config = self.model.config
-        layer = config.vision_feature_layer if layer is None else layer
-        layer = layer[-1] if isinstance(layer, (list, tuple)) else layer
-        return layer if layer >= 0 else config.vision_config.num_hidden_layers + 1 + layer
-
-    def vision_layers(self, feature_layer=None) -> list[int]:
-        """Indices into the tower's hidden states to keep: the projector's input for `feature_layer` (default: the
-        config's), the input of the layer that produced it (whose CLS attention `vision_importance` recomputes)
-        and the inputs of the layers the configured strategy reads through `vision_layer(i)` (its
-        `vision_layers`)."""
-        index = self._feature_index(feature_layer)
-        inputs = self.strategy_vision_layers()
-        return sorted({index - 1, index, *inputs})
-
-    def encode_images(self, pixel_values, **vision_kwargs):
-        """The stock `get_image_features`, also keeping the hidden states the lazy facts read, and noting the
-        feature layer it used (a forward may give its own)."""
-        layer = vision_kwargs.get("vision_feature_layer")
-        out = self.model.model.get_image_features(
-            pixel_values=pixel_values, return_dict=True, output_hidden_states=self.vision_layers(layer), **vision_kwargs
-        )
-        out.vtr_feature_layer = layer
-        return out
+        return self.feature_states(layer)[-1]
 
     def _cls_attention(self, image_output) -> torch.Tensor:
         """[tiles, rows * cols]: the CLS query's attention (mean over heads) in the vision layer whose output

@@ -115,7 +115,7 @@ def refused_if_unsupported(backbone, method) -> bool:
     """True (after checking the refusal) when the backbone's adapter lacks a fact the method `requires`: loading
     it then fails with "not supported", naming what is missing."""
     model = vtr(backbone)
-    missing = [f for f in get_strategy(method).requires if f not in model.vtr_adapter.facts]
+    missing = get_strategy(method).missing_facts(model.vtr_adapter)
     if missing:
         with pytest.raises(ValueError, match=f"{method!r} is not supported on .*{missing[0]}"):
             model.set_vtr_config(VTRConfig(strategy=method))

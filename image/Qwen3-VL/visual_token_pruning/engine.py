@@ -177,7 +177,8 @@ class BackboneAdapter:
     of the outputs, so a caller's own `mm_encoder_outputs` are never expanded in place.
 
     Attributes adapters set on the stock encoder outputs they return (read back by their lazy facts):
-    `vtr_grid_thw` (Qwen-VL), `vtr_image_sizes` (LLaVA-1.6), `vtr_frames` / `vtr_select` (Video-LLaVA).
+    `vtr_grid_thw` (Qwen-VL), `vtr_image_sizes` (LLaVA-1.6), `vtr_frames` / `vtr_select` (Video-LLaVA),
+    `vtr_feature_layer` / `vtr_select_strategy` (`encode_images`: LLaVA, InternVL).
     """
 
     output_class: type | None = None
@@ -259,6 +260,12 @@ class BackboneAdapter:
         a CLIP-style tower, `vision_config.num_hidden_layers` layers with CLS; a family without CLS overrides it."""
         return {"depth": self.model.config.vision_config.num_hidden_layers, "cls": True}
 
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """The `project` fact for families whose stock projector maps each patch on its own (LLaVA, Video-LLaVA):
+        `multi_modal_projector` on pre-projector features [n, width]."""
+        projector = self.model.model.multi_modal_projector
+        return projector(features.to(projector.linear_1.weight.dtype))
+
     def tower_layer(self, layer: int) -> int:
         """A vision-tower layer index (negative from the end) as a 0-based index; out of range, a clear error."""
         depth = self.vision_tower()["depth"]
@@ -266,6 +273,36 @@ class BackboneAdapter:
         if not 0 <= index < depth:
             raise ValueError(f"vision layer {layer} does not exist: the vision tower has {depth} layers")
         return index
+
+    def feature_states(self, feature_layer=None) -> list[int]:
+        """The tower hidden states (0-based, in the given order) a `vision_feature_layer` names (an index or a
+        list; None: the config's): what the projector reads, for families that take one (LLaVA, InternVL,
+        Video-LLaVA)."""
+        layer = self.model.config.vision_feature_layer if feature_layer is None else feature_layer
+        states = self.vision_tower()["depth"] + 1
+        return [i if i >= 0 else states + i for i in (layer if isinstance(layer, (list, tuple)) else [layer])]
+
+    def encoder_states(self, feature_layer=None) -> list[int]:
+        """The tower hidden states to keep when encoding with `feature_layer`: the projector's input(s), the input
+        of the layer producing the last of them (whose attention `vision_importance` and `vision_layer()`
+        recompute), and the inputs of the layers the strategy reads (`strategy_vision_layers`)."""
+        wanted = self.feature_states(feature_layer)
+        return sorted({wanted[-1] - 1, *wanted, *self.strategy_vision_layers()})
+
+    def encode_images(self, pixel_values, **vision_kwargs):
+        """The stock `get_image_features` (LLaVA, InternVL), also keeping the hidden states the lazy facts read
+        (`encoder_states`), and noting on its output the feature layer and selection it used
+        (`vtr_feature_layer`, `vtr_select_strategy`: a forward may give its own)."""
+        layer = vision_kwargs.get("vision_feature_layer")
+        out = self.model.model.get_image_features(
+            pixel_values=pixel_values,
+            return_dict=True,
+            output_hidden_states=self.encoder_states(layer),
+            **vision_kwargs,
+        )
+        out.vtr_feature_layer = layer
+        out.vtr_select_strategy = vision_kwargs.get("vision_feature_select_strategy")
+        return out
 
     def strategy_vision_layers(self) -> list[int]:
         """The vision-tower layers (0-based) the configured strategy reads through `vision_layer(i)` (its
@@ -1173,7 +1210,7 @@ class VTRModelMixin:
             vtr_config.budget_defaulted, vtr_config.prune_layer_defaulted = True, layers_defaulted
         if vtr_config.enabled:  # a method's own schedule for what the user left unset (PDrop, CLSE)
             method = get_strategy(vtr_config.strategy)
-            missing = [fact for fact in method.requires if fact not in self.vtr_adapter.facts]
+            missing = method.missing_facts(self.vtr_adapter)
             if missing:
                 raise ValueError(
                     f"strategy {vtr_config.strategy!r} is not supported on {type(self).__name__}: it needs "

@@ -25,8 +25,6 @@ import torch
 from .base import PruningStrategy
 from .registry import register_strategy
 
-THRESHOLD_ERROR = "cdpruner keeps a fixed number of tokens: give keep_tokens or keep_ratio, not score_threshold"
-
 
 def conditional_kernel(visual: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(kernel [n, n], relevance [n]) in float32 for visual features [n, d] and text features [t, d] (t may be 0)."""
@@ -75,15 +73,13 @@ class CDPruner(PruningStrategy):
         for stage in range(len(config.prune_layers)):
             budget = config.stage_budget(stage)
             if budget.keep_tokens is None and budget.score_threshold is not None:
-                raise ValueError(THRESHOLD_ERROR)
+                raise cls.count_error()
         return {"prune_layer": 0} if config.prune_layer_defaulted else {}
 
     def compute_scores(self, attention, image_token_range, config, **ctx):
         start, end = image_token_range
         rows = ctx["image_token_indices"]
-        picks = self._budget_count(config, ctx["stage"], rows.numel())
-        if picks is None:
-            raise ValueError(THRESHOLD_ERROR)
+        picks = self._token_count(config, ctx["stage"], rows.numel())
         hidden = ctx["hidden_states"][0]
         text = hidden[end:]  # the question after the visual span (trailing padding is not in hidden)
         if text.shape[0] == 0:  # no text after the visuals: every non-visual token before them

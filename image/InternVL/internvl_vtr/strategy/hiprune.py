@@ -19,8 +19,7 @@ Kept in original order (ties: the earlier token). Needs a token count: keep_toke
 
 import torch
 
-from .fastervlm import ViewSelection
-from .grouping import first_stage_facts, view_shares
+from .grouping import ViewSelection, first_stage_facts, view_shares
 from .registry import register_strategy
 
 
@@ -70,7 +69,7 @@ class HiPrune(ViewSelection):
         shallow, deep, grid = first_stage_facts(ctx, "hiprune", facts)
         grid = grid.to(shallow.device)
         keep = torch.zeros(rows.numel(), dtype=torch.bool, device=shallow.device)
-        for group, share in view_shares(grid[:, 0], self.budget(config, ctx)).items():
+        for group, share in view_shares(grid[:, 0], self._token_count(config, ctx["stage"], rows.numel())).items():
             members = (grid[:, 0] == group).nonzero().reshape(-1)
             view = grid[members]
             keep[members] = hiprune_view(

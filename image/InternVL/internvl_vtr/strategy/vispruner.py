@@ -46,9 +46,7 @@ class VisPruner(PruningStrategy):
     def compute_scores(self, attention, image_token_range, config, **ctx):
         start, end = image_token_range
         rows = ctx["image_token_indices"]
-        k = self._budget_count(config, ctx["stage"], rows.numel())
-        if k is None:
-            raise ValueError("vispruner keeps a fixed number of tokens: give keep_tokens or keep_ratio")
+        k = self._token_count(config, ctx["stage"], rows.numel())
         state = ctx["vtr_ctx"]
         if "vispruner" not in state:  # once per sample: every visual token's importance and features
             features = ctx["vision_features"]() if "vision_features" in ctx else None

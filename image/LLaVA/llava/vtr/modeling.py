@@ -110,6 +110,8 @@ class LlavaAdapter(BackboneAdapter):
 
         def images_of(b: int, what: str, facts: list) -> list[int]:
             """The entries of `facts` (one per image, batch order) whose visual tokens sample b holds."""
+            if "counts" not in cache:
+                cache["counts"] = visual.sum(1).tolist()
             counts = cache["counts"]
             # beam search repeats each sample k times in a row; the images (and sizes) are the original samples'
             repeats = beam_repeats(sum(counts), sum(f.shape[0] for f in facts), f"{what} for sample {b}")
@@ -128,10 +130,9 @@ class LlavaAdapter(BackboneAdapter):
             return chosen
 
         def per_sample(b: int, kind: str):
-            if "counts" not in cache:
-                cache["counts"] = visual.sum(1).tolist()
-                cache["coords"] = self._image_coords(image_sizes, sum(cache["counts"]))  # per image, batch order
-            if kind == "importance" and kind not in cache:
+            if kind == "coords" and kind not in cache:  # per image, batch order
+                cache[kind] = self._image_coords(image_sizes, int(visual.sum()))
+            elif kind == "importance" and kind not in cache:
                 cache[kind] = self._image_importance(image_output, image_sizes)
             elif kind == "features" and kind not in cache:
                 cache[kind] = self._arrange(self._vision_features(image_output), image_sizes)
@@ -150,7 +151,6 @@ class LlavaAdapter(BackboneAdapter):
             return torch.cat(grids).to(visual.device)
 
         def vision_layer(b: int, layer: int | None = None) -> dict:
-            per_sample(b, "coords")  # the counts
             key = ("layer", self._feature_index(image_output) - 1 if layer is None else self.tower_layer(layer))
             if key not in cache:
                 facts = self._layer_attention(image_output, key[1])
@@ -160,11 +160,6 @@ class LlavaAdapter(BackboneAdapter):
 
         facts = {name: functools.partial(per_sample, kind=kind) for kind, name in names.items()}
         return {**facts, "vision_layer": vision_layer}
-
-    def project(self, features: torch.Tensor) -> torch.Tensor:
-        """The stock projector on pre-projector features [n, width] (per token: LLaVA's MLP)."""
-        projector = self.model.model.multi_modal_projector
-        return projector(features.to(projector.linear_1.weight.dtype))
 
     def _layer_attention(self, image_output, layer: int) -> dict:
         """{cls, received, keys} per view and patch position of tower layer `layer` (0-based), recomputed from
@@ -206,9 +201,7 @@ class LlavaAdapter(BackboneAdapter):
         """[views, patches, width]: the vision tower's features the projector reads (before it), per patch, the
         feature layers side by side where there are several (as the stock model joins them); with `cls`, [views,
         width]: the CLS token's features of those layers."""
-        layer = self._feature_layer(image_output)
-        states = self.model.config.vision_config.num_hidden_layers + 1
-        indices = [i if i >= 0 else states + i for i in (layer if isinstance(layer, (list, tuple)) else [layer])]
+        indices = self.feature_states(self._feature_layer(image_output))
         hidden_states = getattr(image_output, "hidden_states", None)
         if hidden_states is None or any(hidden_states[i] is None for i in indices):
             raise ValueError(
@@ -232,29 +225,7 @@ class LlavaAdapter(BackboneAdapter):
 
     def _feature_index(self, image_output=None) -> int:
         """The tower hidden state the projector reads (the last of several feature layers), 0-based."""
-        layer = self._feature_layer(image_output)
-        layer = layer[-1] if isinstance(layer, (list, tuple)) else layer
-        return layer if layer >= 0 else self.model.config.vision_config.num_hidden_layers + 1 + layer
-
-    def vision_layers(self, feature_layer=None) -> list[int]:
-        """Indices into the tower's hidden states to keep: the projector's input(s) for `feature_layer` (default:
-        the config's), the input of the layer that produced the last (whose CLS attention `vision_importance`
-        recomputes) and the inputs of the layers the strategy reads through `vision_layer(i)`."""
-        layer = self.model.config.vision_feature_layer if feature_layer is None else feature_layer
-        states = self.model.config.vision_config.num_hidden_layers + 1
-        wanted = [i if i >= 0 else states + i for i in (layer if isinstance(layer, (list, tuple)) else [layer])]
-        return sorted({wanted[-1] - 1, *wanted, *self.strategy_vision_layers()})
-
-    def encode_images(self, pixel_values, **vision_kwargs):
-        """The stock `get_image_features`, also keeping the hidden states the lazy facts read, and noting the
-        feature layer and selection it used (a forward may give its own)."""
-        layer = vision_kwargs.get("vision_feature_layer")
-        out = self.model.model.get_image_features(
-            pixel_values=pixel_values, return_dict=True, output_hidden_states=self.vision_layers(layer), **vision_kwargs
-        )
-        out.vtr_feature_layer = layer
-        out.vtr_select_strategy = vision_kwargs.get("vision_feature_select_strategy")
-        return out
+        return self.feature_states(self._feature_layer(image_output))[-1]
 
     def _cls_attention(self, image_output) -> torch.Tensor:
         """[num_views, patches]: the CLS query's attention (mean over heads) in the vision layer whose output

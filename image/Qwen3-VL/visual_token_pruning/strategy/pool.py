@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from .base import PruningStrategy
+from .base import MarkedSelection
 from .grouping import split_budget
 from .registry import register_strategy
 
@@ -68,7 +68,7 @@ def pool_cells(grid: torch.Tensor, budget: int) -> tuple[torch.Tensor, torch.Ten
 
 
 @register_strategy("pool")
-class Pool(PruningStrategy):
+class Pool(MarkedSelection):
     needs_attention = False
     supports_token_merge = True
     token_merge_default = True
@@ -88,16 +88,11 @@ class Pool(PruningStrategy):
                 "pool replaces the visual tokens by their pooled cells: it cannot run with token_merge=False"
             )
         rows = ctx["image_token_indices"]
-        budget = self._budget_count(config, ctx["stage"], rows.numel())
-        if budget is None:
-            raise ValueError("pool keeps a fixed number of tokens: give keep_tokens or keep_ratio")
+        budget = self._token_count(config, ctx["stage"], rows.numel())
         cell, centres = pool_cells(ctx["visual_grid"]().cpu(), budget)
         ctx["vtr_ctx"]["pool"] = (rows, cell.to(rows.device), centres.to(rows.device))
         start, end = image_token_range
-        return torch.zeros(end - start, device=rows.device)
-
-    def select_tokens(self, scores, num_tokens, config, stage=0):
-        return torch.empty(0, dtype=torch.long, device=scores.device)  # every token goes into its cell
+        return torch.full((end - start,), -float("inf"), device=rows.device)  # every token goes into its cell
 
     def merge_tokens(self, dropped_hidden, dropped_scores, config, **ctx):
         rows, cell, centres = ctx["vtr_ctx"]["pool"]

@@ -71,25 +71,6 @@ class VideoLlavaAdapter(BackboneAdapter):
 
     # ------------------------------------------------------------------ encoding
 
-    @property
-    def vision_depth(self) -> int:
-        """Layers of each vision tower (the image and the video tower share one config)."""
-        return self.model.config.vision_config.num_hidden_layers
-
-    def vision_layers(self, feature_layer) -> list[int]:
-        """Tower hidden states to keep: the projector's input(s), the input of the layer that produced the
-        last of them (whose CLS attention `vision_importance` recomputes), and the inputs of the layers the
-        strategy reads through `vision_layer(i)` (its `vision_layers(config, tower)`)."""
-        wanted = self._feature_states(feature_layer)
-        inputs = self.strategy_vision_layers()
-        return sorted({wanted[-1] - 1, *wanted, *inputs})
-
-    def _feature_states(self, feature_layer) -> list[int]:
-        """The tower hidden states (0-based indices, in the given order) the projector reads."""
-        states = self.vision_depth + 1
-        wanted = feature_layer if isinstance(feature_layer, (list, tuple)) else [feature_layer]
-        return [i if i >= 0 else states + i for i in wanted]
-
     def encode_inputs(self, args: dict) -> dict:
         """{"image": ..., "video": ...}: the stock `get_image_features` / `get_video_features` outputs (or the
         pre-encoded ones in `mm_encoder_outputs`), keeping the tower states `vision_importance` reads."""
@@ -109,7 +90,7 @@ class VideoLlavaAdapter(BackboneAdapter):
                 continue
             if encoded.get(modality) is not None:
                 raise ValueError(f"give the {modality}s as pixels or as mm_encoder_outputs['{modality}'], not both")
-            keep = self.vision_layers(layer)
+            keep = self.encoder_states(layer)
             if modality == "image":
                 out = model.get_image_features(
                     pixel_values=values,
@@ -205,11 +186,6 @@ class VideoLlavaAdapter(BackboneAdapter):
         out[:, 1:, 0] = group
         return out.reshape(count, frames * frame.shape[0], 3)
 
-    def project(self, features: torch.Tensor) -> torch.Tensor:
-        """The stock projector on pre-projector features [n, width] (per token, images and frames alike)."""
-        projector = self.model.model.multi_modal_projector
-        return projector(features.to(projector.linear_1.weight.dtype))
-
     def _item_facts(self, modality: str, out, kind) -> dict:
         """name -> [items, tokens per item, ...]: the facts of `kind` ("importance", "features", "cls", or
         ("layer", i): {cls, received, keys} of tower layer i) at each placeholder of each encoded image or video
@@ -218,15 +194,15 @@ class VideoLlavaAdapter(BackboneAdapter):
         tower = self.model.model.image_tower if modality == "image" else self.model.model.video_tower
         encoder = getattr(tower, "vision_model", tower).encoder
         if kind == "importance":
-            index = self._feature_states(out.vtr_layer)[-1] - 1
+            index = self.feature_states(out.vtr_layer)[-1] - 1
             state = self._tower_state(out, index, "vision_importance")
             views = {"importance": clip_cls_attention(encoder.layers[index], state)}
         elif kind in ("features", "cls"):  # the stock projector's input: the feature layers side by side
-            states = [self._tower_state(out, i, f"vision_{kind}") for i in self._feature_states(out.vtr_layer)]
+            states = [self._tower_state(out, i, f"vision_{kind}") for i in self.feature_states(out.vtr_layer)]
             features = torch.cat(states, dim=-1)
             views = {kind: features[:, :1].expand_as(features) if kind == "cls" else features}
         else:  # ("layer", i): tower layer i (0-based; None: the one producing the projector's input)
-            index = kind[1] if kind[1] is not None else self._feature_states(out.vtr_layer)[-1] - 1
+            index = kind[1] if kind[1] is not None else self.feature_states(out.vtr_layer)[-1] - 1
             state = self._tower_state(out, index, f"vision_layer({index})")
             views = clip_layer_attention(encoder.layers[index], state)
         rows = slice(1, None) if out.vtr_select == "default" else slice(None)  # images: CLS dropped or kept

@@ -137,6 +137,25 @@ class PruningStrategy(ABC):
         current. Override for a method whose official code counts otherwise (PyramidDrop: of the original)."""
         return ratio_count(current, config.stage_budget(stage).keep_ratio)
 
+    @classmethod
+    def missing_facts(cls, adapter) -> list[str]:
+        """The facts this method `requires` that `adapter` (a `BackboneAdapter` or its class) does not give."""
+        return [fact for fact in cls.requires if fact not in getattr(adapter, "facts", ())]
+
+    @classmethod
+    def count_error(cls) -> ValueError:
+        """The error of a method that keeps a count of tokens, given a score_threshold budget."""
+        return ValueError(
+            f"{cls.name} keeps a fixed number of tokens: give keep_tokens or keep_ratio, not score_threshold"
+        )
+
+    def _token_count(self, config, stage: int, num_tokens: int) -> int:
+        """`_budget_count` for methods that need a count: a score_threshold budget is refused (`count_error`)."""
+        count = self._budget_count(config, stage, num_tokens)
+        if count is None:
+            raise self.count_error()
+        return count
+
     def _budget_count(self, config, stage: int, num_tokens: int) -> int | None:
         """How many of `num_tokens` visual tokens this stage keeps (None for a score threshold): for methods
         that select a set rather than rank tokens."""
@@ -165,6 +184,22 @@ class PruningStrategy(ABC):
         per_head = attention[:, :, rows, start:end].float().mean(dim=2)  # [1, heads, num_img]
         heads = per_head.amax(dim=1) if config.head_aggregation == "max" else per_head.mean(dim=1)
         return heads.reshape(-1)
+
+
+class MarkedSelection(PruningStrategy):
+    """A method that picks its kept set itself: `compute_scores` gives its picks finite scores and every other
+    token -inf, and `select_tokens` keeps exactly the picks (DART, VisionZip, the per-view selections, pool)."""
+
+    @staticmethod
+    def marked(keep: torch.Tensor, values: torch.Tensor, image_token_range, rows) -> torch.Tensor:
+        """The scores of picks `keep` ([n] bool over the visual `rows`): `values` there, -inf elsewhere."""
+        start, end = image_token_range
+        scores = torch.full((end - start,), -float("inf"), device=rows.device)
+        scores[rows[keep] - start] = values[keep].float().to(rows.device)
+        return scores
+
+    def select_tokens(self, scores, num_tokens, config, stage=0):
+        return (scores.reshape(-1) > -float("inf")).nonzero().reshape(-1)
 
 
 def select_batch(scores: torch.Tensor, visual: torch.Tensor, budget: StageBudget, limit=None) -> torch.Tensor:

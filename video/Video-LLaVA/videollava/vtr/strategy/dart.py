@@ -25,7 +25,7 @@ pivots (then P = p). Ties go to the earlier token. Needs a token count: keep_tok
 
 import torch
 
-from .base import PruningStrategy
+from .base import MarkedSelection
 from .registry import register_strategy
 
 
@@ -61,7 +61,7 @@ def least_duplicated(features: torch.Tensor, pivots: list[int], pool: torch.Tens
 
 
 @register_strategy("dart")
-class DART(PruningStrategy):
+class DART(MarkedSelection):
     @classmethod
     def schedule_defaults(cls, config, num_layers: int) -> dict:
         return {"prune_layer": max(1, min(2, num_layers - 1))} if config.prune_layer_defaulted else {}
@@ -72,7 +72,7 @@ class DART(PruningStrategy):
         if budget.keep_tokens is not None:
             return min(budget.keep_tokens, num_visual - image_pivots) // pivots
         if budget.score_threshold is not None:
-            raise ValueError("dart keeps a fixed number of tokens: give keep_tokens or keep_ratio, not score_threshold")
+            raise self.count_error()
         return int(num_visual * budget.keep_ratio / pivots)
 
     def compute_scores(self, attention, image_token_range, config, **ctx):
@@ -105,6 +105,3 @@ class DART(PruningStrategy):
         scores = torch.full((end - start,), -float("inf"), device=rows.device)
         scores[rows[kept] - start] = -torch.arange(kept.numel(), device=rows.device, dtype=torch.float32)
         return scores
-
-    def select_tokens(self, scores, num_tokens, config, stage=0):
-        return (scores.reshape(-1) > -float("inf")).nonzero().reshape(-1)

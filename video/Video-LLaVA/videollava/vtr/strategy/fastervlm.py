@@ -14,8 +14,7 @@ each token receives in the last block (`vision_importance` there). Needs a token
 
 import torch
 
-from .base import PruningStrategy
-from .grouping import first_stage_facts, view_shares
+from .grouping import ViewSelection, first_stage_facts, view_shares
 from .registry import register_strategy
 
 
@@ -30,35 +29,6 @@ def top_per_view(scores: torch.Tensor, groups: torch.Tensor, budget: int) -> tor
     return keep
 
 
-class ViewSelection(PruningStrategy):
-    """A method that picks its kept set per view itself: `compute_scores` marks the picks (finite scores, the rest
-    -inf) and `select_tokens` keeps exactly those."""
-
-    needs_attention = False
-    needs_vision_attention = True
-    positions = "compact"
-
-    @classmethod
-    def schedule_defaults(cls, config, num_layers: int) -> dict:
-        return {"prune_layer": 0} if config.prune_layer_defaulted else {}
-
-    def budget(self, config, ctx) -> int:
-        count = self._budget_count(config, ctx["stage"], ctx["image_token_indices"].numel())
-        if count is None:
-            raise ValueError(f"{self.name} keeps a fixed number of tokens: give keep_tokens or keep_ratio")
-        return count
-
-    @staticmethod
-    def marked(keep: torch.Tensor, values: torch.Tensor, image_token_range, rows) -> torch.Tensor:
-        start, end = image_token_range
-        scores = torch.full((end - start,), -float("inf"), device=rows.device)
-        scores[rows[keep] - start] = values[keep].float().to(rows.device)
-        return scores
-
-    def select_tokens(self, scores, num_tokens, config, stage=0):
-        return (scores.reshape(-1) > -float("inf")).nonzero().reshape(-1)
-
-
 @register_strategy("fastervlm")
 class FasterVLM(ViewSelection):
     requires = ("vision_importance", "visual_grid")
@@ -68,5 +38,7 @@ class FasterVLM(ViewSelection):
         importance, groups = first_stage_facts(
             ctx, "fastervlm", lambda: (ctx["vision_importance"]().float(), ctx["visual_grid"]()[:, 0])
         )
-        keep = top_per_view(importance, groups.to(importance.device), self.budget(config, ctx))
+        keep = top_per_view(
+            importance, groups.to(importance.device), self._token_count(config, ctx["stage"], rows.numel())
+        )
         return self.marked(keep, importance, image_token_range, rows)

@@ -2,11 +2,13 @@
 # Shared vtr file: edit it in image/LLaVA/llava/vtr, then `make fix-copies` updates every fork.
 """Per-view budgets for methods whose official code selects per image crop or frame (FasterVLM, HiPrune, the
 pool baseline): a sample's budget split over its views (`ctx["visual_grid"]()` groups) in proportion to their
-sizes, and the state such methods keep across prune stages."""
+sizes, the state such methods keep across prune stages, and their base class."""
 
 import math
 
 import torch
+
+from .base import MarkedSelection
 
 
 def split_budget(sizes: list[int], budget: int) -> list[int]:
@@ -46,3 +48,16 @@ def first_stage_facts(ctx, name: str, compute):
     positions, facts = state[name]
     where = torch.searchsorted(positions, ctx["original_index"][rows])
     return tuple(f[where.to(f.device)] for f in facts)
+
+
+class ViewSelection(MarkedSelection):
+    """A vision-side method that picks its kept set per view before the LLM (FasterVLM, HiPrune): the picks are
+    marked (`MarkedSelection`), the kept tokens renumbered without gaps as their official code splices them in."""
+
+    needs_attention = False
+    needs_vision_attention = True
+    positions = "compact"
+
+    @classmethod
+    def schedule_defaults(cls, config, num_layers: int) -> dict:
+        return {"prune_layer": 0} if config.prune_layer_defaulted else {}

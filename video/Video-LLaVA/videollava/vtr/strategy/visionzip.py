@@ -29,7 +29,7 @@ M-RoPE backbones the kept tokens keep their original positions (`mrope_positions
 
 import torch
 
-from .base import PruningStrategy
+from .base import MarkedSelection
 from .grouping import view_shares
 from .registry import register_strategy
 
@@ -67,7 +67,7 @@ def merge_contextual(features: torch.Tensor, keys: torch.Tensor, count: int):
 
 
 @register_strategy("visionzip")
-class VisionZip(PruningStrategy):
+class VisionZip(MarkedSelection):
     needs_attention = False
     needs_vision_attention = True
     supports_token_merge = True
@@ -96,9 +96,7 @@ class VisionZip(PruningStrategy):
         if ctx["layer_idx"] != -1 or ctx["stage"] != 0:
             raise ValueError("visionzip works in the vision tower: it runs before the LLM only (prune_layer=0)")
         rows = ctx["image_token_indices"]
-        budget = self._budget_count(config, 0, rows.numel())
-        if budget is None:
-            raise ValueError("visionzip keeps a fixed number of tokens: give keep_tokens or keep_ratio")
+        budget = self._token_count(config, 0, rows.numel())
         spliced = self.spliced(ctx)
         merge = config.conventions().token_merge  # False: the whole share on dominant patches (an ablation)
         layer = ctx["vision_layer"]()
@@ -118,13 +116,7 @@ class VisionZip(PruningStrategy):
             dominant[members[order[:patches]]] = True
             plan.append((members, with_cls, contextual))
         ctx["vtr_ctx"]["visionzip"] = (rows, dominant, plan, spliced)
-        start, end = image_token_range
-        scores = torch.full((end - start,), -float("inf"), device=rows.device)
-        scores[rows[dominant] - start] = importance[dominant]
-        return scores
-
-    def select_tokens(self, scores, num_tokens, config, stage=0):
-        return (scores.reshape(-1) > -float("inf")).nonzero().reshape(-1)
+        return self.marked(dominant, importance, image_token_range, rows)
 
     def merge_tokens(self, dropped_hidden, dropped_scores, config, **ctx):
         state = ctx["vtr_ctx"]
