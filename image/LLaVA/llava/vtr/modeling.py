@@ -1,8 +1,8 @@
 """`VTRLlavaForConditionalGeneration`: the stock transformers LLaVA with physical visual token pruning.
 
-This file is the LLaVA fork's only model code: an adapter that tells the shared engine (engine.py, a
-copy-checked file) what LLaVA's tokens are, and a subclass of the stock class whose forward is one call
-into the engine. It adds no parameters (stock checkpoints load and save as they are). Only a prefill that
+This file is the LLaVA fork's only model code: adapters that tell the shared engine (engine.py, a
+copy-checked file) what the tokens of LLaVA-1.5, LLaVA-1.6 and LLaVA-OneVision (and LLaVA-Video, the same
+architecture) are, and subclasses of the stock classes whose forward is one call into the engine. It adds no parameters (stock checkpoints load and save as they are). Only a prefill that
 carries an image and has VTR enabled is pruned; decode steps run the stock forward with their mask and
 positions re-mapped onto the shortened cache.
 """
@@ -10,11 +10,20 @@ positions re-mapped onto the shortened cache.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
-from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+from transformers import (
+    LlavaForConditionalGeneration,
+    LlavaNextForConditionalGeneration,
+    LlavaOnevisionForConditionalGeneration,
+)
 from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
 from transformers.models.llava_next.modeling_llava_next import LlavaNextCausalLMOutputWithPast
+from transformers.models.llava_onevision.modeling_llava_onevision import (
+    LlavaOnevisionCausalLMOutputWithPast,
+    image_size_to_num_patches,
+)
 
 from .config import VTRConfig
 from .engine import (
@@ -27,14 +36,17 @@ from .engine import (
     clip_cls_attention,
     clip_layer_attention,
     register_vtr_classes,
+    repeat_per_sample,
 )
 
 __all__ = [
     "LlavaAdapter",
     "LlavaNextAdapter",
+    "LlavaOnevisionAdapter",
     "StageRecord",
     "VTRLlavaForConditionalGeneration",
     "VTRLlavaNextForConditionalGeneration",
+    "VTRLlavaOnevisionForConditionalGeneration",
     "VTRRecord",
 ]
 
@@ -287,6 +299,309 @@ class LlavaNextAdapter(LlavaAdapter):
         return packed_all
 
 
+class LlavaOnevisionAdapter(BackboneAdapter):
+    """LLaVA-OneVision (and LLaVA-Video, the same architecture): a SigLIP tower (no CLS token) and a Qwen2 decoder.
+
+        <image>  one image alone in its sample: the base view, then its tiles (anyres_max: unpadded to the image's
+                 aspect ratio, bilinearly shrunk when they exceed the `vision_aspect_ratio` maximum) as one grid
+                 with an `image_newline` token closing every row;  several images in a sample: each its base view
+                 and one newline
+        <video>  each frame's patch grid pooled 2 x 2 (bilinear, ceil), the frames one after the other, then one
+                 newline for the whole video
+        images and videos in one prompt: every visual position is a candidate, under one budget
+
+    Strategies get `patch_grid` (the sample's first image's base view, or its first video frame's pooled grid),
+    `vision_tower` (SigLIP: no CLS) and, on request, per visual token in prompt order: `visual_grid()` (group = a
+    base view, an image's tile grid, or a frame; newlines -1), `vision_importance()` (the attention a patch
+    receives in the tower layer the projector reads, mean over heads and queries: there is no CLS query),
+    `vision_features()` (the tower features the projector reads) and `vision_layer(i)` ({cls: None, received,
+    keys}). The per-patch values follow the projected features through the stock model's own arrangement
+    (unpadding, bilinear shrinking, frame pooling: `pack_image_features`, `apply_pooling`); newlines get zeros.
+    Positions are 1-D (0..seq-1, or `position_ids`)."""
+
+    #: Budget when the user gives none: a quarter of a 32-frame video's pooled tokens (32 x 14 x 14 / 4), the frame
+    #: count and retention the video-reduction papers on this backbone report most.
+    default_keep_tokens = 1568
+    output_class = LlavaOnevisionCausalLMOutputWithPast
+    pixel_inputs = ("pixel_values", "pixel_values_videos")
+    encoded_modalities = ("image", "video")
+    # (a forward's own `vision_aspect_ratio` is not one: the stock model encodes with the config's)
+    encoder_arguments = ("vision_feature_layer", "vision_feature_select_strategy")
+    facts = ("patch_grid", "visual_grid", "vision_importance", "vision_features", "vision_layer", "vision_tower")
+
+    def vision_tower(self) -> dict:
+        return {"depth": self.model.config.vision_config.num_hidden_layers, "cls": False}
+
+    def patch_grid(self) -> tuple[int, int]:
+        """(rows, cols) of one image's base view (27 x 27 for 384 px / 14 px)."""
+        vision = self.model.config.vision_config
+        side = vision.image_size // vision.patch_size
+        return (side, side)
+
+    def frame_grid(self) -> tuple[int, int]:
+        """(rows, cols) of one video frame after the stock 2 x 2 pooling (14 x 14 for 27 x 27)."""
+        rows, cols = self.patch_grid()
+        return (math.ceil(rows / 2), math.ceil(cols / 2))
+
+    # ------------------------------------------------------------------ encoding
+
+    def encode_inputs(self, args: dict) -> dict:
+        """{"image": ..., "video": ...}: the stock `get_image_features` / `get_video_features` outputs (or the
+        pre-encoded ones in `mm_encoder_outputs`), keeping the tower states the lazy facts read, and noting on them
+        what laid the tokens out (image sizes, images per sample, frames, feature layer, selection)."""
+        encoded = super().encode_inputs(args)
+        kwargs = self.encoder_kwargs(args)
+        layer, select = kwargs["vision_feature_layer"], kwargs["vision_feature_select_strategy"]
+        for modality, pixels in (("image", args.get("pixel_values")), ("video", args.get("pixel_values_videos"))):
+            if pixels is None:
+                continue
+            if encoded.get(modality) is not None:
+                raise ValueError(f"give the {modality}s as pixels or as mm_encoder_outputs['{modality}'], not both")
+            keep = self.encoder_states(layer)
+            if modality == "image":
+                if args.get("image_sizes") is None:
+                    raise ValueError("LLaVA-OneVision's images need image_sizes (the processor returns them)")
+                out = self.model.model.get_image_features(
+                    pixel_values=pixels,
+                    image_sizes=args["image_sizes"],
+                    batch_num_images=args.get("batch_num_images"),
+                    return_dict=True,
+                    output_hidden_states=keep,
+                    **kwargs,
+                )
+                out.vtr_image_sizes, out.vtr_batch_num_images = args["image_sizes"], args.get("batch_num_images")
+            else:
+                if pixels.ndim != 5:
+                    raise ValueError(
+                        f"pixel_values_videos must be [videos, frames, 3, height, width]; got {tuple(pixels.shape)}"
+                    )
+                out = self.model.model.get_video_features(
+                    pixel_values_videos=pixels,
+                    vision_feature_layer=layer,
+                    vision_feature_select_strategy=select,
+                    return_dict=True,
+                    output_hidden_states=keep,
+                )
+                out.vtr_frames = pixels.shape[1]
+            out.vtr_feature_layer, out.vtr_select_strategy = layer, select
+            encoded[modality] = out
+        return encoded
+
+    def prefill_tokens(self, args: dict) -> PrefillTokens:
+        input_ids, inputs_embeds = self.input_embeddings(args)
+        encoded = self.encode_inputs(args)
+        features = {}
+        for modality in self.encoded_modalities:
+            out = encoded.get(modality)
+            if out is not None:
+                pooled = out.pooler_output
+                pooled = torch.cat(list(pooled)) if modality == "image" else pooled.flatten(0, 1)
+                features[modality] = pooled.to(inputs_embeds.device, inputs_embeds.dtype)
+        image_mask, video_mask = self.model.model.get_placeholder_mask(
+            input_ids,
+            inputs_embeds=inputs_embeds,
+            image_features=features.get("image"),
+            video_features=features.get("video"),
+        )
+        hidden = inputs_embeds
+        masks = {}
+        for modality, mask in (("image", image_mask), ("video", video_mask)):
+            if modality in features:
+                hidden = hidden.masked_scatter(mask, features[modality])
+                masks[modality] = mask[..., 0]
+        visual = torch.zeros_like(image_mask[..., 0])
+        for mask in masks.values():
+            visual = visual | mask
+        return self.prefill(
+            args,
+            hidden,
+            visual,
+            output_extras={
+                "image_hidden_states": features.get("image"),
+                "video_hidden_states": features.get("video"),
+            },
+            strategy_ctx={"patch_grid": self._first_grids(masks), "vision_tower": self.vision_tower()},
+            lazy_ctx=self._lazy_facts(visual, masks, encoded, args),
+        )
+
+    def _first_grids(self, masks: dict) -> list[tuple[int, int]]:
+        """Per sample: the base-view grid when its first visual token is an image's, else a frame's pooled grid."""
+        image, video = masks.get("image"), masks.get("video")
+        if video is None:
+            return [self.patch_grid()] * next(iter(masks.values())).shape[0]
+        if image is None:
+            return [self.frame_grid()] * video.shape[0]
+        first_image = torch.where(image.any(1), image.float().argmax(1), image.shape[1])
+        first_video = torch.where(video.any(1), video.float().argmax(1), video.shape[1])
+        return [
+            self.patch_grid() if i < v else self.frame_grid()
+            for i, v in zip(first_image.tolist(), first_video.tolist())
+        ]
+
+    # ------------------------------------------------------------------ per-token facts for strategies
+
+    def _lazy_facts(self, visual, masks, encoded, args) -> dict:
+        """`visual_grid(b)`, `vision_importance(b)`, `vision_features(b)` and `vision_layer(b, i)`, computed on
+        request (host syncs), each tower layer's attention once per prefill."""
+        cache = {}
+
+        def table(kind, what: str) -> dict:
+            """name -> [batch, seq, ...]: the facts of `kind` at every visual position (-1 / zeros elsewhere)."""
+            if kind in cache:
+                return cache[kind]
+            tables, groups = {}, 0
+            for modality, mask in masks.items():
+                flat = self._flat_facts(modality, encoded[modality], kind, args, what)
+                first = next(iter(flat.values()))
+                repeats = beam_repeats(int(mask.sum()), first.shape[0], f"{what} ({modality}s)")
+                counts = mask.sum(1)[::repeats].tolist()
+                if sum(counts) != first.shape[0]:
+                    raise ValueError(
+                        f"{what}: the {modality} placeholders ({counts} per sample) do not line up with the encoded "
+                        f"{modality}s ({first.shape[0]} tokens)"
+                    )
+                for name, value in flat.items():
+                    if kind == "coords":  # group ids unique across the modalities
+                        value = torch.where(value[:, :1] >= 0, value + torch.tensor([groups, 0, 0]), value)
+                        groups = int(value[:, 0].max()) + 1
+                    value = repeat_per_sample(value.to(visual.device), counts, repeats)
+                    if name not in tables:
+                        fill = -1 if kind == "coords" else 0
+                        tables[name] = value.new_full((*visual.shape, *value.shape[1:]), fill)
+                    tables[name][mask] = value.to(tables[name].dtype)
+            cache[kind] = tables
+            return tables
+
+        def grid(b: int) -> torch.Tensor:
+            coords = table("coords", "visual_grid")["coords"][b][visual[b]]
+            on = coords[:, 0] >= 0
+            # renumber this sample's groups 0, 1, ... in prompt order (each group is one run, newlines aside)
+            ids = coords[on, 0]
+            starts = torch.ones_like(ids, dtype=torch.bool)
+            starts[1:] = ids[1:] != ids[:-1]
+            coords = coords.clone()
+            coords[on, 0] = starts.cumsum(0) - 1
+            return coords
+
+        def per_sample(b: int, kind: str, what: str) -> torch.Tensor:
+            return table(kind, what)[kind][b][visual[b]]
+
+        def vision_layer(b: int, layer: int | None = None) -> dict:
+            index = None if layer is None else self.tower_layer(layer)
+            facts = table(("layer", index), f"vision_layer({layer})")
+            return {"cls": None, **{name: t[b][visual[b]] for name, t in facts.items()}}
+
+        return {
+            "visual_grid": grid,
+            "vision_importance": functools.partial(per_sample, kind="importance", what="vision_importance"),
+            "vision_features": functools.partial(per_sample, kind="features", what="vision_features"),
+            "vision_layer": vision_layer,
+        }
+
+    def _flat_facts(self, modality: str, out, kind, args, what: str) -> dict:
+        """name -> [visual tokens of the encoded items, ...]: the facts of `kind` ("coords", "importance",
+        "features" or ("layer", i)) at each placeholder of each encoded image or video, in encoding order."""
+        if kind == "coords":
+            return {"coords": self._coords(modality, out, args)}
+        layer = getattr(out, "vtr_feature_layer", None)
+        states = self.feature_states(layer)
+        if kind == "features":
+            per_view = {"features": torch.cat([self._tower_state(out, i, what) for i in states], dim=-1)}
+        else:
+            index = states[-1] - 1 if kind == "importance" or kind[1] is None else kind[1]
+            tower = self.model.model.vision_tower
+            encoder = getattr(tower, "vision_model", tower).encoder
+            facts = clip_layer_attention(encoder.layers[index], self._tower_state(out, index, what), cls=False)
+            per_view = (
+                {"importance": facts["received"]}
+                if kind == "importance"
+                else {
+                    "received": facts["received"],
+                    "keys": facts["keys"],
+                }
+            )
+        select = getattr(out, "vtr_select_strategy", None) or self.model.config.vision_feature_select_strategy
+        rows = slice(1, None) if select == "default" else slice(None)
+        return {name: self._arrange(modality, out, value[:, rows], args) for name, value in per_view.items()}
+
+    @staticmethod
+    def _tower_state(out, index: int, what: str) -> torch.Tensor:
+        states = getattr(out, "hidden_states", None)
+        if states is None or len(states) <= index or states[index] is None:
+            raise ValueError(
+                f"{what} needs the vision tower's hidden state {index}, which these encoded features lack; pass "
+                "pixel values (generate() and forward() encode them keeping what the strategy's vision_layers() names)"
+            )
+        return states[index]
+
+    def _views(self, out, args) -> tuple[list, list[int]]:
+        """(image sizes, views per image) of the encoded images, as the stock `get_image_features` splits them."""
+        sizes = getattr(out, "vtr_image_sizes", None)
+        sizes = sizes if sizes is not None else args.get("image_sizes")
+        if sizes is None:
+            raise ValueError("LLaVA-OneVision's image layout needs image_sizes (the processor returns them)")
+        per_sample = getattr(out, "vtr_batch_num_images", None)
+        per_sample = per_sample if per_sample is not None else args.get("batch_num_images")
+        sizes = sizes.tolist() if hasattr(sizes, "tolist") else list(sizes)
+        tiled = [True] * len(sizes) if per_sample is None else [n == 1 for n in per_sample.tolist() for _ in range(n)]
+        config = self.model.config
+        views = [
+            image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size) if tile else 1
+            for size, tile in zip(sizes, tiled)
+        ]
+        return sizes, views
+
+    def _arrange(self, modality: str, out, per_view: torch.Tensor, args) -> torch.Tensor:
+        """[tokens, ...]: per-view values [views, patches, ...] laid out as the stock model lays out the projected
+        features (images: `pack_image_features`; videos: `apply_pooling` per frame, then the video's newline),
+        zeros at the newline tokens."""
+        values = per_view.float() if per_view.ndim == 3 else per_view.float()[..., None]
+        if modality == "image":
+            sizes, views = self._views(out, args)
+            flat = torch.cat([self._pack(item, size, out) for size, item in zip(sizes, values.split(views))])
+        else:
+            frames = out.vtr_frames
+            pooled = self.model.model.apply_pooling(values)  # [videos * frames, pooled patches, width]
+            pooled = pooled.reshape(-1, frames * pooled.shape[1], pooled.shape[-1])
+            flat = torch.cat([pooled, pooled.new_zeros(pooled.shape[0], 1, pooled.shape[-1])], dim=1).flatten(0, 1)
+        return flat if per_view.ndim == 3 else flat[:, 0]
+
+    def _pack(self, views: torch.Tensor, size, out) -> torch.Tensor:
+        """One image's values [views, patches, width] packed by the stock `pack_image_features` (zero newlines)."""
+        aspect = self.model.config.vision_aspect_ratio
+        newline = views.new_zeros(views.shape[-1])
+        packed, _ = self.model.model.pack_image_features([views], [size], newline, vision_aspect_ratio=aspect)
+        return packed[0]
+
+    def _coords(self, modality: str, out, args) -> torch.Tensor:
+        """[tokens, 3] long: (group, row, col) of each placeholder of the encoded images or videos, group ids
+        unique over them (a base view, an image's tile grid, a frame), newlines (-1, -1, -1)."""
+        if modality == "video":
+            rows, cols = self.frame_grid()
+            r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+            frame = torch.stack([torch.zeros_like(r), r, c], -1).reshape(-1, 3)
+            videos, frames = out.pooler_output.shape[0], out.vtr_frames
+            grid = frame.repeat(videos * frames, 1, 1)
+            grid[..., 0] = torch.arange(videos * frames).view(-1, 1)
+            newline = torch.full((videos, 1, 3), -1)
+            return torch.cat([grid.reshape(videos, -1, 3), newline], 1).reshape(-1, 3)
+        rows, cols = self.patch_grid()
+        r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+        base = torch.stack([torch.zeros_like(r), r, c], -1).reshape(-1, 3)
+        coords, group = [], 0
+        for size, count in zip(*self._views(out, args)):
+            # the stock layout of this image: a view of ones packed with zero newlines marks the real tokens
+            tiles = self._pack(torch.ones(count, base.shape[0], 1), size, out)[base.shape[0] :, 0]
+            newline = tiles == 0
+            width = tiles.numel() // int(newline.sum())  # each row: its tokens and the newline closing it
+            index = torch.arange(tiles.numel())
+            grid = torch.stack([torch.full_like(index, group + 1), index // width, index % width], -1)
+            grid[newline] = -1
+            coords += [base + torch.tensor([group, 0, 0]), grid]
+            group += 2
+        return torch.cat(coords)
+
+
 class VTRLlavaForConditionalGeneration(VTRModelMixin, LlavaForConditionalGeneration):
     """Stock LLaVA + visual token reduction, configured by `self.vtr_config`."""
 
@@ -346,6 +661,44 @@ class VTRLlavaNextForConditionalGeneration(VTRModelMixin, LlavaNextForConditiona
         return self.vtr_forward(super().forward, *self.forward_arguments(locals()))
 
 
+class VTRLlavaOnevisionForConditionalGeneration(VTRModelMixin, LlavaOnevisionForConditionalGeneration):
+    """Stock LLaVA-OneVision (also LLaVA-Video) + visual token reduction, configured by `self.vtr_config`."""
+
+    vtr_adapter_class = LlavaOnevisionAdapter
+    vtr_stock_class = LlavaOnevisionForConditionalGeneration
+
+    def __init__(self, config, vtr_config: VTRConfig | None = None):
+        super().__init__(config)
+        self._vtr_setup(vtr_config)
+
+    def forward(
+        self,
+        input_ids=None,
+        pixel_values=None,
+        image_sizes=None,
+        pixel_values_videos=None,
+        image_sizes_videos=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        vision_feature_layer=None,
+        vision_feature_select_strategy=None,
+        vision_aspect_ratio=None,
+        batch_num_images=None,
+        labels=None,
+        use_cache=None,
+        logits_to_keep=0,
+        mm_encoder_outputs=None,
+        **kwargs,
+    ):
+        return self.vtr_forward(super().forward, *self.forward_arguments(locals()))
+
+
 #: model_type of a checkpoint's config -> the VTR class that loads it.
-VTR_CLASSES = {"llava": VTRLlavaForConditionalGeneration, "llava_next": VTRLlavaNextForConditionalGeneration}
+VTR_CLASSES = {
+    "llava": VTRLlavaForConditionalGeneration,
+    "llava_next": VTRLlavaNextForConditionalGeneration,
+    "llava_onevision": VTRLlavaOnevisionForConditionalGeneration,
+}
 register_vtr_classes(VTR_CLASSES)  # llava-hf checkpoints load (and save) exactly as with the stock classes
