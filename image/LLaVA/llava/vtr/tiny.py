@@ -30,13 +30,15 @@ _CORPUS = [
 ]
 
 
-def build_tokenizer(vocab_size: int = 320, image_token: bool = True):
+def build_tokenizer(vocab_size: int = 320, image_token: bool = True, chatml: bool = False):
     """A byte-level BPE tokenizer trained on a tiny built-in corpus, with LLaVA's special tokens
-    (`image_token=False`: without `<image>`, like the original LLaVA release's tokenizer)."""
+    (`image_token=False`: without `<image>`, like the original LLaVA release's tokenizer; `chatml`: also
+    `<video>`, `<|im_start|>` and `<|im_end|>`, as LLaVA-OneVision's Qwen2 tokenizer has them)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<unk>", "<s>", "</s>", "<pad>"] + (["<image>"] if image_token else [])
+    specials += ["<video>", "<|im_start|>", "<|im_end|>"] if chatml else []
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -53,7 +55,8 @@ def build_tokenizer(vocab_size: int = 320, image_token: bool = True):
         eos_token="</s>",
         unk_token="<unk>",
         pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"} if image_token else {},
+        extra_special_tokens=({"image_token": "<image>"} if image_token else {})
+        | ({"video_token": "<video>"} if chatml else {}),
         padding_side="left",
     )
 
@@ -201,6 +204,121 @@ def build_tiny_llava_next(
     return _save(path, model, _processor(LlavaNextProcessor, image_processor, tokenizer, config), stamp, wanted)
 
 
+#: LLaVA-OneVision's prompt format (Qwen2 ChatML; the images, then the videos, then the text of each turn).
+ONEVISION_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] if item['type'] == 'image' %}<image>\n{% endfor %}"
+    "{% for item in message['content'] if item['type'] == 'video' %}<video>\n{% endfor %}"
+    "{% for item in message['content'] if item['type'] == 'text' %}{{ item['text'] }}{% endfor %}"
+    "{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_onevision_config(
+    tokenizer,
+    *,
+    image_size: int = 32,
+    patch_size: int = 8,
+    hidden_size: int = 64,
+    num_layers: int = 4,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 128,
+    vision_hidden_size: int = 32,
+    vision_layers: int = 2,
+    grid_pinpoints: tuple = ((32, 64), (64, 32), (64, 64)),
+    vision_aspect_ratio: str = "anyres_max_2",
+):
+    from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
+
+    vision = SiglipVisionConfig(
+        hidden_size=vision_hidden_size,
+        intermediate_size=vision_hidden_size * 2,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch_size,
+        vision_use_head=False,
+    )
+    text = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id,
+        # `</s>`, not `<|im_end|>` as in the real model: the random model would end most answers at once (the prompt
+        # is full of `<|im_end|>`), and the contract compares min_new_tokens generations with an oracle
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlavaOnevisionConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        image_grid_pinpoints=[list(p) for p in grid_pinpoints],
+        vision_aspect_ratio=vision_aspect_ratio,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def build_tiny_llava_onevision(path, *, seed: int = 0, overwrite: bool = False, **shape) -> Path:
+    """Write a random LLaVA-OneVision checkpoint + processor to `path` (kept if it already holds the same shape).
+
+    Defaults: a 2-layer SigLIP of 32 px views and 8 px patches (4 x 4 = 16 tokens a view, 2 x 2 a pooled video
+    frame), tile layouts 1x2, 2x1 and 2x2 and `anyres_max_2` (a 2 x 2 tiling is shrunk from 8 x 8 to 5 x 5
+    features, as anyres_max_9 shrinks large images), a 4-layer Qwen2 decoder with GQA: a small copy of
+    llava-onevision-qwen2-7b (384 px / 14 px: 729 tokens a view, 196 a frame)."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    from .processing import onevision_processor, save_processor
+
+    path = Path(path)
+    stamp = path / "vtr_tiny.json"
+    wanted = {"seed": seed, "kind": "llava_onevision", **shape}
+    if "grid_pinpoints" in wanted:
+        wanted["grid_pinpoints"] = [list(p) for p in wanted["grid_pinpoints"]]
+    if not overwrite and stamp.exists() and json.loads(stamp.read_text()) == wanted:
+        return path
+    tokenizer = build_tokenizer(chatml=True)
+    config = tiny_onevision_config(tokenizer, **shape)
+    model = _random_model(LlavaOnevisionForConditionalGeneration, config, seed)
+    vision = config.vision_config
+    processor = onevision_processor(
+        tokenizer,
+        image_size=vision.image_size,
+        patch_size=vision.patch_size,
+        grid_pinpoints=config.image_grid_pinpoints,
+        vision_aspect_ratio=config.vision_aspect_ratio,
+        chat_template=ONEVISION_CHAT_TEMPLATE,
+    )
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    save_processor(processor, path)
+    stamp.write_text(json.dumps(wanted))
+    return path
+
+
+def demo_video(frames: int = 8, size: int = 64):
+    """uint8 [frames, size, size, 3]: the demo scene with the sun moving right, drawn here (nothing downloaded)."""
+    import numpy as np
+
+    scene = np.asarray(demo_image(size)).copy()
+    out = []
+    for t in range(frames):
+        frame = scene.copy()
+        x = int((t + 1) * size / (frames + 2))
+        frame[size // 8 : size // 4, x : x + size // 8] = (250, 210, 60)
+        out.append(frame)
+    return np.stack(out)
+
+
 def build_tiny_original_llava(path, *, seed: int = 0, **shape):
     """Write a tiny checkpoint in the *original* LLaVA release format (`LlavaLlamaForCausalLM`, projector
     under `model.mm_projector`, a separate CLIP tower folder named by `mm_vision_tower`, a tokenizer with no
@@ -279,33 +397,57 @@ def demo_image(size: int = 336):
     return img
 
 
-def bench_case(shape: dict, cache_dir, model: str | None = None, anyres: bool = False) -> dict:
+def bench_case(shape: dict, cache_dir, model: str | None = None, anyres: bool = False, onevision: bool = False) -> dict:
     """What scripts/bench.py needs for this fork: a checkpoint (random, 336 px / 14 = 576 image tokens, or
-    `model`), a batch builder and the vision-only step. `anyres`: LLaVA-1.6, a 672 px image = 2,928 tokens."""
+    `model`), a batch builder and the vision-only step. `anyres`: LLaVA-1.6, a 672 px image = 2,928 tokens.
+    `onevision`: LLaVA-OneVision (384 px / 14 SigLIP views), a 16-frame video = 16 x 14 x 14 + 1 = 3,137 tokens."""
     from .demo import build_prompt
 
-    full = dict(image_size=336, patch_size=14, vision_hidden_size=64, **shape)
+    full = dict(image_size=384 if onevision else 336, patch_size=14, vision_hidden_size=64, **shape)
     if model is None:
         name = "bench-llava-{hidden_size}x{num_layers}-kv{num_kv_heads}".format(**full)
-        if anyres:
+        if onevision:
+            pinpoints = [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]  # the real model's
+            model = str(
+                build_tiny_llava_onevision(
+                    Path(cache_dir) / (name + "-onevision"),
+                    grid_pinpoints=pinpoints,
+                    vision_aspect_ratio="anyres_max_9",
+                    **full,
+                )
+            )
+        elif anyres:
             pinpoints = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))  # LLaVA-1.6's
             model = str(build_tiny_llava_next(Path(cache_dir) / (name + "-anyres"), grid_pinpoints=pinpoints, **full))
         else:
             model = str(build_tiny_llava(Path(cache_dir) / name, **full))
 
     def inputs(processor, batch: int):
+        if onevision:
+            content = [{"type": "video"}, {"type": "text", "text": "What happens in the video?"}]
+            prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+            return processor(text=[prompt] * batch, videos=[demo_video(16, 384)] * batch, return_tensors="pt")
         prompt = build_prompt(processor, "What is shown in the image?")
         image = demo_image(672 if anyres else 336)
         return processor(images=[image] * batch, text=[prompt] * batch, return_tensors="pt")
 
     def vision(vtr_model, batch_inputs):
-        extra = {"image_sizes": batch_inputs["image_sizes"]} if "image_sizes" in batch_inputs else {}
-        vtr_model.model.get_image_features(
-            pixel_values=batch_inputs["pixel_values"],
-            vision_feature_layer=vtr_model.config.vision_feature_layer,
-            vision_feature_select_strategy=vtr_model.config.vision_feature_select_strategy,
-            **extra,
+        config = vtr_model.config
+        select = dict(
+            vision_feature_layer=config.vision_feature_layer,
+            vision_feature_select_strategy=config.vision_feature_select_strategy,
         )
+        if onevision:
+            vtr_model.model.get_video_features(pixel_values_videos=batch_inputs["pixel_values_videos"], **select)
+            return
+        extra = {"image_sizes": batch_inputs["image_sizes"]} if "image_sizes" in batch_inputs else {}
+        vtr_model.model.get_image_features(pixel_values=batch_inputs["pixel_values"], **select, **extra)
 
-    what = "LLaVA-1.6, one 672 px image (anyres)" if anyres else "LLaVA-1.5, one 336 px image"
+    what = (
+        "LLaVA-OneVision, one 16-frame video"
+        if onevision
+        else "LLaVA-1.6, one 672 px image (anyres)"
+        if anyres
+        else "LLaVA-1.5, one 336 px image"
+    )
     return dict(path=model, inputs=inputs, vision=vision, description=what)
