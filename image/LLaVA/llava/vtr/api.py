@@ -7,7 +7,7 @@ LLaVA-1.5 (`llava-hf/llava-1.5-*`, model_type `llava`) and LLaVA-1.6 (`llava-hf/
 from __future__ import annotations
 
 from .config import VTRConfig
-from .model_args import PROCESSOR_FILES, check_checkpoint
+from .model_args import check_checkpoint
 from .modeling import VTR_CLASSES
 
 
@@ -53,7 +53,9 @@ def wrap(model, vtr_config: VTRConfig | None = None):
 
 
 def load_processor(pretrained: str, **kwargs):
-    from transformers import AutoProcessor
+    """The checkpoint's processor (hub id or local folder): the stock `AutoProcessor`; a LLaVA-OneVision
+    checkpoint where torchvision cannot load gets the stock processor class around torchvision-free image and
+    video processors (processing.py). `kwargs` go to transformers unchanged."""
+    from .processing import load_processor
 
-    check_checkpoint(pretrained, PROCESSOR_FILES)
-    return AutoProcessor.from_pretrained(pretrained, **kwargs)
+    return load_processor(pretrained, **kwargs)

@@ -1,0 +1,144 @@
+"""The processors of this fork's checkpoints; LLaVA-OneVision's also where torchvision cannot load.
+
+LLaVA-1.5 and LLaVA-1.6 checkpoints load with the stock `AutoProcessor`. LLaVA-OneVision's stock
+`LlavaOnevisionProcessor` needs its video processor (`LlavaOnevisionVideoProcessor`, a torchvision backend)
+and, by default, the fast image processor (torchvision too). Where torchvision imports, `load_processor`
+returns the stock processor unchanged. Otherwise it builds the same stock processor class (so the `<image>`
+expansion, anyres_max tiling included, and the `<video>` expansion are the stock code) around:
+
+- images: transformers' PIL `LlavaOnevisionImageProcessorPil` (the stock slow image processor);
+- videos: `LlavaOnevisionVideoProcessorNoTV`, the stock video processor with only its torchvision calls
+  replaced (see `notv`): resizing by `torch.nn.functional.interpolate` (bicubic, antialiased: the kernel
+  torchvision itself calls), normalisation in plain torch, and file decoding by `video_io` (decord, PyAV
+  fallback). Frame sampling (`do_sample_frames=True` with `num_frames=` or `fps=`) is the stock method.
+
+Videos may be file paths, uint8 arrays `[t, h, w, 3]` or lists of PIL frames.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .model_args import PROCESSOR_FILES, check_checkpoint, checkpoint_model_type
+from .notv import (
+    NoTVVideo,
+    TorchOnlyBackend,
+    from_saved,
+    name_stock_classes,
+    stock_processor_class,
+    stock_video_class,
+    torchvision_available,
+)
+
+_STOCK = {
+    "image": "LlavaOnevisionImageProcessor",
+    "video": "LlavaOnevisionVideoProcessor",
+    "processor": "LlavaOnevisionProcessor",
+}
+
+
+class LlavaOnevisionVideoProcessorNoTV(
+    NoTVVideo,
+    stock_video_class("transformers.models.llava_onevision.video_processing_llava_onevision", _STOCK["video"]),
+    TorchOnlyBackend,
+):
+    """The stock LLaVA-OneVision video processor without torchvision (see the module docstring): every frame
+    given is used unless `do_sample_frames=True`, as in the stock one."""
+
+    stock_name = _STOCK["video"]
+
+
+def onevision_processor(
+    tokenizer,
+    *,
+    image_size: int = 384,
+    patch_size: int = 14,
+    grid_pinpoints: list | None = None,
+    vision_aspect_ratio: str = "anyres_max_9",
+    chat_template: str | None = None,
+    image_kwargs: dict | None = None,
+    video_kwargs: dict | None = None,
+):
+    """A stock `LlavaOnevisionProcessor` for a vision tower of `image_size` px views and `patch_size` px patches
+    (`(image_size // patch_size) ** 2` tokens a view, all of them: vision_feature_select_strategy "full").
+    Its image and video processors are the stock ones where torchvision loads, else the PIL image processor
+    and `LlavaOnevisionVideoProcessorNoTV`; both resize to image_size x image_size. `grid_pinpoints`: the
+    anyres tile layouts in px (default: the stock 1..6 x 1..6 views, scaled to `image_size`).
+    `tokenizer` must hold the `<image>` and `<video>` tokens."""
+    for token in ("<image>", "<video>"):
+        if token not in tokenizer.get_vocab():
+            raise ValueError(f"the tokenizer has no {token!r} token; add it (as a special token) first")
+    if torchvision_available():
+        import transformers
+
+        image_class = transformers.LlavaOnevisionImageProcessor
+        video_class = transformers.LlavaOnevisionVideoProcessor
+        processor_class = transformers.LlavaOnevisionProcessor
+    else:
+        from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+            LlavaOnevisionImageProcessorPil as image_class,
+        )
+
+        video_class = LlavaOnevisionVideoProcessorNoTV
+        processor_class = stock_processor_class(_STOCK["processor"])
+    if grid_pinpoints is None:
+        grid_pinpoints = [[image_size * rows, image_size * cols] for rows in range(1, 7) for cols in range(1, 7)]
+    size = {"height": image_size, "width": image_size}
+    image_processor = image_class(
+        size=size, image_grid_pinpoints=[list(p) for p in grid_pinpoints], **(image_kwargs or {})
+    )
+    video_processor = video_class(size=size, **(video_kwargs or {}))
+    return processor_class(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        num_image_tokens=(image_size // patch_size) ** 2,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio=vision_aspect_ratio,
+        chat_template=chat_template,
+    )
+
+
+def save_processor(processor, path) -> None:
+    """`processor.save_pretrained(path)`, the configs naming the stock classes (as a hub checkpoint does), so
+    `AutoProcessor` loads it where torchvision exists and `load_processor` falls back without."""
+    processor.save_pretrained(path)
+    name_stock_classes(path, image=_STOCK["image"], video=_STOCK["video"], processor=_STOCK["processor"])
+
+
+def load_processor(pretrained: str, **kwargs):
+    """The checkpoint's processor (hub id or local folder): the stock `AutoProcessor`, except for a
+    LLaVA-OneVision checkpoint where torchvision cannot load: then the stock `LlavaOnevisionProcessor` class
+    built from the checkpoint's saved configs, tokenizer and chat template (one notice line on stderr).
+    `kwargs` go to transformers (hub options: revision, cache_dir, ...)."""
+    from transformers import AutoProcessor
+
+    check_checkpoint(pretrained, PROCESSOR_FILES)
+    if torchvision_available() or not _is_onevision(pretrained, **kwargs):
+        return AutoProcessor.from_pretrained(pretrained, **kwargs)
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    return from_saved(
+        pretrained,
+        _STOCK["processor"],
+        LlavaOnevisionImageProcessorPil,
+        LlavaOnevisionVideoProcessorNoTV,
+        family="LLaVA-OneVision",
+        **kwargs,
+    )
+
+
+def _is_onevision(pretrained, **kwargs) -> bool:
+    """From the model config's model_type; for a folder of processor files only, from the processor class its
+    processor_config.json names."""
+    try:
+        return checkpoint_model_type(pretrained, **kwargs) == "llava_onevision"
+    except (OSError, ValueError):  # no model config
+        file = Path(pretrained) / "processor_config.json"
+        try:
+            return file.is_file() and json.loads(file.read_text()).get("processor_class") == _STOCK["processor"]
+        except ValueError:  # not JSON: AutoProcessor names the problem
+            return False
