@@ -380,6 +380,115 @@ def build_tiny_original_llava(path, *, seed: int = 0, **shape):
     return path, reference
 
 
+def build_tiny_original_llava_video(path, *, seed: int = 0, newline_position: str = "grid", **shape):
+    """Write a tiny checkpoint in the *original* LLaVA-NeXT release format of LLaVA-Video / LLaVA-OneVision
+    (`LlavaQwenForCausalLM`: Qwen2 weights under `model.*` / `lm_head`, `model.mm_projector.{0,2}`,
+    `model.image_newline` and the SigLIP tower under `model.vision_tower.vision_tower.vision_model`, holding one
+    layer fewer than the tower folder named by `mm_vision_tower` describes, as the original code deletes the
+    last one; a tokenizer with `<image>` but no `<video>`). `newline_position`: `mm_newline_position` ("grid":
+    LLaVA-Video, "one_token": OneVision). Shapes as `tiny_onevision_config`. Returns (folder, reference):
+    `reference` is a stock `LlavaOnevisionForConditionalGeneration` holding the same weights, with `<video>`
+    appended to the vocabulary as the conversion does."""
+    from safetensors.torch import save_file
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    def tokenizer_without_video():
+        tok = build_tokenizer()
+        tok.add_special_tokens({"extra_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+        return tok
+
+    path = Path(path)
+    tokenizer = tokenizer_without_video()
+    base_vocab = len(tokenizer)
+    reference_tokenizer = tokenizer_without_video()
+    reference_tokenizer.add_special_tokens({"extra_special_tokens": ["<video>"]}, replace_extra_special_tokens=False)
+    config = tiny_onevision_config(reference_tokenizer, **shape)
+    reference = _random_model(LlavaOnevisionForConditionalGeneration, config, seed)
+
+    vision = config.vision_config
+    tower = path / "siglip-tower"
+    tower.mkdir(parents=True, exist_ok=True)
+    # as google/siglip-so400m-patch14-384: a full SigLIP config (text and vision), one layer more than the checkpoint
+    fields = ("hidden_size", "intermediate_size", "num_attention_heads", "image_size", "patch_size")
+    tower_vision = {k: getattr(vision, k) for k in fields} | {"num_hidden_layers": vision.num_hidden_layers + 1}
+    tower_config = {
+        "architectures": ["SiglipModel"],
+        "model_type": "siglip",
+        "text_config": {"hidden_size": vision.hidden_size, "model_type": "siglip_text_model"},
+        "vision_config": tower_vision | {"model_type": "siglip_vision_model"},
+    }
+    (tower / "config.json").write_text(json.dumps(tower_config, indent=2))
+    siglip_processor = {
+        "image_processor_type": "SiglipImageProcessor",
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+        "resample": 3,
+        "rescale_factor": 1 / 255,
+        "size": {"height": vision.image_size, "width": vision.image_size},
+    }
+    (tower / "preprocessor_config.json").write_text(json.dumps(siglip_processor, indent=2))
+
+    text = config.text_config
+    original = {
+        "architectures": ["LlavaQwenForCausalLM"],
+        "model_type": "llava",
+        "vocab_size": base_vocab,
+        "hidden_size": text.hidden_size,
+        "intermediate_size": text.intermediate_size,
+        "num_hidden_layers": text.num_hidden_layers,
+        "num_attention_heads": text.num_attention_heads,
+        "num_key_value_heads": text.num_key_value_heads,
+        "max_position_embeddings": text.max_position_embeddings,
+        "rms_norm_eps": text.rms_norm_eps,
+        "rope_theta": text.rope_parameters["rope_theta"],
+        "rope_scaling": None,
+        "hidden_act": "silu",
+        "attention_dropout": 0.0,
+        "tie_word_embeddings": False,
+        "use_sliding_window": False,
+        "sliding_window": text.max_position_embeddings,
+        "max_window_layers": text.num_hidden_layers,
+        "bos_token_id": text.bos_token_id,
+        "eos_token_id": text.eos_token_id,
+        "image_token_index": config.image_token_id,
+        "mm_vision_tower": str(tower),
+        "mm_hidden_size": vision.hidden_size,
+        "mm_vision_select_layer": -2,
+        "mm_vision_select_feature": "patch",
+        "mm_projector_type": "mlp2x_gelu",
+        "mm_resampler_type": None,
+        "mm_patch_merge_type": "spatial_unpad",
+        "mm_newline_position": newline_position,
+        "mm_spatial_pool_mode": "bilinear",
+        "mm_spatial_pool_stride": 2,
+        "add_faster_video": False,
+        "image_aspect_ratio": config.vision_aspect_ratio,
+        "image_grid_pinpoints": config.image_grid_pinpoints,
+        "mm_use_im_start_end": False,
+        "mm_use_im_patch_token": False,
+        "tokenizer_model_max_length": text.max_position_embeddings,
+        "torch_dtype": "float32",
+    }
+    weights = {}
+    for key, value in reference.model.language_model.state_dict().items():
+        weights[f"model.{key}"] = value[:base_vocab] if key == "embed_tokens.weight" else value
+    weights["lm_head.weight"] = reference.lm_head.weight[:base_vocab]
+    for index, linear in (("0", "linear_1"), ("2", "linear_2")):
+        for kind, value in getattr(reference.model.multi_modal_projector, linear).state_dict().items():
+            weights[f"model.mm_projector.{index}.{kind}"] = value
+    weights["model.image_newline"] = reference.model.image_newline
+    for key, value in reference.model.vision_tower.state_dict().items():
+        weights[f"model.vision_tower.vision_tower.vision_model.{key}"] = value
+    # older checkpoints also hold the rotary tables, which the conversion skips
+    weights["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(
+        text.hidden_size // text.num_attention_heads // 2
+    )
+    save_file({k: v.detach().contiguous().clone() for k, v in weights.items()}, str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps(original, indent=2))
+    tokenizer.save_pretrained(path)
+    return path, reference
+
+
 def demo_image(size: int = 336):
     """A small synthetic scene (sky, sun, house, tree, grass), drawn here so nothing is downloaded."""
     from PIL import Image, ImageDraw
