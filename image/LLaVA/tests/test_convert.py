@@ -1,13 +1,20 @@
-"""Original LLaVA-format checkpoints are converted on load into the HF model, exactly."""
+"""Original LLaVA-format checkpoints (LLaVA-1.5; LLaVA-OneVision / LLaVA-Video) are converted on load into the HF
+models, exactly."""
 
 import json
+import shutil
 
 import pytest
 import torch
 
 from llava.vtr import VTRConfig
-from llava.vtr.convert import convert_original_llava, is_original_llava
-from llava.vtr.tiny import build_tiny_original_llava, demo_image
+from llava.vtr.convert import (
+    convert_original_llava,
+    convert_original_onevision,
+    is_original_llava,
+    is_original_onevision,
+)
+from llava.vtr.tiny import build_tiny_original_llava, build_tiny_original_llava_video, demo_image, demo_video
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +45,6 @@ def test_converted_model_equals_the_reference_and_prunes(original):
 
 
 def test_unsupported_projector_is_a_clear_error(original, tmp_path):
-    import shutil
-
     path, _ = original
     copy = tmp_path / "copy"
     shutil.copytree(path, copy)
@@ -48,3 +53,106 @@ def test_unsupported_projector_is_a_clear_error(original, tmp_path):
     (copy / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="mm_projector_type='linear' is not supported"):
         convert_original_llava(str(copy))
+
+
+@pytest.fixture(scope="module")
+def original_video(tmp_path_factory):
+    """A tiny LLaVA-Video release (mm_newline_position "grid"): 2 SigLIP layers in the checkpoint, 3 in its tower."""
+    return build_tiny_original_llava_video(tmp_path_factory.mktemp("orig") / "llava-video-tiny")
+
+
+def edited_copy(path, tmp_path, weights=None, **config):
+    """A copy of an original checkpoint with config.json keys changed and weights added."""
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp_path / "copy"
+    shutil.copytree(path, copy)
+    cfg = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps(cfg | config))
+    if weights:
+        save_file(load_file(str(copy / "model.safetensors")) | weights, str(copy / "model.safetensors"))
+    return copy
+
+
+def layout_notices(capsys):
+    return [line for line in capsys.readouterr().err.splitlines() if "mm_newline_position" in line]
+
+
+def test_tells_the_original_formats_apart(original, original_video, tiny_path, ov_path):
+    llava, video = str(original[0]), str(original_video[0])
+    assert is_original_llava(llava) and not is_original_onevision(llava)
+    assert is_original_onevision(video) and not is_original_llava(video)
+    for hf in (tiny_path, ov_path):
+        assert not is_original_llava(hf) and not is_original_onevision(hf)
+    with pytest.raises(ValueError, match="use convert_original_onevision"):
+        convert_original_llava(video)
+
+
+def test_converted_llava_video_equals_the_reference_and_prunes(original_video, capsys):
+    path, reference = original_video
+    capsys.readouterr()
+    model, processor = convert_original_onevision(str(path))
+    notices = layout_notices(capsys)
+    assert len(notices) == 1 and "mm_newline_position='grid'" in notices[0] and "one newline after" in notices[0]
+    assert model.config.vision_config.num_hidden_layers == 2  # the tower folder says 3: the last one was deleted
+    assert model.config.vision_feature_layer == -1 and model.config.vision_feature_select_strategy == "full"
+    vocab = processor.tokenizer.get_vocab()
+    assert vocab["<video>"] == model.config.video_token_id == reference.config.video_token_id
+    assert vocab["<image>"] == model.config.image_token_id == reference.config.image_token_id
+    assert list(processor.image_processor.image_mean) == [0.5] * 3  # SigLIP's, from the tower folder
+
+    content = [{"type": "image"}, {"type": "video"}, {"type": "text", "text": "What is shown?"}]
+    prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    assert prompt == "<|im_start|>user\n<image>\n<video>\nWhat is shown?<|im_end|>\n<|im_start|>assistant\n"
+    inputs = processor(text=prompt, images=demo_image(64), videos=[demo_video(4, 64)], return_tensors="pt")
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 16 + 5 * 6  # base view + 5 x 5 tiles
+    assert int((inputs["input_ids"] == model.config.video_token_id).sum()) == 4 * 2 * 2 + 1
+    base_vocab = json.loads((path / "config.json").read_text())["vocab_size"]
+    with torch.no_grad():
+        got = model(**inputs).logits[..., :base_vocab]
+        expected = reference(**inputs).logits[..., :base_vocab]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+    model.set_vtr_config(VTRConfig(strategy="fastv", keep_tokens=4, prune_layer=2))
+    model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert model.vtr_last.stages[0].image_tokens_kept == [4]
+
+
+def test_onevision_layout_gives_no_notice_and_the_tower_copy_is_read(original_video, tmp_path, capsys):
+    path, _ = original_video
+    copy = edited_copy(path, tmp_path, mm_newline_position="one_token")
+    tower = tmp_path / "tower"
+    shutil.copytree(path / "siglip-tower", tower)
+    saved = json.loads((tower / "preprocessor_config.json").read_text())
+    (tower / "preprocessor_config.json").write_text(json.dumps(saved | {"image_mean": [0.25] * 3}))
+    capsys.readouterr()
+    _, processor = convert_original_onevision(str(copy), vision_tower=str(tower))
+    assert layout_notices(capsys) == []
+    assert list(processor.image_processor.image_mean) == [0.25] * 3
+    assert list(processor.video_processor.image_mean) == [0.25] * 3
+    assert list(processor.image_processor.image_std) == [0.5] * 3
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"mm_projector_type": "linear"}, "mm_projector_type='linear' is not supported"),
+        ({"mm_patch_merge_type": "flat"}, "mm_patch_merge_type='flat' is not supported"),
+        ({"add_faster_video": True}, "add_faster_video=true is not supported"),
+        ({"image_aspect_ratio": "pad"}, "image_aspect_ratio='pad' is not supported"),
+    ],
+)
+def test_what_the_stock_onevision_class_cannot_hold_is_refused(original_video, tmp_path, config, message):
+    with pytest.raises(ValueError, match=message):
+        convert_original_onevision(str(edited_copy(original_video[0], tmp_path, **config)))
+
+
+def test_an_unexpected_weight_or_tower_is_refused_by_name(original_video, original, tmp_path):
+    path, _ = original_video
+    head = "model.vision_tower.vision_tower.vision_model.head.probe"
+    copy = edited_copy(path, tmp_path, weights={head: torch.zeros(1, 1, 32)})
+    with pytest.raises(ValueError, match=f"unexpected weight '{head}'"):
+        convert_original_onevision(str(copy))
+    clip = original[0] / "clip-tower"
+    with pytest.raises(ValueError, match="'clip_vision_model' model; only SigLIP towers"):
+        convert_original_onevision(str(path), vision_tower=str(clip))
