@@ -40,6 +40,30 @@ def llava_embed(stock, inputs):
     return embeds
 
 
+def onevision_embed(stock, inputs):
+    """LLaVA-OneVision's merged input embeddings: the stock image features (anyres, per-row newlines) and video
+    features (pooled frames, one newline) scattered into their placeholders."""
+    model, cfg = stock.model, stock.config
+    input_ids = inputs["input_ids"]
+    embeds = model.get_input_embeddings()(input_ids)
+    select = dict(
+        vision_feature_layer=cfg.vision_feature_layer, vision_feature_select_strategy=cfg.vision_feature_select_strategy
+    )
+    if inputs.get("pixel_values") is not None:
+        feats = model.get_image_features(
+            pixel_values=inputs["pixel_values"],
+            image_sizes=inputs["image_sizes"],
+            batch_num_images=inputs.get("batch_num_images"),
+            return_dict=True,
+            **select,
+        ).pooler_output
+        embeds = embeds.masked_scatter((input_ids == cfg.image_token_id)[..., None], torch.cat(feats, 0))
+    if inputs.get("pixel_values_videos") is not None:
+        feats = model.get_video_features(pixel_values_videos=inputs["pixel_values_videos"], return_dict=True, **select)
+        embeds = embeds.masked_scatter((input_ids == cfg.video_token_id)[..., None], feats.pooler_output.flatten(0, 1))
+    return embeds
+
+
 def oracle_forward(stock, inputs, prune_stages, prompt_len, position_ids=None, conventions=None):
     return vtr_oracle.oracle_forward(stock, inputs, prune_stages, prompt_len, llava_embed, position_ids, conventions)
 
@@ -58,5 +82,5 @@ class BackboneCase:
     single: dict  # one prompt with one image
     batch: dict  # two prompts, left-padded, different images
     text_only: dict  # one prompt without an image
-    visual_token_id: int
+    visual_token_id: int | list[int]  # LLaVA-OneVision: its image and video tokens
     embed: Callable = llava_embed  # merged input embeddings for the oracle

@@ -1,0 +1,151 @@
+"""LLaVA-OneVision (and LLaVA-Video) on the shared engine: what is particular to it beyond the contract suite
+(test_contract.py): loading, the token layout the facts describe (anyres_max tiles with row newlines, pooled
+video frames, several images), the SigLIP facts without a CLS token, video-only prompts, beams and defaults."""
+
+import pytest
+import torch
+from transformers import LlavaOnevisionForConditionalGeneration
+
+from llava.vtr import (
+    BACKBONES,
+    PruningStrategy,
+    VTRConfig,
+    VTRLlavaOnevisionForConditionalGeneration,
+    load_model,
+    register_strategy,
+    wrap,
+)
+from llava.vtr.tiny import demo_image, demo_video
+
+SEEN = {}
+
+
+@register_strategy("ov_facts")
+class Facts(PruningStrategy):
+    """Records the facts each sample's first stage sees, then keeps the first tokens."""
+
+    needs_attention = False
+
+    def compute_scores(self, attention, image_token_range, config, **ctx):
+        SEEN[ctx["batch_index"]] = {
+            "grid": ctx["visual_grid"](),
+            "importance": ctx["vision_importance"](),
+            "features": ctx["vision_features"](),
+            "layer": ctx["vision_layer"](),
+            "patch_grid": ctx["patch_grid"],
+            "tower": ctx["vision_tower"],
+        }
+        n = image_token_range[1] - image_token_range[0]
+        return -torch.arange(n, dtype=torch.float32)
+
+
+def facts_of(path, inputs):
+    SEEN.clear()
+    model = load_model(path, VTRConfig(strategy="ov_facts", keep_ratio=1.0, prune_layer=0), attn_implementation="sdpa")
+    with torch.no_grad():
+        model(**inputs)
+    return dict(SEEN)
+
+
+def grid_rows(group, rows, cols, newline=True):
+    """(group, row, col) of a rows x cols grid in row order, a newline (-1, -1, -1) closing each row if asked."""
+    out = []
+    for r in range(rows):
+        out += [(group, r, c) for c in range(cols)] + ([(-1, -1, -1)] if newline else [])
+    return out
+
+
+def test_checkpoints_load_as_the_onevision_class_with_stock_weights(ov_path, ov_stock):
+    model = load_model(ov_path)
+    assert type(model) is VTRLlavaOnevisionForConditionalGeneration
+    assert type(wrap(LlavaOnevisionForConditionalGeneration.from_pretrained(ov_path))) is type(model)
+    for (name, p), (stock_name, q) in zip(model.state_dict().items(), ov_stock["sdpa"].state_dict().items()):
+        assert name == stock_name and torch.equal(p, q), name
+    assert "LLaVA-OneVision" in BACKBONES
+
+
+def test_the_visual_grid_follows_the_stock_token_layout(ov_path, ov_batch):
+    """Sample 0: a square image (base view 4 x 4; its 2 x 2 tiles, 8 x 8 features, shrunk to 5 x 5 by anyres_max_2,
+    a newline per row), then a 4-frame video (2 x 2 pooled frames, one newline). Sample 1: a 96 x 40 image (1 x 2
+    tiles: 4 x 8 features, nothing to unpad at this size), then its video."""
+    seen = facts_of(ov_path, ov_batch)
+    video = [cell for f in range(4) for cell in grid_rows(f, 2, 2, newline=False)] + [(-1, -1, -1)]
+
+    def shifted(cells, by):
+        return [(g + by if g >= 0 else g, r, c) for g, r, c in cells]
+
+    square = grid_rows(0, 4, 4, newline=False) + grid_rows(1, 5, 5)
+    wide = grid_rows(0, 4, 4, newline=False) + grid_rows(1, 4, 8)
+    assert [tuple(x) for x in seen[0]["grid"].tolist()] == square + shifted(video, 2)
+    assert [tuple(x) for x in seen[1]["grid"].tolist()] == wide + shifted(video, 2)
+    assert seen[0]["patch_grid"] == (4, 4) and seen[0]["tower"] == {"depth": 2, "cls": False}
+
+
+def test_siglip_facts_are_the_received_attention_and_the_features_the_projector_reads(ov_path, ov_stock, ov_batch):
+    """No CLS query: vision_importance (and vision_layer()'s `received`) is the attention a patch receives in the
+    last tower layer, mean over heads and queries, taken from the eager tower's own attention maps; the base view
+    carries it as it is, a video frame pooled 2 x 2 (bilinear); newlines get 0."""
+    seen = facts_of(ov_path, ov_batch)
+    stock = ov_stock["eager"].model
+    with torch.no_grad():
+        pixels = ov_batch["pixel_values"][:, 0]  # each image's base view
+        views = stock.vision_tower(pixels, output_attentions=True, output_hidden_states=True)
+        frames = stock.vision_tower(ov_batch["pixel_values_videos"].flatten(0, 1), output_attentions=True)
+    received = views.attentions[-1].mean(1).mean(1)  # [images, 16]
+    per_frame = frames.attentions[-1].mean(1).mean(1).reshape(-1, 1, 4, 4)
+    pooled = torch.nn.functional.interpolate(per_frame, size=(2, 2), mode="bilinear").reshape(2, -1)
+    for b in range(2):
+        got, grid = seen[b]["importance"], seen[b]["grid"]
+        torch.testing.assert_close(got[:16], received[b], atol=1e-5, rtol=0)
+        torch.testing.assert_close(seen[b]["layer"]["received"], got, atol=0, rtol=0)
+        assert seen[b]["layer"]["cls"] is None
+        torch.testing.assert_close(got[-17:-1], pooled[b], atol=1e-5, rtol=0)  # its 4 frames, 2 x 2 each
+        assert torch.all(got[grid[:, 0] < 0] == 0)
+        torch.testing.assert_close(seen[b]["features"][:16], views.hidden_states[-1][b], atol=1e-5, rtol=0)
+
+
+def test_several_images_in_one_sample_get_their_base_views_only(ov_path, ov_processor, ov_stock):
+    """As the stock model encodes them: no tiles, each base view closed by a newline."""
+    text = ov_processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Same?"}]}],
+        add_generation_prompt=True,
+    )
+    inputs = ov_processor(text=text, images=[[demo_image(64), demo_image(64).resize((96, 40))]], return_tensors="pt")
+    assert inputs["batch_num_images"].tolist() == [2]
+    seen = facts_of(ov_path, inputs)
+    want = [*grid_rows(0, 4, 4, newline=False), (-1, -1, -1), *grid_rows(1, 4, 4, newline=False), (-1, -1, -1)]
+    assert [tuple(x) for x in seen[0]["grid"].tolist()] == want
+    model = load_model(ov_path, VTRConfig(strategy="fastervlm", keep_tokens=6), attn_implementation="sdpa")
+    with torch.no_grad():
+        got = model(**inputs).logits
+    assert model.vtr_last.stages[0].image_tokens_kept == [6]
+    visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    assert visual == 2 * (16 + 1) and got.shape[1] == inputs["input_ids"].shape[1] - visual + 6  # the rows kept
+
+
+@pytest.mark.parametrize("method", ["fastv", "fastervlm", "visionzip"])
+def test_a_video_only_prompt_prunes_and_generates_with_beams(ov_path, ov_processor, method):
+    text = ov_processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What moves?"}]}],
+        add_generation_prompt=True,
+    )
+    inputs = ov_processor(text=text, videos=[demo_video(6, 64)], return_tensors="pt")
+    assert inputs["pixel_values_videos"].shape[1] == 6
+    model = load_model(ov_path, VTRConfig(strategy=method, keep_tokens=10), attn_implementation="sdpa")
+    out = model.generate(**inputs, max_new_tokens=3, do_sample=False, num_beams=2, num_return_sequences=2)
+    stage = model.vtr_last.stages[0]
+    assert [k + m for k, m in zip(stage.image_tokens_kept, stage.merged or [0, 0])] == [10, 10]
+    assert out.shape[0] == 2
+    assert stage.image_tokens_before == [6 * 4 + 1] * 2
+
+
+def test_the_default_budget_is_a_quarter_of_a_32_frame_video(ov_path):
+    model = load_model(ov_path, VTRConfig())
+    assert model.vtr_config.keep_tokens == 32 * 14 * 14 // 4
+
+
+def test_pre_encoded_images_without_their_sizes_are_refused_by_name(ov_path, ov_batch):
+    model = load_model(ov_path, VTRConfig(strategy="fastervlm", keep_tokens=8), attn_implementation="sdpa")
+    no_sizes = {k: v for k, v in ov_batch.items() if k != "image_sizes"}
+    with pytest.raises(ValueError, match="image_sizes"):
+        model(**no_sizes)
