@@ -324,8 +324,7 @@ def convert_original_onevision(path: str, vision_tower: str | None = None, dtype
     from accelerate import init_empty_weights
     from transformers import AutoTokenizer, LlavaOnevisionConfig, Qwen2Config
 
-    from .processing import onevision_processor
-    from .tiny import ONEVISION_CHAT_TEMPLATE
+    from .processing import ONEVISION_CHAT_TEMPLATE, onevision_processor
 
     folder = _local_dir(path, _WEIGHT_FILES)
     cfg = json.loads((folder / "config.json").read_text())

@@ -31,6 +31,17 @@ from .notv import (
     torchvision_available,
 )
 
+#: LLaVA-OneVision's prompt format, as the llava-hf processors carry it (Qwen2 ChatML, no default system prompt; the images, then the videos, then the text of each turn).
+ONEVISION_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] if item['type'] == 'image' %}<image>\n{% endfor %}"
+    "{% for item in message['content'] if item['type'] == 'video' %}<video>\n{% endfor %}"
+    "{% for item in message['content'] if item['type'] == 'text' %}{{ item['text'] }}{% endfor %}"
+    "{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
 _STOCK = {
     "image": "LlavaOnevisionImageProcessor",
     "video": "LlavaOnevisionVideoProcessor",

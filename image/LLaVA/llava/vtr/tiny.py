@@ -204,17 +204,6 @@ def build_tiny_llava_next(
     return _save(path, model, _processor(LlavaNextProcessor, image_processor, tokenizer, config), stamp, wanted)
 
 
-#: LLaVA-OneVision's prompt format (Qwen2 ChatML; the images, then the videos, then the text of each turn).
-ONEVISION_CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for item in message['content'] if item['type'] == 'image' %}<image>\n{% endfor %}"
-    "{% for item in message['content'] if item['type'] == 'video' %}<video>\n{% endfor %}"
-    "{% for item in message['content'] if item['type'] == 'text' %}{{ item['text'] }}{% endfor %}"
-    "{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
 def tiny_onevision_config(
     tokenizer,
     *,
@@ -277,7 +266,7 @@ def build_tiny_llava_onevision(path, *, seed: int = 0, overwrite: bool = False, 
     llava-onevision-qwen2-7b (384 px / 14 px: 729 tokens a view, 196 a frame)."""
     from transformers import LlavaOnevisionForConditionalGeneration
 
-    from .processing import onevision_processor, save_processor
+    from .processing import ONEVISION_CHAT_TEMPLATE, onevision_processor, save_processor
 
     path = Path(path)
     stamp = path / "vtr_tiny.json"
