@@ -15,7 +15,7 @@ from llava.vtr import (
     register_strategy,
     wrap,
 )
-from llava.vtr.tiny import demo_image, demo_video
+from llava.vtr.tiny import build_tiny_llava_onevision, demo_image, demo_video
 
 SEEN = {}
 
@@ -149,3 +149,111 @@ def test_pre_encoded_images_without_their_sizes_are_refused_by_name(ov_path, ov_
     no_sizes = {k: v for k, v in ov_batch.items() if k != "image_sizes"}
     with pytest.raises(ValueError, match="image_sizes"):
         model(**no_sizes)
+
+
+# ---------------------------------------------------------------- LLaVA-Video's video layout
+
+
+@pytest.fixture(scope="module")
+def video_path(tmp_path_factory):
+    """LLaVA-Video's layout on 40 px views (5 x 5 patches): frames average-pooled to 2 x 2 (bilinear would give
+    3 x 3), a newline after every pooled row."""
+    return str(
+        build_tiny_llava_onevision(
+            tmp_path_factory.mktemp("tiny-llava-video"),
+            image_size=40,
+            grid_pinpoints=((40, 80), (80, 40), (80, 80)),
+            newline_position="grid",
+            pool_mode="average",
+        )
+    )
+
+
+def llava_video_embed(stock, inputs):
+    """LLaVA-Video's merged embeddings written out literally: the stock image features; each frame through the tower
+    (its last hidden state) and the projector, average-pooled 2 x 2, an `image_newline` after each pooled row."""
+    model, cfg = stock.model, stock.config
+    ids = inputs["input_ids"]
+    embeds = model.get_input_embeddings()(ids)
+    if inputs.get("pixel_values") is not None:
+        feats = model.get_image_features(
+            pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"], return_dict=True
+        ).pooler_output
+        embeds = embeds.masked_scatter((ids == cfg.image_token_id)[..., None], torch.cat(feats))
+    videos = inputs["pixel_values_videos"]
+    hidden = model.vision_tower(videos.flatten(0, 1), output_hidden_states=True).hidden_states[-1]
+    frames = model.multi_modal_projector(hidden)  # [videos * frames, 25, width]
+    width = frames.shape[-1]
+    grid = frames.view(-1, 5, 5, width).permute(0, 3, 1, 2)
+    pooled = torch.nn.functional.avg_pool2d(grid, 2).permute(0, 2, 3, 1)  # [videos * frames, 2, 2, width]
+    rows = torch.cat([pooled, model.image_newline.expand(pooled.shape[0], 2, 1, width)], dim=2)
+    return embeds.masked_scatter((ids == cfg.video_token_id)[..., None], rows.reshape(-1, width))
+
+
+def test_llava_video_layout_tokens_and_facts(video_path):
+    """The processor expands a 4-frame video into 4 x 2 x (2 + 1) tokens; the visual grid is each frame's 2 x 2 rows
+    each closed by a newline; unpruned logits equal the literal LLaVA-Video embedding run through the layers."""
+    from vtr_oracle import oracle_forward
+
+    from llava.vtr import load_processor
+
+    processor = load_processor(video_path)
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What moves?"}]}],
+        add_generation_prompt=True,
+    )
+    inputs = processor(text=text, videos=[demo_video(4, 80)], return_tensors="pt")
+    model = load_model(video_path, VTRConfig(enabled=False), attn_implementation="eager")
+    assert int((inputs["input_ids"] == model.config.video_token_id).sum()) == 4 * 2 * 3
+    seen = facts_of(video_path, inputs)
+    want = [cell for f in range(4) for cell in grid_rows(f, 2, 2)]
+    assert [tuple(x) for x in seen[0]["grid"].tolist()] == want
+    with torch.no_grad():
+        got = model(**inputs).logits
+    want_logits = oracle_forward(model, inputs, [], inputs["input_ids"].shape[1], llava_video_embed)
+    torch.testing.assert_close(got, want_logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["fastv", "fastervlm", "dart"])
+def test_llava_video_layout_prunes_as_the_oracle(video_path, method):
+    """A pruned prefill and greedy decode on LLaVA-Video's layout equal the masking oracle over the literal embedding."""
+    from vtr_oracle import oracle_forward, oracle_greedy, stage_drops
+
+    from llava.vtr import load_processor
+
+    processor = load_processor(video_path)
+    texts = [
+        processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "video"}, {"type": "text", "text": q}]}],
+            add_generation_prompt=True,
+        )
+        for q in ("What moves?", "Describe the video in detail. Is there a car?")
+    ]
+    videos = [demo_video(4, 80), demo_video(4, 80)[::-1].copy()]
+    images = [demo_image(80), demo_image(80).resize((120, 50))]
+    inputs = processor(text=texts, images=images, videos=videos, return_tensors="pt", padding=True)
+    stock = load_model(video_path, VTRConfig(enabled=False), attn_implementation="eager")
+    model = load_model(
+        video_path, VTRConfig(strategy=method, keep_tokens=16, prune_layer=0 if method == "fastervlm" else 2)
+    )
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    record, prompt_len = model.vtr_last, inputs["input_ids"].shape[1]
+    visual = torch.isin(inputs["input_ids"], torch.tensor([stock.config.image_token_id, stock.config.video_token_id]))
+    drops = stage_drops(record, 2, prompt_len, visual)
+    expected = oracle_forward(stock, inputs, drops, prompt_len, llava_video_embed, conventions=model.vtr_conventions())
+    for b in range(2):
+        rows = (record.kept_index[b] >= 0) & inputs["attention_mask"][b].bool()[record.kept_index[b].clamp_min(0)]
+        torch.testing.assert_close(logits[b, rows], expected[b, record.kept_index[b, rows]], atol=1e-5, rtol=0)
+    out = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    stages = stage_drops(model.vtr_last, 2, prompt_len, visual)
+    want, _ = oracle_greedy(stock, inputs, stages, 3, llava_video_embed, model.vtr_conventions())
+    assert torch.equal(out[:, prompt_len:], want)
+
+
+def test_an_unknown_video_layout_is_refused_by_name():
+    from llava.vtr.tiny import build_tokenizer, tiny_onevision_config
+
+    config = tiny_onevision_config(build_tokenizer(chatml=True), newline_position="diagonal")
+    with pytest.raises(ValueError, match="mm_newline_position='diagonal'"):
+        VTRLlavaOnevisionForConditionalGeneration(config)

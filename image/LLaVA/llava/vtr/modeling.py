@@ -22,6 +22,7 @@ from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
 from transformers.models.llava_next.modeling_llava_next import LlavaNextCausalLMOutputWithPast
 from transformers.models.llava_onevision.modeling_llava_onevision import (
     LlavaOnevisionCausalLMOutputWithPast,
+    LlavaOnevisionModel,
     image_size_to_num_patches,
 )
 
@@ -48,6 +49,7 @@ __all__ = [
     "VTRLlavaNextForConditionalGeneration",
     "VTRLlavaOnevisionForConditionalGeneration",
     "VTRRecord",
+    "video_layout",
 ]
 
 
@@ -339,9 +341,9 @@ class LlavaOnevisionAdapter(BackboneAdapter):
         return (side, side)
 
     def frame_grid(self) -> tuple[int, int]:
-        """(rows, cols) of one video frame after the stock 2 x 2 pooling (14 x 14 for 27 x 27)."""
-        rows, cols = self.patch_grid()
-        return (math.ceil(rows / 2), math.ceil(cols / 2))
+        """(rows, cols) of one video frame after the 2 x 2 pooling (bilinear: 14 x 14 for 27 x 27; LLaVA-Video's
+        average or max pooling: 13 x 13)."""
+        return pooled_grid(self.model.config)
 
     # ------------------------------------------------------------------ encoding
 
@@ -563,7 +565,8 @@ class LlavaOnevisionAdapter(BackboneAdapter):
             frames = out.vtr_frames
             pooled = self.model.model.apply_pooling(values)  # [videos * frames, pooled patches, width]
             pooled = pooled.reshape(-1, frames * pooled.shape[1], pooled.shape[-1])
-            flat = torch.cat([pooled, pooled.new_zeros(pooled.shape[0], 1, pooled.shape[-1])], dim=1).flatten(0, 1)
+            newline = pooled.new_zeros(pooled.shape[-1])
+            flat = arrange_video(self.model.config, pooled, frames, newline).flatten(0, 1)
         return flat if per_view.ndim == 3 else flat[:, 0]
 
     def _pack(self, views: torch.Tensor, size, out) -> torch.Tensor:
@@ -583,8 +586,8 @@ class LlavaOnevisionAdapter(BackboneAdapter):
             videos, frames = out.pooler_output.shape[0], out.vtr_frames
             grid = frame.repeat(videos * frames, 1, 1)
             grid[..., 0] = torch.arange(videos * frames).view(-1, 1)
-            newline = torch.full((videos, 1, 3), -1)
-            return torch.cat([grid.reshape(videos, -1, 3), newline], 1).reshape(-1, 3)
+            newline = torch.full((3,), -1)
+            return arrange_video(self.model.config, grid.reshape(videos, -1, 3), frames, newline).reshape(-1, 3)
         rows, cols = self.patch_grid()
         r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
         base = torch.stack([torch.zeros_like(r), r, c], -1).reshape(-1, 3)
@@ -661,15 +664,114 @@ class VTRLlavaNextForConditionalGeneration(VTRModelMixin, LlavaNextForConditiona
         return self.vtr_forward(super().forward, *self.forward_arguments(locals()))
 
 
+#: LLaVA-NeXT's video layouts (its `mm_newline_position` and `mm_spatial_pool_mode` config keys); the stock
+#: OneVision class has the first of each fixed (llava-onevision-qwen2-*-ov's), LLaVA-Video-7B-Qwen2 was trained with
+#: "grid" and evaluated (lmms-eval `llava_vid`) with "average".
+NEWLINE_POSITIONS = ("one_token", "grid", "frame", "no_token")
+POOL_MODES = ("bilinear", "average", "max")
+
+
+def video_layout(config) -> tuple[str, str]:
+    """(newline position, pool mode) of a LLaVA-OneVision config: its `mm_newline_position` / `mm_spatial_pool_mode`
+    (LLaVA-NeXT's keys, kept on the config as extra attributes), else the stock class's ("one_token", "bilinear")."""
+    newline = getattr(config, "mm_newline_position", None) or "one_token"
+    pool = getattr(config, "mm_spatial_pool_mode", None) or "bilinear"
+    if newline not in NEWLINE_POSITIONS:
+        raise ValueError(
+            f"mm_newline_position={newline!r} is not a LLaVA-NeXT video layout; choose one of {NEWLINE_POSITIONS}"
+        )
+    if pool not in POOL_MODES:
+        raise ValueError(f"mm_spatial_pool_mode={pool!r} is not a LLaVA-NeXT pooling; choose one of {POOL_MODES}")
+    return newline, pool
+
+
+def pooled_side(side: int, pool: str) -> int:
+    """A frame's side after LLaVA-NeXT's stride-2 pooling: bilinear resizes to ceil(side / 2), average and max
+    pooling floor it (27 -> 14 or 13)."""
+    return math.ceil(side / 2) if pool == "bilinear" else side // 2
+
+
+def pooled_grid(config) -> tuple[int, int]:
+    """(rows, cols) of a video frame of this config after its pooling."""
+    side = pooled_side(config.vision_config.image_size // config.vision_config.patch_size, video_layout(config)[1])
+    return (side, side)
+
+
+def video_tokens(frames: int, rows: int, cols: int, newline_position: str) -> int:
+    """The tokens of a video of `frames` pooled rows x cols frames under a `mm_newline_position` (see `arrange_video`)."""
+    newlines = {"one_token": 1, "grid": frames * rows, "frame": frames, "no_token": 0}[newline_position]
+    return frames * rows * cols + newlines
+
+
+def arrange_video(config, pooled: torch.Tensor, frames: int, newline: torch.Tensor) -> torch.Tensor:
+    """[videos, tokens, width]: pooled frames [videos, frames * rows * cols, width] with the `newline` vector [width]
+    where the config's layout puts it: "one_token" once after the video (the stock class), "grid" after every row of
+    every frame (LLaVA-Video), "frame" after every frame, "no_token" nowhere."""
+    position = video_layout(config)[0]
+    videos, _, width = pooled.shape
+    rows, cols = pooled_grid(config)
+    newline = newline.to(pooled.dtype)
+    if position == "one_token":
+        return torch.cat([pooled, newline.expand(videos, 1, width)], dim=1)
+    if position == "no_token":
+        return pooled
+    if position == "grid":
+        grid = pooled.reshape(videos, frames, rows, cols, width)
+        grid = torch.cat([grid, newline.expand(videos, frames, rows, 1, width)], dim=3)
+        return grid.reshape(videos, -1, width)
+    per_frame = pooled.reshape(videos, frames, rows * cols, width)
+    return torch.cat([per_frame, newline.expand(videos, frames, 1, width)], dim=2).reshape(videos, -1, width)
+
+
+class LlavaVideoLayoutModel(LlavaOnevisionModel):
+    """The stock `LlavaOnevisionModel` (weights, image path, tower, projector unchanged) whose videos follow the
+    config's LLaVA-NeXT layout (`video_layout`): frames pooled 2 x 2 by `mm_spatial_pool_mode` and newlines placed
+    by `mm_newline_position`. With the stock values ("one_token", "bilinear") it is the stock model exactly."""
+
+    def apply_pooling(self, image_features):
+        pool = video_layout(self.config)[1]
+        if pool == "bilinear":
+            return super().apply_pooling(image_features)
+        side = self.config.vision_config.image_size // self.config.vision_config.patch_size
+        frames, _, width = image_features.shape
+        grid = image_features.view(frames, side, side, width).permute(0, 3, 1, 2)
+        pooled = (torch.nn.functional.avg_pool2d if pool == "average" else torch.nn.functional.max_pool2d)(grid, 2)
+        return pooled.permute(0, 2, 3, 1).reshape(frames, -1, width)
+
+    def get_video_features(
+        self, pixel_values_videos, vision_feature_layer=None, vision_feature_select_strategy=None, **kwargs
+    ):
+        return_dict = kwargs.pop("return_dict", True)
+        out = super().get_video_features(
+            pixel_values_videos,
+            vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            return_dict=True,
+            **kwargs,
+        )
+        if video_layout(self.config)[0] != "one_token":  # the stock code closed the video with one newline
+            out.pooler_output = arrange_video(
+                self.config, out.pooler_output[:, :-1], pixel_values_videos.shape[1], self.image_newline
+            )
+        return out if return_dict else out.to_tuple()
+
+
 class VTRLlavaOnevisionForConditionalGeneration(VTRModelMixin, LlavaOnevisionForConditionalGeneration):
-    """Stock LLaVA-OneVision (also LLaVA-Video) + visual token reduction, configured by `self.vtr_config`."""
+    """Stock LLaVA-OneVision (also LLaVA-Video: `video_layout`) + visual token reduction, configured by
+    `self.vtr_config`."""
 
     vtr_adapter_class = LlavaOnevisionAdapter
     vtr_stock_class = LlavaOnevisionForConditionalGeneration
 
     def __init__(self, config, vtr_config: VTRConfig | None = None):
+        video_layout(config)  # a layout it cannot run is refused before any weight is made
         super().__init__(config)
         self._vtr_setup(vtr_config)
+
+    def _vtr_setup(self, vtr_config: VTRConfig | None) -> None:
+        video_layout(self.config)  # (wrap() of a stock model too)
+        self.model.__class__ = LlavaVideoLayoutModel  # no weights change; the stock model unless the layout differs
+        super()._vtr_setup(vtr_config)
 
     def forward(
         self,

@@ -17,7 +17,9 @@ Videos may be file paths, uint8 arrays `[t, h, w, 3]` or lists of PIL frames.
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 from pathlib import Path
 
 from .model_args import PROCESSOR_FILES, check_checkpoint, checkpoint_model_type
@@ -111,6 +113,53 @@ def onevision_processor(
     )
 
 
+def with_video_layout(processor, newline_position: str = "one_token", pool_mode: str = "bilinear"):
+    """`processor` (a `LlavaOnevisionProcessor`, in place) expanding each `<video>` into as many tokens as the model's
+    LLaVA-NeXT video layout gives it (`modeling.video_layout`: e.g. LLaVA-Video's "grid" newlines, one after every
+    pooled row of every frame); the stock layout ("one_token", "bilinear") leaves it the stock processor."""
+    from .modeling import video_layout
+
+    layout = video_layout(_Layout(newline_position, pool_mode))
+    stock = getattr(type(processor), "vtr_stock", type(processor))
+    if layout == ("one_token", "bilinear"):
+        processor.__class__ = stock
+        return processor
+    processor.__class__ = _layout_class(stock)
+    processor.video_layout = layout
+    return processor
+
+
+class _Layout:
+    def __init__(self, newline_position, pool_mode):
+        self.mm_newline_position, self.mm_spatial_pool_mode = newline_position, pool_mode
+
+
+@functools.cache
+def _layout_class(stock: type) -> type:
+    from .modeling import pooled_side, video_tokens
+
+    class VideoLayout(stock):
+        vtr_stock = stock
+
+        def replace_video_token(self, video_inputs: dict, video_idx: int, **kwargs) -> str:
+            video = video_inputs["pixel_values_videos"][video_idx]
+            frames = len(video) if isinstance(video, (list, tuple)) else video.shape[0]
+            newline, pool = self.video_layout
+            side = pooled_side(math.isqrt(self.num_image_tokens), pool)
+            return self.video_token * video_tokens(frames, side, side, newline)
+
+        def _get_num_multimodal_tokens(self, image_sizes=None, video_sizes=None, **kwargs):
+            data = super()._get_num_multimodal_tokens(image_sizes=image_sizes, video_sizes=video_sizes, **kwargs)
+            if video_sizes is not None:
+                newline, pool = self.video_layout
+                side = pooled_side(math.isqrt(self.num_image_tokens), pool)
+                data["num_video_tokens"] = [video_tokens(f, side, side, newline) for f, _, _ in video_sizes]
+            return data
+
+    VideoLayout.__name__ = VideoLayout.__qualname__ = stock.__name__  # saved configs name the stock class
+    return VideoLayout
+
+
 def save_processor(processor, path) -> None:
     """`processor.save_pretrained(path)`, the configs naming the stock classes (as a hub checkpoint does), so
     `AutoProcessor` loads it where torchvision exists and `load_processor` falls back without."""
@@ -126,20 +175,37 @@ def load_processor(pretrained: str, **kwargs):
     from transformers import AutoProcessor
 
     check_checkpoint(pretrained, PROCESSOR_FILES)
-    if torchvision_available() or not _is_onevision(pretrained, **kwargs):
-        return AutoProcessor.from_pretrained(pretrained, **kwargs)
-    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
-        LlavaOnevisionImageProcessorPil,
-    )
+    onevision = _is_onevision(pretrained, **kwargs)
+    if torchvision_available() or not onevision:
+        processor = AutoProcessor.from_pretrained(pretrained, **kwargs)
+    else:
+        from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+            LlavaOnevisionImageProcessorPil,
+        )
 
-    return from_saved(
-        pretrained,
-        _STOCK["processor"],
-        LlavaOnevisionImageProcessorPil,
-        LlavaOnevisionVideoProcessorNoTV,
-        family="LLaVA-OneVision",
-        **kwargs,
-    )
+        processor = from_saved(
+            pretrained,
+            _STOCK["processor"],
+            LlavaOnevisionImageProcessorPil,
+            LlavaOnevisionVideoProcessorNoTV,
+            family="LLaVA-OneVision",
+            **kwargs,
+        )
+    layout = _saved_video_layout(pretrained, **kwargs) if onevision else None
+    return with_video_layout(processor, *layout) if layout else processor
+
+
+def _saved_video_layout(pretrained, **kwargs) -> tuple[str, str] | None:
+    """The video layout the checkpoint's model config names (LLaVA-Video's), None without a model config."""
+    from transformers import AutoConfig
+
+    from .modeling import video_layout
+
+    try:
+        config = AutoConfig.from_pretrained(pretrained, **kwargs)
+    except (OSError, ValueError):  # a folder of processor files only
+        return None
+    return video_layout(config)
 
 
 def _is_onevision(pretrained, **kwargs) -> bool:

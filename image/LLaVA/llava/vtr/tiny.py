@@ -218,7 +218,11 @@ def tiny_onevision_config(
     vision_layers: int = 2,
     grid_pinpoints: tuple = ((32, 64), (64, 32), (64, 64)),
     vision_aspect_ratio: str = "anyres_max_2",
+    newline_position: str | None = None,
+    pool_mode: str | None = None,
 ):
+    """`newline_position` / `pool_mode`: a LLaVA-NeXT video layout other than the stock class's (LLaVA-Video's
+    "grid", lmms-eval's "average"), kept on the config as `mm_newline_position` / `mm_spatial_pool_mode`."""
     from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
 
     vision = SiglipVisionConfig(
@@ -254,6 +258,8 @@ def tiny_onevision_config(
         vision_feature_layer=-1,
         vision_feature_select_strategy="full",
         pad_token_id=tokenizer.pad_token_id,
+        **({"mm_newline_position": newline_position} if newline_position else {}),
+        **({"mm_spatial_pool_mode": pool_mode} if pool_mode else {}),
     )
 
 
@@ -266,7 +272,8 @@ def build_tiny_llava_onevision(path, *, seed: int = 0, overwrite: bool = False, 
     llava-onevision-qwen2-7b (384 px / 14 px: 729 tokens a view, 196 a frame)."""
     from transformers import LlavaOnevisionForConditionalGeneration
 
-    from .processing import ONEVISION_CHAT_TEMPLATE, onevision_processor, save_processor
+    from .modeling import video_layout
+    from .processing import ONEVISION_CHAT_TEMPLATE, onevision_processor, save_processor, with_video_layout
 
     path = Path(path)
     stamp = path / "vtr_tiny.json"
@@ -287,6 +294,7 @@ def build_tiny_llava_onevision(path, *, seed: int = 0, overwrite: bool = False, 
         vision_aspect_ratio=config.vision_aspect_ratio,
         chat_template=ONEVISION_CHAT_TEMPLATE,
     )
+    with_video_layout(processor, *video_layout(config))
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     save_processor(processor, path)
