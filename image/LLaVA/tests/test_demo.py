@@ -8,7 +8,7 @@ import pytest
 from cli_checks import assert_interrupted, one_error_line
 
 from llava.vtr import demo
-from llava.vtr.tiny import build_tiny_llava_onevision
+from llava.vtr.tiny import build_tiny_llava_onevision, build_tiny_original_llava_video
 from llava.vtr.video_io import write_test_video
 
 PROG = "python -m llava.vtr.demo"
@@ -112,7 +112,7 @@ def test_onevision_runs_an_image_and_a_video_prompt_with_kept_tokens_per_part(tm
     assert err.count("[3/3] generating with fastv, K=2 keep=8") == 2
 
 
-def test_onevision_checkpoint_with_a_video_file(ov_path, tmp_path, capsys):
+def test_onevision_checkpoint_with_a_video_file_and_clear_errors(ov_path, tmp_path, capsys):
     clip = write_test_video(tmp_path / "clip.mp4", num_frames=16, size=(64, 48), fps=8)
     argv = ["--model", ov_path, "--video", str(clip), "--frames", "5", "--strategies", "random", "--budgets", "6"]
     assert demo.main([*argv, "--repeats", "1", "--max-new-tokens", "1"]) == 0
@@ -121,6 +121,11 @@ def test_onevision_checkpoint_with_a_video_file(ov_path, tmp_path, capsys):
     assert "21 of them video tokens" in out  # 5 of the 16 frames, 2 x 2 each, + 1
     assert video["keep-all"][6] == "4 4 4 4 4 + newline 1" and video["random"][2] == "6"
     assert sum(parts(video["random"][6])) == 6 and image["random"][2] == "6"
+
+    original, _ = build_tiny_original_llava_video(tmp_path / "original")
+    assert demo.main(["--model", str(original)]) == 2
+    line = one_error_line(capsys.readouterr().err, PROG)
+    assert f"--model {original}: an original-format LLaVA release; give a llava-hf checkpoint" in line
 
     bad = tmp_path / "bad.mp4"
     bad.write_text("not a video")

@@ -26,6 +26,7 @@ import torch
 
 from . import api
 from .config import VTRConfig
+from .convert import is_original_llava, is_original_onevision
 from .model_args import checkpoint_model_type
 from .timing import (
     Parser,
@@ -152,6 +153,11 @@ def run(argv) -> int:
     family, build, shape = FAMILIES[args.family]
     if args.model:
         with loading(check_model(args.model), "config"):
+            if is_original_llava(args.model) or is_original_onevision(args.model):
+                raise UsageError(
+                    f"--model {args.model}: an original-format LLaVA release; give a llava-hf checkpoint, or convert "
+                    "it first (llava.vtr.convert; lmms-eval's llava_vtr / llava_onevision_vtr convert on load)"
+                )
             onevision = checkpoint_model_type(args.model) == "llava_onevision"
     else:
         onevision = args.family == "onevision"
