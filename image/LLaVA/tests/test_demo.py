@@ -131,3 +131,22 @@ def test_onevision_checkpoint_with_a_video_file_and_clear_errors(ov_path, tmp_pa
     bad.write_text("not a video")
     assert demo.main(["--model", ov_path, "--video", str(bad), "--strategies", "random", "--repeats", "1"]) == 2
     assert f"--video {bad}: cannot read it" in one_error_line(capsys.readouterr().err, PROG)
+
+
+def test_llava_video_layout_counts_each_frame_with_its_row_newlines(tmp_path, capsys):
+    # LLaVA-Video's layout on 40 px views (5 x 5 patches): frames average-pooled to 2 x 2, a newline after each
+    # pooled row (2 x 3 tokens a frame), none closing the video
+    path = build_tiny_llava_onevision(
+        tmp_path / "llava-video",
+        image_size=40,
+        grid_pinpoints=((40, 80), (80, 40), (80, 80)),
+        newline_position="grid",
+        pool_mode="average",
+    )
+    argv = ["--model", str(path), "--frames", "3", "--strategies", "fastv", "--budgets", "5", "--repeats", "1"]
+    assert demo.main([*argv, "--max-new-tokens", "1"]) == 0
+    out = capsys.readouterr().out
+    _, video = tables(out)
+    assert "18 of them video tokens" in out
+    assert video["keep-all"][6] == "6 6 6" and video["fastv"][2] == "5"
+    assert len(parts(video["fastv"][6])) == 3 and sum(parts(video["fastv"][6])) == 5
