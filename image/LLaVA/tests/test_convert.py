@@ -1,13 +1,14 @@
 """Original LLaVA-format checkpoints (LLaVA-1.5; LLaVA-OneVision / LLaVA-Video) are converted on load into the HF
 models, exactly."""
 
+import copy
 import json
 import shutil
 
 import pytest
 import torch
 
-from llava.vtr import VTRConfig
+from llava.vtr import VTRConfig, wrap
 from llava.vtr.convert import (
     convert_original_llava,
     convert_original_onevision,
@@ -74,10 +75,6 @@ def edited_copy(path, tmp_path, weights=None, **config):
     return copy
 
 
-def layout_notices(capsys):
-    return [line for line in capsys.readouterr().err.splitlines() if "mm_newline_position" in line]
-
-
 def test_tells_the_original_formats_apart(original, original_video, tiny_path, ov_path):
     llava, video = str(original[0]), str(original_video[0])
     assert is_original_llava(llava) and not is_original_onevision(llava)
@@ -88,12 +85,18 @@ def test_tells_the_original_formats_apart(original, original_video, tiny_path, o
         convert_original_llava(video)
 
 
-def test_converted_llava_video_equals_the_reference_and_prunes(original_video, capsys):
-    path, reference = original_video
-    capsys.readouterr()
+def test_converted_llava_video_equals_the_reference_and_prunes(original_video):
+    """The weights and config convert exactly (the reference: the same stock weights, given LLaVA-Video's layout keys;
+    that layout itself is tested against a literal embedding in test_llava_onevision.py)."""
+    path, stock = original_video
+    stock = copy.deepcopy(stock)
     model, processor = convert_original_onevision(str(path))
-    notices = layout_notices(capsys)
-    assert len(notices) == 1 and "mm_newline_position='grid'" in notices[0] and "one newline after" in notices[0]
+    assert (model.config.mm_newline_position, getattr(model.config, "mm_spatial_pool_mode", "bilinear")) == (
+        "grid",
+        "bilinear",
+    )
+    stock.config.mm_newline_position = "grid"
+    reference = wrap(stock)
     assert model.config.vision_config.num_hidden_layers == 2  # the tower folder says 3: the last one was deleted
     assert model.config.vision_feature_layer == -1 and model.config.vision_feature_select_strategy == "full"
     vocab = processor.tokenizer.get_vocab()
@@ -106,7 +109,7 @@ def test_converted_llava_video_equals_the_reference_and_prunes(original_video, c
     assert prompt == "<|im_start|>user\n<image>\n<video>\nWhat is shown?<|im_end|>\n<|im_start|>assistant\n"
     inputs = processor(text=prompt, images=demo_image(64), videos=[demo_video(4, 64)], return_tensors="pt")
     assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 16 + 5 * 6  # base view + 5 x 5 tiles
-    assert int((inputs["input_ids"] == model.config.video_token_id).sum()) == 4 * 2 * 2 + 1
+    assert int((inputs["input_ids"] == model.config.video_token_id).sum()) == 4 * 2 * (2 + 1)  # newline per row
     base_vocab = json.loads((path / "config.json").read_text())["vocab_size"]
     with torch.no_grad():
         got = model(**inputs).logits[..., :base_vocab]
@@ -118,16 +121,18 @@ def test_converted_llava_video_equals_the_reference_and_prunes(original_video, c
     assert model.vtr_last.stages[0].image_tokens_kept == [4]
 
 
-def test_onevision_layout_gives_no_notice_and_the_tower_copy_is_read(original_video, tmp_path, capsys):
+def test_onevision_layout_is_the_stock_one_and_the_tower_copy_is_read(original_video, tmp_path):
     path, _ = original_video
-    copy = edited_copy(path, tmp_path, mm_newline_position="one_token")
+    copy = edited_copy(path, tmp_path, mm_newline_position="one_token", mm_spatial_pool_mode="bilinear")
     tower = tmp_path / "tower"
     shutil.copytree(path / "siglip-tower", tower)
     saved = json.loads((tower / "preprocessor_config.json").read_text())
     (tower / "preprocessor_config.json").write_text(json.dumps(saved | {"image_mean": [0.25] * 3}))
-    capsys.readouterr()
-    _, processor = convert_original_onevision(str(copy), vision_tower=str(tower))
-    assert layout_notices(capsys) == []
+    model, processor = convert_original_onevision(str(copy), vision_tower=str(tower))
+    assert not hasattr(model.config, "mm_newline_position")  # as a llava-hf OneVision config
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "video"}]}], add_generation_prompt=True)
+    inputs = processor(text=text, videos=[demo_video(4, 64)], return_tensors="pt")
+    assert int((inputs["input_ids"] == model.config.video_token_id).sum()) == 4 * 2 * 2 + 1
     assert list(processor.image_processor.image_mean) == [0.25] * 3
     assert list(processor.video_processor.image_mean) == [0.25] * 3
     assert list(processor.image_processor.image_std) == [0.5] * 3

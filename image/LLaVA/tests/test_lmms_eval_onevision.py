@@ -187,18 +187,22 @@ def test_loglikelihood_is_the_oracles_loss_and_keeps_the_generation_tokens(ov_pa
 
 def test_an_original_llava_video_checkpoint_is_converted_on_load(tmp_path, clip):
     """An original-format release (LLaVA-NeXT's LlavaQwenForCausalLM) loads through the converter: its loss is the
-    stock model's with the same weights; it is pruned like a llava-hf checkpoint; llava_vtr names this model."""
+    stock model's with the same weights (given LLaVA-Video's "grid" video layout, a newline after every pooled row);
+    it is pruned like a llava-hf checkpoint; llava_vtr names this model."""
+    from llava.vtr import wrap
     from llava.vtr.lmms_eval_plugin import LlavaVTR
     from llava.vtr.tiny import build_tiny_original_llava_video
 
     path, reference = build_tiny_original_llava_video(tmp_path / "original")
+    reference.config.mm_newline_position = "grid"
+    reference = wrap(reference)
     docs = {0: {"visuals": [clip]}}
     lm = make(str(path), "strategy=none,max_frames_num=4", docs)
     assert lm.conv_template == "qwen_1_5"
     ((loss, _),) = lm.loglikelihood([request("loglikelihood", 0, "Does it move?", " yes no")])
     visuals = lm.prepare_visuals([clip])
     inputs = lm.encode([lm.build_prompt("Does it move?", visuals)], [visuals])
-    assert int((inputs["input_ids"] == lm.model.config.video_token_id).sum()) == 4 * FRAME_TOKENS + 1
+    assert int((inputs["input_ids"] == lm.model.config.video_token_id).sum()) == 4 * (FRAME_TOKENS + 2)
     target = lm.tokenizer(" yes no", add_special_tokens=False, return_tensors="pt")["input_ids"]
     # the rows the conversion adds (`<video>`) are its own: the reference takes them, every other weight is its own
     base_vocab = json.loads((path / "config.json").read_text())["vocab_size"]
@@ -211,7 +215,7 @@ def test_an_original_llava_video_checkpoint_is_converted_on_load(tmp_path, clip)
     pruned = make(str(path), "strategy=fastv,keep_tokens=4,prune_layer=1,max_frames_num=4", docs)
     pruned.generate_until([request("generate_until", 0, "Does it move?")])
     stage = pruned.model.vtr_last.stages[0]
-    assert (stage.image_tokens_before, stage.image_tokens_kept) == ([17], [4])
+    assert (stage.image_tokens_before, stage.image_tokens_kept) == ([4 * (FRAME_TOKENS + 2)], [4])
     with pytest.raises(ValueError, match="is a LLaVA-OneVision checkpoint: use --model llava_onevision_vtr"):
         LlavaVTR.create_from_arg_string(f"pretrained={path}", {"batch_size": None, "device": None})
 

@@ -31,10 +31,11 @@ no `<video>`. Conversion:
   model.vision_tower.*`, `model.image_newline` as is; rotary `inv_freq` tables skipped, anything else refused;
 - processor: `processing.onevision_processor` with the tower's SigLIP normalisation and a Qwen2 ChatML template.
 
-Video layout note: the stock class pools each frame bilinearly to half size and puts one newline after the
-whole video (OneVision's `mm_newline_position="one_token"`). LLaVA-Video was trained with "grid" (a newline
-after every pooled row of each frame): its weights load, but its videos then run in a layout it was not
-trained on (one notice line on stderr says so). Images are laid out as in the original code.
+Video layout: the stock class pools each frame bilinearly to half size and puts one newline after the whole
+video (OneVision's `mm_newline_position="one_token"`). LLaVA-Video was trained with "grid" (a newline after
+every pooled row of each frame): the checkpoint's `mm_newline_position` and `mm_spatial_pool_mode` go onto the
+converted config, where `modeling.video_layout` makes the model and the processor lay its videos out that way.
+Images are laid out as in the original code.
 """
 
 from __future__ import annotations
@@ -42,7 +43,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 import warnings
 from pathlib import Path
 
@@ -278,19 +278,6 @@ def _grid_pinpoints(value, view: int) -> list[list[int]]:
     return [[r * view, c * view] for r in range(r0, r1 + 1) for c in range(c0, c1 + 1)]
 
 
-def _video_layout_notice(cfg: dict, name: str) -> None:
-    """One stderr line when the checkpoint was trained with another video token layout than the stock class's."""
-    newline = cfg.get("mm_newline_position", "one_token")
-    pool = cfg.get("mm_spatial_pool_mode", "bilinear")
-    if newline != "one_token" or pool != "bilinear":
-        print(
-            f"note: {name} was trained with mm_newline_position={newline!r}, mm_spatial_pool_mode={pool!r}; the "
-            "stock LLaVA-OneVision class pools each video frame bilinearly (stride 2) and puts one newline after "
-            "the whole video, so its videos run in a token layout it was not trained on (images are unaffected)",
-            file=sys.stderr,
-        )
-
-
 def _siglip_tower(tower: str):
     """The named SigLIP tower's `SiglipVisionConfig` and its image processor's mean / std (only its json files
     are read: the tower's weights are in the checkpoint)."""
@@ -324,7 +311,8 @@ def convert_original_onevision(path: str, vision_tower: str | None = None, dtype
     from accelerate import init_empty_weights
     from transformers import AutoTokenizer, LlavaOnevisionConfig, Qwen2Config
 
-    from .processing import ONEVISION_CHAT_TEMPLATE, onevision_processor
+    from .modeling import video_layout
+    from .processing import ONEVISION_CHAT_TEMPLATE, onevision_processor, with_video_layout
 
     folder = _local_dir(path, _WEIGHT_FILES)
     cfg = json.loads((folder / "config.json").read_text())
@@ -391,6 +379,7 @@ def convert_original_onevision(path: str, vision_tower: str | None = None, dtype
         projector_hidden_act="gelu",
         tie_word_embeddings=False,
         pad_token_id=tokenizer.pad_token_id,
+        **_layout_keys(cfg),
     )
 
     embed = "model.language_model.embed_tokens.weight"
@@ -413,7 +402,6 @@ def convert_original_onevision(path: str, vision_tower: str | None = None, dtype
         )
     model = model.to(dtype) if dtype is not None else model.float()
     model.eval()
-    _video_layout_notice(cfg, path)
 
     processor = onevision_processor(
         tokenizer,
@@ -425,4 +413,11 @@ def convert_original_onevision(path: str, vision_tower: str | None = None, dtype
         image_kwargs=dict(norm),
         video_kwargs=dict(norm),
     )
-    return model, processor
+    return model, with_video_layout(processor, *video_layout(config))
+
+
+def _layout_keys(cfg: dict) -> dict:
+    """The checkpoint's LLaVA-NeXT video layout keys that differ from the stock class's (LLaVA-NeXT's defaults when
+    absent: "one_token", "bilinear"), for the converted config."""
+    keys = {"mm_newline_position": "one_token", "mm_spatial_pool_mode": "bilinear"}
+    return {key: cfg[key] for key, stock in keys.items() if cfg.get(key, stock) != stock}
