@@ -365,3 +365,14 @@ def test_the_forks_check_takes_either_models_keys():
     validate_model_args("strategy=fastv,conv_template=qwen_1_5,max_frames_num=8")
     with pytest.raises(ValueError, match="conv_template='qwen_2': choose one of"):
         validate_model_args("conv_template=qwen_2")
+
+
+def test_the_video_layout_keys_override_the_checkpoints(ov_path, clip):
+    """mm_newline_position / mm_spatial_pool_mode, as lmms-eval's llava_vid / llava_onevision take them: the model and
+    the processor both follow (here: a newline after each pooled row of each of the 4 frames); bad values are named."""
+    docs = {0: {"visuals": [clip]}}
+    lm = make(ov_path, "strategy=fastv,keep_tokens=5,prune_layer=1,max_frames_num=4,mm_newline_position=grid", docs)
+    lm.generate_until([request("generate_until", 0, "Does it move?")])
+    assert lm.model.vtr_last.stages[0].image_tokens_before == [4 * (FRAME_TOKENS + 2)]
+    with pytest.raises(ValueError, match="mm_spatial_pool_mode='mean': choose one of"):
+        make(ov_path, "mm_spatial_pool_mode=mean")

@@ -156,10 +156,21 @@ class LlavaOnevisionVTR(VTRLmms):
 
     name = "llava_onevision_vtr"
     default_pretrained = "llava-hf/llava-onevision-qwen2-7b-ov-hf"
-    EXTRA_LOAD_ARGS = {"conv_template": str, "max_frames_num": int, "vision_tower": str | None}
+    EXTRA_LOAD_ARGS = {
+        "conv_template": str,
+        "max_frames_num": int,
+        "vision_tower": str | None,
+        "mm_newline_position": str | None,
+        "mm_spatial_pool_mode": str | None,
+    }
 
     @classmethod
     def check_load_args(cls, load: dict) -> None:
+        from .modeling import NEWLINE_POSITIONS, POOL_MODES
+
+        for key, choices in (("mm_newline_position", NEWLINE_POSITIONS), ("mm_spatial_pool_mode", POOL_MODES)):
+            if load.get(key) is not None and load[key] not in choices:
+                raise ValueError(f"{key}={load[key]!r}: choose one of {list(choices)}")
         if load.get("conv_template", "auto") not in ONEVISION_CONV_TEMPLATES:
             raise ValueError(f"conv_template={load['conv_template']!r}: choose one of {list(ONEVISION_CONV_TEMPLATES)}")
         if load.get("max_frames_num", 1) < 1:
@@ -188,6 +199,16 @@ class LlavaOnevisionVTR(VTRLmms):
         return model, processor
 
     def configure(self, load: dict) -> None:
+        # the checkpoint's video layout unless given, as lmms-eval's llava_onevision / llava_vid override it
+        # (LLaVA-Video's official evaluation: mm_spatial_pool_mode=average)
+        from .modeling import video_layout
+        from .processing import with_video_layout
+
+        config = self._model.config
+        for key in ("mm_newline_position", "mm_spatial_pool_mode"):
+            if load.get(key) is not None:
+                setattr(config, key, load[key])
+        with_video_layout(self.processor, *video_layout(config))
         self.max_frames_num = load.get("max_frames_num", 32)
         self.conv_template = load.get("conv_template", "auto")
         if self.conv_template == "auto":  # every OneVision / LLaVA-Video release is a Qwen2 (ChatML) model
