@@ -132,6 +132,9 @@ def test_dry_run_prints_the_sweep_with_baseline_and_data_parallel_launch(tmp_pat
         (["--param", "nonsense=1"], "unknown model_args key 'nonsense'"),
         (["--backbone", "videollava", "--method", "fastv"], "needs --video-dir, --questions, --answers"),
         (["--backbone", "llava,qwen3vl", "--pretrained", "some/ckpt"], "as BACKBONE=PATH"),
+        # the LLaVA fork serves two lmms-eval models: each family's runs are checked by its own
+        (["--backbone", "llava-onevision", "--param", "conv_template=vicuna_v1"], "conv_template='vicuna_v1'"),
+        (["--backbone", "llava", "--param", "max_frames_num=8"], "unknown model_args key 'max_frames_num'"),
     ],
 )
 def test_bad_requests_fail_before_running_anything(args, message, tmp_path, capsys):

@@ -99,12 +99,19 @@ def as_image(visual) -> Image.Image | None:
     return None
 
 
-def validate_model_args(arg_string: str, additional_config: dict | None = None) -> None:
+def validate_model_args(arg_string: str, additional_config: dict | None = None, model: str | None = None) -> None:
     """Raise ValueError, with the message the CLI prints before exiting 2, for `--model_args` this fork's
     lmms-eval model refuses (an unknown key, a bad value); nothing is loaded. `additional_config` holds the
-    CLI's `--batch_size`/`--device`, as lmms-eval hands them over."""
+    CLI's `--batch_size`/`--device`, as lmms-eval hands them over. `model`: which of the fork's lmms-eval models
+    (its `--model` name) checks them, where the fork has several; None: the fork's check for any of them."""
     importlib.import_module(f"{__package__}.lmms_eval_plugin")  # sets PLUGIN
-    PLUGIN.validate_model_args(arg_string, additional_config)
+    checker = PLUGIN
+    if model is not None:
+        named = {m.name: m for m in getattr(PLUGIN, "models", (PLUGIN,))}
+        if model not in named:
+            raise ValueError(f"--model {model}: this fork's lmms-eval models are {sorted(named)}")
+        checker = named[model]
+    checker.validate_model_args(arg_string, additional_config)
 
 
 def output_name(pretrained: str, config: VTRConfig) -> str:
