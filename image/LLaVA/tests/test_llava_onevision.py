@@ -257,3 +257,19 @@ def test_an_unknown_video_layout_is_refused_by_name():
     config = tiny_onevision_config(build_tokenizer(chatml=True), newline_position="diagonal")
     with pytest.raises(ValueError, match="mm_newline_position='diagonal'"):
         VTRLlavaOnevisionForConditionalGeneration(config)
+
+
+def test_a_long_videos_facts_are_each_frames_own(ov_path, ov_processor, ov_stock):
+    """12 frames (the tower's attention is recomputed a few frames at a time): each frame's pooled received
+    attention is that frame's, as the eager tower gives it."""
+    text = ov_processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What moves?"}]}],
+        add_generation_prompt=True,
+    )
+    inputs = ov_processor(text=text, videos=[demo_video(12, 64)], return_tensors="pt")
+    seen = facts_of(ov_path, inputs)
+    with torch.no_grad():
+        frames = ov_stock["eager"].model.vision_tower(inputs["pixel_values_videos"][0], output_attentions=True)
+    per_frame = frames.attentions[-1].mean(1).mean(1).reshape(-1, 1, 4, 4)
+    pooled = torch.nn.functional.interpolate(per_frame, size=(2, 2), mode="bilinear").reshape(-1)
+    torch.testing.assert_close(seen[0]["importance"][:-1], pooled, atol=1e-5, rtol=0)

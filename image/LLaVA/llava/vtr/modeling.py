@@ -513,7 +513,10 @@ class LlavaOnevisionAdapter(BackboneAdapter):
             index = states[-1] - 1 if kind == "importance" or kind[1] is None else kind[1]
             tower = self.model.model.vision_tower
             encoder = getattr(tower, "vision_model", tower).encoder
-            facts = clip_layer_attention(encoder.layers[index], self._tower_state(out, index, what), cls=False)
+            state = self._tower_state(out, index, what)
+            # a few views at a time: one view's map is 16 heads x 729 x 729 floats; a 32-frame video has 32 views
+            chunks = [clip_layer_attention(encoder.layers[index], part, cls=False) for part in state.split(8)]
+            facts = {name: torch.cat([chunk[name] for chunk in chunks]) for name in ("received", "keys")}
             per_view = (
                 {"importance": facts["received"]}
                 if kind == "importance"
