@@ -203,13 +203,13 @@ def test_the_processor_is_the_stock_class_without_torchvision(qwen2_family, tmp_
 def test_the_torchvision_placeholder_leaves_sys_modules_as_it_was(monkeypatch):
     """Inside: importable placeholders; after (also after an error): exactly the entries of before, a
     partly loaded torchvision included."""
-    from visual_token_pruning.processing import _torchvision_placeholder
+    from visual_token_pruning.notv import torchvision_placeholder
 
     partial = types.ModuleType("torchvision")
     monkeypatch.setitem(sys.modules, "torchvision", partial)
     monkeypatch.delitem(sys.modules, "torchvision.transforms", raising=False)
     before = dict(sys.modules)
-    with pytest.raises(RuntimeError), _torchvision_placeholder():
+    with pytest.raises(RuntimeError), torchvision_placeholder():
         import torchvision.transforms.v2.functional  # noqa: F401
 
         assert sys.modules["torchvision"] is not partial

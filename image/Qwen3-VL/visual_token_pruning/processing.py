@@ -32,7 +32,6 @@ from .notv import (
     stock_video_class,
     torchvision_available,
 )
-from .notv import torchvision_placeholder as _torchvision_placeholder  # noqa: F401 (tests import it from here)
 
 
 class Qwen3VLVideoProcessorNoTV(NoTVVideo, Qwen3VLVideoProcessor, TorchOnlyBackend):
