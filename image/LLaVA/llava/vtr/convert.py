@@ -135,6 +135,23 @@ def _rename(key: str) -> str | None:
     raise ValueError(f"unexpected weight {key!r} in an original LLaVA checkpoint")
 
 
+def _text_fields(cfg: dict, vocab: int, **defaults) -> dict:
+    """The decoder fields of an original release's config.json (Llama / Qwen2 names), `defaults` for the optional
+    ones it may leave out (max_position_embeddings, rms_norm_eps, rope_theta: the family's own)."""
+    return dict(
+        vocab_size=vocab,
+        hidden_size=cfg["hidden_size"],
+        intermediate_size=cfg["intermediate_size"],
+        num_hidden_layers=cfg["num_hidden_layers"],
+        num_attention_heads=cfg["num_attention_heads"],
+        num_key_value_heads=cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
+        max_position_embeddings=cfg.get("max_position_embeddings", defaults["max_position_embeddings"]),
+        rms_norm_eps=cfg.get("rms_norm_eps", defaults["rms_norm_eps"]),
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.get("rope_theta", defaults["rope_theta"])},
+        hidden_act=cfg.get("hidden_act", "silu"),
+    )
+
+
 def _pad_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
     if weight.shape[0] >= rows:
         return weight
@@ -172,16 +189,7 @@ def convert_original_llava(path: str, vision_tower: str | None = None, dtype=Non
 
     vision_config = CLIPVisionConfig.from_pretrained(tower)
     text_config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=cfg["hidden_size"],
-        intermediate_size=cfg["intermediate_size"],
-        num_hidden_layers=cfg["num_hidden_layers"],
-        num_attention_heads=cfg["num_attention_heads"],
-        num_key_value_heads=cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
-        max_position_embeddings=cfg.get("max_position_embeddings", 4096),
-        rms_norm_eps=cfg.get("rms_norm_eps", 1e-5),
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.get("rope_theta", 10000.0)},
-        hidden_act=cfg.get("hidden_act", "silu"),
+        **_text_fields(cfg, vocab, max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -347,16 +355,7 @@ def convert_original_onevision(path: str, vision_tower: str | None = None, dtype
     vision_config.num_hidden_layers = len(layers)
     vision_config.vision_use_head = False
     text_config = Qwen2Config(
-        vocab_size=vocab,
-        hidden_size=cfg["hidden_size"],
-        intermediate_size=cfg["intermediate_size"],
-        num_hidden_layers=cfg["num_hidden_layers"],
-        num_attention_heads=cfg["num_attention_heads"],
-        num_key_value_heads=cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
-        max_position_embeddings=cfg.get("max_position_embeddings", 32768),
-        rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.get("rope_theta", 1000000.0)},
-        hidden_act=cfg.get("hidden_act", "silu"),
+        **_text_fields(cfg, vocab, max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1000000.0),
         attention_dropout=cfg.get("attention_dropout", 0.0),
         use_sliding_window=cfg.get("use_sliding_window", False),
         sliding_window=cfg.get("sliding_window"),

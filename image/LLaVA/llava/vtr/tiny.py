@@ -61,6 +61,34 @@ def build_tokenizer(vocab_size: int = 320, image_token: bool = True, chatml: boo
     )
 
 
+def _tower_fields(width: int, layers: int, image_size: int, patch_size: int) -> dict:
+    """A small vision tower's config fields (CLIP and SigLIP name them alike)."""
+    return dict(
+        hidden_size=width,
+        intermediate_size=width * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch_size,
+    )
+
+
+def _decoder_fields(tokenizer, hidden_size, intermediate_size, layers, heads, kv_heads) -> dict:
+    """A small decoder's config fields (Llama and Qwen2 name them alike), its special tokens the tokenizer's."""
+    return dict(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
 def tiny_llava_config(
     tokenizer,
     *,
@@ -78,25 +106,10 @@ def tiny_llava_config(
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     vision = CLIPVisionConfig(
-        hidden_size=vision_hidden_size,
-        intermediate_size=vision_hidden_size * 2,
-        num_hidden_layers=vision_layers,
-        num_attention_heads=2,
-        image_size=image_size,
-        patch_size=patch_size,
-        projection_dim=vision_hidden_size,
+        **_tower_fields(vision_hidden_size, vision_layers, image_size, patch_size), projection_dim=vision_hidden_size
     )
     text = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        max_position_embeddings=4096,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        **_decoder_fields(tokenizer, hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads)
     )
     return LlavaConfig(
         vision_config=vision,
@@ -226,27 +239,12 @@ def tiny_onevision_config(
     from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
 
     vision = SiglipVisionConfig(
-        hidden_size=vision_hidden_size,
-        intermediate_size=vision_hidden_size * 2,
-        num_hidden_layers=vision_layers,
-        num_attention_heads=2,
-        image_size=image_size,
-        patch_size=patch_size,
-        vision_use_head=False,
+        **_tower_fields(vision_hidden_size, vision_layers, image_size, patch_size), vision_use_head=False
     )
+    # eos `</s>`, not `<|im_end|>` as in the real model: the random model would end most answers at once (the prompt
+    # is full of `<|im_end|>`), and the contract compares min_new_tokens generations with an oracle
     text = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        max_position_embeddings=4096,
-        bos_token_id=tokenizer.bos_token_id,
-        # `</s>`, not `<|im_end|>` as in the real model: the random model would end most answers at once (the prompt
-        # is full of `<|im_end|>`), and the contract compares min_new_tokens generations with an oracle
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        **_decoder_fields(tokenizer, hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads)
     )
     return LlavaOnevisionConfig(
         vision_config=vision,
