@@ -106,8 +106,9 @@ def validate_model_args(arg_string: str, additional_config: dict | None = None, 
     (its `--model` name) checks them, where the fork has several; None: the fork's check for any of them."""
     importlib.import_module(f"{__package__}.lmms_eval_plugin")  # sets PLUGIN
     checker = PLUGIN
-    if model is not None:
-        named = {m.name: m for m in getattr(PLUGIN, "models", (PLUGIN,))}
+    models = getattr(PLUGIN, "models", None)  # a fork serving several lmms-eval models with different keys
+    if model is not None and models is not None:
+        named = {m.name: m for m in models}
         if model not in named:
             raise ValueError(f"--model {model}: this fork's lmms-eval models are {sorted(named)}")
         checker = named[model]
