@@ -257,6 +257,7 @@ def run(argv) -> int:
         if key in inputs:
             inputs[key] = inputs[key].to(dtype)
     seq_len = inputs["input_ids"].shape[1]
+    timing.check_settings(model, settings)
     model.set_vtr_config(VTRConfig(strategy="random", keep_ratio=1.0, prune_layer=args.prune_layer))
     with torch.inference_mode():
         model(**inputs, logits_to_keep=1)

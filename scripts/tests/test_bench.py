@@ -82,6 +82,8 @@ BAD = [
         "argument --backbone: invalid choice: 'nope' (choose from 'internvl', 'llava', 'llava-next'",
     ),
     (["--model", "./no/such/folder"], "--model: model folder './no/such/folder' does not exist"),
+    # a method's own refusal on the loaded model (VisionZip works before the LLM), before anything is timed
+    (["--strategies", "visionzip"], "--strategies visionzip: visionzip works in the vision tower, before the LLM"),
 ]
 
 

@@ -40,6 +40,9 @@ def test_prune_layer_past_the_model_and_ctrl_c(tiny_path, capsys, monkeypatch):
     assert demo.main(["--model", tiny_path, "--prune-layer", "99"]) == 2
     line = one_error_line(capsys.readouterr().err, PROG)
     assert "--prune-layer 99: the model has 4 decoder layers; choose 0..3" in line
+    assert demo.main(["--model", tiny_path, "--strategies", "visionzip"]) == 2  # a method's own refusal, K=2
+    line = one_error_line(capsys.readouterr().err, PROG)
+    assert "--strategies visionzip: visionzip works in the vision tower, before the LLM" in line
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt

@@ -335,12 +335,23 @@ def load_demo_model(args, api, build, family: str, gpu_dtype: str = "float16", g
     return model, processor, device, num_layers
 
 
+def check_settings(model, settings) -> None:
+    """Each (name, budget, config) setting as `model` takes it, before anything runs: a method's refusal on this
+    model (a prune layer it does not allow, a fact the family lacks) is a UsageError naming the strategy."""
+    for name, _, cfg in settings:
+        try:
+            model.set_vtr_config(cfg)
+        except ValueError as err:
+            raise UsageError(f"--strategies {name}: {err}") from None
+
+
 def demo_report(model, processor, inputs, settings, args, num_visual: int, kept_header: str, kept_cell, kept="kept"):
     """Runs the demo's settings and returns its table and footnote as lines. For each setting in turn it
     generates the answer and reads what was kept (`kept_cell(model)`: the fork's own view), then it times the
     prefill of every setting, interleaved (`measure_prefill`)."""
     import torch
 
+    check_settings(model, settings)
     seq_len = inputs["input_ids"].shape[1]
     rows = []
     for n, (name, budget, cfg) in enumerate(settings, 1):
