@@ -161,3 +161,12 @@ def test_an_unexpected_weight_or_tower_is_refused_by_name(original_video, origin
     clip = original[0] / "clip-tower"
     with pytest.raises(ValueError, match="'clip_vision_model' model; only SigLIP towers"):
         convert_original_onevision(str(path), vision_tower=str(clip))
+
+
+def test_load_model_names_the_converter_for_an_original_release(original, original_video):
+    """Not a default-size model of random weights (its config has no text_config), but the function to use."""
+    from llava.vtr import load_model
+
+    for (path, _), convert in ((original, "convert_original_llava"), (original_video, "convert_original_onevision")):
+        with pytest.raises(ValueError, match=f"original .* checkpoint: convert it with llava.vtr.convert.{convert}"):
+            load_model(str(path))

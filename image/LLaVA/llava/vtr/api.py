@@ -16,7 +16,17 @@ def vtr_class_for(pretrained: str, **kwargs) -> type:
     from transformers import AutoConfig
 
     check_checkpoint(pretrained)
+    from .convert import is_original_llava, is_original_onevision
 
+    for is_original, convert in (
+        (is_original_onevision, "convert_original_onevision"),
+        (is_original_llava, "convert_original_llava"),
+    ):
+        if is_original(pretrained):  # its config would build a default-size model of random weights
+            raise ValueError(
+                f"{pretrained} is an original (LLaVA / LLaVA-NeXT release format) checkpoint: convert it with "
+                f"llava.vtr.convert.{convert}({pretrained!r}), or run it through lmms-eval, which converts on load"
+            )
     keys = ("revision", "trust_remote_code", "cache_dir", "token", "local_files_only")
     model_type = AutoConfig.from_pretrained(pretrained, **{k: v for k, v in kwargs.items() if k in keys}).model_type
     if model_type not in VTR_CLASSES:
