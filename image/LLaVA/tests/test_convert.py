@@ -170,3 +170,27 @@ def test_load_model_names_the_converter_for_an_original_release(original, origin
     for (path, _), convert in ((original, "convert_original_llava"), (original_video, "convert_original_onevision")):
         with pytest.raises(ValueError, match=f"original .* checkpoint: convert it with llava.vtr.convert.{convert}"):
             load_model(str(path))
+
+
+def test_conversion_takes_dtype_auto_the_attention_kernel_and_the_device_as_from_pretrained(original_video, tmp_path):
+    """dtype="auto" is the release's torch_dtype (not float32), attn_implementation is applied, device_map places it."""
+    path, _ = original_video
+    copy = edited_copy(path, tmp_path, torch_dtype="bfloat16")
+    model, _ = convert_original_onevision(str(copy), dtype="auto", attn_implementation="eager", device_map="cpu")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert (
+        model.config._attn_implementation == "eager" and model.config.get_text_config()._attn_implementation == "eager"
+    )
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+
+
+def test_lmms_eval_passes_the_loading_keys_to_the_conversion_and_refuses_a_stray_tower(original_video, ov_path):
+    from llava.vtr.lmms_eval_plugin import LlavaOnevisionVTR
+
+    path, _ = original_video
+    lm = LlavaOnevisionVTR.create_from_arg_string(
+        f"pretrained={path},attn_implementation=eager,dtype=bfloat16", {"batch_size": None, "device": None}
+    )
+    assert lm.model.config._attn_implementation == "eager" and lm.model.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="vision_tower: .* holds its own vision tower"):
+        LlavaOnevisionVTR.create_from_arg_string(f"pretrained={ov_path},vision_tower=x", {"batch_size": None})

@@ -56,12 +56,34 @@ VIDEO_TOKEN = "<video>"
 _WEIGHT_FILES = ["*.json", "*.model", "*.safetensors", "*.bin", "*.txt"]
 
 
-def _local_dir(path: str, patterns: list[str]) -> Path:
+def _local_dir(path: str, patterns: list[str], revision: str | None = None) -> Path:
     if os.path.isdir(path):
         return Path(path)
     from huggingface_hub import snapshot_download  # hub ids: the real path, not exercised offline
 
-    return Path(snapshot_download(path, allow_patterns=patterns))
+    return Path(snapshot_download(path, allow_patterns=patterns, revision=revision))
+
+
+def _finish(model, cfg: dict, dtype=None, attn_implementation: str | None = None, device_map=None):
+    """The converted `model` in eval mode with what `from_pretrained` would have applied: `dtype` (a torch dtype;
+    "auto": the release's own `torch_dtype`; None: float32), the attention kernel, and `device_map` (a device, or
+    "auto" / a module -> device dict, dispatched by accelerate)."""
+    if dtype == "auto":
+        dtype = getattr(torch, str(cfg.get("torch_dtype") or "float32"), None)
+        dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
+    model = model.to(dtype) if dtype is not None else model.float()
+    if attn_implementation is not None:
+        model.set_attn_implementation(attn_implementation)
+    if device_map:
+        if isinstance(device_map, (str, torch.device)) and str(device_map) != "auto":
+            model.to(device_map)
+        else:
+            from accelerate import dispatch_model, infer_auto_device_map
+
+            if device_map == "auto":
+                device_map = infer_auto_device_map(model, no_split_module_classes=model._no_split_modules)
+            dispatch_model(model, device_map=device_map)
+    return model.eval()
 
 
 def _read_config(path: str) -> dict | None:
@@ -159,8 +181,16 @@ def _pad_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([weight, extra], 0)
 
 
-def convert_original_llava(path: str, vision_tower: str | None = None, dtype=None):
-    """Return (VTRLlavaForConditionalGeneration with VTR disabled, LlavaProcessor) for an original checkpoint."""
+def convert_original_llava(
+    path: str,
+    vision_tower: str | None = None,
+    dtype=None,
+    attn_implementation: str | None = None,
+    device_map=None,
+    revision: str | None = None,
+):
+    """Return (VTRLlavaForConditionalGeneration with VTR disabled, LlavaProcessor) for an original checkpoint.
+    `dtype` ("auto": the release's), `attn_implementation`, `device_map` and `revision` as `from_pretrained`'s."""
     from accelerate import init_empty_weights
     from transformers import (
         AutoTokenizer,
@@ -172,7 +202,7 @@ def convert_original_llava(path: str, vision_tower: str | None = None, dtype=Non
         LlavaProcessor,
     )
 
-    folder = _local_dir(path, _WEIGHT_FILES)
+    folder = _local_dir(path, _WEIGHT_FILES, revision)
     cfg = json.loads((folder / "config.json").read_text())
     if _is_onevision_config(cfg):
         raise ValueError(f"{path} is an original LLaVA-OneVision / LLaVA-Video release: use convert_original_onevision")
@@ -222,8 +252,7 @@ def convert_original_llava(path: str, vision_tower: str | None = None, dtype=Non
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing or unexpected:
         raise ValueError(f"original LLaVA conversion: missing weights {missing[:5]}, unexpected {unexpected[:5]}")
-    model = model.to(dtype) if dtype is not None else model.float()
-    model.eval()
+    model = _finish(model, cfg, dtype, attn_implementation, device_map)
 
     processor = LlavaProcessor(
         image_processor=CLIPImageProcessor.from_pretrained(tower),
@@ -312,17 +341,25 @@ def _siglip_tower(tower: str):
     return vision, norm
 
 
-def convert_original_onevision(path: str, vision_tower: str | None = None, dtype=None):
+def convert_original_onevision(
+    path: str,
+    vision_tower: str | None = None,
+    dtype=None,
+    attn_implementation: str | None = None,
+    device_map=None,
+    revision: str | None = None,
+):
     """Return (VTRLlavaOnevisionForConditionalGeneration with VTR disabled, LlavaOnevisionProcessor) for an
     original LLaVA-OneVision / LLaVA-Video checkpoint (folder or hub id). `vision_tower`: another copy (folder or
-    hub id) of the SigLIP tower the checkpoint names, read for its config and normalisation only."""
+    hub id) of the SigLIP tower the checkpoint names, read for its config and normalisation only. `dtype`
+    ("auto": the release's `torch_dtype`), `attn_implementation`, `device_map` and `revision` as `from_pretrained`'s."""
     from accelerate import init_empty_weights
     from transformers import AutoTokenizer, LlavaOnevisionConfig, Qwen2Config
 
     from .modeling import video_layout
     from .processing import ONEVISION_CHAT_TEMPLATE, onevision_processor, with_video_layout
 
-    folder = _local_dir(path, _WEIGHT_FILES)
+    folder = _local_dir(path, _WEIGHT_FILES, revision)
     cfg = json.loads((folder / "config.json").read_text())
     if not _is_original(cfg):
         raise ValueError(f"{path} is not an original LLaVA-NeXT release (no mm_vision_tower in its config.json)")
@@ -399,8 +436,7 @@ def convert_original_onevision(path: str, vision_tower: str | None = None, dtype
         raise ValueError(
             f"original LLaVA-OneVision conversion: missing weights {missing[:5]}, unexpected {unexpected[:5]}"
         )
-    model = model.to(dtype) if dtype is not None else model.float()
-    model.eval()
+    model = _finish(model, cfg, dtype, attn_implementation, device_map)
 
     processor = onevision_processor(
         tokenizer,

@@ -26,15 +26,10 @@ import numpy as np
 from . import lmms_eval_compat as compat
 from .api import load_model, load_processor
 from .config import VTRConfig
-from .convert import convert_original_llava, is_original_llava
+from .convert import convert_original_llava, convert_original_onevision, is_original_llava, is_original_onevision
 from .lmms_eval_base import VTRLmms, as_image, install_compat
 from .model_args import checkpoint_model_type, parse_model_args, split_args
 from .video_io import VideoError, load_video
-
-try:  # the original-format OneVision converter (lmms-lab/llava-onevision-*, lmms-lab/LLaVA-Video-*)
-    from .convert import convert_original_onevision, is_original_onevision
-except ImportError:  # an install without it: such checkpoints are refused by name
-    convert_original_onevision = is_original_onevision = None
 
 IMAGE_TOKEN = "<image>"
 VIDEO_TOKEN = "<video>"
@@ -57,11 +52,6 @@ def default_conv_template(config, tokenizer) -> str:
     return "vicuna_v1"
 
 
-def is_original_onevision_checkpoint(path: str) -> bool:
-    """An original-format LLaVA-OneVision / LLaVA-Video release (False where the converter is not installed)."""
-    return is_original_onevision is not None and is_original_onevision(path)
-
-
 class LlavaVTR(VTRLmms):
     """LLaVA-1.5 (llava-hf or original release checkpoints) and LLaVA-1.6 (llava-hf `llava-v1.6-*`, anyres)
     with visual token reduction."""
@@ -77,13 +67,12 @@ class LlavaVTR(VTRLmms):
 
     def load_backbone(self, load: dict, **kwargs):
         pretrained = self.pretrained
-        if is_original_onevision_checkpoint(pretrained):
+        if is_original_onevision(pretrained):
             raise ValueError(f"{pretrained} is a LLaVA-OneVision checkpoint: use --model llava_onevision_vtr")
         if is_original_llava(pretrained):
-            dtype = kwargs.get("dtype")
-            return convert_original_llava(
-                pretrained, vision_tower=load.get("vision_tower"), dtype=None if dtype == "auto" else dtype
-            )
+            return convert_original_llava(pretrained, vision_tower=load.get("vision_tower"), **_conversion(kwargs))
+        if load.get("vision_tower") is not None:
+            raise ValueError(f"vision_tower: {pretrained} holds its own vision tower (only original releases name one)")
         if checkpoint_model_type(pretrained, **kwargs) == "llava_onevision":
             raise ValueError(f"{pretrained} is a LLaVA-OneVision checkpoint: use --model llava_onevision_vtr")
         model = load_model(pretrained, VTRConfig(enabled=False), **kwargs)
@@ -178,18 +167,12 @@ class LlavaOnevisionVTR(VTRLmms):
 
     def load_backbone(self, load: dict, **kwargs):
         pretrained = self.pretrained
-        dtype = kwargs.get("dtype")
-        if is_original_onevision_checkpoint(pretrained):
-            return convert_original_onevision(
-                pretrained, vision_tower=load.get("vision_tower"), dtype=None if dtype == "auto" else dtype
-            )
+        if is_original_onevision(pretrained):
+            return convert_original_onevision(pretrained, vision_tower=load.get("vision_tower"), **_conversion(kwargs))
         if is_original_llava(pretrained):  # the original release layout, not recognised as OneVision
-            if is_original_onevision is None:
-                raise ImportError(
-                    f"{pretrained} is an original-format checkpoint and this install has no LLaVA-OneVision "
-                    "converter (llava.vtr.convert.convert_original_onevision); give a llava-hf checkpoint"
-                )
             raise ValueError(f"{pretrained} is an original LLaVA-1.5/1.6 release: use --model llava_vtr")
+        if load.get("vision_tower") is not None:
+            raise ValueError(f"vision_tower: {pretrained} holds its own vision tower (only original releases name one)")
         model_type = checkpoint_model_type(pretrained, **kwargs)
         if model_type != "llava_onevision":
             other = " (LLaVA-1.5 / 1.6: use --model llava_vtr)" if model_type in ("llava", "llava_next") else ""
@@ -283,6 +266,16 @@ class LlavaOnevisionVTR(VTRLmms):
             if key in inputs:
                 inputs[key] = inputs[key].to(self._model.dtype)
         return inputs
+
+
+def _conversion(kwargs: dict) -> dict:
+    """The from_pretrained keyword arguments of `load_backbone` that a conversion of an original release takes
+    (dtype, attention kernel, device map, revision); any other is refused by name."""
+    options = {k: v for k, v in kwargs.items() if k != "trust_remote_code"}
+    unknown = sorted(set(options) - {"dtype", "attn_implementation", "device_map", "revision"})
+    if unknown:
+        raise ValueError(f"{', '.join(unknown)}: not supported when converting an original-format checkpoint")
+    return options
 
 
 class LlavaModels:
