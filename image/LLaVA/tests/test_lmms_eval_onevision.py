@@ -76,6 +76,25 @@ def test_frame_indices_are_lmms_evals_linspace():
     assert frame_indices(7, 1) == [0]
 
 
+def test_video_fps_is_llava_vids_rule_for_llava_video():
+    """lmms-eval's llava_vid (LLaVA-Video's official evaluation): one frame every round(fps / video_fps) from the
+    first; the linspace rule once that exceeds max_frames_num, or with force_sample."""
+    assert frame_indices(600, 64, fps=30.0, video_fps=1) == list(range(0, 600, 30))  # a 20 s clip: 20 frames
+    assert frame_indices(3600, 64, fps=30.0, video_fps=1) == frame_indices(3600, 64)  # 120 s: 64, spaced out
+    assert frame_indices(600, 64, fps=30.0, video_fps=1, force_sample=True) == frame_indices(600, 64)
+    assert frame_indices(10, 64, fps=8.0, video_fps=16) == list(range(10))  # faster than the file: every frame
+
+
+def test_a_video_doc_at_video_fps_reads_one_frame_a_second(ov_path, clip):
+    """The 12-frame, 8 fps clip at video_fps=2: frames 0, 4, 8 (round(8 / 2) = 4), three frames' tokens."""
+    lm = make(ov_path, "strategy=none,max_frames_num=64,video_fps=2")
+    ((_, frames),) = lm.prepare_visuals([clip])
+    assert np.array_equal(frames, all_frames(clip)[[0, 4, 8]])
+    for bad, message in (("video_fps=0", "video_fps=0.0: must be > 0"), ("force_sample=true", "only with video_fps")):
+        with pytest.raises(ValueError, match=message):
+            make(ov_path, bad)
+
+
 def test_a_video_doc_uses_max_frames_num_frames_and_is_pruned(ov_path, ov_processor, clip):
     docs = {0: {"visuals": [clip]}}
     lm = make(ov_path, "strategy=fastv,keep_tokens=6,prune_layer=1,max_frames_num=4", docs)

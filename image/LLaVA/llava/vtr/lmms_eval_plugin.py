@@ -129,11 +129,19 @@ ONEVISION_CONV_TEMPLATES = ("auto", "qwen_1_5", "hf")
 PLACEHOLDER = re.compile(f"({re.escape(IMAGE_TOKEN)}|{re.escape(VIDEO_TOKEN)})")
 
 
-def frame_indices(total: int, num_frames: int) -> list[int]:
-    """lmms-eval's `llava_onevision` frame rule (lmms_eval/models/simple/llava_onevision.py,
-    `Llava_OneVision.load_video`, lmms-eval 0.7.3): `np.linspace(0, total - 1, num_frames, dtype=int)`, i.e.
-    `num_frames` frame numbers evenly spaced from the first frame to the last, rounded down; a clip shorter
-    than `num_frames` repeats frames."""
+def frame_indices(
+    total: int, num_frames: int, fps: float | None = None, video_fps: float | None = None, force_sample: bool = False
+) -> list[int]:
+    """The frames read from a video of `total` frames at `fps`. Without `video_fps`, lmms-eval's `llava_onevision`
+    rule (lmms_eval/models/simple/llava_onevision.py, `Llava_OneVision.load_video`, lmms-eval 0.7.3):
+    `np.linspace(0, total - 1, num_frames, dtype=int)`, `num_frames` frame numbers evenly spaced from the first
+    frame to the last, rounded down (a clip shorter than that repeats frames). With `video_fps`, its `llava_vid`
+    rule (`LlavaVid.load_video`), LLaVA-Video's official evaluation: every round(fps / video_fps)-th frame from the
+    first, unless that gives more than `num_frames` or `force_sample` is set, then the linspace rule."""
+    if video_fps is not None and fps:
+        picks = list(range(0, total, max(1, round(fps / video_fps))))
+        if len(picks) <= num_frames and not force_sample:
+            return picks
     return np.linspace(0, total - 1, num_frames, dtype=int).tolist()
 
 
@@ -148,6 +156,8 @@ class LlavaOnevisionVTR(VTRLmms):
     EXTRA_LOAD_ARGS = {
         "conv_template": str,
         "max_frames_num": int,
+        "video_fps": float | None,
+        "force_sample": bool,
         "vision_tower": str | None,
         "mm_newline_position": str | None,
         "mm_spatial_pool_mode": str | None,
@@ -164,6 +174,12 @@ class LlavaOnevisionVTR(VTRLmms):
             raise ValueError(f"conv_template={load['conv_template']!r}: choose one of {list(ONEVISION_CONV_TEMPLATES)}")
         if load.get("max_frames_num", 1) < 1:
             raise ValueError(f"max_frames_num={load['max_frames_num']}: must be >= 1")
+        if load.get("video_fps") is not None and not load["video_fps"] > 0:
+            raise ValueError(f"video_fps={load['video_fps']}: must be > 0")
+        if load.get("force_sample") and load.get("video_fps") is None:
+            raise ValueError(
+                "force_sample: only with video_fps (without it every video is sampled max_frames_num times)"
+            )
 
     def load_backbone(self, load: dict, **kwargs):
         pretrained = self.pretrained
@@ -193,6 +209,7 @@ class LlavaOnevisionVTR(VTRLmms):
                 setattr(config, key, load[key])
         with_video_layout(self.processor, *video_layout(config))
         self.max_frames_num = load.get("max_frames_num", 32)
+        self.video_fps, self.force_sample = load.get("video_fps"), load.get("force_sample", False)
         self.conv_template = load.get("conv_template", "auto")
         if self.conv_template == "auto":  # every OneVision / LLaVA-Video release is a Qwen2 (ChatML) model
             self.conv_template = "qwen_1_5" if "<|im_start|>" in self.tokenizer.get_vocab() else "hf"
@@ -210,7 +227,12 @@ class LlavaOnevisionVTR(VTRLmms):
                     raise VideoError(
                         f"video file not found: {v} ({self.name} takes PIL images, image files and video files)"
                     )
-                clip = load_video(v, pick=lambda total, fps: frame_indices(total, self.max_frames_num))
+                clip = load_video(
+                    v,
+                    pick=lambda total, fps: frame_indices(
+                        total, self.max_frames_num, fps, self.video_fps, self.force_sample
+                    ),
+                )
                 prepared.append(("video", clip.frames))
             else:
                 raise ValueError(
