@@ -165,11 +165,14 @@ def test_an_unexpected_weight_or_tower_is_refused_by_name(original_video, origin
 
 def test_load_model_names_the_converter_for_an_original_release(original, original_video):
     """Not a default-size model of random weights (its config has no text_config), but the function to use."""
-    from llava.vtr import load_model
+    from llava.vtr import load_model, load_processor
 
     for (path, _), convert in ((original, "convert_original_llava"), (original_video, "convert_original_onevision")):
-        with pytest.raises(ValueError, match=f"original .* checkpoint: convert it with llava.vtr.convert.{convert}"):
-            load_model(str(path))
+        for load in (load_model, load_processor):
+            with pytest.raises(
+                ValueError, match=f"original .* checkpoint: convert it with llava.vtr.convert.{convert}"
+            ):
+                load(str(path))
 
 
 def test_conversion_takes_dtype_auto_the_attention_kernel_and_the_device_as_from_pretrained(original_video, tmp_path):

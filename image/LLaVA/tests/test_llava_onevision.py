@@ -273,3 +273,26 @@ def test_a_long_videos_facts_are_each_frames_own(ov_path, ov_processor, ov_stock
     per_frame = frames.attentions[-1].mean(1).mean(1).reshape(-1, 1, 4, 4)
     pooled = torch.nn.functional.interpolate(per_frame, size=(2, 2), mode="bilinear").reshape(-1)
     torch.testing.assert_close(seen[0]["importance"][:-1], pooled, atol=1e-5, rtol=0)
+
+
+def test_videos_encoded_by_the_stock_code_are_laid_out_from_their_token_count(ov_path, ov_processor, video_path):
+    """mm_encoder_outputs["video"] from the stock get_video_features (no frame count noted on it): a method that
+    reads the visual grid keeps what it keeps from the pixels; LLaVA-Video's processor counts its layout's tokens."""
+    from llava.vtr import load_processor
+
+    text = ov_processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What moves?"}]}],
+        add_generation_prompt=True,
+    )
+    inputs = ov_processor(text=text, videos=[demo_video(5, 64)], return_tensors="pt")
+    model = load_model(ov_path, VTRConfig(strategy="pool", keep_tokens=8), attn_implementation="sdpa")
+    with torch.no_grad():
+        want = model(**inputs).logits
+        kept = model.vtr_last.stages[0].kept_positions[0].tolist()
+        encoded = model.model.get_video_features(pixel_values_videos=inputs["pixel_values_videos"], return_dict=True)
+        rest = {k: v for k, v in inputs.items() if k != "pixel_values_videos"}
+        got = model(**rest, mm_encoder_outputs={"video": encoded}).logits
+    assert model.vtr_last.stages[0].kept_positions[0].tolist() == kept
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    processor = load_processor(video_path)
+    assert processor._get_num_multimodal_tokens(video_sizes=[(4, 80, 80)]).num_video_tokens == [4 * 2 * 3]

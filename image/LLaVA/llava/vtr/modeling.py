@@ -565,12 +565,28 @@ class LlavaOnevisionAdapter(BackboneAdapter):
             sizes, views = self._views(out, args)
             flat = torch.cat([self._pack(item, size, out) for size, item in zip(sizes, values.split(views))])
         else:
-            frames = out.vtr_frames
+            frames = self._frames(out)
             pooled = self.model.model.apply_pooling(values)  # [videos * frames, pooled patches, width]
             pooled = pooled.reshape(-1, frames * pooled.shape[1], pooled.shape[-1])
             newline = pooled.new_zeros(pooled.shape[-1])
             flat = arrange_video(self.model.config, pooled, frames, newline).flatten(0, 1)
         return flat if per_view.ndim == 3 else flat[:, 0]
+
+    def _frames(self, out) -> int:
+        """The frames per video of encoded videos: noted at encoding, else counted from their tokens (features
+        encoded elsewhere, e.g. by the stock `get_video_features`)."""
+        frames = getattr(out, "vtr_frames", None)
+        if frames is None:
+            newline = video_layout(self.model.config)[0]
+            rows, cols = self.frame_grid()
+            tokens = out.pooler_output.shape[1]
+            frames = next((f for f in range(1, tokens + 1) if video_tokens(f, rows, cols, newline) == tokens), None)
+            if frames is None:
+                raise ValueError(
+                    f"the encoded videos hold {tokens} tokens each, which no frame count gives in this model's video "
+                    f"layout ({newline}, {rows} x {cols} a frame)"
+                )
+        return frames
 
     def _pack(self, views: torch.Tensor, size, out) -> torch.Tensor:
         """One image's values [views, patches, width] packed by the stock `pack_image_features` (zero newlines)."""
@@ -586,7 +602,7 @@ class LlavaOnevisionAdapter(BackboneAdapter):
             rows, cols = self.frame_grid()
             r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
             frame = torch.stack([torch.zeros_like(r), r, c], -1).reshape(-1, 3)
-            videos, frames = out.pooler_output.shape[0], out.vtr_frames
+            videos, frames = out.pooler_output.shape[0], self._frames(out)
             grid = frame.repeat(videos * frames, 1, 1)
             grid[..., 0] = torch.arange(videos * frames).view(-1, 1)
             newline = torch.full((3,), -1)
@@ -713,7 +729,7 @@ def arrange_video(config, pooled: torch.Tensor, frames: int, newline: torch.Tens
     position = video_layout(config)[0]
     videos, _, width = pooled.shape
     rows, cols = pooled_grid(config)
-    newline = newline.to(pooled.dtype)
+    newline = newline.to(pooled.device, pooled.dtype)
     if position == "one_token":
         return torch.cat([pooled, newline.expand(videos, 1, width)], dim=1)
     if position == "no_token":

@@ -17,6 +17,7 @@ Videos may be file paths, uint8 arrays `[t, h, w, 3]` or lists of PIL frames.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -153,7 +154,8 @@ def _layout_class(stock: type) -> type:
             if video_sizes is not None:
                 newline, pool = self.video_layout
                 side = pooled_side(math.isqrt(self.num_image_tokens), pool)
-                data["num_video_tokens"] = [video_tokens(f, side, side, newline) for f, _, _ in video_sizes]
+                counts = [video_tokens(f, side, side, newline) for f, _, _ in video_sizes]
+                data = dataclasses.replace(data, num_video_tokens=counts)
             return data
 
     VideoLayout.__name__ = VideoLayout.__qualname__ = stock.__name__  # saved configs name the stock class
