@@ -20,7 +20,7 @@ from llava.vtr.tiny import build_tiny_llava_onevision, demo_image, demo_video
 SEEN = {}
 
 
-@register_strategy("ov_facts")
+@register_strategy("test_ov_facts")
 class Facts(PruningStrategy):
     """Records the facts each sample's first stage sees, then keeps the first tokens."""
 
@@ -41,7 +41,9 @@ class Facts(PruningStrategy):
 
 def facts_of(path, inputs):
     SEEN.clear()
-    model = load_model(path, VTRConfig(strategy="ov_facts", keep_ratio=1.0, prune_layer=0), attn_implementation="sdpa")
+    model = load_model(
+        path, VTRConfig(strategy="test_ov_facts", keep_ratio=1.0, prune_layer=0), attn_implementation="sdpa"
+    )
     with torch.no_grad():
         model(**inputs)
     return dict(SEEN)
