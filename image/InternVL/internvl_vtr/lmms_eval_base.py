@@ -137,6 +137,9 @@ class VTRLmms(lmms):
     name = "vtr"
     default_pretrained = ""
     EXTRA_LOAD_ARGS: dict[str, object] = {}
+    #: loading keys that change what is evaluated (e.g. the frames read from a video): each one given is named in
+    #: the results folder after the settings tag, so runs that differ in it never share a folder
+    FOLDER_KEYS: tuple[str, ...] = ()
 
     # ------------------------------------------------------------------ what a subclass provides
 
@@ -180,13 +183,14 @@ class VTRLmms(lmms):
     def folder_name(cls, model_args: str, base: str) -> str | None:
         """Results folder for `--model_args`, or None when they are not this plugin's (lmms-eval's name)."""
         try:
-            _, config = parse_model_args(split_args(model_args), cls.load_args())
+            load, config = parse_model_args(split_args(model_args), cls.load_args())
         except Exception:
             return None
+        extra = "".join(f"__{key}-{load[key]}" for key in cls.FOLDER_KEYS if load.get(key) is not None)
         for model in list(compat.LIVE_MODELS):  # the loaded model's settings (backbone default budget filled in)
             if isinstance(model, cls) and config.budget_defaulted:
-                return output_name(base, model.vtr_config)
-        return output_name(base, config)
+                return output_name(base, model.vtr_config) + extra
+        return output_name(base, config) + extra
 
     @staticmethod
     def raw_args(arg_string: str, additional_config: dict | None = None) -> dict:

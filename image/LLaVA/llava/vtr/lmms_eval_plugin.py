@@ -153,6 +153,7 @@ class LlavaOnevisionVTR(VTRLmms):
 
     name = "llava_onevision_vtr"
     default_pretrained = "llava-hf/llava-onevision-qwen2-7b-ov-hf"
+    FOLDER_KEYS = ("max_frames_num", "video_fps", "force_sample", "mm_newline_position", "mm_spatial_pool_mode")
     EXTRA_LOAD_ARGS = {
         "conv_template": str,
         "max_frames_num": int,
