@@ -319,7 +319,6 @@ def build_tiny_original_llava(path, *, seed: int = 0, **shape):
     under `model.mm_projector`, a separate CLIP tower folder named by `mm_vision_tower`, a tokenizer with no
     `<image>` token). Returns (folder, reference): `reference` is a stock `LlavaForConditionalGeneration`
     holding the same weights, with `<image>` appended to the vocabulary as the conversion does."""
-    from safetensors.torch import save_file
     from transformers import CLIPImageProcessor, LlavaForConditionalGeneration
 
     path = Path(path)
@@ -338,20 +337,10 @@ def build_tiny_original_llava(path, *, seed: int = 0, **shape):
     size = config.vision_config.image_size
     CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(tower)
 
-    text = config.text_config
     original = {
         "architectures": ["LlavaLlamaForCausalLM"],
         "model_type": "llava",
-        "vocab_size": base_vocab,
-        "hidden_size": text.hidden_size,
-        "intermediate_size": text.intermediate_size,
-        "num_hidden_layers": text.num_hidden_layers,
-        "num_attention_heads": text.num_attention_heads,
-        "num_key_value_heads": text.num_key_value_heads,
-        "max_position_embeddings": text.max_position_embeddings,
-        "rms_norm_eps": text.rms_norm_eps,
-        "rope_theta": text.rope_parameters["rope_theta"],
-        "hidden_act": "silu",
+        **_original_text_fields(config.text_config, base_vocab),
         "mm_vision_tower": str(tower),
         "mm_hidden_size": config.vision_config.hidden_size,
         "mm_vision_select_layer": -2,
@@ -359,19 +348,8 @@ def build_tiny_original_llava(path, *, seed: int = 0, **shape):
         "mm_projector_type": "mlp2x_gelu",
         "image_aspect_ratio": "pad",
     }
-    weights = {}
-    for key, value in reference.model.language_model.state_dict().items():
-        weights[f"model.{key}"] = value[:base_vocab] if key == "embed_tokens.weight" else value
-    weights["lm_head.weight"] = reference.lm_head.weight[:base_vocab]
-    for index, linear in (("0", "linear_1"), ("2", "linear_2")):
-        for kind in ("weight", "bias"):
-            weights[f"model.mm_projector.{index}.{kind}"] = getattr(
-                reference.model.multi_modal_projector, linear
-            ).state_dict()[kind]
     path.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous().clone() for k, v in weights.items()}, str(path / "model.safetensors"))
-    (path / "config.json").write_text(json.dumps(original, indent=2))
-    tokenizer.save_pretrained(path)
+    _write_original(path, original, _original_weights(reference, base_vocab), tokenizer)
     return path, reference
 
 
@@ -384,7 +362,6 @@ def build_tiny_original_llava_video(path, *, seed: int = 0, newline_position: st
     LLaVA-Video, "one_token": OneVision). Shapes as `tiny_onevision_config`. Returns (folder, reference):
     `reference` is a stock `LlavaOnevisionForConditionalGeneration` holding the same weights, with `<video>`
     appended to the vocabulary as the conversion does."""
-    from safetensors.torch import save_file
     from transformers import LlavaOnevisionForConditionalGeneration
 
     def tokenizer_without_video():
@@ -427,17 +404,8 @@ def build_tiny_original_llava_video(path, *, seed: int = 0, newline_position: st
     original = {
         "architectures": ["LlavaQwenForCausalLM"],
         "model_type": "llava",
-        "vocab_size": base_vocab,
-        "hidden_size": text.hidden_size,
-        "intermediate_size": text.intermediate_size,
-        "num_hidden_layers": text.num_hidden_layers,
-        "num_attention_heads": text.num_attention_heads,
-        "num_key_value_heads": text.num_key_value_heads,
-        "max_position_embeddings": text.max_position_embeddings,
-        "rms_norm_eps": text.rms_norm_eps,
-        "rope_theta": text.rope_parameters["rope_theta"],
+        **_original_text_fields(text, base_vocab),
         "rope_scaling": None,
-        "hidden_act": "silu",
         "attention_dropout": 0.0,
         "tie_word_embeddings": False,
         "use_sliding_window": False,
@@ -464,13 +432,7 @@ def build_tiny_original_llava_video(path, *, seed: int = 0, newline_position: st
         "tokenizer_model_max_length": text.max_position_embeddings,
         "torch_dtype": "float32",
     }
-    weights = {}
-    for key, value in reference.model.language_model.state_dict().items():
-        weights[f"model.{key}"] = value[:base_vocab] if key == "embed_tokens.weight" else value
-    weights["lm_head.weight"] = reference.lm_head.weight[:base_vocab]
-    for index, linear in (("0", "linear_1"), ("2", "linear_2")):
-        for kind, value in getattr(reference.model.multi_modal_projector, linear).state_dict().items():
-            weights[f"model.mm_projector.{index}.{kind}"] = value
+    weights = _original_weights(reference, base_vocab)
     weights["model.image_newline"] = reference.model.image_newline
     for key, value in reference.model.vision_tower.state_dict().items():
         weights[f"model.vision_tower.vision_tower.vision_model.{key}"] = value
@@ -478,10 +440,47 @@ def build_tiny_original_llava_video(path, *, seed: int = 0, newline_position: st
     weights["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(
         text.hidden_size // text.num_attention_heads // 2
     )
+    _write_original(path, original, weights, tokenizer)
+    return path, reference
+
+
+def _original_text_fields(text, base_vocab: int) -> dict:
+    """The decoder fields of an original LLaVA release's config.json for the stock text config `text` (what
+    `convert._text_fields` reads back)."""
+    return {
+        "vocab_size": base_vocab,
+        "hidden_size": text.hidden_size,
+        "intermediate_size": text.intermediate_size,
+        "num_hidden_layers": text.num_hidden_layers,
+        "num_attention_heads": text.num_attention_heads,
+        "num_key_value_heads": text.num_key_value_heads,
+        "max_position_embeddings": text.max_position_embeddings,
+        "rms_norm_eps": text.rms_norm_eps,
+        "rope_theta": text.rope_parameters["rope_theta"],
+        "hidden_act": "silu",
+    }
+
+
+def _original_weights(reference, base_vocab: int) -> dict:
+    """The decoder and projector of a stock LLaVA-family `reference` under an original release's names
+    (`model.*`, `lm_head`, `model.mm_projector.{0,2}`), the vocabulary cut back to the release's `base_vocab`."""
+    weights = {}
+    for key, value in reference.model.language_model.state_dict().items():
+        weights[f"model.{key}"] = value[:base_vocab] if key == "embed_tokens.weight" else value
+    weights["lm_head.weight"] = reference.lm_head.weight[:base_vocab]
+    for index, linear in (("0", "linear_1"), ("2", "linear_2")):
+        for kind, value in getattr(reference.model.multi_modal_projector, linear).state_dict().items():
+            weights[f"model.mm_projector.{index}.{kind}"] = value
+    return weights
+
+
+def _write_original(path: Path, original: dict, weights: dict, tokenizer) -> None:
+    """An original release's folder: its weights, config.json and tokenizer."""
+    from safetensors.torch import save_file
+
     save_file({k: v.detach().contiguous().clone() for k, v in weights.items()}, str(path / "model.safetensors"))
     (path / "config.json").write_text(json.dumps(original, indent=2))
     tokenizer.save_pretrained(path)
-    return path, reference
 
 
 def demo_image(size: int = 336):
