@@ -485,24 +485,28 @@ class LlavaOnevisionAdapter(BackboneAdapter):
             coords[on, 0] = starts.cumsum(0) - 1
             return coords
 
-        def per_sample(b: int, kind: str, what: str) -> torch.Tensor:
-            return table(kind, what)[kind][b][visual[b]]
+        def features(b: int) -> torch.Tensor:
+            return table("features", "vision_features")["features"][b][visual[b]]
 
-        def vision_layer(b: int, layer: int | None = None) -> dict:
+        def vision_layer(b: int, layer: int | None = None, what: str | None = None) -> dict:
             index = None if layer is None else self.tower_layer(layer)
-            facts = table(("layer", index), f"vision_layer({layer})")
+            facts = table(("layer", index), what or f"vision_layer({layer})")
             return {"cls": None, **{name: t[b][visual[b]] for name, t in facts.items()}}
+
+        def importance(b: int) -> torch.Tensor:  # the projector's layer's received attention: vision_layer()'s
+            return vision_layer(b, what="vision_importance")["received"]
 
         return {
             "visual_grid": grid,
-            "vision_importance": functools.partial(per_sample, kind="importance", what="vision_importance"),
-            "vision_features": functools.partial(per_sample, kind="features", what="vision_features"),
+            "vision_importance": importance,
+            "vision_features": features,
             "vision_layer": vision_layer,
         }
 
     def _flat_facts(self, modality: str, out, kind, args, what: str) -> dict:
-        """name -> [visual tokens of the encoded items, ...]: the facts of `kind` ("coords", "importance",
-        "features" or ("layer", i)) at each placeholder of each encoded image or video, in encoding order."""
+        """name -> [visual tokens of the encoded items, ...]: the facts of `kind` ("coords", "features" or
+        ("layer", i), i None for the layer whose output the projector reads) at each placeholder of each encoded
+        image or video, in encoding order."""
         if kind == "coords":
             return {"coords": self._coords(modality, out, args)}
         layer = getattr(out, "vtr_feature_layer", None)
@@ -510,21 +514,13 @@ class LlavaOnevisionAdapter(BackboneAdapter):
         if kind == "features":
             per_view = {"features": torch.cat([self._tower_state(out, i, what) for i in states], dim=-1)}
         else:
-            index = states[-1] - 1 if kind == "importance" or kind[1] is None else kind[1]
+            index = states[-1] - 1 if kind[1] is None else kind[1]
             tower = self.model.model.vision_tower
             encoder = getattr(tower, "vision_model", tower).encoder
             state = self._tower_state(out, index, what)
             # a few views at a time: one view's map is 16 heads x 729 x 729 floats; a 32-frame video has 32 views
             chunks = [clip_layer_attention(encoder.layers[index], part, cls=False) for part in state.split(8)]
-            facts = {name: torch.cat([chunk[name] for chunk in chunks]) for name in ("received", "keys")}
-            per_view = (
-                {"importance": facts["received"]}
-                if kind == "importance"
-                else {
-                    "received": facts["received"],
-                    "keys": facts["keys"],
-                }
-            )
+            per_view = {name: torch.cat([chunk[name] for chunk in chunks]) for name in ("received", "keys")}
         select = getattr(out, "vtr_select_strategy", None) or self.model.config.vision_feature_select_strategy
         rows = slice(1, None) if select == "default" else slice(None)
         return {name: self._arrange(modality, out, value[:, rows], args) for name, value in per_view.items()}
