@@ -51,9 +51,8 @@ from .engine import (
     VTRModelMixin,
     VTRRecord,
     _next_position,
-    beam_repeats,
     register_vtr_classes,
-    repeat_per_sample,
+    scatter_visual,
 )
 
 __all__ = [
@@ -290,15 +289,9 @@ class QwenVLAdapter(BackboneAdapter):
         encoded its modality (beam search: each sample's repeated for its beams)."""
         tables = {}
         for name, mask in masks.items():
-            facts = self._block_facts(encoded[name], layer, what)
-            repeats = beam_repeats(int(mask.sum()), facts["received"].numel(), f"{what} ({name})")
-            counts = mask.sum(1)[::repeats].tolist()
-            for key, value in facts.items():
-                if key not in tables:
-                    tables[key] = torch.zeros(
-                        *visual.shape, *value.shape[1:], dtype=torch.float32, device=visual.device
-                    )
-                tables[key][mask] = repeat_per_sample(value.to(visual.device), counts, repeats)
+            scatter_visual(
+                tables, mask, self._block_facts(encoded[name], layer, what), f"{what} ({name})", dtype=torch.float32
+            )
         return {key: [table[b, visual[b]] for b in range(visual.shape[0])] for key, table in tables.items()}
 
     def _block_facts(self, out, layer: int, what: str) -> dict[str, torch.Tensor]:

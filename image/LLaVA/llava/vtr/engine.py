@@ -412,6 +412,39 @@ def repeat_per_sample(values: torch.Tensor, counts: list[int], repeats: int) -> 
     return torch.cat([chunk for chunk in values.split(counts) for _ in range(repeats)])
 
 
+def scatter_visual(tables: dict, mask: torch.Tensor, flat: dict, what: str, fill=0, dtype=None) -> None:
+    """Fill `tables` (name -> [batch, seq, ...], made on first use: `fill` everywhere, `dtype` or the values') at
+    the positions `mask` [batch, seq] with `flat` (name -> [n, ...]: one row per token of the encoded items, the
+    original samples' in batch and prompt order); under beam search each repeated sample gets its sample's rows
+    (`beam_repeats`). A clear error when the rows do not line up with the positions."""
+    first = next(iter(flat.values()))
+    repeats = beam_repeats(int(mask.sum()), first.shape[0], what)
+    counts = mask.sum(1)[::repeats].tolist()
+    if sum(counts) != first.shape[0]:
+        raise ValueError(
+            f"{what}: the placeholders ({counts} per sample) do not line up with the {first.shape[0]} encoded tokens"
+        )
+    for name, value in flat.items():
+        value = repeat_per_sample(value.to(mask.device), counts, repeats)
+        if name not in tables:
+            tables[name] = torch.full(
+                (*mask.shape, *value.shape[1:]), fill, dtype=dtype or value.dtype, device=mask.device
+            )
+        tables[name][mask] = value.to(tables[name].dtype)
+
+
+def number_groups(grid: torch.Tensor) -> torch.Tensor:
+    """A sample's `visual_grid` [n, 3] with its groups renumbered 0, 1, ... in prompt order (each group one run of
+    tokens, off-grid rows (-1) aside)."""
+    on = grid[:, 0] >= 0
+    ids = grid[on, 0]
+    starts = torch.ones_like(ids, dtype=torch.bool)
+    starts[1:] = ids[1:] != ids[:-1]
+    grid = grid.clone()
+    grid[on, 0] = starts.cumsum(0) - 1
+    return grid
+
+
 def clip_cls_attention(layer, hidden: torch.Tensor) -> torch.Tensor:
     """[views, length]: the CLS query's (row 0) attention, mean over heads, in one CLIP/SigLIP-style encoder
     layer (`layer_norm1`, `self_attn.q_proj/k_proj`, `num_heads`, `head_dim`, `scale`), recomputed in float32

@@ -36,8 +36,9 @@ from .engine import (
     beam_repeats,
     clip_cls_attention,
     clip_layer_attention,
+    number_groups,
     register_vtr_classes,
-    repeat_per_sample,
+    scatter_visual,
 )
 
 __all__ = [
@@ -454,36 +455,16 @@ class LlavaOnevisionAdapter(BackboneAdapter):
             tables, groups = {}, 0
             for modality, mask in masks.items():
                 flat = self._flat_facts(modality, encoded[modality], kind, args, what)
-                first = next(iter(flat.values()))
-                repeats = beam_repeats(int(mask.sum()), first.shape[0], f"{what} ({modality}s)")
-                counts = mask.sum(1)[::repeats].tolist()
-                if sum(counts) != first.shape[0]:
-                    raise ValueError(
-                        f"{what}: the {modality} placeholders ({counts} per sample) do not line up with the encoded "
-                        f"{modality}s ({first.shape[0]} tokens)"
-                    )
-                for name, value in flat.items():
-                    if kind == "coords":  # group ids unique across the modalities
-                        value = torch.where(value[:, :1] >= 0, value + torch.tensor([groups, 0, 0]), value)
-                        groups = int(value[:, 0].max()) + 1
-                    value = repeat_per_sample(value.to(visual.device), counts, repeats)
-                    if name not in tables:
-                        fill = -1 if kind == "coords" else 0
-                        tables[name] = value.new_full((*visual.shape, *value.shape[1:]), fill)
-                    tables[name][mask] = value.to(tables[name].dtype)
+                if kind == "coords":  # group ids unique across the modalities
+                    value = flat["coords"]
+                    flat["coords"] = torch.where(value[:, :1] >= 0, value + torch.tensor([groups, 0, 0]), value)
+                    groups = int(flat["coords"][:, 0].max()) + 1
+                scatter_visual(tables, mask, flat, f"{what} ({modality}s)", fill=-1 if kind == "coords" else 0)
             cache[kind] = tables
             return tables
 
         def grid(b: int) -> torch.Tensor:
-            coords = table("coords", "visual_grid")["coords"][b][visual[b]]
-            on = coords[:, 0] >= 0
-            # renumber this sample's groups 0, 1, ... in prompt order (each group is one run, newlines aside)
-            ids = coords[on, 0]
-            starts = torch.ones_like(ids, dtype=torch.bool)
-            starts[1:] = ids[1:] != ids[:-1]
-            coords = coords.clone()
-            coords[on, 0] = starts.cumsum(0) - 1
-            return coords
+            return number_groups(table("coords", "visual_grid")["coords"][b][visual[b]])
 
         def features(b: int) -> torch.Tensor:
             return table("features", "vision_features")["features"][b][visual[b]]

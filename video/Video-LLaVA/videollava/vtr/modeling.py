@@ -37,11 +37,11 @@ from .engine import (
     StageRecord,
     VTRModelMixin,
     VTRRecord,
-    beam_repeats,
     clip_cls_attention,
     clip_layer_attention,
+    number_groups,
     register_vtr_classes,
-    repeat_per_sample,
+    scatter_visual,
 )
 
 __all__ = ["StageRecord", "VTRRecord", "VTRVideoLlavaForConditionalGeneration", "VideoLlavaAdapter"]
@@ -243,23 +243,15 @@ class VideoLlavaAdapter(BackboneAdapter):
                     continue
                 per_item = self._tokens_per_item(out)
                 counts = (mask.sum(1) // per_item).tolist()
-                if kind == "coords":
+                if kind == "coords":  # for every item of the batch as it is (beams included)
                     items = self._item_coords(modality, sum(counts), getattr(out, "vtr_frames", 1))
                     items[..., 0] = torch.where(items[..., 0] >= 0, items[..., 0] + offset, -1)
                     offset += int(items[..., 0].max()) + 1 if items.numel() else 0
-                    facts = {"coords": items}
-                else:
-                    what = names.get(kind, "vision_layer")
-                    facts = {
-                        name: _expand_beams(value, counts, per_item, modality, what)
-                        for name, value in self._item_facts(modality, out, kind).items()
-                    }
-                for name, items in facts.items():
-                    items = items.reshape(-1, *items.shape[2:]).to(visual.device)
-                    if name not in tables:
-                        fill = -1 if kind == "coords" else 0
-                        tables[name] = items.new_full((*visual.shape, *items.shape[1:]), fill)
-                    tables[name][mask] = items.to(tables[name].dtype)
+                    facts, what = {"coords": items}, "visual_grid"
+                else:  # for the encoded items (the original samples)
+                    facts, what = self._item_facts(modality, out, kind), names.get(kind, "vision_layer")
+                flat = {name: items.reshape(-1, *items.shape[2:]) for name, items in facts.items()}
+                scatter_visual(tables, mask, flat, f"{what} ({modality}s)", fill=-1 if kind == "coords" else 0)
             cache[kind] = tables
             return tables
 
@@ -278,7 +270,7 @@ class VideoLlavaAdapter(BackboneAdapter):
             return [(out.vtr_frames, *self.patch_grid())] * (int(masks["video"][b].sum()) // per_item)
 
         return {
-            "visual_grid": lambda b: _number_groups(per_sample(b, "coords")),
+            "visual_grid": lambda b: number_groups(per_sample(b, "coords")),
             **{name: functools.partial(per_sample, kind=kind) for kind, name in names.items()},
             "vision_layer": vision_layer,
             "video_grid": video_grid,
@@ -288,28 +280,6 @@ class VideoLlavaAdapter(BackboneAdapter):
         """Placeholders per image (CLS dropped unless `full`) or per video (every frame with its CLS)."""
         rows, cols = self.patch_grid()
         return getattr(out, "vtr_frames", 1) * (rows * cols + (out.vtr_select == "full"))
-
-
-def _number_groups(grid: torch.Tensor) -> torch.Tensor:
-    """Renumber a sample's groups 0, 1, ... in prompt order (each image or frame is one contiguous run)."""
-    on = grid[:, 0] >= 0
-    ids = grid[on, 0]
-    starts = torch.ones_like(ids, dtype=torch.bool)
-    starts[1:] = ids[1:] != ids[:-1]
-    grid = grid.clone()
-    grid[on, 0] = starts.cumsum(0) - 1
-    return grid
-
-
-def _expand_beams(items: torch.Tensor, counts: list[int], per_item: int, modality: str, what: str) -> torch.Tensor:
-    """Per-item facts computed from the original batch (`per_item` placeholders each), lined up with a batch
-    that generate() expanded for beam search / num_return_sequences (`counts` items per sample)."""
-    repeats = beam_repeats(sum(counts) * per_item, items.shape[0] * per_item, f"{what} ({modality}s)")
-    if sum(counts[::repeats]) != items.shape[0]:
-        raise ValueError(
-            f"the {modality} placeholders ({counts} per sample) do not line up with the encoded {modality}s"
-        )
-    return repeat_per_sample(items, counts[::repeats], repeats)
 
 
 class VTRVideoLlavaForConditionalGeneration(VTRModelMixin, VideoLlavaForConditionalGeneration):
