@@ -158,7 +158,7 @@ def test_every_fact_an_adapter_declares_is_given_to_strategies(backbone):
     for ctx in seen.values():
         assert all(fact in ctx for fact in facts), [f for f in facts if f not in ctx]
         count = ctx["image_token_indices"].numel()
-        for name in ("visual_grid", "vision_importance", "vision_features", "vision_cls"):
+        for name in ("visual_grid", "vision_importance", "vision_features", "vision_cls", "frames"):
             if name in facts:
                 assert ctx[name]().shape[0] == count, name
         if "vision_layer" in facts:

@@ -155,6 +155,13 @@ class BackboneAdapter:
         patch_grid             (rows, cols) of the sample's first image's (or frame's) token grid
         visual_grid()          [num_visual, 3] long: (group, row, col) of each visual token in prompt order,
                                group = one image / tile / frame (-1: off-grid tokens such as row newlines)
+        frames()               [num_visual, 2] long: (video, frame) of each visual token in prompt order, the video
+                               numbered 0.. in the sample (images do not count) and the frame 0.. in time order, as
+                               the LLM sees frames (Qwen-VL: one temporal patch group); every token of a frame
+                               carries it (its CLS row, the newlines closing its rows); (-1, -1) for tokens of no
+                               frame (images, a video's one trailing newline). Within a video every frame has the
+                               same token count in the same layout, so frames compare token by token; video
+                               methods (`requires=("frames",)`) run on families that declare it
         vision_importance()    [num_visual] float: the attention each visual token receives in the vision
                                tower (CLS attention for CLIP-style towers; mean received attention otherwise)
         vision_features()      [num_visual, width]: the vision tower's features before the projector
