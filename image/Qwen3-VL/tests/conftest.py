@@ -13,7 +13,7 @@ from visual_token_pruning import load_processor
 from visual_token_pruning.tiny import FAMILIES, build_tiny_qwen3_vl, demo_image, demo_video
 
 sys.path.insert(0, str(Path(__file__).parent))
-from qwen3vl_testlib import BackboneCase, chat, image_video_batch, visual_ids  # noqa: E402
+from qwen3vl_testlib import BackboneCase, chat, image_video_batch, video_batch, visual_ids  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -97,7 +97,8 @@ def family_paths(tmp_path_factory, tiny_path):
 @pytest.fixture(scope="session", params=list(CONTRACT_FAMILIES))
 def backbone(request, tiny_path, processor, stock_models, single_inputs, batch_inputs, family_paths):
     """The contract test's view of this fork: Qwen3-VL on an image batch, Qwen2.5-VL and Qwen2-VL on a
-    padded image + video batch (Qwen2.5-VL's frame groups sit 2 positions apart in time)."""
+    padded image + video batch (Qwen2.5-VL's frame groups sit 2 positions apart in time); every family on a
+    padded batch of two videos (4 and 5 frame groups; Qwen3-VL's with a timestamp before each group)."""
     family = CONTRACT_FAMILIES[request.param]
     if family == "qwen3_vl":
         path, proc, stock, single, batch = tiny_path, processor, stock_models, single_inputs, batch_inputs
@@ -110,4 +111,4 @@ def backbone(request, tiny_path, processor, stock_models, single_inputs, batch_i
         batch = image_video_batch(proc)
     text_only = proc(text=chat(proc, images=0), return_tensors="pt")
     ids = visual_ids(stock["eager"].config)
-    return BackboneCase(request.param, path, stock, single, batch, text_only, ids)
+    return BackboneCase(request.param, path, stock, single, batch, text_only, ids, video=video_batch(proc))

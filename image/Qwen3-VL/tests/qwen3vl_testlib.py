@@ -44,6 +44,25 @@ def image_video_batch(processor):
     )
 
 
+def video_batch(processor, videos=(((8, 32),), ((10, 40),)), images=(0, 0)):
+    """Two left-padded prompts of different lengths: prompt i has `images[i]` images of 48 px, then the videos
+    `videos[i]` ((frames, size in px) each, at 2 fps, so the Qwen3-VL processor samples every frame). Default:
+    one video each, 8 frames of 32 px (4 frame groups of 4 x 4 tokens) and 10 frames of 40 px (5 of 5 x 5)."""
+    texts = [
+        chat(processor, "What happens in the video?", images=images[0], videos=len(videos[0])),
+        chat(processor, "Describe the video in detail. Does the sun move?", images=images[1], videos=len(videos[1])),
+    ]
+    clips = [clip for prompt in videos for clip in prompt]
+    return processor(
+        images=[demo_image(48)] * sum(images) or None,
+        videos=[demo_video(frames, size) for frames, size in clips],
+        text=texts,
+        return_tensors="pt",
+        padding=True,
+        video_metadata=[{"total_num_frames": n, "fps": 2.0, "frames_indices": list(range(n))} for n, _ in clips],
+    )
+
+
 def rope_index(model, inputs, ids=None, types=None, attention_mask=None) -> torch.Tensor:
     """[3, b, s]: the stock `get_rope_index` of `inputs` (its own ids and types unless given), with the grids and
     Qwen2.5-VL's second_per_grid_ts when the processor returned them (`model`: the inner `...Model`)."""
@@ -120,3 +139,4 @@ class BackboneCase:
     text_only: dict  # one prompt without an image
     visual_token_id: list  # image and video placeholder ids
     embed: Callable = qwen_embed  # the oracle's embedding step
+    video: dict | None = None  # two prompts, left-padded, each with one video (4 frame groups at least)
