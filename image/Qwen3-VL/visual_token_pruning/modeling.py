@@ -16,6 +16,10 @@ below except what `QwenVLAdapter`'s subclasses state:
     visual_grid      (group, row, col): a group is one image or one frame group (two frames per temporal
                      patch); it starts where the visual run breaks, the temporal row changes or the raster
                      order restarts; row / col are the height / width rows minus the group's smallest
+    frames           (video, frame): the video numbered within its sample, the frame = one temporal group of its
+                     `video_grid_thw` (t groups of (h / 2) * (w / 2) tokens in raster order, as the tower emits
+                     them); Qwen3-VL's timestamp text between frame groups is not visual, so a frame's tokens
+                     are contiguous and frames are not; images (-1, -1)
     vision_importance  the mean attention each merged token receives in the vision tower's last block,
                      recomputed from that block's input (Qwen2.5-VL: in its window order, mapped back)
     vision_layer(i)  vision block i's (None: the last block's) `received` (as vision_importance) and `keys`
@@ -77,7 +81,7 @@ class QwenVLAdapter(BackboneAdapter):
 
     output_class = CausalLMOutputWithPast
     mrope = True  # M-RoPE positions: methods' Qwen-VL ports (`mrope_positions`) apply
-    facts = ("patch_grid", "visual_grid", "vision_importance", "vision_layer", "vision_tower")
+    facts = ("patch_grid", "visual_grid", "frames", "vision_importance", "vision_layer", "vision_tower")
     pixel_inputs = ("pixel_values", "pixel_values_videos")
     encoded_modalities = ("image", "video")
     #: forward() arguments that `get_rope_index` also reads (Qwen2.5-VL: the seconds per temporal patch)
@@ -262,8 +266,8 @@ class QwenVLAdapter(BackboneAdapter):
         return [tuple(rc) for rc in torch.stack([rows, cols], 1).tolist()]
 
     def _lazy_facts(self, visual, group, row, col, masks, encoded) -> dict:
-        """`visual_grid(b)`, `vision_importance(b)` and `vision_layer(b, i)`, computed on request (each vision
-        block once per prefill)."""
+        """`visual_grid(b)`, `frames(b)`, `vision_importance(b)` and `vision_layer(b, i)`, computed on request
+        (each vision block, and the frame table, once per prefill)."""
         cache = {}
 
         def block(b: int, index: int, what: str) -> dict:
@@ -281,7 +285,38 @@ class QwenVLAdapter(BackboneAdapter):
         def grid(b: int) -> torch.Tensor:
             return torch.stack([group[b], row[b], col[b]], -1)[visual[b]]
 
-        return {"visual_grid": grid, "vision_importance": importance, "vision_layer": vision_layer}
+        def frames(b: int) -> torch.Tensor:
+            if "frames" not in cache:
+                cache["frames"] = self._frame_table(visual, masks, encoded)
+            return cache["frames"][b, visual[b]]
+
+        return {"visual_grid": grid, "frames": frames, "vision_importance": importance, "vision_layer": vision_layer}
+
+    def _frame_table(self, visual, masks, encoded) -> torch.Tensor:
+        """[b, s, 2] long: (video, frame) at every video token, (-1, -1) elsewhere. The encoded videos' grids
+        (`vtr_grid_thw`: the original samples, in batch and prompt order) give each token its video and its
+        temporal group; `scatter_visual` hands every beam copy its sample's rows; videos are then numbered
+        from 0 within each sample."""
+        table = torch.full((*visual.shape, 2), -1, dtype=torch.long, device=visual.device)
+        mask = masks.get("video")
+        if mask is None:
+            return table
+        grid = getattr(encoded["video"], "vtr_grid_thw", None)
+        if grid is None:
+            raise ValueError(
+                "frames needs the videos' video_grid_thw, which these encoded features lack; pass pixel values "
+                "(generate() and forward() encode them through this fork, keeping the grid)"
+            )
+        per_frame = (grid[:, 1] * grid[:, 2] // self.model.model.visual.spatial_merge_size**2).tolist()
+        ids = {"video": [], "frame": []}
+        for index, (t, size) in enumerate(zip(grid[:, 0].tolist(), per_frame)):
+            ids["video"].append(torch.full((t * size,), index))
+            ids["frame"].append(torch.arange(t).repeat_interleave(size))
+        tables = {}
+        scatter_visual(tables, mask, {k: torch.cat(v) for k, v in ids.items()}, "frames", fill=-1)
+        first = tables["video"].masked_fill(~mask, len(per_frame)).amin(1, keepdim=True)  # each sample's first video
+        table[mask] = torch.stack([tables["video"] - first, tables["frame"]], -1)[mask]
+        return table
 
     def _vision_layer(self, visual, masks, encoded, layer: int, what: str) -> dict[str, list[torch.Tensor]]:
         """name -> per sample [num_visual, ...]: vision block `layer`'s `received` [num_visual] and `keys`
