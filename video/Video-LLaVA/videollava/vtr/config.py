@@ -41,6 +41,27 @@ COMMON_CONVENTIONS = {"scoring_layer": "previous", "positions": "original", "ear
 CONVENTION_MODES = ("official", "common")
 
 
+#: the video methods' own numeric fields: (lowest, highest) allowed; integer bounds mean an integer field
+_VIDEO_RANGES = {
+    "fastvid_segments": (1, 10**6),
+    "fastvid_tau": (-1.0, 1.0),
+    "fastvid_anchor_share": (0.0, 1.0),
+    "fastvid_anchor_stride": (1, 10**6),
+    "fastvid_beta": (0.0, 1.0),
+    "holitom_tau": (-1.0, 1.0),
+    "holitom_beta": (0.0, 1.0),
+    "holitom_neighbours": (1, 10**6),
+    "holitom_layer": (1, 10**6),
+    "holitom_inner_ratio": (0.0, 1.0),
+    "dycoke_layer": (1, 10**6),
+    "dycoke_decode_prune": (0.0, 1.0),
+    "dycoke_gate": (-1.0, 1.0),
+    "framefusion_threshold": (-1.0, 1.0),
+    "framefusion_cost": (0.0, 1.0),
+    "framefusion_min_similar": (0.0, 1.0),
+}
+
+
 class StageBudget(NamedTuple):
     """The budget of one prune stage, already resolved from scalar-or-list fields."""
 
@@ -116,6 +137,21 @@ class VTRConfig:
         round(share x alpha / 5)), and the vision layer (0-based; negative from the end) whose received attention
         picks the anchors (the official 0.1; None = the official layer: the 9th of CLIP's 24, the 16th of
         Qwen2.5-VL's 32 blocks, at the same relative depth in other towers).
+    Video methods (docs/methods.md; the budget is the share of the video tokens kept, see strategy/video.py):
+    fastvid_segments / fastvid_tau: FastVID's segmentation: at most that many segments, cut at the lowest
+        adjacent-frame similarities and at every one below tau; fastvid_anchor_share (d): the share of a frame's
+        budget given to density anchors; fastvid_anchor_stride (p): an anchor frame every p frames from each
+        segment's end; fastvid_beta: the least weight an anchor keeps in its merged token.
+    holitom_tau: HoliTom's similarity above which a token is static between frames; holitom_beta: a static
+        cluster's weight on its centre; holitom_neighbours: the k of its DPC-kNN; holitom_layer /
+        holitom_inner_ratio: the decoder layer of its inner merge (None = the official 18 of 28 layers, at the same
+        depth elsewhere) and the share of the visual tokens merged away there (0 = no inner merge).
+    dycoke_layer (L): DyCoke's decode-time pruning reads layer L-1's attention and prunes layers >= L;
+        dycoke_decode_prune: the share of the visual cache a decode step drops (0 = none); dycoke_gate: a step
+        prunes only when its attention's cosine to the previous step's is below this.
+    framefusion_threshold: FrameFusion's cosine from which a token merges into the same place in the frame before;
+        framefusion_cost: the mean share of video tokens over the layers (its budget); framefusion_min_similar:
+        merging stops once fewer than this share of the tokens are similar.
     token_merge: recycle dropped tokens into merged ones inserted after the kept visual tokens (methods
         with `supports_token_merge`, e.g. sparsevlm); None = the method's own default (SparseVLM: on).
         merge_ratio: int(merge_ratio x dropped) + 1 of the best-scored dropped tokens are recycled;
@@ -149,6 +185,22 @@ class VTRConfig:
     contextual_tokens: int | None = None
     hiprune_alpha: float = 0.1
     hiprune_layer: int | None = None
+    fastvid_segments: int = 8
+    fastvid_tau: float = 0.9
+    fastvid_anchor_share: float = 0.4
+    fastvid_anchor_stride: int = 4
+    fastvid_beta: float = 0.6
+    holitom_tau: float = 0.8
+    holitom_beta: float = 0.6
+    holitom_neighbours: int = 7
+    holitom_layer: int | None = None
+    holitom_inner_ratio: float = 0.5
+    dycoke_layer: int = 3
+    dycoke_decode_prune: float = 0.8
+    dycoke_gate: float = 0.9
+    framefusion_threshold: float = 0.6
+    framefusion_cost: float = 0.3
+    framefusion_min_similar: float = 0.1
     token_merge: bool | None = None
     merge_ratio: float = 0.3
     merge_clusters: int = 0
@@ -246,6 +298,15 @@ class VTRConfig:
             raise _bad("hiprune_layer", layer, "must be a vision layer index (negative: from the end), or None")
         if self.pivot_image_tokens + self.pivot_text_tokens == 0:
             raise _bad("pivot_image_tokens", 0, "DART needs at least one pivot (image or text)")
+        for name, (low, high) in _VIDEO_RANGES.items():
+            value = getattr(self, name)
+            if name == "holitom_layer" and value is None:
+                continue
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not number or (isinstance(low, int) and not isinstance(value, int)) or not low <= value <= high:
+                raise _bad(
+                    name, value, f"must be {'an integer' if isinstance(low, int) else 'a number'} in [{low}, {high}]"
+                )
         if self.token_merge is not None and not isinstance(self.token_merge, bool):
             raise _bad("token_merge", self.token_merge, "must be True, False or None (the method's default)")
         if self.convention not in CONVENTION_MODES:
