@@ -92,10 +92,12 @@ def mixed_batch(processor, clips, image):
 
 
 @pytest.fixture(scope="session", params=["video", "image"])
-def backbone(request, tiny_path, processor, stock_models):
-    """The contract test's view of this fork: one case per kind of visual input."""
+def backbone(request, tiny_path, processor, stock_models, video_batch):
+    """The contract test's view of this fork: one case per kind of visual input, each with the padded video
+    batch for the video methods (the model takes videos whichever kind the case's other batches hold)."""
     single, batch = (request.getfixturevalue(f"{request.param}_{n}") for n in ("single", "batch"))
     text_only = encode(processor, ["USER: Say something short. ASSISTANT:"])
     config = stock_models["eager"].config
     token = config.video_token_id if request.param == "video" else config.image_token_id
-    return BackboneCase(f"video-llava-{request.param}", tiny_path, stock_models, single, batch, text_only, token)
+    name = f"video-llava-{request.param}"
+    return BackboneCase(name, tiny_path, stock_models, single, batch, text_only, token, video=video_batch)

@@ -18,6 +18,7 @@ class Facts(PruningStrategy):
     def compute_scores(self, attention, image_token_range, config, **ctx):
         facts = {k: ctx[k] for k in ("patch_grid", "video_frames", "frame_tokens", "batch_index")}
         facts.update(grid=ctx["visual_grid"](), importance=ctx["vision_importance"](), videos=ctx["video_grid"]())
+        facts["frames"] = ctx["frames"]()
         facts["indices"] = ctx["image_token_indices"]
         SEEN.append(facts)
         start, end = image_token_range
@@ -49,6 +50,44 @@ def _expected_grid(kinds, side=4):
             rows.append(torch.tensor([[-1, -1, -1]]))
         rows.append(torch.stack([torch.full_like(r, -2), r, c], -1).reshape(-1, 3))
     return torch.cat(rows)
+
+
+def _expected_frames(kinds, frames=8, frame_tokens=17, image_tokens=16):
+    """(video, frame) per visual position for a sequence of 'video' / 'image' items, in prompt order: a video is
+    its frames one after the other, each its CLS row then its 16 patches."""
+    rows, videos = [], 0
+    for kind in kinds:
+        if kind == "image":
+            rows += [(-1, -1)] * image_tokens
+            continue
+        for t in range(frames):
+            rows += [(videos, t)] * frame_tokens
+        videos += 1
+    return torch.tensor(rows)
+
+
+@pytest.mark.parametrize(
+    "inputs, kinds",
+    [
+        ("video_batch", [["video"], ["video"]]),
+        ("mixed_batch", [["video", "image"], ["video"]]),
+        ("image_batch", [["image"], ["image"]]),
+    ],
+)
+def test_frames_give_each_token_its_video_and_frame_and_image_tokens_none(tiny_path, request, inputs, kinds):
+    inputs = request.getfixturevalue(inputs)
+    seen = _run(vtr_model(tiny_path, "sdpa", strategy="test_facts", prune_layer=0, keep_tokens=30), inputs)
+    assert [f["batch_index"] for f in seen] == [0, 1]
+    for facts, sample_kinds in zip(seen, kinds):
+        assert facts["frames"].dtype == torch.long and facts["frames"].device == facts["indices"].device
+        assert torch.equal(facts["frames"], _expected_frames(sample_kinds))
+
+
+def test_frames_number_two_videos_of_one_prompt_past_an_image_between_them(tiny_path, processor, clips, image):
+    inputs = encode(processor, ["USER: <video>\n<image>\n<video>\nWhat changes? ASSISTANT:"], clips, [image])
+    (facts,) = _run(vtr_model(tiny_path, "sdpa", strategy="test_facts", prune_layer=0, keep_tokens=30), inputs)
+    assert facts["videos"] == [(8, 4, 4)] * 2
+    assert torch.equal(facts["frames"], _expected_frames(["video", "image", "video"]))
 
 
 def test_video_facts_frame_grid_cls_rows_and_tower_attention(tiny_path, stock_models, mixed_batch):
@@ -86,6 +125,7 @@ def test_facts_line_up_through_generate_and_beam_search(tiny_path, mixed_batch):
     for b, facts in enumerate(SEEN):
         want = direct[b // 2]
         assert torch.equal(facts["grid"], want["grid"])
+        assert torch.equal(facts["frames"], _expected_frames(["video", "image"] if b < 2 else ["video"]))
         torch.testing.assert_close(facts["importance"], want["importance"], atol=1e-6, rtol=0)
 
 

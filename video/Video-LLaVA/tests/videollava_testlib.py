@@ -64,3 +64,4 @@ class BackboneCase:
     text_only: dict  # one prompt without a visual
     visual_token_id: int
     embed: Callable = videollava_embed  # merged input embeddings for the oracle
+    video: dict | None = None  # two prompts, left-padded, one video each (different); None: takes no videos

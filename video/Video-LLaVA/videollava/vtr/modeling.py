@@ -11,8 +11,9 @@ engine. No parameters are added; `LanguageBind/Video-LLaVA-7B-hf` loads and save
 Strategies get `patch_grid` (16, 16), `video_frames` (t, 0 without a video), `frame_tokens` (257),
 `vision_tower` (the towers' layer count; CLS: yes) and `project` (the one projector, per token), and on request
 `visual_grid()` ([num_visual, 3]: group = the image or frame, numbered 0.. in prompt order, row, col; CLS
-rows -1), `video_grid()` ([(t, h, w)] per video of the sample) and, per visual token in prompt order, from
-the tower that encoded it (a view is an image or a frame):
+rows -1), `video_grid()` ([(t, h, w)] per video of the sample), `frames()` ([num_visual, 2]: (video, frame), the
+sample's videos and each video's frames numbered 0.. in order, a frame's CLS row included; image rows (-1, -1))
+and, per visual token in prompt order, from the tower that encoded it (a view is an image or a frame):
     vision_importance()   the CLS query's attention in the vision layer the projector reads
     vision_features()     the tower features the projector reads (the feature layer(s), before it)
     vision_cls()          the CLS features of that layer, of the token's own image or frame
@@ -61,6 +62,7 @@ class VideoLlavaAdapter(BackboneAdapter):
     facts = (
         "patch_grid",
         "visual_grid",
+        "frames",
         "vision_importance",
         "vision_features",
         "vision_layer",
@@ -226,8 +228,8 @@ class VideoLlavaAdapter(BackboneAdapter):
         return states[index]
 
     def _lazy_facts(self, visual, masks, encoded) -> dict:
-        """`visual_grid(b)`, `video_grid(b)`, `vision_importance(b)`, `vision_features(b)`, `vision_cls(b)` and
-        `vision_layer(b, i)`, computed on request (host syncs)."""
+        """`visual_grid(b)`, `video_grid(b)`, `frames(b)`, `vision_importance(b)`, `vision_features(b)`,
+        `vision_cls(b)` and `vision_layer(b, i)`, computed on request (host syncs)."""
         names = {"importance": "vision_importance", "features": "vision_features", "cls": "vision_cls"}
         cache = {}
 
@@ -269,11 +271,25 @@ class VideoLlavaAdapter(BackboneAdapter):
             per_item = self._tokens_per_item(out)
             return [(out.vtr_frames, *self.patch_grid())] * (int(masks["video"][b].sum()) // per_item)
 
+        def frames(b: int) -> torch.Tensor:
+            """[num_visual, 2]: (video, frame) of each visual token of sample b; every video is its frames one
+            after the other, each frame's rows (CLS first) the same count, so a token's place among the sample's
+            video tokens says both. Image rows (-1, -1). The layout alone decides it, so beam copies agree."""
+            video = masks["video"][b][visual[b]]
+            out = encoded.get("video")
+            if out is None:
+                return torch.full((video.shape[0], 2), -1, dtype=torch.long, device=video.device)
+            per_video = self._tokens_per_item(out)
+            place = video.long().cumsum(0) - 1
+            pairs = torch.stack([place // per_video, place % per_video // (per_video // out.vtr_frames)], -1)
+            return torch.where(video[:, None], pairs, -1)
+
         return {
             "visual_grid": lambda b: number_groups(per_sample(b, "coords")),
             **{name: functools.partial(per_sample, kind=kind) for kind, name in names.items()},
             "vision_layer": vision_layer,
             "video_grid": video_grid,
+            "frames": frames,
         }
 
     def _tokens_per_item(self, out) -> int:
