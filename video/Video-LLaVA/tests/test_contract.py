@@ -107,9 +107,15 @@ def test_pre_encoded_visuals_prune_as_their_pixels_and_both_together_are_refused
         model(**inputs, mm_encoder_outputs=encoded)
 
 
-METHODS = sorted(m for m in available_strategies() if not m.startswith(("test_", "contract_")))
+ALL_METHODS = sorted(m for m in available_strategies() if not m.startswith(("test_", "contract_")))
+#: video methods (they need the `frames` fact): run on the backbone's video batch, against the literal oracle
+VIDEO = [m for m in ALL_METHODS if "frames" in get_strategy(m).requires]
+METHODS = [m for m in ALL_METHODS if m not in VIDEO]
 #: methods whose merged tokens are the method itself (VisionZip, pool): checked against the literal oracle
 MERGING = [m for m in METHODS if get_strategy(m).merge_is_method]
+#: fields that turn a video method's parts inside the LLM off, so its pre-LLM arrangement meets the literal oracle
+#: (those parts have their own oracle tests)
+PRE_LLM_ONLY = {"holitom": dict(holitom_inner_ratio=0.0), "dycoke": dict(dycoke_decode_prune=0.0)}
 
 
 def refused_if_unsupported(backbone, method) -> bool:
@@ -215,36 +221,65 @@ def test_every_merging_method_equals_the_literal_oracle(backbone, method, positi
     method's merged ones, in the engine's order, at their positions), whatever the positions convention."""
     if refused_if_unsupported(backbone, method):
         return
+    chosen = {} if positions == "official" else dict(positions=positions)
+    counts = check_literal(backbone, backbone.batch, method, monkeypatch, keep_tokens=14, **chosen)
+    for kept, merged in counts:
+        assert (
+            merged > 0 and 0 < kept + merged <= 14
+        )  # the budget (pool's cells may not fill it exactly on small tiles)
+
+
+@pytest.mark.parametrize("positions", ["official", "original", "compact"])
+@pytest.mark.parametrize("method", VIDEO)
+def test_every_video_method_equals_the_literal_oracle(backbone, method, positions, monkeypatch):
+    """A video method on a padded batch of videos: its arrangement (kept tokens, merged ones, tokens it reorders)
+    equals the stock layers run on the literal shortened prompt, prefill and greedy decode, whatever the positions
+    convention; it keeps about its share of the video tokens."""
+    if refused_if_unsupported(backbone, method):
+        return
+    assert backbone.video is not None, "a family with the frames fact gives a video batch"
+    chosen = {} if positions == "official" else dict(positions=positions)
+    only = PRE_LLM_ONLY.get(method, {})
+    before = check_literal(backbone, backbone.video, method, monkeypatch, keep_ratio=1.0, **only)
+    counts = check_literal(backbone, backbone.video, method, monkeypatch, keep_ratio=0.5, **only, **chosen)
+    for (whole, _), (kept, merged) in zip(before, counts):
+        assert 0 < kept + merged < whole
+
+
+def check_literal(backbone, inputs, method, monkeypatch, **cfg) -> list[tuple[int, int]]:
+    """`method` on `inputs`: the pruned prefill and greedy decode equal the literal oracle (the kept rows and the
+    merged ones in the engine's order, at their positions; DeepStack extras mixed as the method mixes). Returns per
+    sample (visual tokens kept, merged tokens inserted)."""
     calls = []
     merge = get_strategy(method).merge_tokens
 
     def recording(self, dropped_hidden, dropped_scores, config, **ctx):
         out = merge(self, dropped_hidden, dropped_scores, config, **ctx)
-        calls.append((ctx["dropped_index"], out))
+        if out is not None:
+            calls.append((ctx["vtr_ctx"]["batch_index"], ctx["dropped_index"], out))
         return out
 
     monkeypatch.setattr(get_strategy(method), "merge_tokens", recording)
-    chosen = {} if positions == "official" else dict(positions=positions)
-    model = vtr(backbone, strategy=method, keep_tokens=14, **chosen)
-    inputs, stock = backbone.batch, backbone.stock["eager"]
+    model = vtr(backbone, strategy=method, **cfg)
+    stock = backbone.stock["eager"]
     conventions = model.vtr_conventions()
 
     def merged_rows():
         record, replace, mixed = model.vtr_last, {}, {}
-        assert [s.layer for s in record.stages] == [0] and len(calls) == 2
-        for b, (dropped, (merged, which, *rest)) in enumerate(calls):
+        assert [s.layer for s in record.stages] == [0]
+        for b, dropped, (merged, which, *rest) in calls:
             for i, (value, original) in enumerate(zip(merged, dropped[which].tolist())):
                 (j,) = (record.kept_index[b] == original).nonzero().reshape(-1).tolist()
                 replace[(b, j)] = value
                 if len(rest) > 1:  # the merged token's weights over the dropped ones (DeepStack mixes alike)
                     mixed[(b, j)] = (dropped, rest[1][i])
-        for kept, merged in zip(record.stages[0].image_tokens_kept, record.stages[0].merged):
-            assert 0 < kept + merged <= 14  # the budget (pool's cells may not fill it exactly on small tiles)
         return record.kept_index, replace, mixed
 
     with torch.no_grad():
         logits = model(**inputs).logits
     rows, replace, mixed = merged_rows()
+    stage = model.vtr_last.stages[0]
+    counts = list(zip(stage.image_tokens_kept, stage.merged or [0] * len(stage.image_tokens_kept)))
     expected = literal_forward(stock, inputs, rows, replace, backbone.embed, conventions, mixed=mixed)
     real = (rows >= 0) & inputs["attention_mask"].bool().gather(1, rows.clamp_min(0))
     torch.testing.assert_close(logits[real], expected[real], atol=ATOL, rtol=0)
@@ -254,6 +289,7 @@ def test_every_merging_method_equals_the_literal_oracle(backbone, method, positi
     want_tokens, want_logits = literal_greedy(stock, inputs, rows, replace, STEPS, backbone.embed, conventions, mixed)
     assert torch.equal(tokens, want_tokens)
     torch.testing.assert_close(step_logits, want_logits, atol=ATOL, rtol=0)
+    return counts
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])

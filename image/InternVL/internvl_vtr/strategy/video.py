@@ -175,6 +175,7 @@ class VideoReduction(MarkedSelection):
         for video in videos:
             mix, representative, frame = self.arrange(video, ratio, config, ctx).tensors()
             kept = _kept_as_is(video, mix, representative, frame)
+            scores[video.rows.reshape(-1) - start] = -float("inf")
             scores[video.rows.reshape(-1)[representative[kept]].to(rows.device) - start] = 1.0
             plans.append((video, mix[~kept], representative[~kept], _anchors(video, representative, frame, kept)))
         ctx["vtr_ctx"][self.name] = plans
