@@ -5,7 +5,8 @@ Each fork package of forks.toml (the columns follow its order) registers its met
 (`<package>.strategy.available_strategies()`; only those of the shared core count, not one written in a single
 fork and not yet shared) and names the model families it has an adapter for (`<package>.BACKBONES`: name -> adapter
 class; a fork naming none is an error). A cell is "yes" when the fork that serves the backbone registers the method
-and the family's adapter provides every fact the method `requires` (its `facts`), "—" otherwise.
+and the family's adapter provides every fact the method `requires` (its `facts`), "—" otherwise; a video method
+(one that `requires` the `frames` fact: it reduces video tokens only) reads "video only" where it runs.
 
     scripts/capability_matrix.py            print the Markdown table
     scripts/capability_matrix.py --check    exit 1 if README.md's table differs (make test runs this)
@@ -93,18 +94,25 @@ def supported(package: str, method: str, backbone: str) -> bool:
     return not importlib.import_module(f"{package}.strategy").get_strategy(method).missing_facts(adapter)
 
 
+def video_only(package: str, method: str) -> bool:
+    """Whether `method` reduces video tokens only (it `requires` the `frames` fact)."""
+    return "frames" in importlib.import_module(f"{package}.strategy").get_strategy(method).requires
+
+
 def matrix(packages: list[str]) -> str:
-    columns, methods, cells = [], set(), set()
+    columns, methods, cells = [], set(), {}
     for package in packages:
         registered = shipped(package)
         methods.update(registered)
         for backbone in backbones(package):
             columns.append(backbone)
-            cells.update((method, backbone) for method in registered if supported(package, method, backbone))
+            for method in registered:
+                if supported(package, method, backbone):
+                    cells[(method, backbone)] = "video only" if video_only(package, method) else "yes"
     header = "| method | " + " | ".join(columns) + " |"
     lines = [header, "|---" * (len(columns) + 1) + "|"]
     for method in sorted(methods):
-        marks = ["yes" if (method, b) in cells else "—" for b in columns]
+        marks = [cells.get((method, b), "—") for b in columns]
         lines.append(f"| `{method}` | " + " | ".join(marks) + " |")
     return "\n".join(lines)
 

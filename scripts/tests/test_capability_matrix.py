@@ -12,17 +12,18 @@ SCRIPT = Path(__file__).resolve().parent.parent / "capability_matrix.py"
 @pytest.fixture
 def capability_matrix(tmp_path, monkeypatch):
     """The script as a module, beside two fake fork packages: `good` (BACKBONES = {"A": an adapter giving the fact
-    "grid", "B": one giving none}; methods fastv, random, and tiled, which requires "grid") and `bare`."""
-    adapters = "class Gives:\n    facts = ('grid',)\nclass Lacks:\n    facts = ()\n"
+    "grid" and "frames", "B": one giving none}; methods fastv, random, tiled, which requires "grid", and clip, a video
+    method: it requires "frames") and `bare`."""
+    adapters = "class Gives:\n    facts = ('grid', 'frames')\nclass Lacks:\n    facts = ()\n"
     for name, backbones in (("good", '{"A": Gives, "B": Lacks}'), ("bare", "{}")):
         (tmp_path / name).mkdir()
         (tmp_path / name / "__init__.py").write_text(f"{adapters}BACKBONES = {backbones}\n")
-        methods = ["fastv", "random", "tiled"] if name == "good" else ["fastv"]
+        methods = ["clip", "fastv", "random", "tiled"] if name == "good" else ["fastv"]
         (tmp_path / name / "strategy.py").write_text(
             "# Shared vtr file: a fake fork's registry (only shared methods count)\n"
             f"def available_strategies():\n    return {methods}\n"
             "def get_strategy(name):\n"
-            "    needs = ('grid',) if name == 'tiled' else ()\n"
+            "    needs = {'tiled': ('grid',), 'clip': ('frames',)}.get(name, ())\n"
             "    missing = classmethod(lambda cls, adapter: [f for f in needs if f not in adapter.facts])\n"
             "    return type(name, (), {'__module__': __name__, 'requires': needs, 'missing_facts': missing})\n"
         )
@@ -37,6 +38,7 @@ def test_columns_are_the_forks_own_backbones(capability_matrix):
     assert capability_matrix.matrix(["good"]).splitlines() == [
         "| method | A | B |",
         "|---|---|---|",
+        "| `clip` | video only | — |",  # a video method, where it runs
         "| `fastv` | yes | yes |",
         "| `random` | yes | yes |",
         "| `tiled` | yes | — |",  # B's adapter lacks the fact it requires
