@@ -317,10 +317,12 @@ class LlavaOnevisionAdapter(BackboneAdapter):
     `vision_tower` (SigLIP: no CLS) and, on request, per visual token in prompt order: `visual_grid()` (group = a
     base view, an image's tile grid, or a frame; newlines -1), `vision_importance()` (the attention a patch
     receives in the tower layer the projector reads, mean over heads and queries: there is no CLS query),
-    `vision_features()` (the tower features the projector reads) and `vision_layer(i)` ({cls: None, received,
-    keys}). The per-patch values follow the projected features through the stock model's own arrangement
-    (unpadding, bilinear shrinking, frame pooling: `pack_image_features`, `apply_pooling`); newlines get zeros.
-    Positions are 1-D (0..seq-1, or `position_ids`)."""
+    `vision_features()` (the tower features the projector reads), `vision_layer(i)` ({cls: None, received, keys})
+    and `frames()` ((video, frame), the videos numbered 0.. in the sample; a newline closing a frame's row or the
+    frame carries that frame; images and the one newline closing a whole video (-1, -1)). The per-patch values
+    follow the projected features through the stock model's own arrangement (unpadding, bilinear shrinking, frame
+    pooling: `pack_image_features`, `apply_pooling`, `arrange_video`); newlines get zeros. Positions are 1-D
+    (0..seq-1, or `position_ids`)."""
 
     #: Budget when the user gives none: a quarter of a 32-frame video's pooled tokens (32 x 14 x 14 / 4), the frame
     #: count and retention the video-reduction papers on this backbone report most.
@@ -330,7 +332,15 @@ class LlavaOnevisionAdapter(BackboneAdapter):
     encoded_modalities = ("image", "video")
     # (a forward's own `vision_aspect_ratio` is not one: the stock model encodes with the config's)
     encoder_arguments = ("vision_feature_layer", "vision_feature_select_strategy")
-    facts = ("patch_grid", "visual_grid", "vision_importance", "vision_features", "vision_layer", "vision_tower")
+    facts = (
+        "patch_grid",
+        "visual_grid",
+        "vision_importance",
+        "vision_features",
+        "vision_layer",
+        "vision_tower",
+        "frames",
+    )
 
     def vision_tower(self) -> dict:
         return {"depth": self.model.config.vision_config.num_hidden_layers, "cls": False}
@@ -444,8 +454,8 @@ class LlavaOnevisionAdapter(BackboneAdapter):
     # ------------------------------------------------------------------ per-token facts for strategies
 
     def _lazy_facts(self, visual, masks, encoded, args) -> dict:
-        """`visual_grid(b)`, `vision_importance(b)`, `vision_features(b)` and `vision_layer(b, i)`, computed on
-        request (host syncs), each tower layer's attention once per prefill."""
+        """`visual_grid(b)`, `vision_importance(b)`, `vision_features(b)`, `vision_layer(b, i)` and `frames(b)`,
+        computed on request (host syncs), each tower layer's attention once per prefill."""
         cache = {}
 
         def table(kind, what: str) -> dict:
@@ -459,7 +469,8 @@ class LlavaOnevisionAdapter(BackboneAdapter):
                     value = flat["coords"]
                     flat["coords"] = torch.where(value[:, :1] >= 0, value + torch.tensor([groups, 0, 0]), value)
                     groups = int(flat["coords"][:, 0].max()) + 1
-                scatter_visual(tables, mask, flat, f"{what} ({modality}s)", fill=-1 if kind == "coords" else 0)
+                fill = -1 if kind in ("coords", "frames") else 0
+                scatter_visual(tables, mask, flat, f"{what} ({modality}s)", fill=fill)
             cache[kind] = tables
             return tables
 
@@ -477,19 +488,25 @@ class LlavaOnevisionAdapter(BackboneAdapter):
         def importance(b: int) -> torch.Tensor:  # the projector's layer's received attention: vision_layer()'s
             return vision_layer(b, what="vision_importance")["received"]
 
+        def frames(b: int) -> torch.Tensor:  # the table numbers the batch's videos, renumbered from 0 per sample
+            return number_groups(table("frames", "frames")["frames"][b][visual[b]])
+
         return {
             "visual_grid": grid,
             "vision_importance": importance,
             "vision_features": features,
             "vision_layer": vision_layer,
+            "frames": frames,
         }
 
     def _flat_facts(self, modality: str, out, kind, args, what: str) -> dict:
-        """name -> [visual tokens of the encoded items, ...]: the facts of `kind` ("coords", "features" or
-        ("layer", i), i None for the layer whose output the projector reads) at each placeholder of each encoded
+        """name -> [visual tokens of the encoded items, ...]: the facts of `kind` ("coords", "frames", "features"
+        or ("layer", i), i None for the layer whose output the projector reads) at each placeholder of each encoded
         image or video, in encoding order."""
         if kind == "coords":
             return {"coords": self._coords(modality, out, args)}
+        if kind == "frames":
+            return {"frames": self._frame_ids(modality, out)}
         layer = getattr(out, "vtr_feature_layer", None)
         states = self.feature_states(layer)
         if kind == "features":
@@ -571,6 +588,22 @@ class LlavaOnevisionAdapter(BackboneAdapter):
         newline = views.new_zeros(views.shape[-1])
         packed, _ = self.model.model.pack_image_features([views], [size], newline, vision_aspect_ratio=aspect)
         return packed[0]
+
+    def _frame_ids(self, modality: str, out) -> torch.Tensor:
+        """[tokens, 2] long: (video, frame) of each placeholder of the encoded images (all (-1, -1)) or videos (numbered
+        in encoding order), laid out by `arrange_video`: a newline closing a frame's row ("grid") or the frame
+        ("frame") carries that frame, the one newline closing the whole video ("one_token") (-1, -1)."""
+        if modality == "image":
+            return torch.full((sum(len(item) for item in out.pooler_output), 2), -1)
+        videos, frames = out.pooler_output.shape[0], self._frames(out)
+        rows, cols = self.frame_grid()
+        ids = torch.stack(torch.meshgrid(torch.arange(videos), torch.arange(frames), indexing="ij"), -1)
+        ids = arrange_video(self.model.config, ids.repeat_interleave(rows * cols, 1), frames, torch.full((2,), -1))
+        ids = ids.reshape(-1, 2)
+        if video_layout(self.model.config)[0] != "one_token":
+            newlines = (ids[:, 0] < 0).nonzero()[:, 0]
+            ids[newlines] = ids[newlines - 1]  # each follows the last token of the row or frame it closes
+        return ids
 
     def _coords(self, modality: str, out, args) -> torch.Tensor:
         """[tokens, 3] long: (group, row, col) of each placeholder of the encoded images or videos, group ids
