@@ -15,7 +15,7 @@ from llava.vtr import load_processor
 from llava.vtr.tiny import build_tiny_llava, build_tiny_llava_next, build_tiny_llava_onevision, demo_image, demo_video
 
 sys.path.insert(0, str(Path(__file__).parent))
-from llava_testlib import BackboneCase, chat, onevision_embed  # noqa: E402
+from llava_testlib import BackboneCase, chat, onevision_embed, ov_chat, ov_videos  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -108,11 +108,6 @@ def ov_stock(ov_path):
     }
 
 
-def ov_chat(processor, question="What is shown?", kinds=("image", "video")):
-    content = [{"type": kind} for kind in kinds] + [{"type": "text", "text": question}]
-    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-
-
 @pytest.fixture(scope="session")
 def ov_single(ov_processor):
     """One prompt: an image and a 4-frame video."""
@@ -130,6 +125,12 @@ def ov_batch(ov_processor):
     return ov_processor(text=texts, images=images, videos=videos, return_tensors="pt", padding=True)
 
 
+@pytest.fixture(scope="session")
+def ov_video_batch(ov_processor):
+    """Two prompts, left-padded, one 4-frame video each: 4 x 4 + 1 = 17 tokens a video."""
+    return ov_videos(ov_processor)
+
+
 @pytest.fixture(scope="session", params=["llava-1.5", "llava-1.6", "llava-onevision"])
 def backbone(request):
     """The contract test's view of this fork: one case per model family it serves."""
@@ -138,7 +139,8 @@ def backbone(request):
         single, batch = request.getfixturevalue("ov_single"), request.getfixturevalue("ov_batch")
         text_only = processor(text="<|im_start|>user\nSay something short.<|im_end|>\n", return_tensors="pt")
         tokens = [stock["eager"].config.image_token_id, stock["eager"].config.video_token_id]
-        return BackboneCase(request.param, path, stock, single, batch, text_only, tokens, onevision_embed)
+        video = request.getfixturevalue("ov_video_batch")
+        return BackboneCase(request.param, path, stock, single, batch, text_only, tokens, onevision_embed, video)
     if request.param == "llava-1.5":
         path, processor, stock = (request.getfixturevalue(n) for n in ("tiny_path", "processor", "stock_models"))
         single, batch = request.getfixturevalue("single_inputs"), request.getfixturevalue("batch_inputs")

@@ -8,6 +8,7 @@ import vtr_oracle
 from vtr_oracle import stage_drops  # noqa: F401 (re-exported for the fork's tests)
 
 from llava.vtr import VTRConfig, load_model
+from llava.vtr.tiny import demo_video
 
 QUESTION = "What is shown in the image?"
 
@@ -15,6 +16,23 @@ QUESTION = "What is shown in the image?"
 def chat(processor, question=QUESTION, images=1):
     content = [{"type": "image"}] * images + [{"type": "text", "text": question}]
     return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+def ov_chat(processor, question="What is shown?", kinds=("image", "video")):
+    """A LLaVA-OneVision user turn: a placeholder per entry of `kinds` ("image" / "video"), then the question."""
+    content = [{"type": kind} for kind in kinds] + [{"type": "text", "text": question}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+def ov_videos(processor):
+    """Two prompts, left-padded, one 4-frame video each (the second the first played backwards), questions of
+    different lengths; `processor` expands `<video>` in its model's video layout."""
+    texts = [
+        ov_chat(processor, "What moves?", kinds=("video",)),
+        ov_chat(processor, "Describe the video in detail. Is there a car?", kinds=("video",)),
+    ]
+    videos = [demo_video(4, 64), demo_video(4, 64)[::-1].copy()]
+    return processor(text=texts, videos=videos, return_tensors="pt", padding=True)
 
 
 def vtr_model(path, impl="sdpa", **cfg):
@@ -84,3 +102,4 @@ class BackboneCase:
     text_only: dict  # one prompt without an image
     visual_token_id: int | list[int]  # LLaVA-OneVision: its image and video tokens
     embed: Callable = llava_embed  # merged input embeddings for the oracle
+    video: dict | None = None  # two prompts, left-padded, one video each (different); None: takes no videos

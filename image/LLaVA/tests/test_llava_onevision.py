@@ -1,6 +1,7 @@
 """LLaVA-OneVision (and LLaVA-Video) on the shared engine: what is particular to it beyond the contract suite
 (test_contract.py): loading, the token layout the facts describe (anyres_max tiles with row newlines, pooled
-video frames, several images), the SigLIP facts without a CLS token, video-only prompts, beams and defaults."""
+video frames, several images), the SigLIP facts without a CLS token, video-only prompts, beams and defaults, and
+the `frames` fact in each LLaVA-NeXT video layout."""
 
 import pytest
 import torch
@@ -12,10 +13,13 @@ from llava.vtr import (
     VTRConfig,
     VTRLlavaOnevisionForConditionalGeneration,
     load_model,
+    load_processor,
     register_strategy,
     wrap,
 )
+from llava.vtr.modeling import NEWLINE_POSITIONS
 from llava.vtr.tiny import build_tiny_llava_onevision, demo_image, demo_video
+from llava_testlib import ov_chat, ov_videos
 
 SEEN = {}
 
@@ -32,6 +36,7 @@ class Facts(PruningStrategy):
             "importance": ctx["vision_importance"](),
             "features": ctx["vision_features"](),
             "layer": ctx["vision_layer"](),
+            "frames": ctx["frames"](),
             "patch_grid": ctx["patch_grid"],
             "tower": ctx["vision_tower"],
         }
@@ -197,8 +202,6 @@ def test_llava_video_layout_tokens_and_facts(video_path):
     each closed by a newline; unpruned logits equal the literal LLaVA-Video embedding run through the layers."""
     from vtr_oracle import oracle_forward
 
-    from llava.vtr import load_processor
-
     processor = load_processor(video_path)
     text = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What moves?"}]}],
@@ -220,8 +223,6 @@ def test_llava_video_layout_tokens_and_facts(video_path):
 def test_llava_video_layout_prunes_as_the_oracle(video_path, method):
     """A pruned prefill and greedy decode on LLaVA-Video's layout equal the masking oracle over the literal embedding."""
     from vtr_oracle import oracle_forward, oracle_greedy, stage_drops
-
-    from llava.vtr import load_processor
 
     processor = load_processor(video_path)
     texts = [
@@ -280,8 +281,6 @@ def test_a_long_videos_facts_are_each_frames_own(ov_path, ov_processor, ov_stock
 def test_videos_encoded_by_the_stock_code_are_laid_out_from_their_token_count(ov_path, ov_processor, video_path):
     """mm_encoder_outputs["video"] from the stock get_video_features (no frame count noted on it): a method that
     reads the visual grid keeps what it keeps from the pixels; LLaVA-Video's processor counts its layout's tokens."""
-    from llava.vtr import load_processor
-
     text = ov_processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What moves?"}]}],
         add_generation_prompt=True,
@@ -298,3 +297,109 @@ def test_videos_encoded_by_the_stock_code_are_laid_out_from_their_token_count(ov
     torch.testing.assert_close(got, want, atol=0, rtol=0)
     processor = load_processor(video_path)
     assert processor._get_num_multimodal_tokens(video_sizes=[(4, 80, 80)]).num_video_tokens == [4 * 2 * 3]
+
+
+# ---------------------------------------------------------------- the frames fact in each video layout
+
+
+@pytest.fixture(scope="module")
+def layout_paths(tmp_path_factory, ov_path):
+    """mm_newline_position -> a tiny checkpoint laying videos out so (4 x 4 patches a frame, pooled to 2 x 2)."""
+    return {
+        position: ov_path
+        if position == "one_token"
+        else str(build_tiny_llava_onevision(tmp_path_factory.mktemp(f"tiny-ov-{position}"), newline_position=position))
+        for position in NEWLINE_POSITIONS
+    }
+
+
+def frames_by_hand(position, video, frames=4):
+    """(video, frame) of each token of a video of `frames` 2 x 2 pooled frames: "one_token" 4 patches a frame, then
+    the video's one newline (-1, -1); "grid" a frame's 2 rows of 2 patches, each row closed by a newline of that
+    frame; "frame" 4 patches and the frame's closing newline; "no_token" 4 patches a frame."""
+    per_frame = {"one_token": 4, "grid": 2 * (2 + 1), "frame": 4 + 1, "no_token": 4}[position]
+    rows = [(video, f) for f in range(frames) for _ in range(per_frame)]
+    return rows + ([(-1, -1)] if position == "one_token" else [])
+
+
+def rows_of(fact):
+    return [tuple(row) for row in fact.tolist()]
+
+
+def videos_and_an_image(processor):
+    """Two prompts, left-padded: a 4-frame video; a video, a square image (46 tokens: base view and 5 x 5 tiles with
+    row newlines) and another video (written out: the chat template puts every image before the videos)."""
+    texts = [
+        ov_chat(processor, "What moves?", kinds=("video",)),
+        "<|im_start|>user\n<video>\n<image>\n<video>\nWhich clip shows the car?<|im_end|>\n<|im_start|>assistant\n",
+    ]
+    video = demo_video(4, 64)
+    videos = [video, video[::-1].copy(), video[:, :, ::-1].copy()]
+    return processor(text=texts, images=[demo_image(64)], videos=videos, return_tensors="pt", padding=True)
+
+
+@pytest.mark.parametrize("position", NEWLINE_POSITIONS)
+def test_frames_follow_each_video_layout(layout_paths, position):
+    """The contract's video batch (one video a sample, left-padded): each token's (video, frame), the newlines of
+    "grid" and "frame" their frame's, "one_token"'s video-closing newline none."""
+    path = layout_paths[position]
+    inputs = ov_videos(load_processor(path))
+    assert inputs["attention_mask"][0, 0] == 0  # the first prompt is padded
+    seen = facts_of(path, inputs)
+    newlines = {  # the frames of the visual grid's off-grid rows
+        "one_token": [(-1, -1)],
+        "grid": [(0, f) for f in range(4) for _ in range(2)],
+        "frame": [(0, f) for f in range(4)],
+        "no_token": [],
+    }[position]
+    for b in range(2):
+        assert seen[b]["frames"].dtype == torch.long
+        assert rows_of(seen[b]["frames"]) == frames_by_hand(position, 0)
+        assert rows_of(seen[b]["frames"][seen[b]["grid"][:, 0] < 0]) == newlines
+
+
+@pytest.mark.parametrize("position", NEWLINE_POSITIONS)
+def test_frames_number_each_samples_videos_and_leave_images_out(layout_paths, position):
+    path = layout_paths[position]
+    seen = facts_of(path, videos_and_an_image(load_processor(path)))
+    assert rows_of(seen[0]["frames"]) == frames_by_hand(position, 0)
+    want = frames_by_hand(position, 0) + [(-1, -1)] * 46 + frames_by_hand(position, 1)
+    assert rows_of(seen[1]["frames"]) == want
+
+
+def test_frames_of_an_image_and_a_video_prompt(ov_path, ov_batch):
+    """The contract's mixed batch: a square (46 tokens) or wide (52) image's rows are (-1, -1), then the video."""
+    seen = facts_of(ov_path, ov_batch)
+    assert rows_of(seen[0]["frames"]) == [(-1, -1)] * 46 + frames_by_hand("one_token", 0)
+    assert rows_of(seen[1]["frames"]) == [(-1, -1)] * 52 + frames_by_hand("one_token", 0)
+
+
+def test_each_beam_reads_its_own_samples_frames(layout_paths):
+    """generate(num_beams=2) repeats each sample twice in a row: rows 0 and 1 see sample 0's frames, 2 and 3
+    sample 1's."""
+    path = layout_paths["grid"]
+    inputs = videos_and_an_image(load_processor(path))
+    want = facts_of(path, inputs)
+    SEEN.clear()
+    model = load_model(path, VTRConfig(strategy="test_ov_facts", keep_ratio=0.5, prune_layer=0))
+    model.generate(**inputs, max_new_tokens=2, do_sample=False, num_beams=2)
+    assert sorted(SEEN) == [0, 1, 2, 3]
+    for row, seen in SEEN.items():
+        assert torch.equal(seen["frames"], want[row // 2]["frames"]), row
+
+
+def test_only_the_video_family_declares_frames(tiny_path, next_path, ov_path):
+    """A method that needs `frames` runs on OneVision; LLaVA-1.5 and 1.6 take no videos and refuse it by name."""
+
+    @register_strategy("test_needs_frames")
+    class NeedsFrames(PruningStrategy):
+        needs_attention = False
+        requires = ("frames",)
+
+        def compute_scores(self, attention, image_token_range, config, **ctx):
+            return torch.zeros(image_token_range[1] - image_token_range[0])
+
+    assert load_model(ov_path, VTRConfig(strategy="test_needs_frames")).vtr_config.strategy == "test_needs_frames"
+    for path in (tiny_path, next_path):
+        with pytest.raises(ValueError, match="'test_needs_frames' is not supported on .*frames"):
+            load_model(path, VTRConfig(strategy="test_needs_frames"))
