@@ -170,6 +170,12 @@ def run(argv) -> int:
         help=f"same as --backbone {' or '.join(anyres)}: LLaVA-1.6, a 672x672 image gives the 336 px base view + 2x2 tiles "
         "+ a newline per feature row = 2,928 visual tokens",
     )
+    p.add_argument(
+        "--frames",
+        type=int,
+        help="frames of the video case, for a backbone whose bench case is a video (llava-onevision: default 16, "
+        "each 14 x 14 tokens after pooling; e.g. 8 or 32 for the video methods' rows)",
+    )
     p.add_argument("--hidden-size", type=int, default=1024)
     p.add_argument("--intermediate-size", type=int, default=2816)
     p.add_argument("--layers", type=int, default=8)
@@ -192,6 +198,8 @@ def run(argv) -> int:
     args = p.parse_args(argv)
     sizes = ("hidden_size", "intermediate_size", "layers", "heads", "kv_heads", "batch_size", "rounds")
     timing.at_least(args, {**dict.fromkeys(sizes, 1), "decode_steps": 0, "prune_layer": 0})
+    if args.frames is not None:
+        timing.at_least(args, {"frames": 1})
     serving = backbones[args.backbone].fork
     backbone = next((n for n in anyres if backbones[n].fork == serving), None) if args.anyres else args.backbone
     if backbone is None:  # --anyres: the family of the same fork whose bench case is anyres
@@ -207,6 +215,14 @@ def run(argv) -> int:
     if out.exists():
         raise timing.UsageError(f"--out {out}: exists; a finished result is never replaced, give another --out")
     package, case_kwargs = backbones[backbone].package, dict(backbones[backbone].bench)
+    if args.frames is not None:
+        videos = [name for name, family in backbones.items() if family.bench.get("onevision")]
+        if backbone not in videos:
+            raise timing.UsageError(
+                f"--frames: the {backbone} bench case is not a video with a frame count to choose "
+                f"(--backbone {' or '.join(videos)})"
+            )
+        case_kwargs["frames"] = args.frames
     fork = importlib.import_module(package)
     VTRConfig = fork.VTRConfig
     cost = importlib.import_module(f"{package}.cost")

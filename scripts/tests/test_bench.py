@@ -81,6 +81,8 @@ BAD = [
         ["--backbone", "nope"],
         "argument --backbone: invalid choice: 'nope' (choose from 'internvl', 'llava', 'llava-next'",
     ),
+    (["--frames", "8"], "--frames: the llava bench case is not a video with a frame count to choose"),
+    (["--backbone", "llava-onevision", "--frames", "0"], "--frames 0: must be >= 1"),
     (["--model", "./no/such/folder"], "--model: model folder './no/such/folder' does not exist"),
     # a method's own refusal on the loaded model (VisionZip works before the LLM), before anything is timed
     (["--strategies", "visionzip"], "--strategies visionzip: visionzip works in the vision tower, before the LLM"),

@@ -500,10 +500,13 @@ def demo_image(size: int = 336):
     return img
 
 
-def bench_case(shape: dict, cache_dir, model: str | None = None, anyres: bool = False, onevision: bool = False) -> dict:
+def bench_case(
+    shape: dict, cache_dir, model: str | None = None, anyres: bool = False, onevision: bool = False, frames: int = 16
+) -> dict:
     """What scripts/bench.py needs for this fork: a checkpoint (random, 336 px / 14 = 576 image tokens, or
     `model`), a batch builder and the vision-only step. `anyres`: LLaVA-1.6, a 672 px image = 2,928 tokens.
-    `onevision`: LLaVA-OneVision (384 px / 14 SigLIP views), a 16-frame video = 16 x 14 x 14 + 1 = 3,137 tokens."""
+    `onevision`: LLaVA-OneVision (384 px / 14 SigLIP views), a video of `frames` frames = frames x 14 x 14 + 1
+    tokens (16: 3,137)."""
     from .demo import build_prompt
 
     full = dict(image_size=384 if onevision else 336, patch_size=14, vision_hidden_size=64, **shape)
@@ -529,7 +532,7 @@ def bench_case(shape: dict, cache_dir, model: str | None = None, anyres: bool = 
         if onevision:
             content = [{"type": "video"}, {"type": "text", "text": "What happens in the video?"}]
             prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-            return processor(text=[prompt] * batch, videos=[demo_video(16, 384)] * batch, return_tensors="pt")
+            return processor(text=[prompt] * batch, videos=[demo_video(frames, 384)] * batch, return_tensors="pt")
         prompt = build_prompt(processor, "What is shown in the image?")
         image = demo_image(672 if anyres else 336)
         return processor(images=[image] * batch, text=[prompt] * batch, return_tensors="pt")
