@@ -19,7 +19,9 @@ differs for its family (docs/engine.md, "Adding a model family"). The engine doe
     layers [K, ...)               the kept rows only (positions="compact": renumbered); a list of prune
                                   layers repeats score + gather; earlier_cache="trim" also trims [0, K)
     decode                        `DecodeState` on the cache re-maps later masks and positions, per layer
-                                  where layers hold different rows or continue different numberings
+                                  where layers hold different rows or continue different numberings; a
+                                  strategy's `DecodeHook` may hide cached visual rows from layers [L, ...)
+                                  step by step, chosen from layer L-1's attention of the step's query
 
 Host syncs: one before the first layer (padding; each sample's visual span, count and length) and one per
 prune stage (the kept counts, with the next stage's spans), whatever the batch size; only the stage's
@@ -43,7 +45,7 @@ from transformers.conversion_mapping import get_checkpoint_conversion_mapping, r
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_utils import slice_logits_to_keep
 
-from .attention import scoring_attention
+from .attention import ScoringAttention, scoring_attention
 from .config import VTRConfig
 from .strategy import get_strategy
 from .strategy.base import PruningStrategy, select_batch
@@ -71,6 +73,17 @@ class StageRecord:
 
 
 @dataclass
+class DecodeRecord:
+    """What one decode step after a pruned prefill hid from the layers from `layer` on (a strategy's decode hook,
+    `DecodeHook`): nothing is removed from the cache, those layers' masks hide the rows."""
+
+    layer: int  # L: layers from index L on attended without the hidden rows; layer L-1's attention chose them
+    # [batch, pruned_len] bool over the prefill's cache rows (`VTRRecord.kept_index` gives each row's prompt
+    # position): True = hidden from layers >= L at this step; all False when the step hid nothing
+    hidden: torch.Tensor
+
+
+@dataclass
 class VTRRecord:
     """What the last pruned forward kept. `model.vtr_last` after each call (None for unpruned calls)."""
 
@@ -79,6 +92,8 @@ class VTRRecord:
     stages: list[StageRecord] = field(default_factory=list)
     # [batch, final_len]: original position of each row of the pruned sequence (-1 for re-padding).
     kept_index: torch.Tensor | None = None
+    # One entry per decode step on this prefill's cache, for strategies with a decode hook (DyCoke); else empty.
+    decode: list[DecodeRecord] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------------------------- adapter
@@ -593,16 +608,58 @@ class Segment:
     next_position: torch.Tensor  # [batch] long: the position after the last one those layers used
 
 
+@dataclass
+class DecodeHook:
+    """A strategy's hook on the decode steps after its pruned prefill (DyCoke's dynamic KV pruning).
+
+    A strategy takes part by defining two methods (`PruningStrategy` declares neither; the engine looks them up):
+
+        decode_layer(config) -> int | None
+            L (1 <= L < the decoder's layer count), or None for no decode hook. Layers [0, L) of every decode step
+            attend to their whole cache; layer L-1 must hold the prefill's final rows (a prune layer <= L-1, or
+            `earlier_cache="trim"`).
+        decode_keep(attention, visual, state, config, query_len) -> [batch, kv_len] bool | None
+            called at every decode step once layer L-1 has run. attention: that layer's lazy
+            `[batch, heads, kv_len, kv_len]` float32 attention over its whole cache (`ScoringAttention`; cache rows,
+            the current token included; only the step's own query rows, the last `query_len`, can be read: e.g.
+            `attention[:, :, -1, :]`; rows that layer does not see, such as padding, get 0). visual: [batch, kv_len]
+            bool, the cached visual rows. state: this dict's `state`, the strategy's own across the steps of one
+            prompt (empty at the first step; a tensor in it whose first dimension is the batch follows beam
+            search's reordering). Returns the visual rows layers >= L see at this step (every non-visual row they
+            always see), or None: all of them.
+
+    Nothing leaves the cache: the masks of layers >= L hide the other visual rows for that step only (eager and
+    sdpa; other kernels take no 4-D mask and are refused at the prefill). Each step is recorded in
+    `VTRRecord.decode`.
+    """
+
+    strategy: PruningStrategy
+    config: VTRConfig
+    layer: int
+    visual: torch.Tensor  # [batch, pruned_len] bool: the prefill's final visual rows (the cache of layers >= L-1)
+    record: VTRRecord
+    state: dict = field(default_factory=dict)
+
+    def reorder(self, beam_idx: torch.Tensor) -> None:
+        """Beam search picked `beam_idx` [batch] as the rows of the next step: the strategy's per-row state follows."""
+        batch = self.visual.shape[0]
+        for name, value in self.state.items():
+            if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == batch:
+                self.state[name] = value.index_select(0, beam_idx.to(value.device))
+
+
 class DecodeState:
     """Attached to a KV cache that a pruned prefill shortened; maps later decode inputs onto it.
 
     Each layer's cache holds the rows of its segment (`earlier_cache="keep"`: the layers before a prune
     layer keep every token) or of the last one (`"trim"`). Decode positions continue the original prompt;
-    under `positions="compact"` each layer continues its own numbering, `shift` positions lower.
+    under `positions="compact"` each layer continues its own numbering, `shift` positions lower. A strategy's
+    `DecodeHook` (`hook`) may hide cached visual rows from the layers from its L on, step by step.
     """
 
     def __init__(self, adapter, segments: list[Segment], original_len: int, has_padding: bool, conventions):
         self.adapter = adapter
+        self.hook: DecodeHook | None = None
         self.segments = segments
         self.original_len = original_len
         self.has_padding = has_padding
@@ -645,7 +702,15 @@ class DecodeState:
             mask = updates["attention_mask"] = self.step[key]
         narrowed = self.hide_unborn(layer_idx, mask, cache, query_len)
         if narrowed is not None:
-            updates["attention_mask"] = narrowed
+            mask = updates["attention_mask"] = narrowed
+        if self.hook is not None and layer_idx == self.hook.layer - 1:  # its input, for the hook's attention
+            self.step["hook_query"] = (hidden, mask, kwargs["position_embeddings"])
+        elif self.hook is not None and layer_idx >= self.hook.layer:
+            if "hook_hidden" not in self.step:
+                self.step["hook_hidden"] = self._run_hook(cache)
+            hide = self.step["hook_hidden"]
+            if hide is not None:
+                updates["attention_mask"] = self._hide_rows(hide, mask, cache, layer_idx, query_len)
         segment = self.position_index[layer_idx]
         if self.compact and segment != self.position_index[0]:
             key = ("rotary", segment)
@@ -690,6 +755,12 @@ class DecodeState:
         hidden = self.prefix_born > layer_idx  # [batch, pruned_len]
         if not bool(hidden.any()):
             return None
+        return self._hide_rows(hidden, attention_mask, cache, layer_idx, query_len)
+
+    @staticmethod
+    def _hide_rows(hidden: torch.Tensor, attention_mask, cache, layer_idx: int, query_len: int):
+        """`attention_mask` of decoder layer `layer_idx` at a decode step with the cache rows `hidden` [batch, n]
+        (the first n rows of its cache) hidden as well; a None mask (the kernel's causal default) is built."""
         batch, past = hidden.shape[0], cache.get_seq_length(layer_idx)
         kv_len = past + query_len
         hide = torch.zeros(batch, kv_len, dtype=torch.bool, device=hidden.device)
@@ -702,6 +773,33 @@ class DecodeState:
         if attention_mask.dtype == torch.bool:
             return attention_mask & ~hide
         return attention_mask.masked_fill(hide, torch.finfo(attention_mask.dtype).min)
+
+    def _run_hook(self, cache) -> torch.Tensor | None:
+        """The `DecodeHook` at this step: layer L-1's attention of the step's query rows over its whole cache
+        (computed for those rows only), the strategy's choice, recorded; the rows to hide from layers >= L
+        ([batch, pruned_len] bool), or None."""
+        hook = self.hook
+        hidden, mask, (cos, sin) = self.step.pop("hook_query")
+        index = hook.layer - 1
+        keys = cache.layers[index].keys  # after layer L-1 ran: the current tokens included
+        batch, query_len, kv_len = hidden.shape[0], hidden.shape[1], keys.shape[2]
+        if mask is None:
+            seen = torch.ones(batch, kv_len, dtype=torch.bool, device=keys.device)
+        else:  # the rows the step's last query row saw in layer L-1
+            row = mask[:, 0, -1, -kv_len:]
+            seen = (row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2).expand(batch, kv_len)
+        layer = self.adapter.language_model.layers[index]
+        own = scoring_attention(layer, hidden, cos, sin, seen, cache, index, self.adapter.rope_fn)
+        # scoring_attention numbers query rows by its input (the step's rows); the hook reads them as cache rows
+        offset = kv_len - query_len
+        attention = ScoringAttention(lambda rows: own._query_fn(rows - offset), keys, seen, own.shape[1], own._scaling)
+        visual = torch.zeros(batch, kv_len, dtype=torch.bool, device=keys.device)
+        visual[:, : hook.visual.shape[1]] = hook.visual
+        keep = hook.strategy.decode_keep(attention, visual, hook.state, hook.config, query_len=query_len)
+        hide = None if keep is None else (visual & ~keep.to(visual.device))[:, : hook.visual.shape[1]]
+        recorded = hide if hide is not None else torch.zeros_like(hook.visual)
+        hook.record.decode.append(DecodeRecord(layer=hook.layer, hidden=recorded))
+        return hide if hide is not None and bool(hide.any()) else None
 
     def conversation_length(self, cache) -> int:
         """How many tokens of the conversation the (shorter) cache stands for: the original prompt and every
@@ -780,6 +878,7 @@ class PrunedPrefill:
                 f"token_merge needs per-layer decode masks, which attn_implementation={kernel!r} cannot take; "
                 "load the model with attn_implementation='sdpa' or 'eager'"
             )
+        decode_layer = self._decode_layer(kernel)
         prefill = self.prefill_tokens = self.adapter.prefill_tokens(args)
         batch, seq_len = prefill.visual.shape
         cache = self._empty_cache(args.get("past_key_values"), use_cache, lm.config)
@@ -835,6 +934,8 @@ class PrunedPrefill:
             if self.conventions.earlier_cache == "trim" and any(any(stage.merged) for stage in self.record.stages):
                 # inserted at K: the trimmed earlier layers hold placeholder rows for them
                 state.prefix_born = tokens.born
+            if decode_layer is not None:
+                state.hook = DecodeHook(self.strategy, self.config, decode_layer, tokens.visual, self.record)
             _DECODE_STATES[cache] = state
         logits = self.adapter.lm_head(slice_logits_to_keep(hidden, args.get("logits_to_keep", 0)))
         loss = None
@@ -842,6 +943,30 @@ class PrunedPrefill:
             loss = self._loss(logits, args["labels"], tokens.original_index)
         output = self.adapter.output(loss, logits, cache, prefill)
         return output if return_dict else output.to_tuple()
+
+    def _decode_layer(self, kernel: str) -> int | None:
+        """L of the strategy's decode hook (`DecodeHook`), checked against this model, or None (no hook)."""
+        decode_layer = getattr(self.strategy, "decode_layer", None)
+        layer = decode_layer(self.config) if decode_layer is not None else None
+        if layer is None:
+            return None
+        name, count = self.config.strategy, self.adapter.num_layers
+        if not 1 <= layer < count:
+            raise ValueError(
+                f"strategy {name!r} prunes the KV cache of decoder layers >= {layer} at decode steps: the language "
+                f"model has {count} decoder layers, so that layer must be in [1, {count - 1}]"
+            )
+        if kernel not in ("eager", "sdpa"):
+            raise ValueError(
+                f"strategy {name!r} prunes the KV cache at decode steps with per-layer masks, which "
+                f"attn_implementation={kernel!r} cannot take; load the model with attn_implementation='sdpa' or 'eager'"
+            )
+        if self.conventions.earlier_cache == "keep" and self.config.prune_layers[-1] > layer - 1:
+            raise ValueError(
+                f"strategy {name!r} reads layer {layer - 1}'s cache at decode steps, which must hold the kept tokens: "
+                f"prune at a layer <= {layer - 1} (prune_layer={self.config.prune_layer}), or earlier_cache='trim'"
+            )
+        return layer
 
     def _run_layer(self, i: int, layer, tokens: TokenState, masks: dict, cache, use_cache: bool, **kwargs):
         """Decoder layer `i` on the current tokens, then the adapter's after-layer hook; the new hidden states."""
@@ -1277,6 +1402,15 @@ class VTRModelMixin:
                     "default), or VTRConfig(enabled=False) for the unpruned model"
                 )
         return super().generate(*args, **kwargs)
+
+    def _reorder_cache(self, past_key_values, beam_idx):
+        """generate()'s beam search reorders the cache here (it calls a model's `_reorder_cache` when there is one):
+        as the stock code, then the per-row state of a strategy's decode hook (`DecodeHook.reorder`) alike."""
+        past_key_values.reorder_cache(beam_idx)
+        state = decode_state(past_key_values)
+        if state is not None and state.hook is not None:
+            state.hook.reorder(beam_idx)
+        return past_key_values
 
     def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, is_first_iteration=False, **kwargs):
         cache = kwargs.get("past_key_values")

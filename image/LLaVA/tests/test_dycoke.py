@@ -1,0 +1,256 @@
+"""DyCoke: TTM restated from the official code's loops (KD-TAO/DyCoke dd74634, llava_arch.py `dycole_ttm`) on
+hand-built frames and through the tiny LLaVA-OneVision, and the decode-time KV pruning against the stock decoder
+layers run on the pruned prompt with a mask per layer that hides, at each step, the rows an independent top-k of
+the eager attention of layer L-1 picks (the gate recomputed too)."""
+
+from collections import Counter
+
+import pytest
+import torch
+import torch.nn.functional as F
+import vtr_oracle
+
+import llava.vtr.strategy.dycoke  # noqa: F401  (registers "dycoke" until builtin.py imports it)
+from llava.vtr import VTRConfig
+from llava.vtr.strategy import get_strategy
+from llava.vtr.strategy.video import Video
+from llava.vtr.tiny import demo_video
+from llava_testlib import onevision_embed, ov_chat, vtr_model
+
+# ----------------------------------------------------------------------------------------------- TTM
+
+
+def official_ttm(x: torch.Tensor, per_frame: int, k: float) -> list[int]:
+    """The official TTM's output as indices into x [F*T, D] (frame-major), written from its two loops: pairs
+    (i, i+1) for i = 0, 2, ... < nf-1, then (i, i+2) for i = 0, 4, ... < nf-4; each pruned frame keeps its
+    int((1-k) T) least similar positions in ascending similarity (ties: the earlier position first)."""
+    nf = x.shape[0] // per_frame
+    keep = int((1 - k) * per_frame)
+    frame = [list(range(i * per_frame, (i + 1) * per_frame)) for i in range(nf)]
+    out = {}
+
+    def prune(a, b):
+        s = F.cosine_similarity(x[frame[a]].double(), x[frame[b]].double(), dim=1)
+        return [frame[b][j] for j in sorted(range(per_frame), key=lambda j: (float(s[j]), j))[:keep]]
+
+    for i in range(0, nf - 1, 2):
+        out[i], out[i + 1] = frame[i], prune(i, i + 1)
+    for i in range(0, nf - 4, 4):
+        out[i], out[i + 2] = frame[i], prune(i, i + 2)
+    return [t for i in sorted(out) for t in out[i]]
+
+
+def hand_video(features: torch.Tensor) -> Video:
+    """A `Video` of features [frames, tokens, D] at rows 10.. of a prompt, tokens on a 1 x tokens grid."""
+    frames, tokens, _ = features.shape
+    flat = torch.arange(frames * tokens).reshape(frames, tokens)
+    grid = torch.stack([torch.zeros(tokens, dtype=torch.long), torch.arange(tokens)], -1).expand(frames, -1, -1)
+    return Video(rows=flat + 10, visual=flat, features=features, grid=grid)
+
+
+def arranged(features: torch.Tensor, ratio: float) -> list[int]:
+    """The flat token indices DyCoke hands the LLM for a video of `features`, in order."""
+    video = hand_video(features)
+    return get_strategy("dycoke")().arrange(video, ratio, VTRConfig(strategy="dycoke"), {}).tensors()[1].tolist()
+
+
+def angles(values) -> torch.Tensor:
+    """[tokens, 2] unit vectors at these angles: the cosine of two tokens is the cosine of their angle difference."""
+    values = torch.tensor(values, dtype=torch.float32)
+    return torch.stack([values.cos(), values.sin()], -1)
+
+
+def test_a_pruned_frame_keeps_its_least_similar_tokens_most_dissimilar_first():
+    first = angles([0.0] * 5)
+    second = angles([0.5, 1.5, 0.1, 2.5, 1.0])  # cosines to the first: 0.88, 0.07, 0.99, -0.80, 0.54
+    # int(0.4 x 5) = 2 kept: token 3 (-0.80), then token 1 (0.07): not in spatial order
+    assert arranged(torch.stack([first, second]), 0.4) == [0, 1, 2, 3, 4, 5 + 3, 5 + 1]
+
+
+def test_static_frames_are_pruned_by_position_order_and_a_scene_cut_keeps_what_changed():
+    scene = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])  # exact: cosines are exactly 1 or -1
+    whole = lambda f: list(range(4 * f, 4 * f + 4))  # noqa: E731
+    # 8 identical frames: every cosine ties at 1, the earliest positions stay (2 of 4); frames 0, 4 and 6 whole
+    # (6: the last window's third frame, which the official second pass never reaches)
+    static = arranged(torch.stack([scene] * 8), 0.5)
+    assert static == whole(0) + [4, 5, 8, 9, 12, 13] + whole(4) + [20, 21] + whole(6) + [28, 29]
+    # a new scene from frame 2 on, differing in token 2: frame 2 (against frame 0) keeps that token; frame 3
+    # (against frame 2, the same scene) ties again
+    cut = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, -1.0]])
+    video = torch.stack([scene, scene] + [cut] * 6)
+    assert arranged(video, 0.25) == whole(0) + [4, 8 + 2, 12] + whole(4) + [20] + whole(6) + [28]
+
+
+@pytest.mark.parametrize("frames", [5, 6, 7, 8, 9, 12, 13])
+def test_ttm_equals_the_official_loops(frames):
+    torch.manual_seed(frames)
+    x = torch.randn(frames, 6, 3)
+    assert arranged(x, 0.5) == official_ttm(x.reshape(-1, 3), 6, 0.5)
+
+
+@pytest.mark.parametrize(("frames", "count"), [(8, 878), (16, 1618), (32, 3098)])
+def test_budget_counts_of_the_official_setting(frames, count):
+    """k = 0.7 on 196 tokens a frame: 58 kept a pruned frame, the last window's third frame whole (official)."""
+    x = torch.randn(frames, 196, 2)
+    kept = arranged(x, 0.3)
+    assert len(kept) == count
+    per_frame = Counter(t // 196 for t in kept)
+    whole = sorted(f for f, n in per_frame.items() if n == 196)
+    assert set(per_frame.values()) == {196, 58}
+    assert whole == [*range(0, frames, 4), frames - 2]
+
+
+def test_short_and_odd_videos():
+    """Fewer than five frames (the official code raises): the same pairs, no second pass; a single frame whole.
+    An odd count drops its last frame, as the official pairs never reach it."""
+    torch.manual_seed(0)
+    x = torch.randn(9, 4, 3)
+    frames_of = lambda kept: [t // 4 for t in kept]  # noqa: E731
+    assert frames_of(arranged(x[:1], 0.5)) == [0] * 4
+    assert frames_of(arranged(x[:2], 0.5)) == [0] * 4 + [1] * 2
+    assert frames_of(arranged(x[:3], 0.5)) == [0] * 4 + [1] * 2
+    assert frames_of(arranged(x[:4], 0.5)) == [0] * 4 + [1] * 2 + [2] * 4 + [3] * 2
+    # 9 frames: the second pass reaches the window at 4 (4 < 9 - 4), so frame 6 is pruned; frame 8 is dropped
+    assert frames_of(arranged(x, 0.5)) == [0] * 4 + [1, 1, 2, 2, 3, 3] + [4] * 4 + [5, 5, 6, 6, 7, 7]
+
+
+def test_default_budget_is_the_official_k():
+    model_cfg = get_strategy("dycoke").schedule_defaults(VTRConfig(strategy="dycoke"), 28)
+    assert model_cfg == {"prune_layer": 0, "keep_tokens": None, "keep_ratio": 0.3}
+
+
+# ----------------------------------------------------------------------------------------------- model runs
+
+
+@pytest.fixture(scope="module")
+def videos(ov_processor):
+    """Two left-padded prompts, an 8-frame video each (4 tokens a frame after pooling, then one newline)."""
+    texts = [
+        ov_chat(ov_processor, "What moves?", kinds=("video",)),
+        ov_chat(ov_processor, "Describe the video in detail. Is there a car?", kinds=("video",)),
+    ]
+    clips = [demo_video(8, 64), demo_video(8, 64)[::-1].copy()]
+    return ov_processor(text=texts, videos=clips, return_tensors="pt", padding=True)
+
+
+def literal_prompt(stock, inputs, kept_index):
+    """The pruned prompt itself: embeddings of the kept rows in their order, compact positions, validity, and
+    which rows are visual."""
+    embeds = onevision_embed(stock, inputs)
+    mask = inputs["attention_mask"].bool()
+    index = kept_index.clamp_min(0)
+    valid = (kept_index >= 0) & mask.gather(1, index)
+    hidden = torch.stack([embeds[b, index[b]] for b in range(index.shape[0])])
+    positions = vtr_oracle.compact((mask.long().cumsum(1) - 1).clamp_min(0).gather(1, index), valid)
+    tokens = (stock.config.video_token_id, stock.config.image_token_id)
+    visual = torch.isin(inputs["input_ids"].gather(1, index), torch.tensor(tokens)) & valid
+    return hidden, positions, valid, visual
+
+
+@torch.no_grad()
+def oracle_decode(stock, inputs, kept_index, new_ids, layer, hides=None):
+    """Stock decoder layers (eager) on the pruned prompt plus `new_ids` [batch, n], decode row P + t hiding
+    `hides[t]` ([batch, P] bool) in layers >= `layer`. Returns (logits [batch, n + 1, vocab] of rows P-1.., the
+    eager attention weights of layer `layer` - 1 [batch, heads, P + n, P + n])."""
+    hidden, positions, valid, _ = literal_prompt(stock, inputs, kept_index)
+    lm = stock.model.language_model
+    prompt, n = hidden.shape[1], new_ids.shape[1]
+    top = positions.masked_fill(~valid, -1).amax(1, keepdim=True)
+    hidden = torch.cat([hidden, stock.get_input_embeddings()(new_ids)], 1)
+    positions = torch.cat([positions, top + 1 + torch.arange(n)], 1)
+    valid = torch.cat([valid, torch.ones_like(new_ids, dtype=torch.bool)], 1)
+    length = prompt + n
+    allowed = torch.ones(length, length, dtype=torch.bool).tril()[None] & valid[:, None, :]
+    late = allowed.clone()
+    if hides is not None and n:
+        late[:, prompt:, :prompt] &= ~torch.stack(hides[:n], 1)
+    masks = [torch.zeros(a.shape).masked_fill(~a, torch.finfo(torch.float32).min)[:, None] for a in (allowed, late)]
+    weights = {}
+    handle = lm.layers[layer - 1].self_attn.register_forward_hook(lambda m, a, out: weights.update(w=out[1]))
+    cos, sin = lm.rotary_emb(hidden, positions)
+    try:
+        for i, decoder_layer in enumerate(lm.layers):
+            hidden = decoder_layer(hidden, attention_mask=masks[i >= layer], position_embeddings=(cos, sin))
+    finally:
+        handle.remove()
+    return stock.lm_head(lm.norm(hidden))[:, prompt - 1 :], weights["w"]
+
+
+def expected_hides(weights, visual, steps: int, gate: float, prune: float):
+    """Per decode step t (query row P + t): the visual rows an independent top-k of layer L-1's attention (mean
+    over heads) hides, when the cosine to the step before is below `gate` (the first step always)."""
+    prompt = visual.shape[1]
+    hides, previous, similarities = [], None, []
+    for t in range(steps):
+        v = weights[:, :, prompt + t, :prompt].mean(1) * visual
+        hide = torch.zeros_like(visual)
+        for b in range(visual.shape[0]):
+            similarity = None if previous is None else float(F.cosine_similarity(v[b], previous[b], dim=0))
+            similarities.append(similarity)
+            if similarity is None or similarity < gate:
+                rows = visual[b].nonzero().reshape(-1)
+                count = int(rows.numel() * (1 - prune))
+                top = rows[torch.topk(v[b, rows], count).indices]
+                hide[b, rows] = True
+                hide[b, top] = False
+        hides.append(hide)
+        previous = v
+    return hides, similarities
+
+
+def generate(ov_path, impl, videos, steps, **cfg):
+    model = vtr_model(ov_path, impl, strategy="dycoke", keep_ratio=0.75, dycoke_layer=2, **cfg)
+    out = model.generate(
+        **videos, max_new_tokens=steps, do_sample=False, return_dict_in_generate=True, output_logits=True
+    )
+    return model.vtr_last, out.sequences[:, videos["input_ids"].shape[1] :], torch.stack(out.logits, 1)
+
+
+def split_gate(ov_path, ov_stock, videos) -> float:
+    """A gate between the two samples' cosines at the second decode step (the path to it is the same whatever
+    the gate: the first step always prunes), so one sample prunes there and the other does not."""
+    record, new, _ = generate(ov_path, "eager", videos, 3, dycoke_gate=1.0)
+    _, weights = oracle_decode(ov_stock["eager"], videos, record.kept_index, new[:, :2], 2)
+    _, _, _, visual = literal_prompt(ov_stock["eager"], videos, record.kept_index)
+    _, similarities = expected_hides(weights, visual, 2, 1.0, 0.8)
+    return sum(similarities[2:4]) / 2
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("gate", [0.9, 1.0, "split"])
+def test_decode_equals_masking_oracle(ov_path, ov_stock, videos, impl, gate):
+    """Greedy generate on a padded video batch: TTM's kept rows in the official order, and at each decode step the
+    rows hidden from layers >= L are those an independent top-k of the eager attention picks, gated; the logits
+    equal the stock layers run with those rows masked."""
+    steps, stock = 5, ov_stock["eager"]
+    gate = split_gate(ov_path, ov_stock, videos) if gate == "split" else gate
+    record, new, logits = generate(ov_path, impl, videos, steps, dycoke_gate=gate)
+    # TTM: each sample's video rows in the official order (int(0.75 x 4) = 3 kept a pruned frame)
+    with torch.no_grad():
+        embeds = onevision_embed(stock, videos)
+    for b in range(2):
+        rows = (videos["input_ids"][b] == stock.config.video_token_id).nonzero().reshape(-1)
+        frames = rows[:-1]  # the newline closing the video is no frame's
+        expected = frames[official_ttm(embeds[b, frames], 4, 0.25)].tolist() + [int(rows[-1])]
+        assert [r for r in record.kept_index[b].tolist() if r in set(rows.tolist())] == expected
+    assert min(record.stages[0].merged) > 0  # some pruned frames' tokens came out of prompt order
+    # decode: one record per step after the first token, each hiding exactly the independent selection
+    assert len(record.decode) == steps - 1 and all(d.layer == 2 for d in record.decode)
+    _, weights = oracle_decode(stock, videos, record.kept_index, new[:, : steps - 1], 2)
+    _, _, _, visual = literal_prompt(stock, videos, record.kept_index)
+    hides, similarities = expected_hides(weights, visual, steps - 1, gate, 0.8)
+    for t, (got, want) in enumerate(zip(record.decode, hides)):
+        assert torch.equal(got.hidden, want), f"step {t}"
+    expected_logits, _ = oracle_decode(stock, videos, record.kept_index, new[:, : steps - 1], 2, hides)
+    torch.testing.assert_close(logits, expected_logits, atol=1e-4, rtol=1e-4)
+    pruned = [h.any(1).tolist() for h in hides]
+    assert pruned[0] == [True, True]  # the first step of each prompt always prunes
+    # int(n x 0.2) of a sample's n visual rows stay visible when it prunes: n = 3 x 4 (frames 0, 4, 6 whole)
+    # + 5 x 3 + the newline = 28, 5 visible
+    assert visual.sum(1).tolist() == [28, 28] and hides[0].sum(1).tolist() == [23, 23]
+    if gate == 0.9:  # the tiny model's consecutive attentions are all closer than 0.9: no later step prunes
+        assert not any(any(p) for p in pruned[1:]), similarities
+    elif gate == 1.0:
+        assert all(all(p) for p in pruned), similarities
+    else:
+        assert sorted(pruned[1]) == [False, True], similarities
