@@ -8,7 +8,7 @@ group of 2 input frames). A token's change is 1 - cosine (PyTorch's, eps 1e-8, i
 token at the same place of the frame before (the original frame, not what was kept of it); frame 0's tokens get
 255, above any change, so it is always kept whole. One budget per video: with q = 1 - ratio (vLLM's
 `--video-pruning-rate`) it keeps K = max(tokens per frame, int(T x tokens per frame x (1 - q))) tokens, truncated
-in float64 as vLLM does, so ratio 0.1 of 1000 tokens keeps 99. The K largest changes are kept (a stable
+in float64 as vLLM does, so ratio 0.1 of 20 x 50 tokens keeps 99. The K largest changes are kept (a stable
 descending sort: ties to the earlier frame, then the earlier token), in their original order; later frames
 compete for the budget globally, so one may keep every token or none. Nothing is merged.
 
