@@ -9,6 +9,7 @@ from . import (  # noqa: F401
     clse,
     dart,
     divprune,
+    evs,
     fastervlm,
     fastv,
     hiprune,
@@ -18,6 +19,7 @@ from . import (  # noqa: F401
     priortr_2f,
     random,
     sparsevlm,
+    vidcom2,
     visionzip,
     vispruner,
 )

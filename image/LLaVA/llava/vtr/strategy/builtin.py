@@ -8,6 +8,7 @@ from . import (  # noqa: F401
     clse,
     dart,
     divprune,
+    evs,
     fastervlm,
     fastv,
     hiprune,
@@ -17,6 +18,7 @@ from . import (  # noqa: F401
     priortr_2f,
     random,
     sparsevlm,
+    vidcom2,
     visionzip,
     vispruner,
 )
