@@ -6,15 +6,17 @@ import math
 import pytest
 import torch
 
-from llava.vtr import VTRConfig, get_strategy
-from llava.vtr.strategy import fastvid  # noqa: F401  (registers it)
+from llava.vtr import VTRConfig, get_strategy, load_model
+from llava.vtr.strategy.fastvid import FastVID  # registers it
 from llava.vtr.strategy.video import Video
+from llava.vtr.tiny import demo_video
+from llava_testlib import ov_chat
 
 
 def official(features, importance, ratio, c=8, tau=0.9, d=0.4, p=4, beta=0.6, seed=0):
     """The output tokens of one video under the official LLaVA-OneVision code, restated from the facts in plain
-    Python (features [T, n, D], importance [T, n]): {(frame, token): value}."""
-    features = features.double()
+    Python (features [T, n, D], importance [T, n]; float64 but for the density): {(frame, token): value}."""
+    features = features.detach().double()
     frames, n, width = features.shape
     g = features.mean(1)
     g = g / g.norm(dim=1, keepdim=True)
@@ -42,14 +44,13 @@ def official(features, importance, ratio, c=8, tau=0.9, d=0.4, p=4, beta=0.6, se
         for t in segment:
             if alloc[t] == 0:
                 continue
-            x = features[t, rest[t]]
+            x = features[t, rest[t]].float()  # the density in float32, as theirs
             m = len(rest[t])
-            dist = [[float((x[i] - x[j]).norm()) / math.sqrt(width) for j in range(m)] for i in range(m)]
-            near = [sorted(row)[:4] for row in dist]
-            rho = [math.exp(-sum(v * v for v in near[i]) / len(near[i])) + float(noise[t, i]) for i in range(m)]
-            top = max(max(row) for row in dist)
-            delta = [min([dist[i][j] for j in range(m) if rho[j] > rho[i]], default=top) for i in range(m)]
-            anchors = sorted(range(m), key=lambda i: (-delta[i] * rho[i], i))[: alloc[t]]
+            dist = torch.tensor([[(x[i] - x[j]).norm() / math.sqrt(width) for j in range(m)] for i in range(m)])
+            rho = [torch.exp(-(dist[i].sort().values[:4] ** 2).mean()) + noise[t, i] for i in range(m)]
+            top = dist.max()
+            delta = [min([dist[i, j] for j in range(m) if rho[j] > rho[i]], default=top) for i in range(m)]
+            anchors = sorted(range(m), key=lambda i: (-float(delta[i] * rho[i]), i))[: alloc[t]]
             pool = [(t, j) for j in rest[t]] if alloc[t] == share else [(u, j) for u in segment for j in rest[u]]
             centres = [features[t, rest[t][a]] for a in anchors]
             members = [[] for _ in anchors]
@@ -104,6 +105,8 @@ def per_frame(representative, frames: int, width: int, of=None) -> list[int]:
         ([1, 5, 6], {}, 0.5),  # c = 8: seven lowest cuts
         ([9], dict(fastvid_segments=1, fastvid_anchor_stride=3, seed=3), 0.5),
         ([3, 2], dict(fastvid_segments=1, fastvid_beta=0.3), 0.6),  # beta below 1/2: w = 1/2 with one member
+        # C = 1, a 3-frame segment, p = 2: frames 0 and 2 get 3 // 2 = 1 = C, so each merges its own frame only
+        ([3, 4], dict(fastvid_segments=1, fastvid_anchor_stride=2), 0.25),
     ],
 )
 def test_the_arrangement_is_the_official_one(lengths, fields, ratio):
@@ -203,3 +206,33 @@ def test_newlines_follow_their_rows_and_other_off_grid_tokens_stay():
             assert len([j for j in mine if grid[j, 0] >= 0]) == retain
         off = torch.tensor([t * width + j for t in range(frames) for j in (0, 5, 10)])
         assert torch.equal(mix[:, off].sum(0), torch.isin(off, representative).float())
+
+
+def test_the_tiny_onevision_model_gets_the_official_tokens_at_their_positions(ov_path, ov_processor, monkeypatch):
+    """A 10-frame video on the tiny LLaVA-OneVision (2 x 2 tokens a frame; ratio 0.75: S = 2, C = 1): the LLM gets
+    the official output tokens, restated from the embeddings and saliency the strategy got, in prompt order at their
+    original positions (gaps kept), with the text and the newline after the video, and generates."""
+    seen, arrange_video = [], FastVID.arrange
+
+    def recording(self, video, ratio, config, ctx):
+        seen.append((video, ctx["vision_importance"]()[video.visual], ratio))
+        return arrange_video(self, video, ratio, config, ctx)
+
+    monkeypatch.setattr(FastVID, "arrange", recording)
+    inputs = ov_processor(
+        text=ov_chat(ov_processor, "What moves?", kinds=("video",)), videos=[demo_video(10, 64)], return_tensors="pt"
+    )
+    model = load_model(ov_path, VTRConfig(strategy="fastvid", keep_ratio=0.75), attn_implementation="sdpa")
+    out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    ((video, importance, ratio),) = seen
+    assert video.shape == (10, 4) and ratio == 0.75
+    want = official(video.features, importance, ratio)
+    ids = inputs["input_ids"][0]
+    placeholders = (ids == model.config.video_token_id).nonzero().reshape(-1)
+    text = (ids != model.config.video_token_id).nonzero().reshape(-1)
+    expected = sorted([*text.tolist(), int(placeholders[-1]), *(int(video.rows[t, j]) for t, j in want)])
+    assert model.vtr_last.kept_index[0].tolist() == expected
+    assert model.vtr_conventions().positions == "original"
+    stage = model.vtr_last.stages[0]
+    assert stage.image_tokens_kept[0] + stage.merged[0] == len(want) + 1 > 10 * 2 + 1
+    assert out.shape[1] == ids.numel() + 3
