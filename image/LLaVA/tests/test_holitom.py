@@ -164,6 +164,22 @@ def test_a_cut_opens_a_window_and_still_places_collapse():
     assert static_windows(torch.zeros(0, 8, dtype=torch.bool)) == ([(0, 0)], 0.0)  # one frame
 
 
+def test_a_longer_window_wins_only_by_saving_more():
+    """Place 0 alike in frames 0-2, place 1 in 0-1, place 2 in 1-2: windows [0, 1], [1, 2] and [0, 2] all save 2,
+    as much as [0, 1] + frame 2 alone: the first found, [0, 1], stays (strict >)."""
+    g = torch.Generator().manual_seed(5)
+    frames = torch.randn(3, 4, 64, generator=g, dtype=torch.float64)
+    frames[:, 0] = frames[0, 0]
+    frames[1, 1], frames[2, 2] = frames[0, 1], frames[1, 2]
+    windows = ([(0, 1), (2, 2)], 2)
+    assert official_windows(frames, 0.8)[:2] == windows
+    from llava.vtr.strategy.holitom import static_windows
+
+    assert static_windows(torch.tensor([[1, 1, 0, 0], [1, 0, 1, 0]], dtype=torch.bool)) == windows
+    attention = torch.rand(3, 4, generator=g, dtype=torch.float64)
+    assert_same(arranged(hand_video(frames, 2), attention, 0.5), official_holitom(frames, attention, 0.5, 2, False))
+
+
 @pytest.mark.parametrize("ratio", [0.1, 0.3, 0.6, 1.0])
 @pytest.mark.parametrize("grid", [False, True])
 def test_two_scenes_equal_the_official_reduction(ratio, grid):
@@ -277,15 +293,16 @@ def test_inner_merge_equals_the_official_one_on_the_tiny_onevision(ov_path, ov_p
     inputs = ov_processor(
         text=ov_chat(ov_processor, "What moves?", kinds=("video",)), videos=[demo_video(4, 64)], return_tensors="pt"
     )
-    model = holitom_model(ov_path, keep_ratio=0.5, holitom_inner_ratio=inner_ratio)
+    # tau 0.999: the tiny video's frames are alike everywhere at the default 0.8; here 15 tokens reach the LLM
+    model = holitom_model(ov_path, keep_ratio=1.0, holitom_inner_ratio=inner_ratio, holitom_tau=0.999)
     lm = model.model.language_model
     captured = {}
     hook = lm.layers[0].register_forward_pre_hook(lambda m, a: captured.setdefault("embeds", a[0]))
     with torch.no_grad():
         got = model(**inputs).logits
     hook.remove()
-    first, k = model.vtr_last.stages
-    assert first.layer == 0 and k.layer == model.vtr_config.prune_layers[1] == 3  # 18 of 28 -> 3 of 4
+    before, k = model.vtr_last.stages
+    assert before.layer == 0 and k.layer == model.vtr_config.prune_layers[1] == 3  # 18 of 28 -> 3 of 4
     stock = ov_stock["eager"].model.language_model
     h = captured["embeds"]
     start = int((inputs["input_ids"][0] == model.config.video_token_id).nonzero()[0])
