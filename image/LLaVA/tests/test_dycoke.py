@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 import vtr_oracle
 
-import llava.vtr.strategy.dycoke  # noqa: F401  (registers "dycoke" until builtin.py imports it)
 from llava.vtr import VTRConfig
-from llava.vtr.strategy import get_strategy
+from llava.vtr.strategy import get_strategy, register_strategy
+from llava.vtr.strategy.dycoke import DyCoke
 from llava.vtr.strategy.video import Video
 from llava.vtr.tiny import demo_video
 from llava_testlib import onevision_embed, ov_chat, vtr_model
@@ -254,3 +254,80 @@ def test_decode_equals_masking_oracle(ov_path, ov_stock, videos, impl, gate):
         assert all(all(p) for p in pruned), similarities
     else:
         assert sorted(pruned[1]) == [False, True], similarities
+
+
+def sample_inputs(inputs, b: int) -> dict:
+    """Sample `b` of a batch of one video a prompt."""
+    return {k: v[b : b + 1] for k, v in inputs.items()}
+
+
+@register_strategy("test_dycoke_beams")
+class BeamWatch(DyCoke):
+    """DyCoke that checks, at each step, that its per-row state followed beam search's reordering of the cache: the
+    key of the token the previous step appended, which it kept, is the cache's own again. `log`: per step (followed,
+    some row moved)."""
+
+    log: list = []
+
+    def decode_keep(self, attention, visual, state, config, query_len):
+        keys = attention.keys[:, :, -2]  # the previous step's token, in this step's (reordered) rows
+        if "last" in state:
+            self.log.append((torch.equal(keys, state["last"]), not torch.equal(keys, state["unordered"][0])))
+        state["last"] = attention.keys[:, :, -1]
+        state["unordered"] = [state["last"]]  # in a list: the engine leaves it as it is
+        return super().decode_keep(attention, visual, state, config, query_len)
+
+
+def test_beams_follow_their_own_paths(ov_path, ov_stock, videos):
+    """Beam search reorders the strategy's per-row state with the cache, and each returned sequence's score is the
+    log-probability the masking oracle gives its own path, the gate computed along that path."""
+    stock, gate = ov_stock["eager"], split_gate(ov_path, ov_stock, videos)
+    BeamWatch.log.clear()
+    model = vtr_model(ov_path, "sdpa", strategy="test_dycoke_beams", keep_ratio=0.75, dycoke_layer=2, dycoke_gate=gate)
+    out = model.generate(
+        **videos,
+        max_new_tokens=5,
+        do_sample=False,
+        num_beams=3,
+        num_return_sequences=3,
+        length_penalty=0.0,
+        return_dict_in_generate=True,
+        output_scores=True,
+    )
+    log = BeamWatch.log
+    assert len(log) == 3 and all(followed for followed, _ in log) and any(moved for _, moved in log), log
+    new = out.sequences[:, videos["input_ids"].shape[1] :]
+    for row in range(new.shape[0]):
+        b, path = row // 3, new[row : row + 1]
+        inputs, kept = sample_inputs(videos, b), model.vtr_last.kept_index[row : row + 1]
+        _, weights = oracle_decode(stock, inputs, kept, path[:, :-1], 2)
+        hides, _ = expected_hides(weights, literal_prompt(stock, inputs, kept)[3], path.shape[1] - 1, gate, 0.8)
+        logits, _ = oracle_decode(stock, inputs, kept, path[:, :-1], 2, hides)
+        score = logits.log_softmax(-1).gather(2, path[..., None]).sum()
+        torch.testing.assert_close(out.sequences_scores[row], score, atol=1e-4, rtol=1e-4)
+
+
+def test_each_prompt_starts_its_own_gate(ov_path, videos):
+    """The previous step's attention is per prompt: a second generate() prunes at its first step again."""
+    model = vtr_model(ov_path, "sdpa", strategy="dycoke", dycoke_gate=-1.0)  # later steps never prune
+    for _ in range(2):
+        model.generate(**videos, max_new_tokens=3, do_sample=False)
+        assert [d.hidden.any(1).tolist() for d in model.vtr_last.decode] == [[True, True], [False, False]]
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"dycoke_layer": 4}, r"layers >= 4 .* must be in \[1, 3\]"),
+        ({"dycoke_layer": 2, "prune_layer": 3}, "prune at a layer <= 1"),
+        ({"kernel": "flash_attention_2"}, "attn_implementation='flash_attention_2' cannot take"),
+    ],
+)
+def test_refusals(ov_path, videos, settings, message):
+    settings = dict(settings)
+    kernel = settings.pop("kernel", None)
+    model = vtr_model(ov_path, "sdpa", strategy="dycoke", **settings)
+    if kernel is not None:
+        model.model.language_model.config._attn_implementation = kernel  # as if loaded so
+    with pytest.raises(ValueError, match=message), torch.no_grad():
+        model(**videos)
