@@ -11,11 +11,20 @@ tokens per tile, written as `<img>` + tiles + `</img>`, and for videos `FrameN: 
 joined by newlines. Every `<IMG_CONTEXT>` token of a sample is a candidate under one global budget (also
 across frames, whose tokens are not contiguous). PriorTR's anchor is the `\n` the chat template writes
 after the last `</img>`. Positions are 1-D (Qwen2 / Llama decoders).
+
+Which `<img>` blocks are video frames (the `frames` fact) is known to the processor only: it merges the frames into
+`pixel_values` beside the image tiles, and a frame block is an image of one tile but for the `FrameN: ` text before
+it, which the model cannot read without the tokenizer (and a prompt may write such text around its own images). So
+the forward takes one more optional argument, `frame_index` [blocks] long: for each `<img>` block of the batch, in
+batch and prompt order, its frame's index in its video (0, 1, ...; every video starts at 0), -1 for an image. E.g.
+an image then a 4-frame video: [-1, 0, 1, 2, 3]. Without it, a prompt whose blocks all hold several tiles has no
+video (a frame is one tile); one with a one-tile block makes `frames()` ask for it.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from transformers import InternVLForConditionalGeneration
 from transformers.models.internvl.modeling_internvl import InternVLCausalLMOutputWithPast
 
@@ -35,13 +44,14 @@ __all__ = ["InternVLAdapter", "StageRecord", "VTRInternVLForConditionalGeneratio
 
 class InternVLAdapter(BackboneAdapter):
     """InternVL2.5 / InternVL3: candidates are the `<IMG_CONTEXT>` positions (all tiles, thumbnails and video
-    frames); positions are the stock ones (`position_ids`, else 0..seq-1)."""
+    frames); positions are the stock ones (`position_ids`, else 0..seq-1). Video frames are the `<img>` blocks the
+    forward's `frame_index` marks (see the module docstring)."""
 
     #: Budget when the user gives none: 192 tokens, about 11% of an image tiled 6 + thumbnail (1,792 tokens),
     #: the share LLaVA-1.6 keeps by default (320 of 2,880).
     default_keep_tokens = 192
     output_class = InternVLCausalLMOutputWithPast
-    facts = ("patch_grid", "visual_grid", "vision_importance", "vision_layer", "vision_tower")
+    facts = ("patch_grid", "visual_grid", "frames", "vision_importance", "vision_layer", "vision_tower")
     encoder_arguments = ("vision_feature_layer", "vision_feature_select_strategy")
 
     def anchor_row(self, span_end: int) -> int:
@@ -60,6 +70,19 @@ class InternVLAdapter(BackboneAdapter):
         encoded["image"] = self.encode_images(args["pixel_values"], **self.encoder_kwargs(args))
         return encoded
 
+    def pre_encode(self, generate_kwargs: dict) -> dict:
+        """As the engine's, and `frame_index` moves onto the encoded images (`vtr_frame_index`): it describes the
+        original samples' blocks, which generate() must not expand per beam as it expands the prompt rows."""
+        kwargs = super().pre_encode(generate_kwargs)
+        frame_index = kwargs.pop("frame_index", None)
+        if frame_index is not None and kwargs["mm_encoder_outputs"].get("image") is not None:
+            kwargs["mm_encoder_outputs"]["image"].vtr_frame_index = frame_index  # on pre_encode's own copy
+        return kwargs
+
+    def stock_inputs(self, args: dict, cache) -> dict:
+        """Without `frame_index`, which only the adapter reads."""
+        return {key: value for key, value in args.items() if key != "frame_index"}
+
     def prefill_tokens(self, args: dict) -> PrefillTokens:
         input_ids, inputs_embeds = self.input_embeddings(args)
         image_output = self.encode_inputs(args)["image"]
@@ -74,7 +97,7 @@ class InternVLAdapter(BackboneAdapter):
             visual,
             output_extras={"image_hidden_states": features},
             strategy_ctx={"patch_grid": self.patch_grid(), "vision_tower": self.vision_tower()},
-            lazy_ctx=self._lazy_facts(visual, image_output),
+            lazy_ctx=self._lazy_facts(visual, image_output, args.get("frame_index")),
         )
 
     # ------------------------------------------------------------------ per-tile facts for strategies
@@ -85,12 +108,15 @@ class InternVLAdapter(BackboneAdapter):
         rows, cols = (int(size // patch * ratio) for size, patch in zip(vision.image_size, vision.patch_size))
         return (rows, cols)
 
-    def _lazy_facts(self, visual: torch.Tensor, image_output) -> dict:
-        """`visual_grid(b)`, `vision_importance(b)` and `vision_layer(b, i)`, computed on request (a host sync
-        each). A sample's visual tokens are its tiles (or frames) in order, `rows * cols` tokens each, row-major."""
+    def _lazy_facts(self, visual: torch.Tensor, image_output, frame_index: torch.Tensor | None) -> dict:
+        """`visual_grid(b)`, `frames(b)`, `vision_importance(b)` and `vision_layer(b, i)`, computed on request (a
+        host sync each). A sample's visual tokens are its tiles (or frames) in order, `rows * cols` tokens each,
+        row-major; `frame_index` as the forward got it, else as generate() noted it on the encoded images."""
         rows, cols = self.patch_grid()
         per_tile = rows * cols
         used = getattr(image_output, "vtr_feature_layer", None)  # the feature layer the tiles were encoded with
+        if frame_index is None:
+            frame_index = getattr(image_output, "vtr_frame_index", None)
         cache = {}
 
         def counts():
@@ -133,7 +159,59 @@ class InternVLAdapter(BackboneAdapter):
             chosen = sample_rows(b, facts["received"].shape[0], "vision_layer")
             return {name: value[chosen].to(visual.device) for name, value in facts.items()}
 
-        return {"visual_grid": visual_grid, "vision_importance": vision_importance, "vision_layer": vision_layer}
+        def frames(b: int) -> torch.Tensor:
+            if "blocks" not in cache:  # `<img>` blocks per prompt row
+                cache["blocks"] = (visual & ~F.pad(visual[:, :-1], (1, 0))).sum(1).tolist()
+            return self._frames(visual[b], self._block_frames(b, cache["blocks"], frame_index))
+
+        return {
+            "visual_grid": visual_grid,
+            "frames": frames,
+            "vision_importance": vision_importance,
+            "vision_layer": vision_layer,
+        }
+
+    def _block_frames(self, b: int, blocks: list[int], frame_index: torch.Tensor | None) -> torch.Tensor | None:
+        """Prompt row b's entries of `frame_index` (None without one): the index lists the original samples'
+        blocks in batch order; generate() repeats each sample once per beam, in a row."""
+        if frame_index is None:
+            return None
+        frame_index = torch.as_tensor(frame_index).reshape(-1)
+        total, given = sum(blocks), frame_index.numel()
+        repeats = total // given if given and total % given == 0 else 0
+        if not repeats or sum(blocks[::repeats]) != given:
+            raise ValueError(
+                f"frame_index has {given} entries, but the prompts hold {blocks} <img> blocks: give one per block "
+                "(its frame's index in its video, -1 for an image), in batch and prompt order"
+            )
+        sample_blocks, b = blocks[::repeats], b // repeats
+        first = sum(sample_blocks[:b])
+        return frame_index[first : first + sample_blocks[b]]
+
+    def _frames(self, visual: torch.Tensor, block_frames: torch.Tensor | None) -> torch.Tensor:
+        """[num_visual, 2] long (video, frame) of one prompt row's visual tokens (`visual` [seq] bool), from its
+        blocks' frame indices (`_block_frames`): videos numbered 0, 1, ... at each frame 0, images (-1, -1).
+        Without them only a row of multi-tile blocks is known (no video); a one-tile block is refused."""
+        rows, cols = self.patch_grid()
+        block = (visual & ~F.pad(visual[:-1], (1, 0))).cumsum(0)[visual] - 1  # each visual token's block
+        tiles = torch.bincount(block) // (rows * cols)
+        if block_frames is None:
+            if bool((tiles == 1).any()):
+                raise ValueError(
+                    "frames: a one-tile <img> block may be an image or a video frame (only the processor knows); "
+                    "pass frame_index to the forward / generate() (see internvl_vtr.modeling)"
+                )
+            frame = torch.full_like(tiles, -1)
+        else:
+            frame = block_frames.to(visual.device, torch.long)
+            previous = F.pad(frame[:-1], (1, 0), value=-1)
+            if bool(((frame < -1) | ((frame > 0) & (frame != previous + 1)) | ((frame >= 0) & (tiles != 1))).any()):
+                raise ValueError(
+                    f"frame_index {frame.tolist()} does not fit this prompt's <img> blocks of {tiles.tolist()} tiles: "
+                    "a frame is one tile and a video's frames are numbered 0, 1, ... in order (-1 for an image)"
+                )
+        video = torch.where(frame >= 0, (frame == 0).cumsum(0) - 1, -1)
+        return torch.stack([video, frame], -1)[block]
 
     def _feature_index(self, layer=None) -> int:
         """The tower hidden state the projector reads for feature layer `layer` (default: the config's; the last
@@ -223,6 +301,7 @@ class VTRInternVLForConditionalGeneration(VTRModelMixin, InternVLForConditionalG
         logits_to_keep=0,
         image_sizes=None,
         mm_encoder_outputs=None,
+        frame_index=None,  # the fork's own: which `<img>` blocks are video frames (module docstring)
         **kwargs,
     ):
         return self.vtr_forward(super().forward, *self.forward_arguments(locals()))

@@ -4,15 +4,15 @@
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
+import torch
 from transformers import InternVLForConditionalGeneration
 
 from internvl_vtr import load_processor
 from internvl_vtr.tiny import build_tiny_internvl, demo_image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from internvl_testlib import BackboneCase, chat  # noqa: E402
+from internvl_testlib import BackboneCase, chat, clip  # noqa: E402
 
 # 32 px tiles of 4 px patches: 16 visual tokens per tile; up to 4 tiles + thumbnail. A 64 x 64 image gives
 # 2 x 2 tiles + thumbnail = 80 tokens, a 64 x 32 one 2 x 1 + thumbnail = 48. Qwen2 decoder, 4 layers, GQA.
@@ -47,21 +47,34 @@ def batch_inputs(processor, image):
     return processor(images=[image, wide], text=texts, return_tensors="pt", padding=True)
 
 
-@pytest.fixture(scope="session")
-def frames():
-    """A 3-frame clip (uint8 [t, h, w, 3]): the scene drifting right."""
-    base = np.asarray(demo_image(48, 40))
-    return np.stack([np.roll(base, 6 * t, axis=1) for t in range(3)])
-
-
-@pytest.fixture(scope="session")
-def video_inputs(processor, frames):
-    """Two video prompts (3 frames each, one tile per frame), left-padded."""
+def two_videos(processor, frames):
+    """Two video prompts (the clip, then played backwards; one tile per frame), left-padded."""
     texts = [
         chat(processor, "What happens in the video?", images=0, videos=1),
         chat(processor, "Why?", images=0, videos=1),
     ]
     return processor(videos=[frames, frames[::-1].copy()], text=texts, return_tensors="pt", padding=True)
+
+
+@pytest.fixture(scope="session")
+def frames():
+    """A 3-frame clip (uint8 [t, h, w, 3])."""
+    return clip(3)
+
+
+@pytest.fixture(scope="session")
+def video_inputs(processor, frames):
+    """Two 3-frame video prompts, left-padded."""
+    return two_videos(processor, frames)
+
+
+@pytest.fixture(scope="session")
+def video_batch(processor):
+    """Two 4-frame video prompts, left-padded, with the `frame_index` the processor does not give (every block a
+    frame: 0..3 per video)."""
+    inputs = two_videos(processor, clip(4))
+    inputs["frame_index"] = torch.arange(4).repeat(2)
+    return inputs
 
 
 @pytest.fixture(scope="session")
@@ -73,8 +86,10 @@ def stock_models(tiny_path):
 
 
 @pytest.fixture(scope="session")
-def backbone(tiny_path, processor, stock_models, single_inputs, batch_inputs):
+def backbone(tiny_path, processor, stock_models, single_inputs, batch_inputs, video_batch):
     """The contract test's view of this fork (InternVL3-shaped: Qwen2 decoder)."""
     text_only = processor(text="<|im_start|>user\nSay something short.<|im_end|>\n", return_tensors="pt")
     token = stock_models["eager"].config.image_token_id
-    return BackboneCase("InternVL3", tiny_path, stock_models, single_inputs, batch_inputs, text_only, token)
+    return BackboneCase(
+        "InternVL3", tiny_path, stock_models, single_inputs, batch_inputs, text_only, token, video=video_batch
+    )

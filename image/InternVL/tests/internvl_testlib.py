@@ -4,11 +4,13 @@ embedding step (stock vision features scattered into the `<IMG_CONTEXT>` positio
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import vtr_oracle
 from vtr_oracle import stage_drops  # noqa: F401 (re-exported for the fork's tests)
 
 from internvl_vtr import VTRConfig, load_model
+from internvl_vtr.tiny import demo_image
 
 QUESTION = "What is shown in the image?"
 
@@ -16,6 +18,12 @@ QUESTION = "What is shown in the image?"
 def chat(processor, question=QUESTION, images=1, videos=0):
     content = [{"type": "image"}] * images + [{"type": "video"}] * videos + [{"type": "text", "text": question}]
     return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+def clip(num_frames: int):
+    """A clip of `num_frames` frames (uint8 [t, h, w, 3]): the scene drifting right."""
+    base = np.asarray(demo_image(48, 40))
+    return np.stack([np.roll(base, 6 * t, axis=1) for t in range(num_frames)])
 
 
 def vtr_model(path, impl="sdpa", **cfg):
@@ -68,3 +76,4 @@ class BackboneCase:
     text_only: dict  # one prompt without an image
     visual_token_id: int
     embed: Callable = internvl_embed  # merged input embeddings for the oracle
+    video: dict | None = None  # two prompts, left-padded, one video each (different), with `frame_index`

@@ -3,7 +3,7 @@ the no-torchvision processor (images, tiles, video files), and clear errors."""
 
 import pytest
 import torch
-from internvl_testlib import chat, vtr_model
+from internvl_testlib import chat, clip, vtr_model
 
 from internvl_vtr import PruningStrategy, VTRConfig, load_model, register_strategy, wrap
 from internvl_vtr.processing import InternVLVideoProcessorPil, load_processor
@@ -118,6 +118,96 @@ def test_vision_attention_methods_run_under_beam_search(tiny_path, batch_inputs)
     out = model.generate(**batch_inputs, max_new_tokens=2, num_beams=2, num_return_sequences=2, do_sample=False)
     beams = [p.tolist() for p in model.vtr_last.stages[0].kept_positions]
     assert out.shape[0] == 4 and beams == [single[0], single[0], single[1], single[1]]
+
+
+# ------------------------------------------------------------------------------------------ video frames
+
+FRAMES = []
+
+
+@register_strategy("test_internvl_frames")
+class FramesCapture(PruningStrategy):
+    needs_attention = False
+
+    def compute_scores(self, attention, image_token_range, config, **ctx):
+        FRAMES.append((ctx["batch_index"], ctx["frames"]()))
+        return torch.zeros(image_token_range[1] - image_token_range[0])
+
+
+def _frames(tiny_path, inputs, **generate) -> list[list]:
+    """frames() of each prompt row (each beam copy under generate), as lists."""
+    FRAMES.clear()
+    model = vtr_model(tiny_path, strategy="test_internvl_frames", prune_layer=0, keep_tokens=8)
+    with torch.no_grad():
+        model.generate(**inputs, max_new_tokens=2, do_sample=False, **generate) if generate else model(**inputs)
+    assert all(f.dtype == torch.long for _, f in FRAMES)
+    return [f.tolist() for _, f in sorted(FRAMES, key=lambda item: item[0])]
+
+
+def image_rows(tiles: int) -> list:
+    return [[-1, -1]] * (16 * tiles)
+
+
+def video_rows(video: int, frames: int) -> list:
+    return [[video, frame] for frame in range(frames) for _ in range(16)]
+
+
+@pytest.fixture(scope="session")
+def mixed_inputs(processor, image):
+    """Two prompts, left-padded: an image (2 x 2 tiles + thumbnail) then a 4-frame video; a video, a one-tile
+    image (a block like a frame's but for the `FrameN: ` before it) and another video."""
+
+    def turn(kinds, question):
+        content = [{"type": kind} for kind in kinds] + [{"type": "text", "text": question}]
+        return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+    texts = [turn(["image", "video"], "Describe both in detail."), turn(["video", "image", "video"], "Why?")]
+    video = clip(4)
+    inputs = processor(
+        images=[image, demo_image(32, 32)], videos=[video, video[::-1].copy(), video[:, ::-1].copy()],
+        text=texts, return_tensors="pt", padding=True,
+    )  # fmt: skip
+    inputs["frame_index"] = torch.tensor([-1, 0, 1, 2, 3] + [0, 1, 2, 3, -1, 0, 1, 2, 3])
+    return inputs
+
+
+MIXED = [image_rows(5) + video_rows(0, 4), video_rows(0, 4) + image_rows(1) + video_rows(1, 4)]
+
+
+def test_frames_of_a_video_batch(tiny_path, video_batch):
+    """Every block of a video prompt is one frame (one 16-token tile), numbered in time order; one video a prompt."""
+    assert _frames(tiny_path, video_batch) == [video_rows(0, 4)] * 2
+
+
+def test_frames_of_mixed_prompts_leave_images_out(tiny_path, mixed_inputs, processor):
+    """Image tiles (a one-tile image too) are (-1, -1) and do not count as videos; a video after an image is the
+    prompt's video 0, the one after it video 1."""
+    ids = mixed_inputs["input_ids"]
+    assert (ids == processor.image_token_id).sum(1).tolist() == [80 + 64, 64 + 16 + 64]
+    assert _frames(tiny_path, mixed_inputs) == MIXED
+
+
+def test_frames_follow_each_beam_copys_sample(tiny_path, mixed_inputs):
+    """generate(num_beams=2) repeats each prompt; each copy reads its own sample's frames."""
+    got = _frames(tiny_path, mixed_inputs, num_beams=2, num_return_sequences=2)
+    assert got == [MIXED[0], MIXED[0], MIXED[1], MIXED[1]]
+
+
+def test_frames_without_or_with_a_wrong_frame_index(tiny_path, batch_inputs, mixed_inputs):
+    """Without `frame_index`, prompts of multi-tile images have no video; a one-tile block (image or frame?) asks for
+    it. An index that does not fit the blocks is refused, naming it."""
+    assert _frames(tiny_path, batch_inputs) == [image_rows(5), image_rows(3)]
+    unmarked = {k: v for k, v in mixed_inputs.items() if k != "frame_index"}
+    with pytest.raises(ValueError, match="one-tile <img> block.*pass frame_index"):
+        _frames(tiny_path, unmarked)
+    index = mixed_inputs["frame_index"]
+    for wrong, why in (
+        (index[:-1], r"13 entries, but the prompts hold \[5, 9\] <img> blocks"),
+        (torch.cat([torch.tensor([0]), index[1:]]), "a frame is one tile"),  # the 5-tile image as a frame
+        (torch.cat([index[:2], index[3:4], index[2:3], index[4:]]), "numbered 0, 1, ... in order"),
+    ):
+        with pytest.raises(ValueError, match=why):
+            _frames(tiny_path, {**unmarked, "frame_index": wrong})
 
 
 # ------------------------------------------------------------------------------------------ processor
