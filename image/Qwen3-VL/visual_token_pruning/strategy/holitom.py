@@ -142,28 +142,31 @@ class HoliTom(VideoReduction):
         return scores
 
     def arrange(self, video: Video, ratio: float, config, ctx) -> Arrangement:
-        on = (video.grid[0, :, 0] >= 0).nonzero().reshape(-1)  # a frame's grid tokens, in layout (raster) order
-        features = video.features[:, on].float()  # [T, N, hidden]
-        importance = ctx["vision_importance"]().to(video.visual.device)[video.visual[:, on]].float()
+        on = (video.grid[0, :, 0] >= 0).nonzero().reshape(-1).cpu()  # a frame's grid tokens, in raster order
+        features = video.features[:, on.to(video.features.device)].float()  # [T, N, hidden]
+        visual = video.visual[:, on.to(video.visual.device)]
+        importance = ctx["vision_importance"]().to(visual.device)[visual].float().cpu()  # [T, N]
         frames, places = features.shape[:2]
-        similar = torch.nn.functional.cosine_similarity(features[:-1], features[1:], dim=-1) > config.holitom_tau
-        windows, saved = static_windows(similar.cpu())
+        alike = torch.nn.functional.cosine_similarity(features[:-1], features[1:], dim=-1)
+        similar = (alike > config.holitom_tau).cpu()  # [T-1, N]
+        windows, saved = static_windows(similar)
         ratio = min(ratio / ((frames * places - saved) / (frames * places)), 1)
         newlines = self.row_newlines(video, on)
+        width = int(video.grid[0, on.to(video.grid.device), 1].max()) + 1
         out = Arrangement(video)
         for first, last in windows:
-            static = similar[first:last].all(0).cpu() if last > first else torch.zeros(places, dtype=torch.bool)
+            static = similar[first:last].all(0) if last > first else torch.zeros(places, dtype=torch.bool)
             merged = self.static_tokens(video, on, features, first, last, static, ratio, config)
             for t in range(first, last + 1):
                 dynamic = (~static).nonzero().reshape(-1)
-                kept = dynamic[top_in_order(importance[t, dynamic].cpu(), math.ceil(dynamic.numel() * ratio))]
+                kept = dynamic[top_in_order(importance[t, dynamic], math.ceil(dynamic.numel() * ratio))]
                 tokens = [(int(p), video.flat(t, int(on[p])), None) for p in kept]
                 if newlines is None:  # OneVision: the window's static tokens, then each frame's
                     if t == first and merged:
                         out.merge(torch.stack([w for _, _, w in merged]), [r for _, r, _ in merged], first)
                     out.keep([flat for _, flat, _ in tokens], t)
                 else:  # LLaVA-Video: by place in the frame, a newline closing every row that kept a token
-                    self.grid_frame(out, video, t, tokens + (merged if t == first else []), newlines, on)
+                    self.grid_frame(out, video, t, tokens + (merged if t == first else []), newlines, width)
         return out
 
     @staticmethod
@@ -207,7 +210,7 @@ class HoliTom(VideoReduction):
         where = (closes >= 0).nonzero().reshape(-1)
         if where.numel() == 0:
             return None
-        rows = sorted(set(video.grid[0, on, 0].tolist()))
+        rows = sorted(set(video.grid[0, on.to(video.grid.device), 0].tolist()))
         if sorted(closes[where].tolist()) != rows:
             raise ValueError(
                 "holitom orders a video's tokens as the official code does in OneVision's one_token layout and "
@@ -216,10 +219,9 @@ class HoliTom(VideoReduction):
         return {int(closes[j]): int(j) for j in where}
 
     @staticmethod
-    def grid_frame(out: Arrangement, video: Video, frame: int, tokens: list, newlines: dict, on) -> None:
-        """Frame `frame`'s output in the grid layout: `tokens` [(place, flat, weights or None)] in place order,
-        each row's followed by its newline."""
-        width = int(video.grid[0, on, 1].max()) + 1
+    def grid_frame(out: Arrangement, video: Video, frame: int, tokens: list, newlines: dict, width: int) -> None:
+        """Frame `frame`'s output in the grid layout: `tokens` [(place, flat, weights or None)] in place order
+        (rows of `width` places), each row's followed by its newline."""
         tokens = sorted(tokens, key=lambda item: item[0])
         kept = []  # a run of tokens kept as they are, handed over at once
         for i, (place, flat, weights) in enumerate(tokens):
