@@ -5,7 +5,9 @@ density anchors.
 
 The rules of the official LLaVA-OneVision code (LunarShen/FastVID, `fastvid_llavaonevision`, `Qwen2Model.forward`),
 on every backbone, per video, before the LLM, on the video tokens spliced into the prompt (their input embeddings),
-T frames of n grid tokens each (on Qwen-VL a frame is a temporal group of 2 input frames):
+T frames of n grid tokens each (on Qwen-VL a frame is a temporal group of 2 input frames). Its side signals come
+from SigLIP's pooling head there, which Hugging Face towers lack: the global frame feature here is the mean of the
+frame's tokens (as the official Qwen2.5-VL code has it), the saliency the backbone's `vision_importance`.
 
 1. DySeg: a frame's global feature is the mean of its tokens; with s_i the cosine of frames i and i+1, the video is
    cut after the `fastvid_segments` - 1 (c - 1) frames of lowest s_i (ties: the earlier) and after every frame with
@@ -18,12 +20,12 @@ T frames of n grid tokens each (on Qwen-VL a frame is a temporal group of 2 inpu
 4. Density: over a frame's other n - S tokens (index order), Euclidean distances / sqrt(hidden) in float32;
    rho = exp(-mean squared distance to the 4 nearest, itself included) + 1e-6 U(0, 1) (drawn from `seed`);
    delta = the distance to the nearest denser token (the densest: the frame's largest distance); anchors = the
-   frame's k highest delta x rho (ties: the earlier).
+   frame's k highest delta x rho (ties: the earlier; at most the n - S there are).
 5. Merge: a frame whose count is C (a one-frame segment, or a segment where the floor gives C) merges its own n - S
    tokens; a frame with more merges every non-salient token of its segment (other anchor frames' anchors included,
    so a token may join one anchor per anchor frame). Each pool token joins its most cosine-similar anchor (the
    first in score order on ties); an anchor with m members becomes w a + (1 - w) mean(members), w = max(1 / (m +
-   1), `fastvid_beta`); its own frame's anchors are members too.
+   1), `fastvid_beta`); the anchors are in the pool (an anchor usually joins itself).
 6. The salient and merged tokens enter in their original order, at their original positions (gaps kept; M-RoPE:
    the unpruned ids gathered), as the official code sorts them by index. Tokens a frame holds off its grid are not
    scored: a newline closing a row stays when its row keeps a token (the LLaVA-Video code's rule), any other
@@ -117,8 +119,8 @@ class FastVID(VideoReduction):
         device = video.features.device
         cells = (video.grid[0, :, 0] >= 0).nonzero().reshape(-1).to(device)
         features = video.features[:, cells]  # [T, n, hidden]
-        segments = min(config.fastvid_segments, frames) - 1
-        sizes = segment_sizes(features.float().mean(1), segments, config.fastvid_tau)
+        cuts = min(config.fastvid_segments, frames) - 1
+        sizes = segment_sizes(features.float().mean(1), cuts, config.fastvid_tau)
         retain = int(cells.numel() * ratio)
         share = int(retain * config.fastvid_anchor_share)
         counts = anchor_counts(sizes, share, config.fastvid_anchor_stride)
