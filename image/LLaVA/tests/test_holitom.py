@@ -331,3 +331,20 @@ def test_a_batch_runs_both_stages_and_decodes(ov_path, ov_processor):
         handed = stages[0].image_tokens_kept[b] + stages[0].merged[b]
         assert stages[1].image_tokens_before[b] == handed
         assert stages[1].image_tokens_kept[b] + stages[1].merged[b] == round(handed / 2)
+
+
+def test_llava_video_grid_layout_on_the_tiny_checkpoint(tmp_path_factory):
+    """LLaVA-Video's layout (average pooling, a newline after each row of each frame): the 4 tiny frames are alike
+    everywhere, one window; its 4 static places become 4 clusters at r' = 1 in frame 0's place with a newline after
+    each of its 2 rows, frames 1-3 keep nothing (no newline either); the inner merge keeps round(6 / 2)."""
+    from llava.vtr import load_processor
+    from llava.vtr.tiny import build_tiny_llava_onevision
+
+    path = build_tiny_llava_onevision(tmp_path_factory.mktemp("ov-grid"), newline_position="grid", pool_mode="average")
+    model = holitom_model(path, keep_ratio=0.5)
+    with torch.no_grad():
+        model(**ov_videos(load_processor(path)))
+    before, inner = model.vtr_last.stages
+    assert before.image_tokens_before == [4 * (4 + 2)] * 2
+    assert (before.image_tokens_kept, before.merged) == ([2, 2], [4, 4])  # the newlines kept, the clusters merged
+    assert [n + m for n, m in zip(inner.image_tokens_kept, inner.merged)] == [3, 3]
