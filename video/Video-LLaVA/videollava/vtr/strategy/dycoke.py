@@ -53,7 +53,7 @@ def reference_frames(frames: int) -> list[int | None]:
 
 @register_strategy("dycoke")
 class DyCoke(VideoReduction):
-    positions = "compact"
+    positions = "compact"  # TTM's output is spliced into the prompt; no official Qwen-VL port: compact there too
 
     @classmethod
     def schedule_defaults(cls, config, num_layers: int) -> dict:
