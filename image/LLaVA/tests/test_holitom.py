@@ -230,6 +230,22 @@ def test_grid_newlines_close_only_rows_that_kept_a_token():
     assert [p for _, p, _ in got] == [0, 1, "newline", 5, "newline"]
 
 
+def test_a_cls_row_opening_each_frame_stays_first_in_its_frame():
+    """Video-LLaVA's frames open with a CLS row (off the grid, closing no row; no official port): kept as it is,
+    ahead of its frame's tokens (in a window's first frame, ahead of the static ones); the rest as without it."""
+    frames, attention = two_scenes()
+    plain = hand_video(frames, 4)
+    cls = torch.randn(5, 1, 16, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    grid = torch.cat([torch.full((1, 2), -1), plain.grid[0]])
+    rows = torch.arange(5 * 9).reshape(5, 9) + 10
+    video = Video(rows, rows - 10, torch.cat([cls, frames], 1), grid.expand(5, 9, 2))
+    got = arranged(video, attention, 0.3)
+    official = official_holitom(frames, attention, 0.3, width=4, grid=False)  # frame by frame, frame 4 empty
+    want = [item for f in range(5) for item in [(f, "newline", None)] + [o for o in official if o[0] == f]]
+    assert_same(got, want)  # (`arranged` names every token off the grid "newline")
+    assert [f for f, p, _ in got if p == "newline"] == [0, 1, 2, 3, 4]
+
+
 # ----------------------------------------------------------------------------- configuration
 
 

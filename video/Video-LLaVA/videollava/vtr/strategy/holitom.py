@@ -153,11 +153,15 @@ class HoliTom(VideoReduction):
         ratio = min(ratio / ((frames * places - saved) / (frames * places)), 1)
         newlines = self.row_newlines(video, on)
         width = int(video.grid[0, on.to(video.grid.device), 1].max()) + 1
+        # tokens off the grid that close no row (Video-LLaVA's CLS row of each frame): kept, first in their frame
+        opening = ((video.grid[0, :, 0] < 0) & (video.newline_of() < 0)).nonzero().reshape(-1).tolist()
         out = Arrangement(video)
         for first, last in windows:
             static = similar[first:last].all(0) if last > first else torch.zeros(places, dtype=torch.bool)
             merged = self.static_tokens(video, on, features, first, last, static, ratio, config)
             for t in range(first, last + 1):
+                if opening:
+                    out.keep([video.flat(t, j) for j in opening], t)
                 dynamic = (~static).nonzero().reshape(-1)
                 kept = dynamic[top_in_order(importance[t, dynamic], math.ceil(dynamic.numel() * ratio))]
                 tokens = [(int(p), video.flat(t, int(on[p])), None) for p in kept]
