@@ -79,6 +79,7 @@ def arrange(features, importance, ratio, grid=None, **fields):
     config = VTRConfig(strategy="fastvid", keep_ratio=ratio, **fields)
     ctx = {"vision_importance": lambda: importance.reshape(-1)}
     mix, representative, frame = get_strategy("fastvid")().arrange(video, ratio, config, ctx).tensors()
+    mix = mix.to_dense() if mix.is_sparse else mix
     return mix @ features.reshape(frames * width, -1).float(), representative, frame, mix
 
 
