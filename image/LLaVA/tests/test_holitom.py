@@ -124,6 +124,7 @@ def arranged(video, attention, ratio, **cfg):
     config = VTRConfig(strategy="holitom", **cfg)
     ctx = {"vision_importance": lambda: importance}
     mix, representative, frame = get_strategy("holitom")().arrange(video, ratio, config, ctx).tensors()
+    mix = mix.to_dense()
     tokens = mix.double() @ video.features.reshape(-1, video.features.shape[-1]).double()
     per_frame = video.shape[1]
     width = int(grid[on, 1].max()) + 1
@@ -301,7 +302,7 @@ def official_inner(h, attention_row, rows, ratio):
 @pytest.mark.parametrize("inner_ratio", [0.5, 0.8])
 def test_inner_merge_equals_the_official_one_on_the_tiny_onevision(ov_path, ov_processor, ov_stock, inner_ratio):
     """One video prompt: the stock decoder on the stage-0 prompt as the model hands it to layer 0, layer K-1's
-    last-row attention (eager, heads averaged), the official merge, layers K.. at compact positions: the logits
+    last-row attention (eager, heads averaged), the official merge, layers K.. at the kept tokens' positions: the logits
     equal the pruned prefill's, and the stage record counts what the official code keeps."""
     from llava.vtr.tiny import demo_video
     from llava_testlib import ov_chat
@@ -330,7 +331,8 @@ def test_inner_merge_equals_the_official_one_on_the_tiny_onevision(ov_path, ov_p
         _, weights = layer.self_attn(layer.input_layernorm(h), position_embeddings=rope, attention_mask=mask)
         h = layer(h, attention_mask=mask, position_embeddings=rope)
         kept, states = official_inner(h[0], weights[0, :, -1].mean(0), rows, inner_ratio)
-        out, _, _ = run_layers(stock.layers, stock.rotary_emb, states[None], torch.arange(len(kept))[None], k.layer, 99)
+        # the kept tokens keep their positions (the merge leaves gaps), as the official code does
+        out, _, _ = run_layers(stock.layers, stock.rotary_emb, states[None], torch.tensor(kept)[None], k.layer, 99)
         want = ov_stock["eager"].lm_head(stock.norm(out))
     assert k.image_tokens_kept[0] + k.merged[0] == round(len(rows) * (1 - inner_ratio))
     torch.testing.assert_close(got, want, atol=2e-5, rtol=0)

@@ -375,7 +375,7 @@ class BackboneAdapter:
 
     def merged_extras(self, extras: dict, mix: torch.Tensor, prefill: PrefillTokens) -> dict:
         """The `PrefillTokens.extras` rows of merged tokens that a method made as `mix` [m, n] (weights over n
-        dropped tokens, whose own extras are `extras`: name -> [n, ...]); name -> [m, ...]. Default: none (a merged
+        dropped tokens, dense or sparse COO, whose own extras are `extras`: name -> [n, ...]); name -> [m, ...]. Default: none (a merged
         token keeps its representative's). Qwen3-VL mixes the DeepStack features the same way."""
         return {}
 
@@ -863,6 +863,7 @@ class PrunedPrefill:
     def __init__(self, adapter: BackboneAdapter, config: VTRConfig, args: dict, kwargs: dict):
         self.adapter, self.config, self.args, self.kwargs = adapter, config, args, kwargs
         self.strategy: PruningStrategy = get_strategy(config.strategy)()
+        self.renumbered = False  # a stage renumbered positions (`compact`)
         self.conventions = config.conventions(mrope=adapter.mrope)
 
     def run(self):
@@ -931,6 +932,7 @@ class PrunedPrefill:
         if pruned and cache is not None:
             # the decode steps of this prefill find it by the cache object (`decode_state(cache)`)
             state = DecodeState(self.adapter, self.segments, seq_len, self.has_padding, self.conventions)
+            state.compact = self.renumbered  # some stage renumbered: layers from it on continue their own numbering
             if self.conventions.earlier_cache == "trim" and any(any(stage.merged) for stage in self.record.stages):
                 # inserted at K: the trimmed earlier layers hold placeholder rows for them
                 state.prefix_born = tokens.born
@@ -1061,7 +1063,7 @@ class PrunedPrefill:
             new_valid = keep_rows.gather(1, index)
             tokens.gather(index, new_valid)
             self.has_padding = self.has_padding or len(set(kept[0])) > 1
-            self._after_gather(prune_at, tokens, index, cache)
+            self._after_gather(stage, prune_at, tokens, index, cache)
         stage_record.scoring_ms = (time.perf_counter() - start) * 1000
         return changed
 
@@ -1145,7 +1147,7 @@ class PrunedPrefill:
                 tokens.visual[b, rows] = True  # a candidate at later stages
                 tokens.merged[b, rows] = True
         self.has_padding = self.has_padding or len({o.numel() for o in orders}) > 1
-        self._after_gather(prune_at, tokens, index, cache)
+        self._after_gather(stage, prune_at, tokens, index, cache)
         arange = torch.arange(new_len, device=device).expand(batch, -1)
         self.info = _span_info(tokens.visual, tokens.valid, arange).tolist()
         record.image_tokens_kept = kept_visual_counts
@@ -1153,10 +1155,12 @@ class PrunedPrefill:
         record.seq_len_after = new_len
         return True
 
-    def _after_gather(self, prune_at: int, tokens: TokenState, index: torch.Tensor, cache) -> None:
-        """After a stage shortened the sequence: renumber positions (`compact`), trim the cache of the layers
-        before (`trim`), and open the segment of layers that run on these rows."""
-        if self.conventions.positions == "compact":
+    def _after_gather(self, stage: int, prune_at: int, tokens: TokenState, index: torch.Tensor, cache) -> None:
+        """After a stage shortened the sequence: renumber positions (`compact`, as the strategy's
+        `stage_positions` says for this stage), trim the cache of the layers before (`trim`), and open the
+        segment of layers that run on these rows."""
+        if self.strategy.stage_positions(stage, self.conventions.positions, self.config) == "compact":
+            self.renumbered = True
             tokens.positions = compact_positions(tokens.positions, tokens.valid)
             tokens.cos, tokens.sin = self.adapter.rotary(tokens.hidden, tokens.positions)
         if cache is not None and self.conventions.earlier_cache == "trim":
@@ -1169,7 +1173,7 @@ class PrunedPrefill:
         """Scores [batch, seq] (float32; only visual positions are read), one compute_scores call per sample."""
         batch, seq_len = tokens.visual.shape
         attention = None
-        if self.strategy.needs_attention:
+        if layer_idx >= 0 and self.strategy.stage_needs_attention(stage, self.config):
             layer = self.adapter.language_model.layers[layer_idx]
             attention = scoring_attention(
                 layer, scoring_input, tokens.cos, tokens.sin, tokens.valid, cache, layer_idx, self.adapter.rope_fn

@@ -334,7 +334,8 @@ class VTRConfig:
             strategy = get_strategy(self.strategy)
             if self.token_merge and not strategy.supports_token_merge:
                 raise _bad("token_merge", True, f"{self.strategy!r} does not recycle dropped tokens (sparsevlm does)")
-            if layers[0] == 0 and strategy.needs_attention and self.conventions().scoring_layer == "previous":
+            needs = strategy.stage_needs_attention(0, self)
+            if layers[0] == 0 and needs and self.conventions().scoring_layer == "previous":
                 raise _bad(
                     "prune_layer",
                     self.prune_layer,

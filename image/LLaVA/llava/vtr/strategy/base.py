@@ -70,7 +70,7 @@ class PruningStrategy(ABC):
         Returns (merged [m, hidden], representative [m] indices into the dropped tokens: each merged token
         takes that token's RoPE position and identity[, after [m] current-sequence rows: each merged token goes
         right after that row, a kept or dropped one, in the given order among equals; default: after the last
-        kept visual token[, mix [m, n]: when merged = mix @ the dropped tokens' states, those weights, so the
+        kept visual token[, mix [m, n] (dense or sparse COO): when merged = mix @ the dropped tokens' states, those weights, so the
         adapter mixes its per-token extras alike (Qwen3-VL's DeepStack features); default: the representative's]]),
         or None to insert nothing."""
         return None
@@ -102,6 +102,20 @@ class PruningStrategy(ABC):
             encoder's own attention to each visual token), and `vtr_ctx`: a dict that lives for one forward
             pass of one sample, shared by all its prune stages.
         """
+
+    @classmethod
+    def stage_needs_attention(cls, stage: int, config) -> bool:
+        """Whether prune stage `stage` reads `attention` (default: `needs_attention`, at every stage). A method whose
+        first stage runs before the LLM and a later one inside it (HoliTom) says which; a stage at prune layer 0
+        never gets attention under `scoring_layer="previous"`."""
+        return cls.needs_attention
+
+    def stage_positions(self, stage: int, positions: str, config) -> str:
+        """The positions convention of prune stage `stage`, given the run's (`positions`: the method's official
+        one, or the one the config chose). Default: the same at every stage. A method whose official code
+        renumbers at one stage and keeps the gaps at another (HoliTom: its pre-LLM splice renumbers, its inner
+        merge keeps positions) overrides it where `config.positions` is unset."""
+        return positions
 
     def vision_layers(self, config, tower: dict) -> tuple[int, ...]:
         """Vision-tower layers (0-based, negative from the end) whose attention this method reads through

@@ -24,11 +24,12 @@ Inside the LLM (stage 1, prune layer K = `holitom_layer`, default 18 of 28 layer
   layer K-1 (heads averaged); the round(Lv (1 - holitom_inner_ratio)) best stay;
 - every other one, in sequence order, is averaged into the kept one most similar to it (cosine of the states
   entering layer K, computed once): target = (target + token) / 2, so the later ones weigh more;
-- layers before K keep every token in their cache.
+- layers before K keep every token in their cache; the kept tokens keep their positions (the merge leaves gaps,
+  `stage_positions`), decode continues the pre-LLM numbering.
 
 Deterministic where the official code is not: ties of top-k and of the densities go to the earlier token (the
 official code adds U[0, 1) x 1e-6 of torch.rand to the densities), ties of the similarity to the better-attended
-kept token. Both positions conventions are one per method here: see docs/methods.md for what that changes.
+kept token.
 """
 
 from __future__ import annotations
@@ -135,11 +136,16 @@ class HoliTom(VideoReduction):
     def compute_scores(self, attention, image_token_range, config, **ctx):
         if ctx["stage"] == 1:
             return self.inner_scores(attention, image_token_range, config, ctx)
-        scores = super().compute_scores(attention, image_token_range, config, **ctx)
-        # The inner merge reads layer K-1's attention; the pre-LLM stage reads none, and the engine asks
-        # `needs_attention` of this object at each stage (see the report: a per-stage engine switch would do this).
-        self.needs_attention = len(config.prune_layers) > 1
-        return scores
+        return super().compute_scores(attention, image_token_range, config, **ctx)
+
+    @classmethod
+    def stage_needs_attention(cls, stage: int, config) -> bool:
+        return stage > 0  # the inner merge reads layer K-1's attention; the pre-LLM stage none
+
+    def stage_positions(self, stage: int, positions: str, config) -> str:
+        """Officially the pre-LLM splice renumbers and the inner merge keeps the kept tokens' positions (gaps)."""
+        official = config.positions is None and config.convention == "official"
+        return "original" if stage > 0 and official else positions
 
     def arrange(self, video: Video, ratio: float, config, ctx) -> Arrangement:
         on = (video.grid[0, :, 0] >= 0).nonzero().reshape(-1).cpu()  # a frame's grid tokens, in raster order
