@@ -8,6 +8,7 @@ from . import (  # noqa: F401
     clse,
     dart,
     divprune,
+    dycoke,
     evs,
     fastervlm,
     fastv,

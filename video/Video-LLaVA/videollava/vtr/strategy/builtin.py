@@ -9,6 +9,7 @@ from . import (  # noqa: F401
     clse,
     dart,
     divprune,
+    dycoke,
     evs,
     fastervlm,
     fastv,
