@@ -446,7 +446,15 @@ class Qwen3VLAdapter(QwenVLAdapter):
         features, rows = prefill.adapter_state.get("deepstack"), extras.get("deepstack_row")
         if features is None or rows is None:
             return {}
-        weights = mix.float() * (rows >= 0)[None].to(mix.device)  # DeepStack reaches visual tokens only
+        visual = (rows >= 0).to(mix.device)  # DeepStack reaches visual tokens only
+        if mix.is_sparse:  # a video method's arrangement (strategy/video.py)
+            mix = mix.coalesce()
+            on = visual[mix.indices()[1]]
+            weights = torch.sparse_coo_tensor(
+                mix.indices()[:, on], mix.values()[on].float(), mix.shape, check_invariants=False
+            )
+        else:
+            weights = mix.float() * visual[None]
         for i, table in enumerate(features):
             added = weights.to(table.device) @ table[rows.clamp_min(0)].float()
             features[i] = torch.cat([table, added.to(table.dtype)])

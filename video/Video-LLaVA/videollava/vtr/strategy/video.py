@@ -88,40 +88,61 @@ def sample_videos(ctx) -> list[Video]:
     return videos
 
 
+def sparse(indices: torch.Tensor, values: torch.Tensor, size: tuple) -> torch.Tensor:
+    """A sparse COO [size] tensor of `values` at `indices` [2, nnz] (built from valid indices: no invariant check)."""
+    return torch.sparse_coo_tensor(indices, values, size, check_invariants=False)
+
+
 class Arrangement:
     """The tokens one video hands the LLM, in order (see the module docstring). Indices are flat, frame-major
-    (`Video.flat`)."""
+    (`Video.flat`). The mix is kept sparse: a 32-frame video's outputs over its tokens would be 6,272 x 6,272."""
 
     def __init__(self, video: Video):
         self.video = video
         self.count = video.rows.numel()
-        self.mix: list[torch.Tensor] = []  # [m, count] float32 blocks
+        self.outputs = 0
+        self.entries: list[torch.Tensor] = []  # [2, nnz] long blocks: (output, source token)
+        self.weights: list[torch.Tensor] = []  # [nnz] float32
         self.representative: list[torch.Tensor] = []  # [m] long
         self.frame: list[torch.Tensor] = []  # [m] long
 
     def keep(self, tokens: torch.Tensor, frame: int | torch.Tensor | None = None) -> None:
         """Tokens `tokens` ([m] flat indices) as they are, in this order; in the place of `frame` (default: their own)."""
         tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(-1).cpu()
-        weights = torch.zeros(tokens.numel(), self.count)
-        weights[torch.arange(tokens.numel()), tokens] = 1.0
-        self.merge(weights, tokens, tokens // self.video.rows.shape[1] if frame is None else frame)
+        outputs = torch.arange(tokens.numel())
+        frame = tokens // self.video.rows.shape[1] if frame is None else frame
+        self._add(outputs, tokens, torch.ones(tokens.numel()), tokens, frame)
 
     def merge(self, weights: torch.Tensor, representative: torch.Tensor, frame: int | torch.Tensor) -> None:
-        """Tokens made of the video's: `weights` [m, count] (each output = weights @ the tokens' states), each taking
-        `representative`'s ([m] flat) position and identity, in the place of `frame` (an int or [m])."""
+        """Tokens made of the video's: `weights` [m, count] dense or sparse (each output = weights @ the tokens'
+        states), each taking `representative`'s ([m] flat) position and identity, in the place of `frame` (an int
+        or [m])."""
         representative = torch.as_tensor(representative, dtype=torch.long).reshape(-1).cpu()
-        weights = weights.reshape(-1, self.count).float().cpu()
-        if weights.shape[0] != representative.numel():
-            raise ValueError(f"{weights.shape[0]} merged tokens with {representative.numel()} representatives")
+        weights = weights.cpu().float()
+        weights = weights.coalesce() if weights.is_sparse else weights.reshape(-1, self.count).to_sparse()
+        if weights.shape[0] != representative.numel() or weights.shape[1] != self.count:
+            raise ValueError(
+                f"{tuple(weights.shape)} merge weights for {representative.numel()} representatives over a video of "
+                f"{self.count} tokens"
+            )
+        (outputs, sources), values = weights.indices(), weights.values()
+        self._add(outputs, sources, values, representative, frame)
+
+    def _add(self, outputs, sources, values, representative, frame) -> None:
         frame = torch.as_tensor(frame, dtype=torch.long).reshape(-1).cpu().expand(representative.numel())
-        self.mix.append(weights)
+        self.entries.append(torch.stack([outputs + self.outputs, sources]))
+        self.weights.append(values.float())
         self.representative.append(representative)
         self.frame.append(frame.clone())
+        self.outputs += representative.numel()
 
     def tensors(self):
-        if not self.mix:
-            return torch.zeros(0, self.count), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
-        return torch.cat(self.mix), torch.cat(self.representative), torch.cat(self.frame)
+        """(mix: sparse [m, count] coalesced, representative [m], frame [m]) of the outputs so far, in order."""
+        if not self.entries:
+            empty = torch.zeros(0, dtype=torch.long)
+            return sparse(torch.zeros(2, 0, dtype=torch.long), torch.zeros(0), (0, self.count)), empty, empty
+        mix = sparse(torch.cat(self.entries, 1), torch.cat(self.weights), (self.outputs, self.count))
+        return mix.coalesce(), torch.cat(self.representative), torch.cat(self.frame)
 
 
 class VideoReduction(MarkedSelection):
@@ -177,42 +198,55 @@ class VideoReduction(MarkedSelection):
             kept = _kept_as_is(video, mix, representative, frame)
             scores[video.rows.reshape(-1) - start] = -float("inf")
             scores[video.rows.reshape(-1)[representative[kept]].to(rows.device) - start] = 1.0
-            plans.append((video, mix[~kept], representative[~kept], _anchors(video, representative, frame, kept)))
+            inserted = torch.full((kept.numel(),), -1, dtype=torch.long)  # each inserted output's new number
+            inserted[~kept] = torch.arange(int((~kept).sum()))
+            (outputs, sources), weights = mix.indices(), mix.values()
+            mine = inserted[outputs] >= 0
+            entries = (inserted[outputs[mine]], sources[mine], weights[mine])
+            plans.append((video, entries, representative[~kept], _anchors(video, representative, frame, kept)))
         ctx["vtr_ctx"][self.name] = plans
         return scores
 
     def merge_tokens(self, dropped_hidden, dropped_scores, config, **ctx):
         dropped = ctx["dropped_index"]
         plans = ctx["vtr_ctx"].get(self.name, [])
-        if not any(mix.shape[0] for _, mix, *_ in plans):
+        if not any(len(plan[2]) for plan in plans):
             return None
-        where = {row: i for i, row in enumerate(dropped.tolist())}
-        mixes, which, after = [], [], []
-        for video, mix, representative, anchors in plans:
-            flat_rows = video.rows.reshape(-1).tolist()
-            columns = [where.get(r, -1) for r in flat_rows]
-            used = (mix != 0).any(0).nonzero().reshape(-1).tolist()
-            if any(columns[i] < 0 for i in used) or any(columns[i] < 0 for i in representative.tolist()):
+        length = max(int(dropped.max()), *(int(plan[0].rows.max()) for plan in plans)) + 1
+        column = torch.full((length,), -1, dtype=torch.long)  # current row -> its place among the dropped ones
+        column[dropped.cpu()] = torch.arange(dropped.numel())
+        indices, values, which, after, offset = [], [], [], [], 0
+        for video, (outputs, sources, weights), representative, anchors in plans:
+            place = column[video.rows.reshape(-1).cpu()]
+            if bool((place[sources] < 0).any()) or bool((place[representative] < 0).any()):
                 raise ValueError(f"{self.name}: a merged token mixes or represents a token the LLM also gets as it is")
-            block = torch.zeros(mix.shape[0], dropped.numel())
-            block[:, [columns[i] for i in used]] = mix[:, used]
-            mixes.append(block)
-            which.append(torch.tensor([columns[i] for i in representative.tolist()], dtype=torch.long))
+            indices.append(torch.stack([outputs + offset, place[sources]]))
+            values.append(weights)
+            which.append(place[representative])
             after.append(anchors)
-        mix = torch.cat(mixes).to(dropped_hidden.device)
-        merged = (mix @ dropped_hidden.float()).to(dropped_hidden.dtype)
+            offset += representative.numel()
+        mix = sparse(torch.cat(indices, 1), torch.cat(values), (offset, dropped.numel())).coalesce()
+        mix = mix.to(dropped_hidden.device)
+        merged = torch.sparse.mm(mix, dropped_hidden.float()).to(dropped_hidden.dtype)
         return merged, torch.cat(which), torch.cat(after).to(dropped.device), mix
 
 
 def _kept_as_is(video: Video, mix, representative, frame) -> torch.Tensor:
     """[m] bool: the output tokens that are a token of the video itself, in its own frame's place, in prompt order
-    after the previous such token, and mixed into no other output token: those stay kept rows."""
-    one_hot = (mix.count_nonzero(1) == 1) & (mix.gather(1, representative[:, None]).squeeze(1) == 1.0)
-    used_elsewhere = (mix != 0).sum(0)[representative] > 1
-    own_frame = representative // video.rows.shape[1] == frame
-    kept = torch.zeros_like(one_hot)
+    after the previous such token, and mixed into no other output token: those stay kept rows. `mix`: sparse
+    [m, count], coalesced."""
+    m = representative.numel()
+    (outputs, sources), weights = mix.indices(), mix.values()
+    nonzero = weights != 0
+    terms = torch.bincount(outputs[nonzero], minlength=m)
+    at_self = nonzero & (sources == representative[outputs])
+    self_weight = torch.zeros(m).index_add_(0, outputs[at_self], weights[at_self])
+    used = torch.bincount(sources[nonzero], minlength=mix.shape[1])
+    candidate = (terms == 1) & (self_weight == 1.0) & (used[representative] == 1)
+    candidate &= representative // video.rows.shape[1] == frame
+    kept = torch.zeros(m, dtype=torch.bool)
     last = -1
-    for i in (one_hot & ~used_elsewhere & own_frame).nonzero().reshape(-1).tolist():
+    for i in candidate.nonzero().reshape(-1).tolist():
         token = int(representative[i])
         if token > last:
             kept[i] = True
