@@ -1,11 +1,12 @@
-"""`load_processor`: the stock `InternVLProcessor`, also where torchvision cannot load.
+"""`load_processor`: the stock `InternVLProcessor` plus `frame_index`, also where torchvision cannot load.
 
 transformers' InternVL video processor (and the fast image processor) import torchvision, so without it
-`AutoProcessor.from_pretrained` fails even for images. Where torchvision imports, `load_processor` is
-`AutoProcessor.from_pretrained`. Elsewhere it builds the same `InternVLProcessor` from the checkpoint's own
-files with the PIL image processor (`GotOcr2ImageProcessorPil`: the same tiling, `crop_to_patches`, and
-statistics) and `InternVLVideoProcessorPil` below, and says so in one line. Prompts, token counts and the
-returned fields are the stock ones.
+`AutoProcessor.from_pretrained` fails even for images. Where torchvision imports, `load_processor` loads the stock
+sub-processors into `VTRInternVLProcessor` (the stock processor that also returns `frame_index` when a call has
+videos: which `<img>` blocks are video frames, for the VTR model's video methods). Elsewhere it builds the same
+processor from the checkpoint's own files with the PIL image processor (`GotOcr2ImageProcessorPil`: the same
+tiling, `crop_to_patches`, and statistics) and `InternVLVideoProcessorPil` below, and says so in one line.
+Prompts, token counts and the other returned fields are the stock ones.
 
 Videos: InternVL gives every frame one tile (the frame resized to the tile size, no cropping) and writes
 `FrameN: <img><IMG_CONTEXT>*256</img>` per frame, frames joined by newlines. A video may be a file path
@@ -87,9 +88,35 @@ class InternVLVideoProcessorPil(VideoProcessorMixin):
         return BatchFeature({"pixel_values_videos": torch.stack(clips)}, tensor_type=return_tensors)
 
 
-class InternVLProcessorPil(InternVLProcessor):
-    """The stock `InternVLProcessor`; only the sub-processor class check differs: transformers looks its
-    video base class up through a torchvision-only registry, so it would refuse any video processor here."""
+class VTRInternVLProcessor(InternVLProcessor):
+    """The stock `InternVLProcessor`, plus `frame_index` when a call has videos: [blocks] long, for each `<img>` block
+    of the batch in batch and prompt order, its frame's index in its video (0, 1, ...), -1 for an image; e.g. an
+    image then a 4-frame video: [-1, 0, 1, 2, 3]. The stock processor merges video frames into `pixel_values` beside
+    the image tiles, so only it knows which blocks are frames; video reduction methods need that
+    (`VTRInternVLForConditionalGeneration`'s forward argument). A stock model's forward ignores the field, its
+    generate() refuses it: drop it there."""
+
+    def __call__(self, images=None, text=None, videos=None, **kwargs) -> BatchFeature:
+        inputs = super().__call__(images=images, text=text, videos=videos, **kwargs)
+        if videos is None:
+            return inputs
+        index = self._frame_index([text] if isinstance(text, str) else text, inputs["input_ids"])
+        text_kwargs = self._merge_kwargs(tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)["text_kwargs"]
+        return BatchFeature({**inputs, "frame_index": index}, tensor_type=text_kwargs.get("return_tensors"))
+
+    def _frame_index(self, texts: list[str], input_ids) -> list[int]:
+        """Per `<img>` block: -1 for an image (one block of all its tiles), 0..frames-1 for a video (a block per
+        frame), in the order the prompts place them, as the stock processor merges their pixels. The videos of one
+        call have the same number of frames (the processors stack them): the blocks that are not images'."""
+        order = [match.lastgroup for text in texts for match in self.multimodal_pattern.finditer(text)]
+        blocks = sum(int(np.count_nonzero(np.asarray(row) == self.start_image_token_id)) for row in input_ids)
+        frames = (blocks - order.count("image")) // order.count("video")
+        return [frame for kind in order for frame in ([-1] if kind == "image" else range(frames))]
+
+
+class InternVLProcessorPil(VTRInternVLProcessor):
+    """`VTRInternVLProcessor`; only the sub-processor class check differs: transformers looks its video base class
+    up through a torchvision-only registry, so it would refuse any video processor here."""
 
     def check_argument_for_proper_class(self, argument_name, argument):
         if argument_name == "video_processor" and isinstance(argument, InternVLVideoProcessorPil):
@@ -107,15 +134,15 @@ def _video_config(pretrained: str, hub_kwargs: dict) -> dict:
 
 
 def load_processor(pretrained: str, num_frames: int | None = None, **kwargs):
-    """The checkpoint's `InternVLProcessor` (stock where torchvision imports; otherwise the PIL image
-    processor and `InternVLVideoProcessorPil`, announced in one line on stderr). `kwargs` go to
-    `from_pretrained` (e.g. `min_patches`/`max_patches` override the tile limits). `num_frames`: frames
+    """The checkpoint's processor as a `VTRInternVLProcessor` (the stock sub-processors where torchvision imports;
+    otherwise the PIL image processor and `InternVLVideoProcessorPil`, announced in one line on stderr). `kwargs`
+    go to `from_pretrained` (e.g. `min_patches`/`max_patches` override the tile limits). `num_frames`: frames
     sampled uniformly from a video file (both paths; default: the checkpoint's setting, else 8)."""
-    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+    from transformers import AutoImageProcessor, AutoTokenizer
 
     check_checkpoint(pretrained, PROCESSOR_FILES)
     if torchvision_imports():
-        processor = AutoProcessor.from_pretrained(pretrained, **kwargs)
+        processor = VTRInternVLProcessor.from_pretrained(pretrained, **kwargs)
         if num_frames is not None:  # the stock video processor samples only when asked to
             processor.video_processor.num_frames, processor.video_processor.do_sample_frames = num_frames, True
         return processor
