@@ -6,7 +6,8 @@ row (the machinery, nothing dropped) to show what noise looks like. Progress goe
 With no --model it builds (once, cached under .cache/) a random InternVL3-shaped model with real 448 px
 tiles: the default 896 x 672 picture becomes 3 x 2 tiles + a thumbnail = 1,792 visual tokens, so the token
 counts and speedups are the real ones, while the generated text is noise. With --model (an InternVL `-hf`
-hub id or local folder) it runs that checkpoint.
+hub id or local folder) it runs that checkpoint. With --video, the processor's `frame_index` (which `<img>` blocks
+are frames) goes to the model with the other inputs, so the video methods run too (`--strategies evs,vidcom2`).
 """
 
 from __future__ import annotations

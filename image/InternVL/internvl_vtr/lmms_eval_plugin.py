@@ -10,7 +10,9 @@ Everything shared (every `VTRConfig` field as a key, unknown keys exit 2, batche
 padding, loglikelihood pruned on the context, the efficiency record) is `lmms_eval_base.VTRLmms`; this file
 adds InternVL's loading keys (`min_patches`, `max_patches`: tiles per image, a thumbnail added when there
 are several; `num_frames`: frames per video, one tile each), the chat prompt (the checkpoint's own
-template, visuals before the question) and the visuals: PIL images and videos given as file paths.
+template, visuals before the question) and the visuals: PIL images and videos given as file paths. The
+processor's `frame_index` (which `<img>` blocks are video frames) goes to the model with the other inputs, so the
+video methods (evs, vidcom2, ...) run on video docs.
 Unlike lmms-eval's own `internvl_hf`, batches are real (no forced batch 1) and a generation error stops
 the run instead of becoming an empty answer.
 """

@@ -99,6 +99,19 @@ def test_batches_mixing_images_and_videos_give_the_single_request_answers(tiny_p
     assert answers[0] == answers[1] and len(answers[0]) == 4
 
 
+def test_video_methods_run_on_video_docs(tiny_path, clip):
+    """The processor's frame_index goes to the model with the rest: EVS (keep_ratio 0.5) keeps half of a 4-frame
+    video doc (64 -> 32) in a batch beside an image doc (kept whole: no video), and in loglikelihood."""
+    lm = make(tiny_path, "strategy=evs,keep_ratio=0.5,batch_size=2,num_frames=4")
+    docs = {0: {"q": "Is it red?", "visuals": [demo_image(64, 64)]}, 1: {"q": "What moves?", "visuals": [clip]}}
+    kwargs = {"max_new_tokens": 2, "temperature": 0, "until": ["\n\n"]}
+    assert len(lm.generate_until([request(lm, "generate_until", docs, i, kwargs) for i in docs])) == 2
+    stage = lm.model.vtr_last.stages[0]
+    assert sorted(stage.image_tokens_before) == [64, 80] and sorted(stage.image_tokens_kept) == [32, 80]
+    lm.loglikelihood([request(lm, "loglikelihood", docs, 1, " yes")])
+    assert lm.model.vtr_last.stages[0].image_tokens_kept == [32]
+
+
 # ------------------------------------------------------------------------------------------ CLI
 
 
