@@ -230,21 +230,6 @@ def test_processor_falls_back_without_torchvision_in_one_line(tiny_path, capsys,
     assert one_tile["pixel_values"].shape[0] == 1 and (one_tile["input_ids"] == processor.image_token_id).sum() == 16
 
 
-def test_stock_processor_path_is_kept_where_torchvision_imports(tiny_path, monkeypatch):
-    from types import SimpleNamespace
-
-    import transformers
-
-    import internvl_vtr.processing as processing
-
-    calls, stock = [], SimpleNamespace(video_processor=SimpleNamespace(num_frames=None, do_sample_frames=False))
-    monkeypatch.setattr(processing, "torchvision_imports", lambda: True)
-    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", lambda *a, **k: calls.append((a, k)) or stock)
-    assert load_processor(tiny_path, max_patches=6, num_frames=5) is stock
-    assert calls == [((tiny_path,), {"max_patches": 6})]
-    assert (stock.video_processor.num_frames, stock.video_processor.do_sample_frames) == (5, True)
-
-
 def test_video_file_is_decoded_without_torchvision_one_tile_per_frame(tmp_path, processor):
     path = write_test_video(tmp_path / "clip.mp4", num_frames=12, size=(40, 24))
     text = chat(processor, "What moves?", images=0, videos=1)
