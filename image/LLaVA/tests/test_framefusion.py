@@ -218,8 +218,8 @@ def literal_merge(h, place, state, cfg):
 
 
 def literal_prune(layer, h, rotary, place, state, cfg):
-    """The importance pruning: layer's own attention on h (the stock module, eager), its last row averaged over
-    heads, the round(n (1 - rho)) frame tokens it attends to most (ties to the earlier); the rest stays."""
+    """The importance pruning: `layer`'s attention on its input h (the stock module, eager: the layer before the
+    stage, whose attention the official code has just run), its last row averaged over heads, the round(n (1 - rho)) frame tokens it attends to most (ties to the earlier); the rest stays."""
     _, weights = layer.self_attn(layer.input_layernorm(h[None]), rotary, causal(h.shape[0]))
     received = weights[0, :, -1].mean(0)
     video = (place >= 0).nonzero().reshape(-1).tolist()
@@ -246,15 +246,17 @@ def literal_framefusion(stock, inputs, frames, cfg, steps=STEPS):
     place = torch.full_like(ids, -1)
     place[video[: frames * per]] = torch.arange(frames * per) % per
     state, cache = {"phase": "merge", "sparsity": [], "trace": []}, DynamicCache(config=lm.config)
+    before = None  # the previous layer and its input
     for layer in lm.layers:
         keep = None
         if state["phase"] == "merge":
             keep, h = literal_merge(h, place, state, cfg)
         elif state["phase"] == "prune":
-            keep = literal_prune(layer, h, lm.rotary_emb(h[None], ids[None]), place, state, cfg)
+            keep = literal_prune(before[0], before[1], lm.rotary_emb(h[None], ids[None]), place, state, cfg)
         if keep is not None:
             h, ids, place = h[keep], ids[keep], place[keep]
         rotary = lm.rotary_emb(h[None], ids[None])
+        before = (layer, h)
         h = layer(h[None], attention_mask=causal(h.shape[0]), position_embeddings=rotary, past_key_values=cache)[0]
     logits = [stock.lm_head(lm.norm(h))[-1]]
     tokens = [logits[-1].argmax()]
@@ -342,13 +344,13 @@ def test_the_schedule_it_fills_in_and_its_refusals(ov_path, ov_processor, ov_sto
     model = load_model(ov_path, VTRConfig(strategy="framefusion"), attn_implementation="eager")
     config = model.vtr_config
     assert config.prune_layers == [0, 1, 2, 3] and config.budget_defaulted
-    assert tuple(model.vtr_conventions())[:3] == ("own", "original", "keep")
-    model.set_vtr_config(VTRConfig(strategy="framefusion", convention="common"))  # "previous": stages from 1
-    assert model.vtr_config.prune_layers == [1, 2, 3]
+    assert tuple(model.vtr_conventions())[:3] == ("previous", "original", "keep")
+    model.set_vtr_config(VTRConfig(strategy="framefusion", convention="common"))
+    assert model.vtr_config.prune_layers == [0, 1, 2, 3]
     inputs = ov_processor(text=[ov_chat(ov_processor, kinds=("image",))], images=demo_image(64), return_tensors="pt")
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs).logits, ov_stock["eager"](**inputs).logits, atol=ATOL, rtol=0)
-    assert [stage.merged[0] for stage in model.vtr_last.stages] == [0, 0, 0]  # an image alone is left whole
+    assert [stage.merged[0] for stage in model.vtr_last.stages] == [0, 0, 0, 0]  # an image alone is left whole
     model.set_vtr_config(VTRConfig(strategy="framefusion", token_merge=False))
     with pytest.raises(ValueError, match="framefusion merges tokens .* token_merge=False"):
         model(**one_video(ov_processor, noise_video()))

@@ -115,7 +115,12 @@ METHODS = [m for m in ALL_METHODS if m not in VIDEO]
 MERGING = [m for m in METHODS if get_strategy(m).merge_is_method]
 #: fields that turn a video method's parts inside the LLM off, so its pre-LLM arrangement meets the literal oracle
 #: (those parts have their own oracle tests)
-PRE_LLM_ONLY = {"holitom": dict(holitom_inner_ratio=0.0), "dycoke": dict(dycoke_decode_prune=0.0)}
+#: (HoliTom: tau 1 leaves no token static, so the budget decides; the tiny videos' frames are alike everywhere)
+PRE_LLM_ONLY = {
+    "holitom": dict(holitom_inner_ratio=0.0, holitom_tau=1.0),
+    "dycoke": dict(dycoke_decode_prune=0.0),
+    "framefusion": dict(prune_layer=0),
+}
 
 
 def refused_if_unsupported(backbone, method) -> bool:

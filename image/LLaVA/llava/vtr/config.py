@@ -120,7 +120,7 @@ class VTRConfig:
     query_aggregation: which query rows score the image tokens: `last` (the last token) or `question`
         (every token after the last image token).
     head_aggregation: how heads are combined: `mean` or `max`.
-    seed: seed of the `random` baseline.
+    seed: seed of the `random` baseline (and of FastVID's density tie-breaking noise).
     priortr_eps: epsilon added to P and Q inside PriorTR's log ratio.
     important_ratio: VisPruner's share of the budget kept as important tokens (by the vision encoder's
         own attention); the rest is filled with diverse tokens.

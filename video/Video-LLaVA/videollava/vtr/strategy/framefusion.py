@@ -20,8 +20,8 @@ frame are left as they are), one prune stage per decoder layer from 0 (`prune_la
    (`merge_tokens` drops it and inserts the mean right there, with it as representative). A run never takes a
    chain's first token: its -2 is below any threshold, and the top-k takes int(u x n) <= the similar ones.
 2. Pruning, once, at the stage after the cascade stops: the video tokens are ranked by the attention of the
-   last token (its row of layer K's own attention on its input, `scoring_layer="own"`; under "previous", layer
-   K-1's, and the stages start at 1), heads averaged, and the round(n x (1 - rho)) best are kept (Python's
+   last token in layer K-1 (`scoring_layer="previous"`: the layer whose attention the official code has just run;
+   under "own", layer K's own on its input), heads averaged, and the round(n x (1 - rho)) best are kept (Python's
    round, half to even; ties: the earlier), rho the schedule's sparsity.
 3. Later stages keep everything; decoding is untouched.
 
@@ -111,16 +111,19 @@ class FrameFusion(MarkedSelection):
     token_merge_default = True
     merge_is_method = True
     requires = ("frames",)
-    scoring_layer = "own"
+    scoring_layer = "previous"
     positions = "original"
     earlier_cache = "keep"
+
+    @classmethod
+    def stage_needs_attention(cls, stage: int, config) -> bool:
+        return config.prune_layers[stage] > 0  # any stage inside the LLM may be the one that prunes
 
     @classmethod
     def schedule_defaults(cls, config, num_layers: int) -> dict:
         updates = {}
         if config.prune_layer_defaulted:  # a stage at every layer the cascade may reach
-            first = 0 if config.conventions().scoring_layer == "own" else 1
-            updates["prune_layer"] = list(range(first, num_layers))
+            updates["prune_layer"] = list(range(num_layers))
         if config.budget_defaulted:
             updates["keep_tokens"] = None  # stays defaulted: the budget is framefusion_cost
         return updates
