@@ -37,15 +37,11 @@ fidelity table in docs/methods.md. Positions: the original ones, gaps kept (M-Ro
 every layer caches the tokens it ran on.
 """
 
-import logging
-
 import torch
 
 from .base import MarkedSelection
 from .registry import register_strategy
-
-logger = logging.getLogger(__name__)
-_WARNED: set[str] = set()  # methods that said once that a prompt without a video is left whole
+from .video import left_whole, retention, sparse
 
 BUDGET_LAYERS = 28  # the layers the official schedule counts, hard-coded there for every model
 IGNORE = -2.0  # the similarity of a chain's first token (the official IGNORE_TOKEN)
@@ -130,14 +126,7 @@ class FrameFusion(MarkedSelection):
 
     def cost(self, config, video_tokens: int) -> float:
         """The schedule's mean share c: `framefusion_cost`, or the share an explicit budget gives."""
-        if config.budget_defaulted:
-            return config.framefusion_cost
-        budget = config.stage_budget(0)
-        if budget.keep_tokens is not None:
-            return min(1.0, budget.keep_tokens / video_tokens)
-        if budget.score_threshold is not None:
-            raise self.count_error()
-        return budget.keep_ratio
+        return config.framefusion_cost if config.budget_defaulted else retention(self, config, 0, video_tokens)
 
     def compute_scores(self, attention, image_token_range, config, **ctx):
         if not config.conventions().token_merge:
@@ -168,9 +157,7 @@ class FrameFusion(MarkedSelection):
         frames = ctx["frames"]().to(ctx["image_token_indices"].device)
         videos = int((frames[:, 0] >= 0).sum())
         if not videos:
-            if self.name not in _WARNED:
-                _WARNED.add(self.name)
-                logger.warning("framefusion reduces video tokens only: a prompt without a video is left whole")
+            left_whole(self.name)
             return {"phase": DONE}
         return {
             "phase": MERGING,
@@ -224,8 +211,10 @@ class FrameFusion(MarkedSelection):
         dropped = ctx["dropped_index"]
         column, member_column = torch.searchsorted(dropped, targets), torch.searchsorted(dropped, members)
         size = torch.bincount(group, minlength=targets.numel()) + 1  # the target and its members
-        mix = torch.zeros(targets.numel(), dropped.numel(), device=dropped_hidden.device)
-        mix[torch.arange(targets.numel(), device=mix.device), column] = 1.0 / size.float()
-        mix[group, member_column] = 1.0 / size[group].float()
-        merged = (mix @ dropped_hidden.float()).to(dropped_hidden.dtype)
-        return merged, column, targets, mix
+        outputs = torch.cat([torch.arange(targets.numel(), device=group.device), group])
+        weights = (1.0 / size.float())[outputs]  # each target's uniform mean of itself and its members
+        mix = sparse(
+            torch.stack([outputs, torch.cat([column, member_column])]), weights, (targets.numel(), dropped.numel())
+        )
+        merged = torch.sparse.mm(mix.to(dropped_hidden.device), dropped_hidden.float()).to(dropped_hidden.dtype)
+        return merged, column, targets, mix.coalesce()

@@ -63,6 +63,24 @@ class Video:
         return closes
 
 
+def retention(method, config, stage: int, video_tokens: int) -> float:
+    """The share of a sample's `video_tokens` that `method` keeps at `stage` (see the module docstring):
+    keep_ratio as given, keep_tokens / video tokens; a score threshold is refused."""
+    budget = config.stage_budget(stage)
+    if budget.keep_tokens is not None:
+        return min(1.0, budget.keep_tokens / video_tokens) if video_tokens else 1.0
+    if budget.score_threshold is not None:
+        raise method.count_error()
+    return budget.keep_ratio
+
+
+def left_whole(name: str) -> None:
+    """Say once per method that a prompt without a video is left whole by it."""
+    if name not in _WARNED:
+        _WARNED.add(name)
+        logger.warning("%s reduces video tokens only: a prompt without a video is left whole", name)
+
+
 def sample_videos(ctx) -> list[Video]:
     """The videos of the sample at this stage (`frames()`, `visual_grid()`, `hidden_states`), in prompt order."""
     frames = ctx["frames"]().to(ctx["image_token_indices"].device)
@@ -165,16 +183,6 @@ class VideoReduction(MarkedSelection):
     def arrange(self, video: Video, ratio: float, config, ctx) -> Arrangement:
         raise NotImplementedError
 
-    @classmethod
-    def retention(cls, config, stage: int, video_tokens: int) -> float:
-        """The share of a sample's video tokens to keep (see the module docstring)."""
-        budget = config.stage_budget(stage)
-        if budget.keep_tokens is not None:
-            return min(1.0, budget.keep_tokens / video_tokens) if video_tokens else 1.0
-        if budget.score_threshold is not None:
-            raise cls.count_error()
-        return budget.keep_ratio
-
     def compute_scores(self, attention, image_token_range, config, **ctx):
         if not config.conventions().token_merge:
             raise ValueError(
@@ -186,12 +194,10 @@ class VideoReduction(MarkedSelection):
         scores[rows - start] = 0.0  # images and tokens of no frame: kept
         videos = sample_videos(ctx)
         if not videos:
-            if self.name not in _WARNED:
-                _WARNED.add(self.name)
-                logger.warning("%s reduces video tokens only: a prompt without a video is left whole", self.name)
+            left_whole(self.name)
             ctx["vtr_ctx"][self.name] = []
             return scores
-        ratio = self.retention(config, ctx["stage"], sum(v.rows.numel() for v in videos))
+        ratio = retention(self, config, ctx["stage"], sum(v.rows.numel() for v in videos))
         plans = []
         for video in videos:
             mix, representative, frame = self.arrange(video, ratio, config, ctx).tensors()
