@@ -21,9 +21,16 @@ or a middle half of the rounds wider than the distance from 1.00x; see the forks
   peak_mib       peak memory during the prefill above the memory held before it (CUDA: allocator peak;
                  CPU: resident set sampled every 0.5 ms by a thread)
   kv_mib         bytes of the KV cache after the prefill
-  ideal          analytic ideal speedup of the decoder (the fork's cost.py); `vs ideal` = measured llm
-                 speedup / ideal speedup
+  ideal          analytic ideal speedup of the decoder (the fork's cost.py) for the schedule that ran: each
+                 layer's length as the engine recorded it (every stage's length after it, a method's merged
+                 tokens included); `vs ideal` = measured llm speedup / ideal speedup
 
+Schedules and budgets: without --prune-layer each method runs its own schedule (what the model fills in for a
+prune layer left unset: the video methods and the pre-LLM methods at K=0, HoliTom at [0, K] with its inner
+merge, FrameFusion a stage per layer, PDrop its three stages) and a method without one at K=2 (the last layer
+if the decoder is shallower), as does `keep-all`; --prune-layer K runs every method at K. --budgets counts
+visual tokens kept, --keep-ratios gives their share instead (how the video methods are compared; a video
+method's budget is a share of the video tokens either way).
 `keep-all` (keep_ratio=1.0) runs the whole machinery and drops nothing: its cost is the overhead.
 Writes a Markdown table to stdout, progress to stderr, and everything (all samples, each figure's median and
 range) to a new JSON file (--out; an existing file is never replaced). On a GPU, CUDA events.
@@ -32,6 +39,7 @@ range) to a new JSON file (--out; an existing file is never replaced). On a GPU,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import os
@@ -51,6 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import forks  # noqa: E402  (scripts/forks.py: --backbone is a model family of forks.toml)
 
 DTYPES = ("float32", "float16", "bfloat16")
+BENCH_LAYER = 2  # K of keep-all and of methods without a schedule of their own when --prune-layer is not given
 
 
 def families() -> dict:
@@ -128,6 +137,7 @@ def run_setting(model, inputs, clock, decode_steps, cuda, samples):
         # the engine records the wall time of scoring + selection per stage (older versions did not)
         stages = model.vtr_last.stages if model.vtr_last is not None else []
         samples["scoring_ms"].append(sum(getattr(stage, "scoring_ms", float("nan")) for stage in stages))
+        samples["stages"].append([[s.layer, s.seq_len_before, s.seq_len_after, sum(s.merged)] for s in stages])
         cache = out.past_key_values
         samples["kv_bytes"].append(kv_bytes(cache))
         with clock.measure(samples["decode_total_ms"]):
@@ -150,6 +160,38 @@ def write_new(path: Path, text: str) -> Path:
     except outputs.OutputError as error:
         raise timing.UsageError(f"--out {path}: {error}") from None
     raise timing.UsageError(f"--out {path}: exists, and so does {target}")
+
+
+def ratio(text: str) -> float:
+    """A --keep-ratios item: a share of the visual tokens in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise timing.UsageError(f"--keep-ratios: {text!r} is not a number") from None
+    if not 0 < value <= 1:
+        raise timing.UsageError(f"--keep-ratios: {text} must be in (0, 1] (a share of the visual tokens kept)")
+    return value
+
+
+def layers_text(layers: list[int]) -> str:
+    """Prune layers for the table: `2`, `0,5`, a run of three or more as `0-7`."""
+    if len(layers) > 2 and layers == list(range(layers[0], layers[-1] + 1)):
+        return f"{layers[0]}-{layers[-1]}"
+    return ",".join(map(str, layers))
+
+
+def own_schedules(model, settings, k: int) -> list:
+    """The settings as they run on `model`: a config that left prune_layer unset gets the method's own schedule
+    (what `set_vtr_config` fills in) or, for a method without one, K=`k`. A refusal names the strategy."""
+    resolved = []
+    for setting in settings:
+        timing.check_settings(model, [setting])
+        name, budget, cfg = setting
+        if cfg.enabled and model.vtr_config.prune_layer_defaulted:  # the method has no schedule of its own
+            setting = (name, budget, dataclasses.replace(cfg, prune_layer=k))
+            timing.check_settings(model, [setting])
+        resolved.append(setting)
+    return resolved
 
 
 def main(argv=None) -> int:
@@ -182,8 +224,15 @@ def run(argv) -> int:
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--kv-heads", type=int, default=16)
     p.add_argument("--strategies", default="fastv,priortr,random")
-    p.add_argument("--budgets", default="192,128,64")
-    p.add_argument("--prune-layer", type=int, default=2)
+    p.add_argument("--budgets", help="visual tokens kept, comma-separated (default 192,128,64)")
+    p.add_argument(
+        "--keep-ratios", help="instead of --budgets: shares of the visual tokens kept, comma-separated (e.g. 0.25,0.15)"
+    )
+    p.add_argument(
+        "--prune-layer",
+        type=int,
+        help=f"K for every method (default: each method's own schedule, K={BENCH_LAYER} for a method without one)",
+    )
     p.add_argument("--batch-size", type=int, default=1, help="prompts per forward (the same image and prompt)")
     p.add_argument("--attn", default="sdpa", help="attn_implementation (eager, sdpa, flash_attention_2)")
     p.add_argument("--dtype", choices=DTYPES, help="float32 (CPU default) or float16 (GPU default), bfloat16")
@@ -197,9 +246,9 @@ def run(argv) -> int:
     p.add_argument("--cache-dir", default=".cache")
     args = p.parse_args(argv)
     sizes = ("hidden_size", "intermediate_size", "layers", "heads", "kv_heads", "batch_size", "rounds")
-    timing.at_least(args, {**dict.fromkeys(sizes, 1), "decode_steps": 0, "prune_layer": 0})
-    if args.frames is not None:
-        timing.at_least(args, {"frames": 1})
+    timing.at_least(args, {**dict.fromkeys(sizes, 1), "decode_steps": 0})
+    optional = {"prune_layer": 0, "frames": 1}
+    timing.at_least(args, {k: least for k, least in optional.items() if getattr(args, k) is not None})
     serving = backbones[args.backbone].fork
     backbone = next((n for n in anyres if backbones[n].fork == serving), None) if args.anyres else args.backbone
     if backbone is None:  # --anyres: the family of the same fork whose bench case is anyres
@@ -227,19 +276,23 @@ def run(argv) -> int:
     VTRConfig = fork.VTRConfig
     cost = importlib.import_module(f"{package}.cost")
     strategies = timing.parse_list("--strategies", args.strategies, str.lower)
-    budgets = timing.parse_list("--budgets", args.budgets, int, minimum=1)
+    if args.budgets is not None and args.keep_ratios is not None:
+        raise timing.UsageError("--budgets and --keep-ratios: give one of them (visual tokens kept, or their share)")
+    if args.keep_ratios is not None:
+        field, budgets = "keep_ratio", timing.parse_list("--keep-ratios", args.keep_ratios, ratio)
+    else:
+        field, budgets = "keep_tokens", timing.parse_list("--budgets", args.budgets or "192,128,64", int, minimum=1)
+    layer = {} if args.prune_layer is None else {"prune_layer": args.prune_layer}  # unset: the method's schedule
     settings = [("none", "-", VTRConfig(enabled=False))]
-    machinery = "fastv" if args.prune_layer > 0 else "random"  # K=0 admits only methods without attention
-    settings.append(("keep-all", "all", VTRConfig(strategy=machinery, keep_ratio=1.0, prune_layer=args.prune_layer)))
     for s in strategies:
         for b in budgets:
             try:
-                settings.append((s, b, VTRConfig(strategy=s, keep_tokens=b, prune_layer=args.prune_layer)))
+                settings.append((s, b, VTRConfig(strategy=s, **{field: b}, **layer)))
             except ValueError as err:  # an unknown strategy, or a prune layer the method does not allow
                 raise timing.UsageError(f"--strategies {s}: {err}") from None
     if args.model:
         timing.check_model(args.model)
-    elif args.prune_layer >= args.layers:
+    elif args.prune_layer is not None and args.prune_layer >= args.layers:
         raise timing.UsageError(
             f"--prune-layer {args.prune_layer}: --layers is {args.layers}; choose 0..{args.layers - 1}"
         )
@@ -262,7 +315,7 @@ def run(argv) -> int:
         timing.log(f"building the random {backbone} model under {args.cache_dir} (once per shape) ...")
     case = importlib.import_module(f"{package}.tiny").bench_case(shape, args.cache_dir, model=args.model, **case_kwargs)
     path = case["path"]
-    if args.model:
+    if args.model and args.prune_layer is not None:
         timing.check_prune_layer(args, path)
     with timing.loading(path):
         processor = fork.load_processor(path)
@@ -273,18 +326,21 @@ def run(argv) -> int:
         if key in inputs:
             inputs[key] = inputs[key].to(dtype)
     seq_len = inputs["input_ids"].shape[1]
-    timing.check_settings(model, settings)
-    model.set_vtr_config(VTRConfig(strategy="random", keep_ratio=1.0, prune_layer=args.prune_layer))
+    text_cfg = model.config.get_text_config()
+    num_layers = text_cfg.num_hidden_layers
+    default_k = min(BENCH_LAYER, num_layers - 1) if args.prune_layer is None else args.prune_layer
+    machinery = "fastv" if default_k > 0 else "random"  # K=0 admits only methods without attention
+    settings.insert(1, ("keep-all", "all", VTRConfig(strategy=machinery, keep_ratio=1.0, prune_layer=default_k)))
+    settings = own_schedules(model, settings, default_k)
+    model.set_vtr_config(VTRConfig(strategy="random", keep_ratio=1.0, prune_layer=default_k))
     with torch.inference_mode():
         model(**inputs, logits_to_keep=1)
     num_image = model.vtr_last.stages[0].image_tokens_before[0]  # the adapter's own count of visual tokens
-    text_cfg = model.config.get_text_config()
-    num_layers = text_cfg.num_hidden_layers
     d, m, d_kv = cost.text_config_dims(text_cfg)
     clock = Clock(cuda)
 
     # every setting and the vision tower alone (index len(settings)) once per round, interleaved
-    keys = ("ttft_ms", "decode_total_ms", "scoring_ms", "peak_bytes", "kv_bytes")
+    keys = ("ttft_ms", "decode_total_ms", "scoring_ms", "peak_bytes", "kv_bytes", "stages")
     samples = [{k: [] for k in keys} for _ in settings]
     vision_ms: list[float] = []
     for round_, i in timing.rounds(args.rounds, len(settings) + 1):
@@ -293,7 +349,10 @@ def run(argv) -> int:
                 case["vision"](model, inputs)
             continue
         model.set_vtr_config(settings[i][2])
-        run_setting(model, inputs, clock, args.decode_steps, cuda, samples[i] if round_ else {k: [] for k in keys})
+        try:
+            run_setting(model, inputs, clock, args.decode_steps, cuda, samples[i] if round_ else {k: [] for k in keys})
+        except ValueError as err:  # a method's refusal that shows only on the inputs (the warm-up round meets it)
+            raise timing.UsageError(f"--strategies {settings[i][0]}: {err}") from None
 
     vision = timing.Timings(tuple(vision_ms))
     for s in samples:
@@ -301,10 +360,10 @@ def run(argv) -> int:
     base = samples[0]
     rows = []
     for i, ((strategy, budget, _), s) in enumerate(zip(settings, samples)):
-        kept = num_image if budget in ("-", "all") else min(budget, num_image)
-        lengths = cost.tokens_per_layer(
-            seq_len, num_layers, [(args.prune_layer, num_image - kept)] if kept < num_image else []
-        )
+        # what ran, as the first timed round recorded it (every round runs the same): each stage's layer and the
+        # length after it, its merged tokens included
+        stages = s["stages"][0]
+        lengths = cost.tokens_per_layer(seq_len, num_layers, [(k, before - after) for k, before, after, _ in stages])
         spread = {k: timing.Timings(tuple(s[k])) for k in ("ttft_ms", "llm_ms", "scoring_ms")}
         spread["decode_ms_per_token"] = timing.Timings(
             tuple(t / max(args.decode_steps, 1) for t in s["decode_total_ms"])
@@ -312,7 +371,8 @@ def run(argv) -> int:
         spread["ttft_speedup"] = timing.Speedup.of(base["ttft_ms"], s["ttft_ms"])
         spread["llm_speedup"] = timing.Speedup.of(base["llm_ms"], s["llm_ms"])
         ideal = cost.ideal_speedup(seq_len, lengths, d, m, d_kv)
-        row = dict(strategy=strategy, keep_tokens=budget, **{k: v.median for k, v in spread.items()})
+        row = dict(strategy=strategy, **{field: budget}, prune_layers=[stage[0] for stage in stages])
+        row.update({k: v.median for k, v in spread.items()})
         row.update({f"{k}_range": [v.low, v.high] for k, v in spread.items()})
         row.update(
             within_noise=None if i == 0 else spread["llm_speedup"].within_noise,  # of the LLM speedup
@@ -341,7 +401,8 @@ def run(argv) -> int:
         hidden=d,
         intermediate=m,
         kv_dim=d_kv,
-        prune_layer=args.prune_layer,
+        prune_layer=f"own schedules (K={default_k} without one)" if args.prune_layer is None else args.prune_layer,
+        frames=args.frames,
         rounds=args.rounds,
         decode_steps=args.decode_steps,
         batch_size=batch,
@@ -350,15 +411,16 @@ def run(argv) -> int:
     print("\n" + ", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in env.items()))
     print(f"vision tower + projector ms: {vision.format()} (subtracted per round for the LLM columns)\n")
     print(
-        "| strategy | keep | TTFT ms | TTFT speedup | LLM prefill ms | LLM speedup | ideal | vs ideal "
-        "| decode ms/tok | scoring ms | peak MiB | KV MiB | equiv. tokens |"
+        f"| strategy | {field.replace('_', ' ')} | K | TTFT ms | TTFT speedup | LLM prefill ms | LLM speedup | ideal "
+        "| vs ideal | decode ms/tok | scoring ms | peak MiB | KV MiB | equiv. tokens |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for i, r in enumerate(rows):
         c = r.pop("cells")
         speedups = ("reference", "reference") if i == 0 else (c["ttft_speedup"].format(), c["llm_speedup"].format())
         print(
-            f"| {r['strategy']} | {r['keep_tokens']} | {c['ttft_ms'].format()} | {speedups[0]} "
+            f"| {r['strategy']} | {r[field]} | {layers_text(r['prune_layers']) or '-'} | {c['ttft_ms'].format()} "
+            f"| {speedups[0]} "
             f"| {c['llm_ms'].format()} | {speedups[1]} | {r['ideal_speedup']:.2f}x | {r['vs_ideal']:.2f} "
             f"| {c['decode_ms_per_token'].format(2)} | {c['scoring_ms'].format(2)} | {r['peak_mib']:.1f} "
             f"| {r['kv_mib']:.1f} | {r['equivalent_tokens']:.0f} |"
@@ -367,8 +429,16 @@ def run(argv) -> int:
     print(
         "\n"
         + timing.noise_note(llm, args.rounds, "--rounds", "LLM speedups")
-        + "\nvs ideal: the median LLM speedup / ideal."
+        + "\nK: the decoder layers where a stage ran (0: before the first). ideal, equiv. tokens: the lengths each"
+        " layer ran on, as recorded (a method's merged tokens count as tokens). vs ideal: the median LLM speedup /"
+        " ideal."
     )
+    if args.decode_steps and any(name == "dycoke" and cfg.dycoke_decode_prune > 0 for name, _, cfg in settings):
+        print(
+            "dycoke: its decode-time pruning hides visual cache rows from the layers >= dycoke_layer through the "
+            "attention mask; every row is still computed, so it saves no decode time (decode ms/tok and KV MiB are "
+            "those of its reduced prefill)."
+        )
     written = write_new(out, json.dumps(dict(env=env, rows=rows), indent=2))
     print(f"\nwrote {written}")
     return 0

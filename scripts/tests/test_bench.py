@@ -38,11 +38,11 @@ def test_bench_reports_every_setting_on_the_backbone(backbone, tmp_path, capsys)
     env, rows = report["env"], report["rows"]
     assert env["backbone"] == backbone and env["layers"] == 3 and env["image_tokens"] > 8
     assert ("(anyres)" in env["input"]) == bool(FAMILIES[backbone].bench.get("anyres")), env["input"]
-    assert [(r["strategy"], r["keep_tokens"]) for r in rows] == [
-        ("none", "-"),
-        ("keep-all", "all"),
-        ("fastv", 8),
-        ("random", 8),
+    assert [(r["strategy"], r["keep_tokens"], r["prune_layers"]) for r in rows] == [
+        ("none", "-", []),
+        ("keep-all", "all", [1]),
+        ("fastv", 8, [1]),
+        ("random", 8, [1]),  # --prune-layer given: every method at that K
     ]
     by_name = {r["strategy"]: r for r in rows}
     # keeping 8 of the visual tokens from layer 1 on: fewer tokens in layers 1-2, a smaller cache
@@ -50,15 +50,15 @@ def test_bench_reports_every_setting_on_the_backbone(backbone, tmp_path, capsys)
     assert by_name["fastv"]["ideal_speedup"] > 1 and by_name["keep-all"]["ideal_speedup"] == 1
     assert by_name["random"]["kv_mib"] < by_name["none"]["kv_mib"]
     out, err = capsys.readouterr()
-    assert "| fastv | 8 |" in out
+    assert "| strategy | keep tokens | K |" in out and "| fastv | 8 | 1 |" in out and "dycoke" not in out
     assert "warm-up round (not timed), 5 settings" in err and "timed round 2/2" in err
     # (on these tiny models the vision tower is most of TTFT, so a noisy round can make llm_ms negative)
     number = r"-?\d+\.\d+"
     spread, speedup = rf"{number} \[{number}-{number}\]", rf"~?{number}x \[{number}-{number}\]"
     line = next(line for line in out.splitlines() if line.startswith("| random | 8 |"))
     cells = [c.strip() for c in line.strip("|").split("|")]
-    assert all(re.fullmatch(spread, cells[i]) for i in (2, 4, 8, 9)) and re.fullmatch(speedup, cells[3]), cells
-    assert re.fullmatch(speedup, cells[5]) and "| none | - |" in out and "| reference |" in out
+    assert all(re.fullmatch(spread, cells[i]) for i in (3, 5, 9, 10)) and re.fullmatch(speedup, cells[4]), cells
+    assert re.fullmatch(speedup, cells[6]) and "| none | - | - |" in out and "| reference |" in out
     assert "median [min-max] over 2 timed rounds" in out and "~ = inside the noise" in out
     for r in rows:
         assert len(r["samples"]["ttft_ms"]) == 2 and len(r["samples"]["llm_ms"]) == 2
@@ -67,9 +67,51 @@ def test_bench_reports_every_setting_on_the_backbone(backbone, tmp_path, capsys)
     assert by_name["none"]["within_noise"] is None and isinstance(by_name["keep-all"]["within_noise"], bool)
 
 
+def test_video_methods_run_their_own_schedules_at_a_keep_ratio(tmp_path, capsys):
+    """Without --prune-layer each video method runs its own schedule (EVS and DyCoke before the LLM, HoliTom there
+    and at its inner merge), keep-all FastV's K=2; the ideal and the equivalent tokens count the lengths the
+    record says each layer ran on (HoliTom's merged tokens and both its stages), and DyCoke's masked decode
+    pruning is said to save nothing."""
+    out = tmp_path / "bench.json"
+    argv = ["--backbone", "llava-onevision", "--frames", "4", *TINY, "--layers", "4", "--rounds", "1"]
+    argv += ["--decode-steps", "1", "--strategies", "evs,holitom,dycoke", "--keep-ratios", "0.5"]
+    assert bench.main([*argv, "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    env, rows = report["env"], report["rows"]
+    assert env["frames"] == 4 and env["image_tokens"] == 4 * 14 * 14 + 1 and env["layers"] == 4
+    assert [(r["strategy"], r["keep_ratio"], r["prune_layers"]) for r in rows] == [
+        ("none", "-", []),
+        ("keep-all", "all", [2]),
+        ("evs", 0.5, [0]),
+        ("holitom", 0.5, [0, 3]),  # the inner merge at the official 18 of 28 layers: round(4 x 18 / 28) = 3
+        ("dycoke", 0.5, [0]),
+    ]
+    cost = importlib.import_module("llava.vtr.cost")
+    seq_len, dims = env["seq_len"], (env["hidden"], env["intermediate"], env["kv_dim"])
+    by_name = {r["strategy"]: r for r in rows}
+    (first, _, before_merge, merged), (inner, _, after_merge, _) = by_name["holitom"]["samples"]["stages"][0]
+    assert (first, inner) == (0, 3) and merged > 0 and after_merge < before_merge < seq_len
+    lengths = [before_merge] * 3 + [after_merge]  # its merged tokens run in every layer from 0 on
+    assert by_name["holitom"]["equivalent_tokens"] == sum(lengths) / 4
+    assert by_name["holitom"]["ideal_speedup"] == pytest.approx(cost.ideal_speedup(seq_len, lengths, *dims))
+    for name in ("evs", "dycoke"):
+        [(layer, before, after, _)] = by_name[name]["samples"]["stages"][0]
+        assert layer == 0 and before == seq_len and by_name[name]["equivalent_tokens"] == after < seq_len
+    assert by_name["keep-all"]["equivalent_tokens"] == by_name["none"]["equivalent_tokens"] == seq_len
+    printed = capsys.readouterr().out
+    assert "| strategy | keep ratio | K |" in printed and "| holitom | 0.5 | 0,3 |" in printed
+    assert "prune_layer=own schedules (K=2 without one)" in printed
+    assert "dycoke: its decode-time pruning hides visual cache rows" in printed and "saves no decode time" in printed
+
+
+ONEVISION = ["--backbone", "llava-onevision", "--frames", "2"]
 BAD = [
     (["--budgets", "abc"], "--budgets 'abc': 'abc' is not a whole number"),
     (["--budgets", "-5"], "--budgets '-5': -5 must be >= 1"),
+    (["--budgets", "8", "--keep-ratios", "0.5"], "--budgets and --keep-ratios: give one of them"),
+    (["--keep-ratios", "0.5,1.5"], "--keep-ratios: 1.5 must be in (0, 1] (a share of the visual tokens kept)"),
+    (["--keep-ratios", "0"], "--keep-ratios: 0 must be in (0, 1]"),
+    (["--keep-ratios", "half"], "--keep-ratios: 'half' is not a number"),
     (["--strategies", "nosuch"], "--strategies nosuch: unknown strategy 'nosuch'"),
     (["--strategies", ""], "--strategies '' is empty"),
     (["--prune-layer", "99"], "--prune-layer 99: --layers is 3; choose 0..2"),
@@ -85,7 +127,14 @@ BAD = [
     (["--backbone", "llava-onevision", "--frames", "0"], "--frames 0: must be >= 1"),
     (["--model", "./no/such/folder"], "--model: model folder './no/such/folder' does not exist"),
     # a method's own refusal on the loaded model (VisionZip works before the LLM), before anything is timed
-    (["--strategies", "visionzip"], "--strategies visionzip: visionzip works in the vision tower, before the LLM"),
+    (
+        ["--strategies", "visionzip", "--prune-layer", "2"],
+        "--strategies visionzip: visionzip works in the vision tower, before the LLM",
+    ),
+    # an explicit --prune-layer is every method's, as given: HoliTom's schedule is [0, K]
+    ([*ONEVISION, "--strategies", "holitom", "--prune-layer", "2"], "--strategies holitom: holitom reduces before"),
+    # a refusal that only the forward meets (DyCoke's decode layer 3 on 3 layers), in the warm-up round
+    ([*ONEVISION, "--strategies", "dycoke"], "--strategies dycoke: strategy 'dycoke' prunes the KV cache of decoder"),
 ]
 
 
