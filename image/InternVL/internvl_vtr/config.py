@@ -138,7 +138,7 @@ class VTRConfig:
         picks the anchors (the official 0.1; None = the official layer: the 9th of CLIP's 24, the 16th of
         Qwen2.5-VL's 32 blocks, at the same relative depth in other towers).
     Video methods (docs/methods.md; the budget is the share of the video tokens kept, see strategy/video.py):
-    fastvid_segments / fastvid_tau: FastVID's segmentation: at most that many segments, cut at the lowest
+    fastvid_segments / fastvid_tau: FastVID's segmentation: at least that many segments (as frames allow), cut at the lowest
         adjacent-frame similarities and at every one below tau; fastvid_anchor_share (d): the share of a frame's
         budget given to density anchors; fastvid_anchor_stride (p): an anchor frame every p frames from each
         segment's end; fastvid_beta: the least weight an anchor keeps in its merged token.

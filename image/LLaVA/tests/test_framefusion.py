@@ -354,3 +354,14 @@ def test_the_schedule_it_fills_in_and_its_refusals(ov_path, ov_processor, ov_sto
     model.set_vtr_config(VTRConfig(strategy="framefusion", token_merge=False))
     with pytest.raises(ValueError, match="framefusion merges tokens .* token_merge=False"):
         model(**one_video(ov_processor, noise_video()))
+
+
+def test_an_explicit_ratio_is_read_once_and_never_said_to_compound(caplog):
+    """keep_ratio sets FrameFusion's cost once: the schedule it fills in carries it per stage, so the config does not
+    warn that it compounds over the stages."""
+    config = VTRConfig(strategy="framefusion", keep_ratio=0.3)
+    updates = get_strategy("framefusion").schedule_defaults(config, 4)
+    assert updates == {"prune_layer": [0, 1, 2, 3], "keep_ratio": [0.3] * 4}
+    caplog.clear()
+    VTRConfig(strategy="framefusion", **updates)
+    assert "compound" not in caplog.text and "applies at each" not in caplog.text

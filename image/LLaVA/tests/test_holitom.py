@@ -366,3 +366,18 @@ def test_llava_video_grid_layout_on_the_tiny_checkpoint(tmp_path_factory):
     assert before.image_tokens_before == [4 * (4 + 2)] * 2
     assert (before.image_tokens_kept, before.merged) == ([2, 2], [4, 4])  # the newlines kept, the clusters merged
     assert [n + m for n, m in zip(inner.image_tokens_kept, inner.merged)] == [3, 3]
+
+
+def test_a_prompt_without_a_video_is_left_whole_inside_the_llm_too(ov_path, ov_processor, ov_stock):
+    """A video method leaves an image prompt whole: the inner merge as well (the official code would merge the
+    image's tokens there)."""
+    from llava.vtr.tiny import demo_image
+    from llava_testlib import ov_chat
+
+    inputs = ov_processor(text=[ov_chat(ov_processor, kinds=("image",))], images=demo_image(64), return_tensors="pt")
+    model = holitom_model(ov_path, keep_ratio=0.5)
+    with torch.no_grad():
+        got = model(**inputs).logits
+    assert [s.merged[0] for s in model.vtr_last.stages] == [0, 0]
+    assert model.vtr_last.stages[1].image_tokens_kept == model.vtr_last.stages[1].image_tokens_before
+    torch.testing.assert_close(got, ov_stock["eager"](**inputs).logits, atol=1e-5, rtol=0)

@@ -14,8 +14,8 @@ compete for the budget globally, so one may keep every token or none. Nothing is
 Positions: vLLM's Qwen-VL ports keep the kept tokens' original M-RoPE ids (`mrope_positions="original"`).
 There is no official port to the LLaVA-style families; there the kept tokens are spliced in with contiguous
 positions (`positions="compact"`), as pre-LLM methods are on those backbones. Tokens a frame holds off its grid
-(LLaVA-Video's row newlines, Video-LLaVA's per-frame CLS) are scored like the others: being the same vector in
-every frame, they change least and go first after frame 0's.
+(LLaVA-Video's row newlines, Video-LLaVA's per-frame CLS) are scored like the others: the newlines, the same
+vector in every frame, change least and go first after frame 0's.
 """
 
 import torch

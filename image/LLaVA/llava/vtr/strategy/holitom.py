@@ -256,6 +256,9 @@ class HoliTom(VideoReduction):
             raise ValueError("holitom's inner merge needs the attention of the layer before its prune layer")
         start, end = image_token_range
         rows = ctx["image_token_indices"]
+        if not ctx["vtr_ctx"].get(self.name):  # no video in the prompt: left whole, inside the LLM too
+            ctx["vtr_ctx"]["holitom_inner"] = None
+            return torch.zeros(end - start, device=rows.device)
         last = attention.shape[-1] - 1
         received = attention[:, :, last, start:end].float().mean(1).reshape(-1)[rows - start]
         count = round(rows.numel() * (1 - config.holitom_inner_ratio))

@@ -120,6 +120,10 @@ class FrameFusion(MarkedSelection):
         updates = {}
         if config.prune_layer_defaulted:  # a stage at every layer the cascade may reach
             updates["prune_layer"] = list(range(num_layers))
+        stages = len(updates.get("prune_layer", config.prune_layers))
+        ratio = config.keep_ratio
+        if stages > 1 and config.keep_tokens is None and isinstance(ratio, (int, float)):
+            updates["keep_ratio"] = [ratio] * stages  # read once, as the cost: one value per stage, nothing compounds
         if config.budget_defaulted:
             updates["keep_tokens"] = None  # stays defaulted: the budget is framefusion_cost
         return updates
