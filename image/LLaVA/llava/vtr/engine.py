@@ -12,7 +12,9 @@ differs for its family (docs/engine.md, "Adding a model family"). The engine doe
     layers [0, K)                 all tokens, the stock decoder layers on the configured kernel
     score (layer K-1, or K)       causal attention recomputed from that layer's own Q/K (attention.py): layer
                                   K-1 (scoring_layer="previous") or layer K on its input ("own"),
-                                  strategy.compute_scores per sample, one batched Top-K for the batch
+                                  strategy.compute_scores per sample, one batched Top-K for the batch; on a
+                                  hybrid decoder (recurrent layers, `RECURRENT_LAYER_TYPES`) "previous" is
+                                  the nearest attention layer at or before K-1 (`scoring_layers`)
     gather                        every per-token tensor (TokenState) keeps the selected rows; samples that
                                   keep fewer rows are left re-padded
     layers [K, ...)               the kept rows only (positions="compact": renumbered); a list of prune
@@ -21,6 +23,10 @@ differs for its family (docs/engine.md, "Adding a model family"). The engine doe
                                   where layers hold different rows or continue different numberings; a
                                   strategy's `DecodeHook` may hide cached visual rows from layers [L, ...)
                                   step by step, chosen from layer L-1's attention of the step's query
+
+A recurrent (linear-attention) layer from K on runs on the kept rows only, so its state is the one the
+stock layer would hold had it been fed the shortened sequence; what cannot hold for it is refused
+(`check_layer_kinds`: a scoring layer without attention, trimming its cache, hiding rows from it).
 
 Host syncs: one before the first layer (padding; each sample's visual span, count and length) and one per
 prune stage (the kept counts, with the next stage's spans), whatever the batch size; only the stage's
@@ -33,6 +39,7 @@ import copy
 import dataclasses
 import functools
 import importlib
+import logging
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -49,6 +56,12 @@ from .config import VTRConfig
 from .strategy import get_strategy
 from .strategy.base import PruningStrategy, select_batch
 
+logger = logging.getLogger(__name__)
+
+#: `layer_types` of decoder layers without softmax attention (Qwen3.5's Gated DeltaNet): their cache is a recurrent
+#: state over every token they saw, not rows, so they give no attention map to score from and no rows to trim or hide
+RECURRENT_LAYER_TYPES = ("linear_attention",)
+
 # ----------------------------------------------------------------------------------------------- records
 
 
@@ -56,7 +69,7 @@ from .strategy.base import PruningStrategy, select_batch
 class StageRecord:
     """What one prune stage did, per sample."""
 
-    layer: int  # K: layers from index K on run pruned; scores came from layer K-1 (or K, scoring_layer="own")
+    layer: int  # K: layers from index K on run pruned; scores came from `scoring_layer`
     budget: str
     seq_len_before: int
     seq_len_after: int
@@ -69,6 +82,9 @@ class StageRecord:
     # Merged tokens inserted per sample (methods that recycle dropped tokens); their rows in `kept_index`
     # carry the position of the dropped token they represent.
     merged: list[int] = field(default_factory=list)
+    # The decoder layer whose attention scored the stage (its compute_scores `layer_idx`; -1 before the LLM):
+    # K-1, or K under scoring_layer="own"; on a hybrid decoder the nearest attention layer (`scoring_layers`).
+    scoring_layer: int = -1
 
 
 @dataclass
@@ -148,6 +164,8 @@ class BackboneAdapter:
 
     May override (defaults in brackets):
         language_model, rope_fn, rotary, num_layers    [Llama-style `model.model.language_model`]
+        layer_kind(i)          [`config.layer_types[i]`, else "full_attention"] decoder layer i's kind, as the
+                               stock model masks it; kinds in `RECURRENT_LAYER_TYPES` make a hybrid decoder
         has_visual_input(args) [any `pixel_inputs` or `encoded_modalities` present]
         encode_inputs(args)    [`mm_encoder_outputs` as given] modality -> the stock encoder output of this
                                forward's visuals: the given `mm_encoder_outputs` plus the `pixel_inputs`
@@ -391,17 +409,21 @@ class BackboneAdapter:
         return positions.unsqueeze(0).expand(batch, -1)
 
     def layer_masks(self, hidden: torch.Tensor, padding: torch.Tensor | None) -> dict:
-        """One 4-D mask (or None for kernels that need none) per layer type, for a fresh prefill."""
+        """One mask per layer type, for a fresh prefill: 4-D for attention layers (or None for kernels that need
+        none); recurrent layers get the 2-D `padding` itself (None: nothing padded), as the stock model gives them
+        (padding rows are zeroed before they enter the state, which the engine's left re-padding keeps exact)."""
         config = self.language_model.config
         masks = {
             "full_attention": create_causal_mask(
                 config=config, inputs_embeds=hidden, attention_mask=padding, past_key_values=None
             )
         }
-        if "sliding_attention" in (getattr(config, "layer_types", None) or ()):
+        kinds = set(self.layer_types)
+        if "sliding_attention" in kinds:
             masks["sliding_attention"] = create_sliding_window_causal_mask(
                 config=config, inputs_embeds=hidden, attention_mask=padding, past_key_values=None
             )
+        masks.update({kind: padding for kind in kinds & set(RECURRENT_LAYER_TYPES)})
         return masks
 
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -416,6 +438,22 @@ class BackboneAdapter:
     @property
     def num_layers(self) -> int:
         return self.language_model.config.num_hidden_layers
+
+    def layer_kind(self, layer_idx: int) -> str:
+        """Decoder layer `layer_idx`'s kind (`config.layer_types`; "full_attention" where the config has none)."""
+        types = getattr(self.language_model.config, "layer_types", None)
+        return types[layer_idx] if types else "full_attention"
+
+    @property
+    def layer_types(self) -> list[str]:
+        """Every decoder layer's kind (`layer_kind`)."""
+        return [self.layer_kind(i) for i in range(self.num_layers)]
+
+    @property
+    def reference_layer(self) -> int:
+        """The first decoder layer with attention: the stock model fits its masks and `cache.get_seq_length()` to
+        that layer's cache (0 unless the decoder starts with recurrent layers)."""
+        return next((i for i, kind in enumerate(self.layer_types) if kind not in RECURRENT_LAYER_TYPES), 0)
 
 
 def beam_repeats(num_tokens: int, num_encoded: int, what: str) -> int:
@@ -511,6 +549,130 @@ def register_vtr_classes(vtr_classes: dict) -> None:
             mapping = get_checkpoint_conversion_mapping(model_type)
         if mapping is not None:
             register_checkpoint_conversion_mapping(cls.__name__, mapping, overwrite=True)
+
+
+# ----------------------------------------------------------------------------------------------- layer kinds
+
+
+def _ranges(layers: list[int]) -> str:
+    """Layer indices as runs: [0, 1, 2, 4, 5] -> "0-2, 4-5"."""
+    runs = []
+    for i in layers:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def _stage_scoring_layer(layer_types, k: int, low: int, scoring: str, needs_attention: bool) -> int | None:
+    """The scoring layer of a stage at prune layer `k` after a stage at `low` (0 for the first), or None when the
+    layer it must read has no attention (see `scoring_layers`)."""
+    if scoring == "own":
+        return k if not needs_attention or layer_types[k] not in RECURRENT_LAYER_TYPES else None
+    if not needs_attention:
+        return k - 1
+    attention = [j for j in range(low, k) if layer_types[j] not in RECURRENT_LAYER_TYPES]
+    return attention[-1] if attention else None
+
+
+def _stage_needs_attention(method, config: VTRConfig, stage: int, scoring: str) -> bool:
+    """Whether prune stage `stage` reads attention (a stage at prune layer 0 never does under "previous")."""
+    k = config.prune_layers[stage]
+    return method.stage_needs_attention(stage, config) and not (scoring == "previous" and k == 0)
+
+
+def scoring_layers(config: VTRConfig, layer_types, mrope: bool = False) -> list[int]:
+    """Per prune stage of `config`, the decoder layer whose attention scores it (its compute_scores `layer_idx`) on a
+    decoder whose layers are of the kinds `layer_types`: under scoring_layer="own" layer K itself; under "previous"
+    the nearest attention layer at or before K-1 that ran on the rows reaching K, i.e. at or after the previous prune
+    layer: K-1 itself on a decoder without recurrent layers. A stage that reads no attention runs at any K and gets
+    K-1 (K under "own"; -1 before the LLM). A stage whose layer would be recurrent is refused (ValueError naming the
+    prune layers that work)."""
+    scoring = config.conventions(mrope=mrope).scoring_layer
+    method = get_strategy(config.strategy)
+    layers, low = [], 0
+    for stage, k in enumerate(config.prune_layers):
+        j = _stage_scoring_layer(layer_types, k, low, scoring, _stage_needs_attention(method, config, stage, scoring))
+        if j is None:
+            raise ValueError(_scoring_refusal(config, layer_types, stage, low, scoring))
+        layers.append(j)
+        low = k
+    return layers
+
+
+def _scoring_refusal(config: VTRConfig, layer_types, stage: int, low: int, scoring: str) -> str:
+    k = config.prune_layers[stage]
+    attention = [i for i, kind in enumerate(layer_types) if kind not in RECURRENT_LAYER_TYPES]
+    first = low + 1 if stage else int(scoring == "previous")
+    layer_of = functools.partial(_stage_scoring_layer, layer_types, low=low, scoring=scoring, needs_attention=True)
+    valid = [x for x in range(first, len(layer_types)) if layer_of(x) is not None]
+    if scoring == "own":
+        reads, linear = "that layer's own attention (scoring_layer='own')", f"layer {k} is"
+    else:
+        after = f" and at or after the previous prune layer {low}" if stage else ""
+        reads = f"the attention of the nearest attention layer at or before layer {k - 1}{after}"
+        linear = f"layer {low} is" if k - low == 1 else f"layers {_ranges(list(range(low, k)))} are"
+    if not valid:
+        fix = "no prune layer of this decoder works for that stage"
+    elif scoring == "own":
+        fix = f"prune that stage at one of the attention layers {_ranges(valid)}"
+    else:
+        fix = f"prune that stage at layer {valid[0]} or later"
+    return (
+        f"prune_layer={config.prune_layer}: {config.strategy!r} scores its stage at layer {k} with {reads}, but "
+        f"{linear} linear attention (a recurrent state, no attention map; this decoder's attention layers: "
+        f"{_ranges(attention) or 'none'}): {fix}, or use a method that reads no attention"
+    )
+
+
+def snap_schedule(config: VTRConfig, layer_types, mrope: bool = False) -> list[int] | None:
+    """A DEFAULT schedule (the config's or the method's, `prune_layer` left unset) moved onto a hybrid decoder: each
+    stage to the lowest layer at or above its own, and above the stage before, whose scoring layer has attention
+    (`scoring_layers`); e.g. FastV's 3 becomes 4 on Qwen3.5 (attention in every 4th layer, from layer 3). None when
+    some stage finds no such layer."""
+    scoring = config.conventions(mrope=mrope).scoring_layer
+    method = get_strategy(config.strategy)
+    layers, low = [], 0
+    for stage, k in enumerate(config.prune_layers):
+        needs = _stage_needs_attention(method, config, stage, scoring)
+        start = max(k, layers[-1] + 1) if layers else k
+        layer_of = functools.partial(_stage_scoring_layer, layer_types, low=low, scoring=scoring, needs_attention=needs)
+        low = next((x for x in range(start, len(layer_types)) if layer_of(x) is not None), None)
+        if low is None:
+            return None
+        layers.append(low)
+    return layers
+
+
+def check_layer_kinds(config: VTRConfig, layer_types, mrope: bool = False) -> list[int]:
+    """`config` against a decoder whose layers are of the kinds `layer_types` (a model's `adapter.layer_types`, or a
+    checkpoint config's, to check without a model): every stage's scoring layer has attention (`scoring_layers`,
+    returned); on a hybrid decoder `earlier_cache="trim"` finds no recurrent layer to trim, and a strategy's decode
+    hook (`DecodeHook`) no recurrent layer among those it reads or hides rows from. ValueError otherwise."""
+    scoring = scoring_layers(config, layer_types, mrope)
+    recurrent = [i for i, kind in enumerate(layer_types) if kind in RECURRENT_LAYER_TYPES]
+    if not recurrent:
+        return scoring
+    trimmed = [i for i in recurrent if i < config.prune_layers[-1]]
+    if trimmed and config.conventions(mrope=mrope).earlier_cache == "trim":
+        whose = f" (the official convention of {config.strategy!r})" if config.earlier_cache is None else ""
+        raise ValueError(
+            f"earlier_cache='trim'{whose} trims the cache of the layers before each prune layer to the kept tokens; "
+            f"layers {_ranges(trimmed)} of this decoder are linear attention, whose cache is a recurrent state over "
+            "every token they saw and cannot be trimmed: set earlier_cache='keep' (those layers then hold what they saw "
+            "of the whole prompt, as attention layers keep their cache)"
+        )
+    decode_layer = getattr(get_strategy(config.strategy)(), "decode_layer", None)
+    hook = decode_layer(config) if decode_layer is not None else None
+    hidden_from = [i for i in recurrent if i >= hook - 1] if hook is not None else []
+    if hidden_from:
+        raise ValueError(
+            f"{config.strategy!r} hides cached visual rows from decoder layers >= {hook} at decode steps, chosen from "
+            f"layer {hook - 1}'s attention; layers {_ranges(hidden_from)} of this decoder are linear attention, whose "
+            "recurrent state has no rows to hide (nor attention to read), so its decode-time pruning cannot run here"
+        )
+    return scoring
 
 
 # ----------------------------------------------------------------------------------------------- state
@@ -653,7 +815,9 @@ class DecodeState:
     Each layer's cache holds the rows of its segment (`earlier_cache="keep"`: the layers before a prune
     layer keep every token) or of the last one (`"trim"`). Decode positions continue the original prompt;
     under `positions="compact"` each layer continues its own numbering, `shift` positions lower. A strategy's
-    `DecodeHook` (`hook`) may hide cached visual rows from the layers from its L on, step by step.
+    `DecodeHook` (`hook`) may hide cached visual rows from the layers from its L on, step by step. The model-level
+    mask and positions fit the reference layer (`BackboneAdapter.reference_layer`: layer 0 unless the decoder starts
+    with recurrent layers, which take neither and need nothing mapped).
     """
 
     def __init__(self, adapter, segments: list[Segment], original_len: int, has_padding: bool, conventions):
@@ -671,7 +835,8 @@ class DecodeState:
             max(j for j, seg in enumerate(segments) if seg.first_layer <= i) for i in range(adapter.num_layers)
         ]
         self.mask_index = [len(segments) - 1] * adapter.num_layers if self.trim else self.position_index
-        self.prefix_valid = segments[self.mask_index[0]].valid  # [batch, len]: layer 0's cache (model-level mask)
+        self.reference = adapter.reference_layer
+        self.prefix_valid = segments[self.mask_index[self.reference]].valid  # [batch, len]: the model-level mask
         self.pruned_len = self.prefix_valid.shape[1]
 
     @property
@@ -688,13 +853,15 @@ class DecodeState:
 
     def layer_inputs(self, layer_idx: int, kwargs: dict, cache, hidden: torch.Tensor) -> dict | None:
         """The attention mask and rotary tables of decoder layer `layer_idx` for a decode step, where they differ
-        from the model-level ones (mapped onto layer 0): another cache layout, other positions, or rows
-        of tokens inserted at a later layer to hide. None: nothing differs. Layers of one segment share
-        what is built for it within a step."""
+        from the model-level ones (mapped onto the reference layer): another cache layout, other positions, or rows
+        of tokens inserted at a later layer to hide. None: nothing differs (always, for a recurrent layer: the new
+        tokens' padding is all it masks). Layers of one segment share what is built for it within a step."""
+        if self.adapter.layer_kind(layer_idx) in RECURRENT_LAYER_TYPES:
+            return None
         updates, query_len = {}, hidden.shape[1]
         segment = self.mask_index[layer_idx]
         mask = kwargs.get("attention_mask")
-        if segment != self.mask_index[0]:
+        if segment != self.mask_index[self.reference]:
             key = ("mask", segment)
             if key not in self.step:
                 self.step[key] = self._layer_mask(self.segments[segment].valid, mask, cache, layer_idx, query_len)
@@ -711,11 +878,11 @@ class DecodeState:
             if hide is not None:
                 updates["attention_mask"] = self._hide_rows(hide, mask, cache, layer_idx, query_len)
         segment = self.position_index[layer_idx]
-        if self.compact and segment != self.position_index[0]:
+        if self.compact and segment != self.position_index[self.reference]:
             key = ("rotary", segment)
             if key not in self.step:
                 positions = self.step["positions"]
-                delta = self.shift(layer_idx) - self.shift(0)
+                delta = self.shift(layer_idx) - self.shift(self.reference)
                 positions = positions - delta.view(-1, *[1] * (positions.ndim - 1))
                 self.step[key] = self.adapter.rotary(hidden, positions)
             updates["position_embeddings"] = self.step[key]
@@ -728,10 +895,12 @@ class DecodeState:
         if model_mask is None and not self.has_padding and bool(new_valid.all()) and query_len == 1:
             return None  # one new query row sees every cached row: no mask, whatever the layer's length
         if kernel not in ("eager", "sdpa"):
+            hybrid = set(self.adapter.layer_types) & set(RECURRENT_LAYER_TYPES)  # which cannot trim
+            trim = "" if hybrid else ", or set VTRConfig(earlier_cache='trim')"
             raise ValueError(
                 f"decoding a padded batch after a pruned prefill whose layers keep different cache lengths needs "
                 f"per-layer masks, which attn_implementation={kernel!r} cannot take; load the model with "
-                "attn_implementation='sdpa' or 'eager', or set VTRConfig(earlier_cache='trim')"
+                f"attn_implementation='sdpa' or 'eager'{trim}"
             )
         batch, past = prefix_valid.shape[0], cache.get_seq_length(layer_idx)
         kv_len = past + query_len
@@ -824,8 +993,8 @@ class DecodeState:
             attention_mask = torch.cat([self.prefix_valid.long(), new_valid.long()], dim=1)
         if position_ids is None:
             position_ids = self.adapter.decode_positions(self, decoded, query_len, batch)
-        shift = self.shift(0)
-        if shift is not None:  # layer 0's own numbering; other layers re-shift in their hook
+        shift = self.shift(self.reference)
+        if shift is not None:  # the reference layer's own numbering; other layers re-shift in their hook
             position_ids = (
                 position_ids - shift.view(-1, 1) if position_ids.ndim == 2 else position_ids - shift.view(1, -1, 1)
             )
@@ -864,6 +1033,7 @@ class PrunedPrefill:
         self.strategy: PruningStrategy = get_strategy(config.strategy)()
         self.renumbered = False  # a stage renumbered positions (`compact`)
         self.conventions = config.conventions(mrope=adapter.mrope)
+        self.scoring = check_layer_kinds(config, adapter.layer_types, adapter.mrope)  # per stage: its scoring layer
 
     def run(self):
         args, kwargs, lm = self.args, self.kwargs, self.adapter.language_model
@@ -916,13 +1086,15 @@ class PrunedPrefill:
         snapshot_layers = set(self.strategy.snapshot_layers(self.config))
         stages = {k: stage for stage, k in enumerate(self.config.prune_layers)}
         masks = self.adapter.layer_masks(tokens.hidden, tokens.valid if self.has_padding else None)
-        pruned, scoring_input = False, None
+        # inputs of the scoring layers (scoring_layer="previous"), for recomputing their Q/K
+        captured = set(self.scoring) if self.conventions.scoring_layer == "previous" else set()
+        pruned, scoring_inputs = False, {}
         for i, layer in enumerate(lm.layers[: self.adapter.num_layers]):
-            if i in stages and self._prune_stage(stages[i], i, tokens, scoring_input, cache, prefill):
+            if i in stages and self._prune_stage(stages[i], i, tokens, scoring_inputs, cache, prefill):
                 pruned = True
                 masks = self.adapter.layer_masks(tokens.hidden, tokens.valid if self.has_padding else None)
-            if i + 1 in stages:
-                scoring_input = tokens.hidden  # input of the scoring layer, for recomputing its Q/K
+            if i in captured:
+                scoring_inputs[i] = tokens.hidden
             tokens.hidden = self._run_layer(i, layer, tokens, masks, cache, use_cache, **kwargs)
             if i in snapshot_layers:
                 self.snapshots[i] = (tokens.hidden, tokens.original_index)
@@ -973,7 +1145,7 @@ class PrunedPrefill:
         """Decoder layer `i` on the current tokens, then the adapter's after-layer hook; the new hidden states."""
         tokens.hidden = layer(
             tokens.hidden,
-            attention_mask=masks[getattr(layer, "attention_type", "full_attention")],
+            attention_mask=masks[self.adapter.layer_kind(i)],
             position_embeddings=(tokens.cos, tokens.sin),
             past_key_values=cache,
             use_cache=use_cache,
@@ -1012,8 +1184,9 @@ class PrunedPrefill:
             )
         return cache
 
-    def _prune_stage(self, stage: int, prune_at: int, tokens: TokenState, scoring_input, cache, prefill) -> bool:
-        """Score, select and gather at layer `prune_at`. Returns True if the sequence changed."""
+    def _prune_stage(self, stage: int, prune_at: int, tokens: TokenState, scoring_inputs, cache, prefill) -> bool:
+        """Score, select and gather at layer `prune_at` (`scoring_inputs`: layer -> its input, for the scoring
+        layer's Q/K). Returns True if the sequence changed."""
         start = time.perf_counter()
         batch, seq_len = tokens.visual.shape
         info = self.info  # read back with the previous sync, before the layers ran
@@ -1026,15 +1199,17 @@ class PrunedPrefill:
             image_tokens_before=counts,
             image_tokens_kept=list(counts),
             kept_positions=[],
+            scoring_layer=self.scoring[stage],
         )
         self.record.stages.append(stage_record)
         if sum(counts) == 0:
             stage_record.kept_positions = [tokens.original_index[b, :0] for b in range(batch)]
             return False
+        layer_idx = self.scoring[stage]
         if self.conventions.scoring_layer == "own":  # layer K's own q/k on the hidden states entering it
-            scores = self._score(stage, prune_at, tokens, tokens.hidden, None, info, prefill)
-        else:  # the attention inside layer K-1 (-1: a pre-LLM stage)
-            scores = self._score(stage, prune_at - 1, tokens, scoring_input, cache, info, prefill)
+            scores = self._score(stage, layer_idx, tokens, tokens.hidden, None, info, prefill)
+        else:  # the attention inside layer K-1 or the nearest attention layer before it (-1: a pre-LLM stage)
+            scores = self._score(stage, layer_idx, tokens, scoring_inputs.pop(layer_idx, None), cache, info, prefill)
         keep_visual = self._select(stage, scores, tokens.visual, info)
         if self.conventions.token_merge:
             changed = self._merge_stage(stage, prune_at, tokens, scores, keep_visual, info, cache, stage_record)
@@ -1367,7 +1542,8 @@ class VTRModelMixin:
 
     def set_vtr_config(self, vtr_config: VTRConfig) -> None:
         """Validate against this model and keep it. A config given no budget gets the backbone's default
-        (`adapter.default_keep_tokens`); an explicit budget always wins."""
+        (`adapter.default_keep_tokens`); an explicit budget always wins. A schedule left unset moves onto a hybrid
+        decoder's attention layers (`snap_schedule`, with a warning); an explicit one is checked (`check_layer_kinds`)."""
         if not isinstance(vtr_config, VTRConfig):
             raise TypeError(f"vtr_config must be a VTRConfig, got {type(vtr_config).__name__}")
         default = getattr(self.vtr_adapter, "default_keep_tokens", None)
@@ -1384,11 +1560,46 @@ class VTRModelMixin:
                     f"strategy {vtr_config.strategy!r} is not supported on {type(self).__name__}: it needs "
                     f"{', '.join(missing)}, which this model family does not provide (see `scripts/vtr_run --list`)"
                 )
+            layers_defaulted = vtr_config.prune_layer_defaulted
             updates = method.schedule_defaults(vtr_config, self.vtr_adapter.num_layers)
             if updates:
                 vtr_config = dataclasses.replace(vtr_config, **updates)
+            if layers_defaulted:
+                vtr_config = self._default_schedule_on_layer_kinds(vtr_config)
         vtr_config.validate_for_model(self.vtr_adapter.num_layers)
+        if vtr_config.enabled:
+            check_layer_kinds(vtr_config, self.vtr_adapter.layer_types, self.vtr_adapter.mrope)
         self.vtr_config = vtr_config
+
+    def _default_schedule_on_layer_kinds(self, vtr_config: VTRConfig) -> VTRConfig:
+        """A default schedule moved onto this decoder's attention layers (`snap_schedule`; a no-op unless it is
+        hybrid), with a warning that says where to."""
+        adapter = self.vtr_adapter
+        types = adapter.layer_types
+        layers = snap_schedule(vtr_config, types, adapter.mrope)
+        if layers is None:  # some stage fits nowhere: the checks say which
+            try:
+                check_layer_kinds(vtr_config, types, adapter.mrope)
+            except ValueError as error:
+                raise ValueError(
+                    f"{vtr_config.strategy!r}'s default schedule does not fit this hybrid decoder (give prune_layer): "
+                    f"{error}"
+                ) from None
+        if layers == vtr_config.prune_layers:
+            return vtr_config
+        recurrent = [i for i, kind in enumerate(types) if kind in RECURRENT_LAYER_TYPES]
+        logger.warning(
+            "VTRConfig: %r's default prune_layer %s moved to %s on this hybrid decoder (linear attention in layers %s): "
+            "a stage scores with the attention of an attention layer (see engine.scoring_layers); set prune_layer to "
+            "choose",
+            vtr_config.strategy,
+            vtr_config.prune_layer,
+            layers if len(layers) > 1 else layers[0],
+            _ranges(recurrent),
+        )
+        moved = dataclasses.replace(vtr_config, prune_layer=layers if len(layers) > 1 else layers[0])
+        moved.budget_defaulted, moved.prune_layer_defaulted = vtr_config.budget_defaulted, True
+        return moved
 
     def generate(self, *args, **kwargs):
         if self.vtr_config.enabled and self.vtr_adapter.has_visual_input(kwargs):

@@ -154,19 +154,23 @@ def scoring_attention(layer, layer_input, cos, sin, key_valid, cache, layer_idx,
     """Lazy causal attention probabilities of decoder `layer` (Llama-style `self_attn` with q/k projections,
     optional per-head q/k norms) for its input `layer_input` [batch, seq, hidden].
 
-    rope_fn: `apply_rotary_pos_emb(q, k, cos, sin)` of the decoder's family. Keys come from the KV cache
-    when there is one (exactly what the kernel attended to, post-RoPE), else from `k_proj`.
+    rope_fn: `apply_rotary_pos_emb(q, k, cos, sin)` of the decoder's family (a partial rotary one rotates
+    the dimensions its tables cover). Keys come from the KV cache when there is one (exactly what the kernel
+    attended to, post-RoPE), else from `k_proj`. Where `q_proj` also emits an output gate per head (Qwen3.5,
+    Qwen3-Next: each head's block is the query, then the gate), the query is the first `head_dim` of each block.
     """
     attn = layer.self_attn
     normed = layer.input_layernorm(layer_input)
     batch, seq, _ = normed.shape
     head_dim = attn.head_dim
+    num_heads = attn.config.num_attention_heads
+    width = attn.q_proj.out_features // num_heads  # head_dim, or 2 x head_dim with the gate
     q_norm = getattr(attn, "q_norm", None)  # Qwen3-style per-head norms
     k_norm = getattr(attn, "k_norm", None)
 
     def queries(rows: torch.Tensor, picked: slice) -> torch.Tensor:
         x, c, s = normed[picked, rows], cos[picked, rows], sin[picked, rows]
-        q = attn.q_proj(x).view(x.shape[0], rows.numel(), -1, head_dim)
+        q = attn.q_proj(x).view(x.shape[0], rows.numel(), num_heads, width)[..., :head_dim]
         if q_norm is not None:
             q = q_norm(q)
         q = q.transpose(1, 2)
@@ -185,5 +189,4 @@ def scoring_attention(layer, layer_input, cos, sin, key_valid, cache, layer_idx,
             k = k_norm(k)
         k = k.transpose(1, 2)
         keys = rope_fn(k, k, cos, sin)[1]
-    num_heads = attn.config.num_attention_heads
     return ScoringAttention(query_fn, keys, key_valid, num_heads=num_heads, scaling=attn.scaling)
