@@ -1,5 +1,6 @@
 """Visual token reduction for the Qwen-VL families on transformers' stock classes: Qwen3-VL (dense and MoE,
-DeepStack), Qwen2.5-VL and Qwen2-VL; images and videos, M-RoPE kept exact.
+DeepStack), Qwen2.5-VL, Qwen2-VL and Qwen3.5 (dense and MoE, a hybrid linear/full-attention decoder); images and
+videos, M-RoPE kept exact.
 
 from visual_token_pruning import VTRConfig, load_model, load_processor
 model = load_model("Qwen/Qwen3-VL-2B-Instruct", VTRConfig(strategy="fastv", keep_tokens=64, prune_layer=2))
@@ -13,6 +14,8 @@ from .modeling import (
     StageRecord,
     VTRQwen2_5_VLForConditionalGeneration,
     VTRQwen2VLForConditionalGeneration,
+    VTRQwen3_5ForConditionalGeneration,
+    VTRQwen3_5MoeForConditionalGeneration,
     VTRQwen3VLForConditionalGeneration,
     VTRQwen3VLMoeForConditionalGeneration,
     VTRRecord,
@@ -31,6 +34,8 @@ __all__ = [
     "VTRQwen2_5_VLForConditionalGeneration",
     "VTRQwen3VLForConditionalGeneration",
     "VTRQwen3VLMoeForConditionalGeneration",
+    "VTRQwen3_5ForConditionalGeneration",
+    "VTRQwen3_5MoeForConditionalGeneration",
     "VTRRecord",
     "available_strategies",
     "get_strategy",
@@ -47,4 +52,6 @@ BACKBONES = {
     "Qwen3-VL-MoE": VTRQwen3VLMoeForConditionalGeneration.vtr_adapter_class,
     "Qwen2.5-VL": VTRQwen2_5_VLForConditionalGeneration.vtr_adapter_class,
     "Qwen2-VL": VTRQwen2VLForConditionalGeneration.vtr_adapter_class,
+    "Qwen3.5": VTRQwen3_5ForConditionalGeneration.vtr_adapter_class,
+    "Qwen3.5-MoE": VTRQwen3_5MoeForConditionalGeneration.vtr_adapter_class,
 }

@@ -1,8 +1,11 @@
 """The Python API: load a checkpoint with a `VTRConfig`, or wrap a stock model you already hold.
 
 Qwen3-VL (`Qwen/Qwen3-VL-*-Instruct`, model_type `qwen3_vl`), Qwen3-VL-MoE (`qwen3_vl_moe`), Qwen2.5-VL
-(`Qwen/Qwen2.5-VL-*-Instruct`, `qwen2_5_vl`) and Qwen2-VL (`Qwen/Qwen2-VL-*-Instruct`, `qwen2_vl`) are told
-apart by the checkpoint's config; anything else is refused with a clear error.
+(`Qwen/Qwen2.5-VL-*-Instruct`, `qwen2_5_vl`), Qwen2-VL (`Qwen/Qwen2-VL-*-Instruct`, `qwen2_vl`) and Qwen3.5
+(`Qwen/Qwen3.5-*`, `qwen3_5`; its MoE variants `qwen3_5_moe`) are told apart by the checkpoint's config; anything
+else is refused with a clear error. Qwen3.5's decoder is hybrid (linear-attention layers between full-attention
+ones): methods that read attention score from a full-attention layer (`engine.scoring_layers`), a prune layer
+without one before it is refused, and a schedule left unset moves onto the nearest layers that work.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ def vtr_class_for(pretrained: str, **kwargs) -> type:
 
 
 def load_model(pretrained: str, vtr_config: VTRConfig | None = None, **from_pretrained_kwargs):
-    """Load a Qwen3-VL, Qwen3-VL-MoE, Qwen2.5-VL or Qwen2-VL checkpoint (hub id or local folder) as its VTR class.
+    """Load a Qwen3-VL, Qwen3-VL-MoE, Qwen2.5-VL, Qwen2-VL, Qwen3.5 or Qwen3.5-MoE checkpoint (hub id or local
+    folder) as its VTR class.
 
     `from_pretrained_kwargs` go to transformers unchanged (dtype, device_map, attn_implementation, ...).
     No `vtr_config`: nothing is pruned (VTRConfig(enabled=False)), as with `from_pretrained` on the VTR class
@@ -41,8 +45,8 @@ def load_model(pretrained: str, vtr_config: VTRConfig | None = None, **from_pret
 
 def wrap(model, vtr_config: VTRConfig | None = None):
     """Add VTR to an already loaded stock Qwen-VL model (`Qwen3VLForConditionalGeneration`, its MoE variant,
-    `Qwen2_5_VLForConditionalGeneration`, `Qwen2VLForConditionalGeneration`), in place. No `vtr_config`:
-    nothing is pruned until `set_vtr_config`."""
+    `Qwen2_5_VLForConditionalGeneration`, `Qwen2VLForConditionalGeneration`, `Qwen3_5ForConditionalGeneration`, its
+    MoE variant), in place. No `vtr_config`: nothing is pruned until `set_vtr_config`."""
     # the MoE class first: a subclass check against the dense class must not catch it
     for cls in sorted(VTR_CLASSES.values(), key=lambda c: "Moe" not in c.__name__):
         if isinstance(model, cls.vtr_stock_class):

@@ -1,5 +1,5 @@
 """The stock transformers Qwen-VL families with physical visual token pruning: Qwen2-VL, Qwen2.5-VL,
-Qwen3-VL (dense and MoE).
+Qwen3-VL (dense and MoE), Qwen3.5 (dense and MoE).
 
 This file is the fork's only model code: one adapter per family telling the shared engine (engine.py, a
 copy-checked file) what its tokens are, and subclasses of the stock classes whose forward is one call into
@@ -28,7 +28,11 @@ below except what `QwenVLAdapter`'s subclasses state:
                      `vision_layers`); `cls` is None: these ViTs have no CLS token
     vision_tower     {"depth": the vision blocks, "cls": False}
     after_layer(i)   Qwen3-VL's DeepStack: for i < len(deepstack_visual_indexes), the i-th DeepStack feature
-                     of each visual token still present is added to its row
+                     of each visual token still present is added to its row (Qwen3.5 has no DeepStack)
+    layer kinds      Qwen3.5's decoder is hybrid: Gated DeltaNet (linear attention, a recurrent state) in most
+                     layers, gated full attention in every `full_attention_interval`-th (`layer_types`). The shared
+                     engine runs both kinds on the kept rows from K on and scores from the nearest full-attention
+                     layer at or before K-1 (engine.scoring_layers); the adapter states nothing more
     decode           generate() passes the M-RoPE rows itself (continuing the original prompt); a decode
                      given no positions continues from each sample's largest prompt position + 1
     anchor           the first row after the visual span: `<|vision_end|>` (PriorTR's prior row)
@@ -42,6 +46,8 @@ import torch
 from transformers import (
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLForConditionalGeneration,
+    Qwen3_5ForConditionalGeneration,
+    Qwen3_5MoeForConditionalGeneration,
     Qwen3VLForConditionalGeneration,
     Qwen3VLMoeForConditionalGeneration,
 )
@@ -63,11 +69,14 @@ __all__ = [
     "Qwen2VLAdapter",
     "Qwen2_5_VLAdapter",
     "Qwen3VLAdapter",
+    "Qwen3_5Adapter",
     "StageRecord",
     "VTRQwen2VLForConditionalGeneration",
     "VTRQwen2_5_VLForConditionalGeneration",
     "VTRQwen3VLForConditionalGeneration",
     "VTRQwen3VLMoeForConditionalGeneration",
+    "VTRQwen3_5ForConditionalGeneration",
+    "VTRQwen3_5MoeForConditionalGeneration",
     "VTRRecord",
 ]
 
@@ -227,7 +236,8 @@ class QwenVLAdapter(BackboneAdapter):
             text = (mask.long().cumsum(-1) - 1)[:, -query_len:]
         else:
             past = cache.get_seq_length()
-            text = torch.arange(past, past + query_len, device=cache.layers[0].keys.device).expand(batch, -1)
+            device = (ids if ids is not None else args["inputs_embeds"]).device
+            text = torch.arange(past, past + query_len, device=device).expand(batch, -1)
         deltas = deltas.repeat_interleave(batch // deltas.shape[0], dim=0).to(text.device)
         return {**args, "position_ids": (text + deltas)[None].expand(3, -1, -1)}
 
@@ -558,6 +568,15 @@ class VTRQwen3VLForConditionalGeneration(_VTRQwenVLMixin, Qwen3VLForConditionalG
         return self.vtr_forward(super().forward, *self.forward_arguments(locals()))
 
 
+def _refuse_router_logits(model, output_router_logits, args: dict) -> None:
+    """MoE router logits are per layer over the whole sequence, which a pruned forward does not keep."""
+    if output_router_logits and model.vtr_config.enabled and model.vtr_adapter.has_visual_input(args):
+        raise ValueError(
+            "output_router_logits=True is not available in a pruned forward (sequence lengths change between "
+            "layers); set VTRConfig(enabled=False) for the router logits"
+        )
+
+
 class Qwen3VLMoeAdapter(Qwen3VLAdapter):
     """Qwen3-VL-MoE: the same text-model interface (decoder layers return hidden states; DeepStack and
     M-RoPE as in the dense model); routing is per token, so dropped tokens simply never reach the experts."""
@@ -589,11 +608,73 @@ class VTRQwen3VLMoeForConditionalGeneration(_VTRQwenVLMixin, Qwen3VLMoeForCondit
         mm_encoder_outputs=None,
         **kwargs,
     ):
-        if output_router_logits and self.vtr_config.enabled and self.vtr_adapter.has_visual_input(locals()):
-            raise ValueError(
-                "output_router_logits=True is not available in a pruned forward (sequence lengths change between "
-                "layers); set VTRConfig(enabled=False) for the router logits"
-            )
+        _refuse_router_logits(self, output_router_logits, locals())
+        return self.vtr_forward(super().forward, *self.forward_arguments(locals()))
+
+
+class Qwen3_5Adapter(QwenVLAdapter):
+    """Qwen3.5: Qwen3-VL's vision tower without DeepStack (images, videos with timestamps, M-RoPE as Qwen3-VL:
+    interleaved, here on a partial rotary) and a hybrid decoder whose layer kinds the shared engine reads from
+    `layer_types` (masks per kind, scoring from full-attention layers, the decode reference layer)."""
+
+
+class Qwen3_5MoeAdapter(Qwen3_5Adapter):
+    """Qwen3.5-MoE: Qwen3.5 with routed experts and a shared expert per token; dropped tokens never reach them."""
+
+    output_class = MoeCausalLMOutputWithPast
+
+
+class VTRQwen3_5ForConditionalGeneration(_VTRQwenVLMixin, Qwen3_5ForConditionalGeneration):
+    """Stock Qwen3.5 + visual token reduction, configured by `self.vtr_config`."""
+
+    vtr_adapter_class = Qwen3_5Adapter
+    vtr_stock_class = Qwen3_5ForConditionalGeneration
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        pixel_values=None,
+        pixel_values_videos=None,
+        image_grid_thw=None,
+        video_grid_thw=None,
+        mm_token_type_ids=None,
+        logits_to_keep=0,
+        mm_encoder_outputs=None,
+        **kwargs,
+    ):
+        return self.vtr_forward(super().forward, *self.forward_arguments(locals()))
+
+
+class VTRQwen3_5MoeForConditionalGeneration(_VTRQwenVLMixin, Qwen3_5MoeForConditionalGeneration):
+    """Stock Qwen3.5-MoE + visual token reduction."""
+
+    vtr_adapter_class = Qwen3_5MoeAdapter
+    vtr_stock_class = Qwen3_5MoeForConditionalGeneration
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        pixel_values=None,
+        pixel_values_videos=None,
+        image_grid_thw=None,
+        video_grid_thw=None,
+        mm_token_type_ids=None,
+        output_router_logits=None,
+        logits_to_keep=0,
+        mm_encoder_outputs=None,
+        **kwargs,
+    ):
+        _refuse_router_logits(self, output_router_logits, locals())
         return self.vtr_forward(super().forward, *self.forward_arguments(locals()))
 
 
@@ -603,5 +684,7 @@ VTR_CLASSES = {
     "qwen2_5_vl": VTRQwen2_5_VLForConditionalGeneration,
     "qwen3_vl": VTRQwen3VLForConditionalGeneration,
     "qwen3_vl_moe": VTRQwen3VLMoeForConditionalGeneration,
+    "qwen3_5": VTRQwen3_5ForConditionalGeneration,
+    "qwen3_5_moe": VTRQwen3_5MoeForConditionalGeneration,
 }
 register_vtr_classes(VTR_CLASSES)

@@ -1,8 +1,8 @@
 """The Qwen-VL processors where torchvision cannot load.
 
-The stock `Qwen3VLProcessor`, `Qwen2_5_VLProcessor` and `Qwen2VLProcessor` need their video processor
-(`Qwen3VLVideoProcessor` / `Qwen2VLVideoProcessor`, torchvision backends) and, by default, the fast image
-processor (torchvision too). Where torchvision imports, `load_processor` returns the stock processor
+The stock `Qwen3VLProcessor` (Qwen3-VL and Qwen3.5), `Qwen2_5_VLProcessor` and `Qwen2VLProcessor` need their
+video processor (`Qwen3VLVideoProcessor` / `Qwen2VLVideoProcessor`, torchvision backends) and, by default, the
+fast image processor (torchvision too). Where torchvision imports, `load_processor` returns the stock processor
 unchanged. Otherwise it builds the same stock processor class (so the prompt expansion, Qwen3-VL's per-frame
 `<t seconds>` timestamps, Qwen2.5-VL's `second_per_grid_ts` and `mm_token_type_ids` are the stock code)
 around:
@@ -68,6 +68,8 @@ FAMILIES = {
 PROCESSOR_FOR = {
     "qwen3_vl": "Qwen3VLProcessor",
     "qwen3_vl_moe": "Qwen3VLProcessor",
+    "qwen3_5": "Qwen3VLProcessor",
+    "qwen3_5_moe": "Qwen3VLProcessor",
     "qwen2_5_vl": "Qwen2_5_VLProcessor",
     "qwen2_vl": "Qwen2VLProcessor",
 }
@@ -133,7 +135,7 @@ def stock_layout(path, processor_class: str = "Qwen3VLProcessor") -> None:
 
 def load_processor(pretrained: str, min_pixels: int | None = None, max_pixels: int | None = None, **kwargs):
     """The checkpoint's processor: the stock `AutoProcessor` where torchvision imports; else the same stock
-    processor class (Qwen3-VL, Qwen2.5-VL or Qwen2-VL, from the checkpoint's model_type) built from the
+    processor class (Qwen3-VL and Qwen3.5, Qwen2.5-VL or Qwen2-VL, from the checkpoint's model_type) built from the
     checkpoint's tokenizer and processor configs (one notice line).
     `min_pixels` / `max_pixels` replace that bound of the IMAGE processor's pixel budget; the bound not given
     stays the checkpoint's, and videos keep the checkpoint's video budget."""

@@ -2,9 +2,10 @@
 
 The result is an ordinary hub-style folder (config, safetensors, tokenizer, chat template, image and video
 processor configs naming the stock classes) that loads through the real `from_pretrained` path, exactly
-like a downloaded `Qwen/Qwen3-VL-*-Instruct`, `Qwen/Qwen2.5-VL-*-Instruct` or `Qwen/Qwen2-VL-*-Instruct`
-checkpoint. Qwen3-VL's vision tower has DeepStack layers; Qwen2.5-VL's runs window attention (2 x 2 merged
-tokens per window in the tiny shape) with full attention in its last block.
+like a downloaded `Qwen/Qwen3-VL-*-Instruct`, `Qwen/Qwen2.5-VL-*-Instruct`, `Qwen/Qwen2-VL-*-Instruct` or
+`Qwen/Qwen3.5-*` checkpoint. Qwen3-VL's vision tower has DeepStack layers; Qwen2.5-VL's runs window attention
+(2 x 2 merged tokens per window in the tiny shape) with full attention in its last block; Qwen3.5's decoder is
+hybrid (Gated DeltaNet linear attention and gated full attention, `layer_types`).
 """
 
 from __future__ import annotations
@@ -73,6 +74,13 @@ def build_tokenizer(vocab_size: int = 360):
     )
 
 
+#: The tests' Qwen3.5 decoder: linear (L) and full (F) attention as L L F L F L L, the smallest layout with a linear
+#: layer 0 (the decode reference layer is not 0), no full layer below K=3 (attention methods refused there), a K
+#: whose K-1 is linear (4 scores from layer 2), a two-stage attention schedule (3 and 6: the second scores from
+#: layer 4), full layers for scoring_layer="own" (2 and 4) and linear layers after the last stage.
+QWEN3_5_TEST_LAYERS = ["linear_attention"] * 2 + ["full_attention", "linear_attention"] * 2 + ["linear_attention"]
+
+
 def tiny_qwen3_vl_config(
     tokenizer,
     *,
@@ -86,21 +94,36 @@ def tiny_qwen3_vl_config(
     vision_depth: int = 3,
     deepstack_visual_indexes: tuple = (0, 1),
     num_position_embeddings: int = 64,
+    layer_types: list[str] | None = None,
     moe: bool = False,
     family: str = "qwen3_vl",
 ):
-    """A Qwen-VL config (`family`: qwen3_vl, qwen2_5_vl or qwen2_vl): text head_dim 16 with M-RoPE sections
-    (4, 2, 2). Qwen3-VL: DeepStack features from vision blocks `deepstack_visual_indexes` are added after
+    """A Qwen-VL config (`family`: qwen3_vl, qwen2_5_vl, qwen2_vl or qwen3_5): text head_dim 16 with M-RoPE
+    sections (4, 2, 2). Qwen3-VL: DeepStack features from vision blocks `deepstack_visual_indexes` are added after
     the first len(...) decoder layers. Qwen2.5-VL: windows of 2 x 2 merged tokens, the last vision block and
-    every other one before it full-attention."""
-    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig, Qwen3VLMoeConfig
+    every other one before it full-attention. Qwen3.5: decoder layers of the kinds `layer_types` (its length is
+    the layer count; None: the stock layout, full attention in every 4th layer), linear attention with value heads
+    = `num_heads`, key heads half of them, head dims hidden / heads; attention head_dim hidden / heads but at least
+    32, the stock partial rotary on a quarter of it (M-RoPE sections over head_dim / 8 frequencies, interleaved:
+    (2, 1, 1) in the tiny shape); no DeepStack. `moe`: Qwen3-VL-MoE or Qwen3.5-MoE (4 experts, 2 per
+    token; Qwen3.5 adds a shared expert)."""
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2VLConfig,
+        Qwen3_5Config,
+        Qwen3_5MoeConfig,
+        Qwen3VLConfig,
+        Qwen3VLMoeConfig,
+    )
 
     if family not in FAMILIES:
         raise ValueError(f"unknown Qwen-VL family {family!r}; choose one of {sorted(FAMILIES)}")
+    if moe and family not in MOE_CLASSES:
+        raise ValueError(f"{family!r} has no MoE variant; MoE families: {sorted(MOE_CLASSES)}")
 
     ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in _TOKEN_FIELDS.items()}
-    head_dim = hidden_size // num_heads
-    half = head_dim // 2
+    head_dim = max(32, hidden_size // num_heads) if family == "qwen3_5" else hidden_size // num_heads
+    half = head_dim // 8 if family == "qwen3_5" else head_dim // 2  # rotary frequencies
     mrope = [half - 2 * (half // 4), half // 4, half // 4]
     text = dict(
         vocab_size=len(tokenizer),
@@ -115,7 +138,7 @@ def tiny_qwen3_vl_config(
             "rope_type": "default",
             "rope_theta": 10000.0,
             "mrope_section": mrope,
-            **({"mrope_interleaved": True} if family == "qwen3_vl" else {}),
+            **({"mrope_interleaved": True} if family in ("qwen3_vl", "qwen3_5") else {}),
         },
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -123,7 +146,7 @@ def tiny_qwen3_vl_config(
     if moe:
         text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=intermediate_size // 2)
     vision = dict(depth=vision_depth, num_heads=2, patch_size=patch_size, spatial_merge_size=2, temporal_patch_size=2)
-    if family != "qwen3_vl":
+    if family not in ("qwen3_vl", "qwen3_5"):
         text.update(bos_token_id=None)  # the stock default (151643) lies outside the tiny vocabulary
     if family == "qwen2_vl":
         text.pop("head_dim")
@@ -140,6 +163,28 @@ def tiny_qwen3_vl_config(
             tokens_per_second=4,  # transformers' config default: frame groups 2 positions apart at 4 fps
         )
         config_class = Qwen2_5_VLConfig
+    elif family == "qwen3_5":
+        key_heads = max(1, num_heads // 2)
+        text["rope_parameters"]["partial_rotary_factor"] = 0.25
+        text.update(
+            linear_num_key_heads=key_heads,
+            linear_num_value_heads=num_heads,
+            linear_key_head_dim=hidden_size // num_heads,
+            linear_value_head_dim=hidden_size // num_heads,
+            linear_conv_kernel_dim=4,
+        )
+        if layer_types is not None:
+            text.update(layer_types=list(layer_types), num_hidden_layers=len(layer_types))
+        if moe:  # no dense MLP at all: routed experts and a shared one
+            text.pop("intermediate_size")
+            text.update(shared_expert_intermediate_size=intermediate_size // 2)
+        vision.update(
+            hidden_size=vision_hidden_size,
+            intermediate_size=vision_hidden_size * 2,
+            out_hidden_size=hidden_size,
+            num_position_embeddings=num_position_embeddings,
+        )
+        config_class = Qwen3_5MoeConfig if moe else Qwen3_5Config
     else:
         vision.update(
             hidden_size=vision_hidden_size,
@@ -157,7 +202,10 @@ FAMILIES = {
     "qwen3_vl": ("Qwen3VLForConditionalGeneration", "Qwen3VLProcessor"),
     "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor"),
     "qwen2_vl": ("Qwen2VLForConditionalGeneration", "Qwen2VLProcessor"),
+    "qwen3_5": ("Qwen3_5ForConditionalGeneration", "Qwen3VLProcessor"),
 }
+#: family -> its MoE variant's stock model class name
+MOE_CLASSES = {"qwen3_vl": "Qwen3VLMoeForConditionalGeneration", "qwen3_5": "Qwen3_5MoeForConditionalGeneration"}
 
 
 _TOKEN_FIELDS = {
@@ -195,24 +243,29 @@ def build_tiny_qwen3_vl(
     path, *, seed: int = 0, overwrite: bool = False, moe: bool = False, family: str = "qwen3_vl", **shape
 ) -> Path:
     """Write a random Qwen-VL checkpoint + processor to `path` (kept if it already holds the same shape):
-    Qwen3-VL (or Qwen3-VL-MoE), or `family="qwen2_5_vl"` / `"qwen2_vl"`. Defaults: 4 px patches merged 2x2,
-    so a 64 x 64 image is 64 visual tokens."""
+    Qwen3-VL (or Qwen3-VL-MoE), or `family="qwen2_5_vl"` / `"qwen2_vl"` / `"qwen3_5"` (or Qwen3.5-MoE). Defaults:
+    4 px patches merged 2x2, so a 64 x 64 image is 64 visual tokens."""
     import transformers
 
     path = Path(path)
     stamp = path / "vtr_tiny.json"
-    wanted = {"seed": seed, "moe": moe, **shape} if family == "qwen3_vl" else {"seed": seed, "family": family, **shape}
+    if family == "qwen3_vl":
+        wanted = {"seed": seed, "moe": moe, **shape}
+    else:
+        wanted = {"seed": seed, "family": family, **({"moe": True} if moe else {}), **shape}
     if not overwrite and stamp.exists() and json.loads(stamp.read_text()) == wanted:
         return path
     tokenizer = build_tokenizer()
     processor_shape = {k: shape.pop(k) for k in ("min_pixels", "max_pixels") if k in shape}
-    if family != "qwen3_vl":  # Qwen3-VL's vision-only knobs
-        shape = {k: v for k, v in shape.items() if k not in ("deepstack_visual_indexes", "num_position_embeddings")}
-    config = tiny_qwen3_vl_config(tokenizer, moe=moe, family=family, **shape)
+    # knobs of parts the family lacks: DeepStack (Qwen3-VL only), a learned vision position table (Qwen3-VL, Qwen3.5)
+    foreign = {"qwen3_vl": (), "qwen3_5": ("deepstack_visual_indexes",)}.get(
+        family, ("deepstack_visual_indexes", "num_position_embeddings")
+    )
+    config = tiny_qwen3_vl_config(
+        tokenizer, moe=moe, family=family, **{k: v for k, v in shape.items() if k not in foreign}
+    )
     torch.manual_seed(seed)
-    model_class = getattr(transformers, FAMILIES[family][0])
-    if moe:
-        model_class = transformers.Qwen3VLMoeForConditionalGeneration
+    model_class = getattr(transformers, MOE_CLASSES[family] if moe else FAMILIES[family][0])
     model = model_class(config).eval()
     with torch.no_grad():  # random init gives near-uniform attention; a larger scale makes scores discriminative
         model.model.language_model.embed_tokens.weight.normal_(0, 1.0)
