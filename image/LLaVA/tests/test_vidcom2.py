@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import llava.vtr.strategy.vidcom2  # noqa: F401 (registers vidcom2)
 from llava.vtr import VTRConfig, get_strategy, load_model, load_processor
@@ -14,11 +15,12 @@ from llava_testlib import ov_videos
 
 
 def official_picks(frames, ratio):
-    """xuyang-liu16/VidCom2 `vidcom2_compression` restated, in float64, for T [N, D] frames: per frame, the sorted
-    indices kept. Channels: the D // 2 of lowest population variance; tokens L2-normalised over them; similarity
-    to the video's and to the frame's mean token: sum over a = 2^-3..2^1 of exp(-d^2 / 2a); frame uniqueness
-    -mean(video similarity), softmax at temperature 0.01; k_t = max(1, round(min(1, ratio (1 + p_t - 1/T)) N))
-    (half to even); the k_t smallest video + frame similarities, ties to the earlier token."""
+    """xuyang-liu16/VidCom2 `vidcom2_compression` restated as formulas, in float64, for T [N, D] frames: per frame,
+    the sorted indices kept. Channels: the D // 2 of lowest population variance; tokens L2-normalised over them;
+    similarity to the video's and to the frame's mean token: sum over a = 2^-3..2^1 of exp(-d^2 / 2a); frame
+    uniqueness -mean(video similarity), softmax at temperature 0.01; k_t = max(1, round(min(1, ratio (1 + p_t -
+    1/T)) N)) (half to even); the k_t smallest video + frame similarities (for inputs without ties there: which
+    tied token the official code keeps is `official_calls`' to say)."""
     count, per_frame, dim = len(frames), frames[0].shape[0], frames[0].shape[1]
     tokens = torch.cat(frames).double()
     variance = ((tokens - tokens.mean(0)) ** 2).mean(0)
@@ -43,6 +45,29 @@ def official_picks(frames, ratio):
         k = max(1, round(scale * per_frame))
         picks.append(sorted(sorted(range(per_frame), key=lambda i: (scores[t][i], i))[:k]))
     return picks
+
+
+def official_calls(frames, ratio):
+    """The official `vidcom2_compression` (linear mapping) restated call by call, in the dtype of `frames` [T, N, D]
+    as it runs: per frame, the sorted indices kept, a tie at the k-th score going as its
+    `torch.topk(scores[t], k, largest=False, sorted=False)` breaks it."""
+    count, n, dim = frames.shape
+    flat = frames.reshape(count * n, dim)
+    _, channels = torch.topk(flat.var(dim=0, unbiased=False), k=int(dim * 0.5), largest=False)
+    x = F.normalize(flat[:, channels].view(-1, n, channels.numel()), dim=-1)
+
+    def gaussian(centre):
+        squared = ((x - centre) ** 2).sum(dim=-1)
+        return sum(torch.exp(-squared / (2 * a)) for a in [2**k for k in range(-3, 2)])
+
+    to_video, to_frame = gaussian(x.mean(dim=(0, 1), keepdim=True)), gaussian(x.mean(dim=1, keepdim=True))
+    uniqueness = -to_video.mean(dim=-1)
+    p = F.softmax((uniqueness - uniqueness.max()) / 0.01, dim=0)
+    ks = ((ratio * (1 + p - p.mean())).clamp(max=1.0) * n).round().long().clamp(min=1).tolist()
+    scores = to_video + to_frame
+    return [
+        torch.topk(scores[t], k=k, largest=False, sorted=False).indices.sort().values.tolist() for t, k in enumerate(ks)
+    ]
 
 
 def hand_video(frames, grid=None):
@@ -102,12 +127,26 @@ def test_every_frame_keeps_one_token_at_least():
     assert [len(k) for k in per_frame(hand_video(frames), 0.01)] == [1] * 5
 
 
-def test_equal_scores_keep_the_earlier_token():
-    """Two equal frames of tokens a, a, b, b: a frame keeps one token, the first of the least redundant pair."""
-    pair = scene(1, 2, seed=4)[0]
-    frame = pair.repeat_interleave(2, 0)
-    got = per_frame(hand_video(frame.expand(2, 4, 8).clone()), 0.25)
-    assert got == official_picks([frame, frame], 0.25) and got[0] in ([0], [2])
+def tie_prone(count, tokens, dim, dtype, seed, background):
+    """Frames [count, tokens, dim] in `dtype`, random, unless `background`: then their first half of tokens repeat
+    three vectors (a flat background: exact ties in the scores)."""
+    generator = torch.Generator().manual_seed(seed)
+    frames = torch.randn(count, tokens, dim, generator=generator) * torch.rand(dim, generator=generator) * 3
+    if background:
+        palette = torch.randn(3, dim, generator=generator)
+        frames[:, : tokens // 2] = palette[torch.randint(0, 3, (count, tokens // 2), generator=generator)]
+    return frames.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("background", [False, True])
+def test_ties_go_as_the_official_topk_breaks_them(dtype, background):
+    """In the features' dtype (fp16/bf16 scores tie often) and with a flat background (repeated tokens tie
+    exactly), the kept tokens are those of the official calls: its topk(sorted=False), not the earlier token."""
+    for seed, (count, tokens, dim) in enumerate([(4, 16, 12), (8, 25, 32), (16, 36, 64), (6, 196, 24)]):
+        for ratio in (0.1, 0.25, 0.5):
+            frames = tie_prone(count, tokens, dim, dtype, seed, background)
+            assert per_frame(hand_video(frames), ratio) == official_calls(frames, ratio), (seed, ratio)
 
 
 def test_llava_video_newlines_are_kept_after_the_frame_tokens():

@@ -11,7 +11,9 @@ nothing), T frames of N tokens each (on Qwen-VL a frame is a temporal group of 2
 3. K(d2) = sum over a in 1/8, 1/4, 1/2, 1, 2 of exp(-d2 / 2a); s_v = K(|x - g|^2), s_f = K(|x - f_t|^2);
 4. frame uniqueness u_t = -mean_i s_v; p = softmax((u - max u) / 0.01);
    scale_t = min(1, ratio x (1 + p_t - mean p)); k_t = max(1, round(scale_t x N)), half to even;
-5. frame t keeps its k_t tokens of smallest s_v + s_f (ties: the earlier token), in their original order.
+5. frame t keeps its k_t tokens of smallest s_v + s_f, in their original order: the official call
+   `torch.topk(s_v + s_f, k_t, largest=False, sorted=False)` on the frame, its indices sorted; a tie at the k_t-th
+   score (likely in fp16/bf16, or with repeated tokens) goes as that call breaks it on the features' device.
 
 The kept count is the sum of the k_t, not forced to ratio x T x N. Nothing is merged. Tokens a frame holds off its
 grid are not scored and always kept: those closing a row or the frame (LLaVA-Video's row newlines) move after the
@@ -49,8 +51,9 @@ def frame_picks(features: torch.Tensor, ratio: float) -> list[torch.Tensor]:
     counts = (ratio * (1 + p - p.mean())).clamp(max=1.0) * per_frame
     counts = counts.round().long().clamp(min=1).tolist()
     redundancy = to_video + to_frame
-    order = torch.sort(redundancy, dim=-1, stable=True).indices
-    return [order[t, :k].sort().values for t, k in enumerate(counts)]
+    return [
+        torch.topk(redundancy[t], k, largest=False, sorted=False).indices.sort().values for t, k in enumerate(counts)
+    ]
 
 
 @register_strategy("vidcom2")
