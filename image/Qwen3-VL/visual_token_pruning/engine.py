@@ -774,23 +774,28 @@ class Segment:
 class DecodeHook:
     """A strategy's hook on the decode steps after its pruned prefill (DyCoke's dynamic KV pruning).
 
-    A strategy takes part by defining two methods (`PruningStrategy` declares neither; the engine looks them up):
+    A strategy takes part by defining two methods, and a third if it wants (`PruningStrategy` declares none; the
+    engine looks them up):
 
         decode_layer(config) -> int | None
             L (1 <= L < the decoder's layer count), or None for no decode hook. Layers [0, L) of every decode step
             attend to their whole cache; layer L-1 must hold the prefill's final rows (a prune layer <= L-1, or
             `earlier_cache="trim"`).
+        decode_candidates(visual, original_index, sample_ctx) -> [batch, len] bool   (optional)
+            called once, at the end of the prefill: the final rows the hook chooses among (default: `visual`, every
+            visual row). visual, original_index: [batch, len], the prefill's final rows and each one's row in the
+            prompt; sample_ctx: per sample, the `vtr_ctx` its prune stages shared. Only visual rows count.
         decode_keep(attention, visual, state, config, query_len) -> [batch, kv_len] bool | None
             called at every decode step once layer L-1 has run. attention: that layer's lazy
             `[batch, heads, kv_len, kv_len]` float32 attention over its whole cache (`ScoringAttention`; cache rows,
             the current token included; only the step's own query rows, the last `query_len`, can be read: e.g.
             `attention[:, :, -1, :]`; rows that layer does not see, such as padding, get 0). visual: [batch, kv_len]
-            bool, the cached visual rows. state: this dict's `state`, the strategy's own across the steps of one
-            prompt (empty at the first step; a tensor in it whose first dimension is the batch follows beam
-            search's reordering). Returns the visual rows layers >= L see at this step (every non-visual row they
-            always see), or None: all of them.
+            bool, the cached candidate rows (`decode_candidates`). state: this dict's `state`, the strategy's own
+            across the steps of one prompt (empty at the first step; a tensor in it whose first dimension is the
+            batch follows beam search's reordering). Returns the candidate rows layers >= L see at this step (every
+            other row they always see), or None: all of them.
 
-    Nothing leaves the cache: the masks of layers >= L hide the other visual rows for that step only (eager and
+    Nothing leaves the cache: the masks of layers >= L hide the other candidate rows for that step only (eager and
     sdpa; other kernels take no 4-D mask and are refused at the prefill). Each step is recorded in
     `VTRRecord.decode`.
     """
@@ -798,7 +803,7 @@ class DecodeHook:
     strategy: PruningStrategy
     config: VTRConfig
     layer: int
-    visual: torch.Tensor  # [batch, pruned_len] bool: the prefill's final visual rows (the cache of layers >= L-1)
+    visual: torch.Tensor  # [batch, pruned_len] bool: the final rows it chooses among (`decode_candidates`)
     record: VTRRecord
     state: dict = field(default_factory=dict)
 
@@ -1109,7 +1114,11 @@ class PrunedPrefill:
                 # inserted at K: the trimmed earlier layers hold placeholder rows for them
                 state.prefix_born = tokens.born
             if decode_layer is not None:
-                state.hook = DecodeHook(self.strategy, self.config, decode_layer, tokens.visual, self.record)
+                candidates = getattr(self.strategy, "decode_candidates", None)
+                visual = tokens.visual
+                if candidates is not None:
+                    visual = visual & candidates(visual, tokens.original_index, self.sample_ctx).to(visual.device)
+                state.hook = DecodeHook(self.strategy, self.config, decode_layer, visual, self.record)
             _DECODE_STATES[cache] = state
         logits = self.adapter.lm_head(slice_logits_to_keep(hidden, args.get("logits_to_keep", 0)))
         loss = None
