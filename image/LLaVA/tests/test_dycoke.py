@@ -21,23 +21,22 @@ from llava_testlib import onevision_embed, ov_chat, vtr_model
 
 
 def official_ttm(x: torch.Tensor, per_frame: int, k: float) -> list[int]:
-    """The official TTM's output as indices into x [F*T, D] (frame-major), written from its two loops: pairs
-    (i, i+1) for i = 0, 2, ... < nf-1, then (i, i+2) for i = 0, 4, ... < nf-4; each pruned frame keeps its
-    int((1-k) T) least similar positions in ascending similarity (ties: the earlier position first)."""
+    """The official TTM's output as indices into x [F*T, D] (frame-major), restated from its two loops and calls, in
+    x's dtype: pairs (i, i+1) for i = 0, 2, ... < nf-1, the similarity `cosine_similarity(normalize(A),
+    normalize(B))`; then (i, i+2) for i = 0, 4, ... < nf-4, `cosine_similarity(A, C)` of the raw features; each
+    pruned frame keeps `topk(similarity, int((1-k) T), largest=False).indices` (sorted: ascending similarity, ties
+    as topk breaks them)."""
     nf = x.shape[0] // per_frame
     keep = int((1 - k) * per_frame)
-    frame = [list(range(i * per_frame, (i + 1) * per_frame)) for i in range(nf)]
+    frame = [torch.arange(i * per_frame, (i + 1) * per_frame) for i in range(nf)]
     out = {}
-
-    def prune(a, b):
-        s = F.cosine_similarity(x[frame[a]].double(), x[frame[b]].double(), dim=1)
-        return [frame[b][j] for j in sorted(range(per_frame), key=lambda j: (float(s[j]), j))[:keep]]
-
     for i in range(0, nf - 1, 2):
-        out[i], out[i + 1] = frame[i], prune(i, i + 1)
+        a, b = F.normalize(x[frame[i]], p=2, dim=1), F.normalize(x[frame[i + 1]], p=2, dim=1)
+        out[i], out[i + 1] = frame[i], frame[i + 1][F.cosine_similarity(a, b, dim=1).topk(keep, largest=False).indices]
     for i in range(0, nf - 4, 4):
-        out[i], out[i + 2] = frame[i], prune(i, i + 2)
-    return [t for i in sorted(out) for t in out[i]]
+        similarity = F.cosine_similarity(x[frame[i]], x[frame[i + 2]], dim=1)
+        out[i], out[i + 2] = frame[i], frame[i + 2][similarity.topk(keep, largest=False).indices]
+    return torch.cat([out[i] for i in sorted(out)]).tolist()
 
 
 def hand_video(features: torch.Tensor) -> Video:
@@ -48,10 +47,18 @@ def hand_video(features: torch.Tensor) -> Video:
     return Video(rows=flat + 10, visual=flat, features=features, grid=grid)
 
 
-def arranged(features: torch.Tensor, ratio: float) -> list[int]:
-    """The flat token indices DyCoke hands the LLM for a video of `features`, in order."""
+def arrange(features: torch.Tensor, ratio: float) -> tuple[list[int], list[int]]:
+    """(the flat token indices DyCoke hands the LLM for a video of `features`, in order; the prompt rows it
+    records as decode candidates), the prompt's rows renumbered by 100 + row to tell them apart."""
     video = hand_video(features)
-    return get_strategy("dycoke")().arrange(video, ratio, VTRConfig(strategy="dycoke"), {}).tensors()[1].tolist()
+    ctx = {"original_index": torch.arange(int(video.rows.max()) + 1) + 100, "vtr_ctx": {}}
+    arrangement = get_strategy("dycoke")().arrange(video, ratio, VTRConfig(strategy="dycoke"), ctx)
+    (candidates,) = ctx["vtr_ctx"]["dycoke_decode_candidates"]
+    return arrangement.tensors()[1].tolist(), candidates.tolist()
+
+
+def arranged(features: torch.Tensor, ratio: float) -> list[int]:
+    return arrange(features, ratio)[0]
 
 
 def angles(values) -> torch.Tensor:
@@ -64,28 +71,69 @@ def test_a_pruned_frame_keeps_its_least_similar_tokens_most_dissimilar_first():
     first = angles([0.0] * 5)
     second = angles([0.5, 1.5, 0.1, 2.5, 1.0])  # cosines to the first: 0.88, 0.07, 0.99, -0.80, 0.54
     # int(0.4 x 5) = 2 kept: token 3 (-0.80), then token 1 (0.07): not in spatial order
-    assert arranged(torch.stack([first, second]), 0.4) == [0, 1, 2, 3, 4, 5 + 3, 5 + 1]
+    kept, candidates = arrange(torch.stack([first, second]), 0.4)
+    assert kept == [0, 1, 2, 3, 4, 5 + 3, 5 + 1]
+    # decode candidates: the output tokens' original rows (100 + 10 + token) but the last output
+    assert candidates == [110, 111, 112, 113, 114, 115 + 3]
 
 
-def test_static_frames_are_pruned_by_position_order_and_a_scene_cut_keeps_what_changed():
+def tied(count: int, keep: int) -> list[int]:
+    """The positions the official `topk(similarity, keep, largest=False)` keeps when all `count` similarities tie
+    (which it picks is torch's, on this device)."""
+    return torch.ones(count).topk(keep, largest=False).indices.tolist()
+
+
+def test_static_frames_are_pruned_as_topk_breaks_ties_and_a_scene_cut_keeps_what_changed():
     scene = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])  # exact: cosines are exactly 1 or -1
     whole = lambda f: list(range(4 * f, 4 * f + 4))  # noqa: E731
-    # 8 identical frames: every cosine ties at 1, the earliest positions stay (2 of 4); frames 0, 4 and 6 whole
+    pruned = lambda f, keep: [4 * f + j for j in tied(4, keep)]  # noqa: E731
+    # 8 identical frames: every cosine ties at 1; 2 of 4 stay, as topk breaks the tie; frames 0, 4 and 6 whole
     # (6: the last window's third frame, which the official second pass never reaches)
     static = arranged(torch.stack([scene] * 8), 0.5)
-    assert static == whole(0) + [4, 5, 8, 9, 12, 13] + whole(4) + [20, 21] + whole(6) + [28, 29]
-    # a new scene from frame 2 on, differing in token 2: frame 2 (against frame 0) keeps that token; frame 3
-    # (against frame 2, the same scene) ties again
+    assert static == whole(0) + pruned(1, 2) + pruned(2, 2) + pruned(3, 2) + whole(4) + pruned(5, 2) + whole(6) + (
+        pruned(7, 2)
+    )
+    # a new scene from frame 2 on, differing in token 2: frame 2 (against frame 0) keeps that token; frames 1 and 3
+    # (against the same scene) tie again
     cut = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, -1.0]])
     video = torch.stack([scene, scene] + [cut] * 6)
-    assert arranged(video, 0.25) == whole(0) + [4, 8 + 2, 12] + whole(4) + [20] + whole(6) + [28]
+    assert arranged(video, 0.25) == whole(0) + pruned(1, 1) + [8 + 2] + pruned(3, 1) + whole(4) + pruned(5, 1) + (
+        whole(6) + pruned(7, 1)
+    )
 
 
+def official_inputs(kind: str, frames: int, dtype) -> torch.Tensor:
+    """Frames [frames, 6, 8] in `dtype`: random, static (scaled copies of one frame: every cosine near 1, told apart
+    by rounding alone) or near-static (one frame plus 1e-4 noise)."""
+    generator = torch.Generator().manual_seed(frames)
+    x = torch.randn(frames, 6, 8, generator=generator, dtype=torch.float64)
+    if kind == "static":
+        x = x[:1].repeat(frames, 1, 1) * torch.linspace(1, 2, frames, dtype=torch.float64)[:, None, None]
+    elif kind == "near-static":
+        x = x[:1].repeat(frames, 1, 1) + 1e-4 * torch.randn(frames, 6, 8, generator=generator, dtype=torch.float64)
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", ["random", "static", "near-static"])
 @pytest.mark.parametrize("frames", [5, 6, 7, 8, 9, 12, 13])
-def test_ttm_equals_the_official_loops(frames):
-    torch.manual_seed(frames)
-    x = torch.randn(frames, 6, 3)
-    assert arranged(x, 0.5) == official_ttm(x.reshape(-1, 3), 6, 0.5)
+def test_ttm_equals_the_official_calls(frames, kind, dtype):
+    """Kept tokens and their order equal the official calls' in the features' dtype, where the similarities are
+    near-ties (static frames, half precision) as well."""
+    x = official_inputs(kind, frames, dtype)
+    assert arranged(x, 0.3) == official_ttm(x.reshape(-1, 8), 6, 0.7)
+
+
+def test_keep_counts_are_the_officials_for_k_one_minus_ratio():
+    """keep_ratio r keeps int((1 - k) T) tokens of a pruned frame with k = 1 - r, as the official code does for
+    k: r = 0.2 and T = 25 keep 4 (not int(0.2 x 25) = 5), 2 x 25 + 4 x 4 = 66 of 6 frames; and every r = j / 100
+    on a few frame sizes gives the official count for k = 1 - r."""
+    assert len(arranged(torch.randn(6, 25, 2), 0.2)) == 66
+    for per_frame in (7, 25, 49, 196):
+        x = torch.randn(6 * per_frame, 2)
+        for j in range(1, 100):
+            ratio = j / 100
+            assert len(arranged(x.reshape(6, per_frame, 2), ratio)) == len(official_ttm(x, per_frame, 1 - ratio)), j
 
 
 @pytest.mark.parametrize(("frames", "count"), [(8, 878), (16, 1618), (32, 3098)])
@@ -134,17 +182,25 @@ def videos(ov_processor):
 
 
 def literal_prompt(stock, inputs, kept_index):
-    """The pruned prompt itself: embeddings of the kept rows in their order, compact positions, validity, and
-    which rows are visual."""
+    """The pruned prompt itself: embeddings of the kept rows in their order, compact positions and validity."""
     embeds = onevision_embed(stock, inputs)
     mask = inputs["attention_mask"].bool()
     index = kept_index.clamp_min(0)
     valid = (kept_index >= 0) & mask.gather(1, index)
     hidden = torch.stack([embeds[b, index[b]] for b in range(index.shape[0])])
     positions = vtr_oracle.compact((mask.long().cumsum(1) - 1).clamp_min(0).gather(1, index), valid)
-    tokens = (stock.config.video_token_id, stock.config.image_token_id)
-    visual = torch.isin(inputs["input_ids"].gather(1, index), torch.tensor(tokens)) & valid
-    return hidden, positions, valid, visual
+    return hidden, positions, valid
+
+
+def official_candidates(stock, inputs, kept_index) -> torch.Tensor:
+    """[batch, P] bool: the official decode region [start, start + len(TTM) - 1) in the pruned prompt: the rows of
+    the video's frame tokens (its placeholders but the newline closing it), but the last of them; no image row."""
+    video = inputs["input_ids"] == stock.config.video_token_id
+    frames = video & (video.long().cumsum(1) < video.sum(1, keepdim=True))
+    region = frames.gather(1, kept_index.clamp_min(0)) & (kept_index >= 0)
+    for b in range(region.shape[0]):
+        region[b, region[b].nonzero().max()] = False
+    return region
 
 
 @torch.no_grad()
@@ -152,7 +208,7 @@ def oracle_decode(stock, inputs, kept_index, new_ids, layer, hides=None):
     """Stock decoder layers (eager) on the pruned prompt plus `new_ids` [batch, n], decode row P + t hiding
     `hides[t]` ([batch, P] bool) in layers >= `layer`. Returns (logits [batch, n + 1, vocab] of rows P-1.., the
     eager attention weights of layer `layer` - 1 [batch, heads, P + n, P + n])."""
-    hidden, positions, valid, _ = literal_prompt(stock, inputs, kept_index)
+    hidden, positions, valid = literal_prompt(stock, inputs, kept_index)
     lm = stock.model.language_model
     prompt, n = hidden.shape[1], new_ids.shape[1]
     top = positions.masked_fill(~valid, -1).amax(1, keepdim=True)
@@ -176,19 +232,19 @@ def oracle_decode(stock, inputs, kept_index, new_ids, layer, hides=None):
     return stock.lm_head(lm.norm(hidden))[:, prompt - 1 :], weights["w"]
 
 
-def expected_hides(weights, visual, steps: int, gate: float, prune: float):
-    """Per decode step t (query row P + t): the visual rows an independent top-k of layer L-1's attention (mean
-    over heads) hides, when the cosine to the step before is below `gate` (the first step always)."""
-    prompt = visual.shape[1]
+def expected_hides(weights, candidates, steps: int, gate: float, prune: float):
+    """Per decode step t (query row P + t): the candidate rows an independent top-k of layer L-1's attention (mean
+    over heads) hides, when the cosine over them to the step before is below `gate` (the first step always)."""
+    prompt = candidates.shape[1]
     hides, previous, similarities = [], None, []
     for t in range(steps):
-        v = weights[:, :, prompt + t, :prompt].mean(1) * visual
-        hide = torch.zeros_like(visual)
-        for b in range(visual.shape[0]):
+        v = weights[:, :, prompt + t, :prompt].mean(1) * candidates
+        hide = torch.zeros_like(candidates)
+        for b in range(candidates.shape[0]):
             similarity = None if previous is None else float(F.cosine_similarity(v[b], previous[b], dim=0))
             similarities.append(similarity)
             if similarity is None or similarity < gate:
-                rows = visual[b].nonzero().reshape(-1)
+                rows = candidates[b].nonzero().reshape(-1)
                 count = int(rows.numel() * (1 - prune))
                 top = rows[torch.topk(v[b, rows], count).indices]
                 hide[b, rows] = True
@@ -211,8 +267,8 @@ def split_gate(ov_path, ov_stock, videos) -> float:
     the gate: the first step always prunes), so one sample prunes there and the other does not."""
     record, new, _ = generate(ov_path, "eager", videos, 3, dycoke_gate=1.0)
     _, weights = oracle_decode(ov_stock["eager"], videos, record.kept_index, new[:, :2], 2)
-    _, _, _, visual = literal_prompt(ov_stock["eager"], videos, record.kept_index)
-    _, similarities = expected_hides(weights, visual, 2, 1.0, 0.8)
+    candidates = official_candidates(ov_stock["eager"], videos, record.kept_index)
+    _, similarities = expected_hides(weights, candidates, 2, 1.0, 0.8)
     return sum(similarities[2:4]) / 2
 
 
@@ -237,23 +293,40 @@ def test_decode_equals_masking_oracle(ov_path, ov_stock, videos, impl, gate):
     # decode: one record per step after the first token, each hiding exactly the independent selection
     assert len(record.decode) == steps - 1 and all(d.layer == 2 for d in record.decode)
     _, weights = oracle_decode(stock, videos, record.kept_index, new[:, : steps - 1], 2)
-    _, _, _, visual = literal_prompt(stock, videos, record.kept_index)
-    hides, similarities = expected_hides(weights, visual, steps - 1, gate, 0.8)
+    candidates = official_candidates(stock, videos, record.kept_index)
+    hides, similarities = expected_hides(weights, candidates, steps - 1, gate, 0.8)
     for t, (got, want) in enumerate(zip(record.decode, hides)):
         assert torch.equal(got.hidden, want), f"step {t}"
     expected_logits, _ = oracle_decode(stock, videos, record.kept_index, new[:, : steps - 1], 2, hides)
     torch.testing.assert_close(logits, expected_logits, atol=1e-4, rtol=1e-4)
     pruned = [h.any(1).tolist() for h in hides]
     assert pruned[0] == [True, True]  # the first step of each prompt always prunes
-    # int(n x 0.2) of a sample's n visual rows stay visible when it prunes: n = 3 x 4 (frames 0, 4, 6 whole)
-    # + 5 x 3 + the newline = 28, 5 visible
-    assert visual.sum(1).tolist() == [28, 28] and hides[0].sum(1).tolist() == [23, 23]
+    # int(n x 0.2) of a sample's n candidates stay visible when it prunes: n = len(TTM) - 1 = 3 x 4 (frames 0, 4,
+    # 6 whole) + 5 x 3 - 1 = 26 (the official img_len: the last TTM row and the newline are no candidates), 5 visible
+    assert candidates.sum(1).tolist() == [26, 26] and hides[0].sum(1).tolist() == [21, 21]
     if gate == 0.9:  # the tiny model's consecutive attentions are all closer than 0.9: no later step prunes
         assert not any(any(p) for p in pruned[1:]), similarities
     elif gate == 1.0:
         assert all(all(p) for p in pruned), similarities
     else:
         assert sorted(pruned[1]) == [False, True], similarities
+
+
+def test_images_and_the_last_ttm_row_are_never_candidates(ov_path, ov_stock, ov_batch):
+    """An image, then a 4-frame video, in each prompt of a padded batch: the decode steps rank, count and gate over
+    the official region only, the video's TTM rows but the last (4 + 2 + 4 + 2 - 1 = 11, 2 seen when a step prunes):
+    the image's rows, the last TTM row and the newline after the video are always seen."""
+    steps, stock = 4, ov_stock["eager"]
+    model = vtr_model(ov_path, "sdpa", strategy="dycoke", keep_ratio=0.5, dycoke_layer=2, dycoke_gate=1.0)
+    new = model.generate(**ov_batch, max_new_tokens=steps, do_sample=False)[:, ov_batch["input_ids"].shape[1] :]
+    kept = model.vtr_last.kept_index
+    candidates = official_candidates(stock, ov_batch, kept)
+    images = (ov_batch["input_ids"].gather(1, kept.clamp_min(0)) == stock.config.image_token_id) & (kept >= 0)
+    assert candidates.sum(1).tolist() == [11, 11] and bool(images.any(1).all())
+    _, weights = oracle_decode(stock, ov_batch, kept, new[:, : steps - 1], 2)
+    hides, _ = expected_hides(weights, candidates, steps - 1, 1.0, 0.8)
+    assert [d.hidden.tolist() for d in model.vtr_last.decode] == [h.tolist() for h in hides]
+    assert all(h.sum(1).tolist() == [9, 9] for h in hides)
 
 
 def sample_inputs(inputs, b: int) -> dict:
@@ -301,7 +374,7 @@ def test_beams_follow_their_own_paths(ov_path, ov_stock, videos):
         b, path = row // 3, new[row : row + 1]
         inputs, kept = sample_inputs(videos, b), model.vtr_last.kept_index[row : row + 1]
         _, weights = oracle_decode(stock, inputs, kept, path[:, :-1], 2)
-        hides, _ = expected_hides(weights, literal_prompt(stock, inputs, kept)[3], path.shape[1] - 1, gate, 0.8)
+        hides, _ = expected_hides(weights, official_candidates(stock, inputs, kept), path.shape[1] - 1, gate, 0.8)
         logits, _ = oracle_decode(stock, inputs, kept, path[:, :-1], 2, hides)
         score = logits.log_softmax(-1).gather(2, path[..., None]).sum()
         torch.testing.assert_close(out.sequences_scores[row], score, atol=1e-4, rtol=1e-4)
