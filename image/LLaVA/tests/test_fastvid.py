@@ -488,3 +488,25 @@ def test_the_tiny_llava_video_layout_gets_the_llava_video_tree(tmp_path_factory,
     assert model.vtr_last.kept_index[0].tolist() == expected
     stage = model.vtr_last.stages[0]
     assert stage.merged[0] > 0 and stage.image_tokens_kept[0] + stage.merged[0] == len(want)
+
+
+def test_fastvid_tree_picks_a_tree_on_any_backbone(tmp_path_factory):
+    """`fastvid_tree` overrides the backbone's tree: on LLaVA-Video's layout the OneVision tree merges nothing at
+    ratio 0.5 (C = int(0.8) = 0), the LLaVA-Video tree (auto) merges; a name that is no tree is refused."""
+    from llava.vtr import load_processor
+    from llava.vtr.tiny import build_tiny_llava_onevision
+
+    with pytest.raises(ValueError, match="fastvid_tree='llava' is invalid: choose one of"):
+        VTRConfig(strategy="fastvid", fastvid_tree="llava")
+    path = build_tiny_llava_onevision(tmp_path_factory.mktemp("ov-grid"), newline_position="grid", pool_mode="average")
+    processor = load_processor(path)
+    inputs = processor(
+        text=ov_chat(processor, "What moves?", kinds=("video",)), videos=[demo_video(12, 64)], return_tensors="pt"
+    )
+    merged = {}
+    for tree in ("auto", "onevision", "llava_video"):
+        model = load_model(path, VTRConfig(strategy="fastvid", keep_ratio=0.5, fastvid_tree=tree))
+        with torch.no_grad():
+            model(**inputs)
+        merged[tree] = model.vtr_last.stages[0].merged[0]
+    assert merged["auto"] == merged["llava_video"] > 0 and merged["onevision"] == 0

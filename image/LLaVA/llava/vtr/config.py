@@ -21,6 +21,7 @@ DEFAULT_PRUNE_LAYER = 3
 DEFAULT_KEEP_TOKENS = 192
 
 QUERY_AGGREGATIONS = ("last", "question")
+FASTVID_TREES = ("auto", "onevision", "llava_video", "qwen2_5_vl")
 HEAD_AGGREGATIONS = ("mean", "max")
 
 # The engine conventions a method inherits from its paper (see `PruningStrategy`): each a strategy attribute
@@ -140,7 +141,11 @@ class VTRConfig:
     fastvid_segments / fastvid_tau: FastVID's segmentation: at least that many segments (as frames allow), cut at the lowest
         adjacent-frame similarities and at every one below tau; fastvid_anchor_share (d): the share of a frame's
         budget given to density anchors; fastvid_anchor_stride (p): an anchor frame every p frames from each
-        segment's end; fastvid_beta: the least weight an anchor keeps in its merged token.
+        segment's end; fastvid_beta: the least weight an anchor keeps in its merged token; fastvid_tree: which
+        official code tree's rules to follow: "auto" the backbone's ("llava_video" when a video's frames close every
+        row with a newline, LLaVA-Video's grid layout; "qwen2_5_vl" on M-RoPE backbones; "onevision" elsewhere), or
+        "onevision", "llava_video", "qwen2_5_vl" on any backbone (fastvid_tau stays as set: the Qwen2.5-VL script
+        uses 0.84).
     holitom_tau: HoliTom's similarity above which a token is static between frames; holitom_beta: a static
         cluster's weight on its centre; holitom_neighbours: the k of its DPC-kNN; holitom_layer /
         holitom_inner_ratio: the decoder layer of its inner merge (None = the official 18 of 28 layers, at the same
@@ -189,6 +194,7 @@ class VTRConfig:
     fastvid_anchor_share: float = 0.4
     fastvid_anchor_stride: int = 4
     fastvid_beta: float = 0.6
+    fastvid_tree: str = "auto"
     holitom_tau: float = 0.8
     holitom_beta: float = 0.6
     holitom_neighbours: int = 7
@@ -258,6 +264,8 @@ class VTRConfig:
 
         if self.query_aggregation not in QUERY_AGGREGATIONS:
             raise _bad("query_aggregation", self.query_aggregation, f"choose one of {list(QUERY_AGGREGATIONS)}")
+        if self.fastvid_tree not in FASTVID_TREES:
+            raise _bad("fastvid_tree", self.fastvid_tree, f"choose one of {list(FASTVID_TREES)}")
         if self.head_aggregation not in HEAD_AGGREGATIONS:
             raise _bad("head_aggregation", self.head_aggregation, f"choose one of {list(HEAD_AGGREGATIONS)}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):

@@ -189,7 +189,7 @@ class FastVID(VideoReduction):
     requires = ("frames", "visual_grid", "vision_importance")
 
     def arrange(self, video, ratio, config, ctx) -> Arrangement:
-        tree = official_tree(video, ctx)
+        tree = official_tree(video, ctx) if config.fastvid_tree == "auto" else config.fastvid_tree
         frames, width = video.shape
         device = video.features.device
         cells = (video.grid[0, :, 0] >= 0).nonzero().reshape(-1).to(device)
