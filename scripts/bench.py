@@ -402,7 +402,7 @@ def run(argv) -> int:
         intermediate=m,
         kv_dim=d_kv,
         prune_layer=f"own schedules (K={default_k} without one)" if args.prune_layer is None else args.prune_layer,
-        frames=args.frames,
+        **({} if args.frames is None else {"frames": args.frames}),  # the video case's own count otherwise
         rounds=args.rounds,
         decode_steps=args.decode_steps,
         batch_size=batch,
