@@ -550,7 +550,7 @@ def bench_case(
         vtr_model.model.get_image_features(pixel_values=batch_inputs["pixel_values"], **select, **extra)
 
     what = (
-        "LLaVA-OneVision, one 16-frame video"
+        f"LLaVA-OneVision, one {frames}-frame video"
         if onevision
         else "LLaVA-1.6, one 672 px image (anyres)"
         if anyres
