@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -295,6 +296,197 @@ def test_a_video_qa_sweep_runs_the_native_runner_and_scores_it(video_qa, tmp_pat
     assert all(len(path.read_text().splitlines()) == 3 for path in answers)
     again = vtr_run(*args)
     assert again.returncode == 0 and again.stdout.count("done before, skipped") == 2
+
+
+# ----------------------------------------------------------------------- the video methods
+
+VIDEO_METHODS = ["evs", "vidcom2", "fastvid", "holitom", "dycoke", "framefusion"]
+#: the Qwen3-VL fork's tiny lmms-eval tasks, with a video one (vtr_tiny_video: two clips, written by the test)
+QWEN_TASK = ROOT / "image" / "Qwen3-VL" / "tests" / "data" / "lmms_tiny"
+
+
+def docs_video_sweep() -> list[str]:
+    """The sweep of docs/video-qa.md's "Video methods" section, as its arguments after scripts/vtr_run."""
+    section = (ROOT / "docs" / "video-qa.md").read_text().split("\n## Video methods\n", 1)[1].split("\n## ", 1)[0]
+    (command,) = re.findall(r"```bash\n(.*?)```", section, re.S)
+    argv = shlex.split(command.replace("\\\n", " "))
+    assert argv[0] == "scripts/vtr_run"
+    return argv[1:]
+
+
+def with_values(argv: list[str], values: dict) -> list[str]:
+    """`argv` with the values of the flags in `values` replaced."""
+    argv = list(argv)
+    for flag, value in values.items():
+        argv[argv.index(flag) + 1] = value
+    return argv
+
+
+def test_the_docs_video_sweep_runs_each_method_on_its_own_schedule_with_its_own_fields(tmp_path, monkeypatch, capsys):
+    """docs/video-qa.md's command, literally (--dry-run): the baseline and six methods x two budgets, no prune layer
+    given to any (each runs its own schedule), dycoke_decode_prune to the dycoke runs only, each in a folder of its own."""
+    monkeypatch.chdir(tmp_path)
+    argv = docs_video_sweep()
+    assert script().main([*argv, "--dry-run"]) == 0
+    commands = [shlex.split(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(commands) == 1 + len(VIDEO_METHODS) * 2 and list(tmp_path.iterdir()) == []  # nothing written
+
+    def vtr_flags(cmd):
+        return {flag: cmd[i + 1] for i, flag in enumerate(cmd) if flag.startswith("--vtr_")}
+
+    assert vtr_flags(commands[0]) == {"--vtr_enabled": "false"}
+    planned = set()
+    for cmd in commands[1:]:
+        flags = vtr_flags(cmd)
+        method, ratio = flags["--vtr_strategy"], flags["--vtr_keep_ratio"]
+        own = {"--vtr_dycoke_decode_prune": "0.7"} if method == "dycoke" else {}
+        assert flags == {"--vtr_strategy": method, "--vtr_keep_ratio": ratio, **own}
+        planned.add((method, ratio))
+    assert planned == {(m, r) for m in VIDEO_METHODS for r in ("0.25", "0.15")}
+    folders = [cmd[cmd.index("--output_dir") + 1] for cmd in commands]
+    assert len(set(folders)) == len(folders) and all(
+        f.startswith("results/msvd-video/runs/videollava__") for f in folders
+    )
+    assert "results/msvd-video/runs/videollava__LanguageBind_Video-LLaVA-7B-hf__evs__ratio0.25" in folders
+    assert [f for f in folders if "dycoke_decode_prune=0.7" in f] == [
+        f"results/msvd-video/runs/videollava__LanguageBind_Video-LLaVA-7B-hf__dycoke__ratio{r}__dycoke_decode_prune=0.7"
+        for r in ("0.25", "0.15")
+    ]
+    for flag, value in [("--video_dir", "data/msvd/videos"), ("--gt_file_question", "data/msvd/test_q.json")]:
+        assert all(cmd[cmd.index(flag) + 1] == value for cmd in commands)
+
+
+def test_the_docs_video_sweep_runs_on_the_tiny_video_llava(video_qa, tmp_path):
+    """The same command on the tiny Video-LLaVA and the 3-question set (its data, checkpoint and output swapped in;
+    4 new tokens an answer): a result file per setting, each run with its method's own prune layers and fields."""
+    from videollava.vtr.config import VTRConfig
+    from videollava.vtr.strategy.evs import retained_count
+    from videollava.vtr.strategy.holitom import inner_layer
+
+    out = tmp_path / "video-methods"
+    data = dict(zip(video_qa["data"][::2], video_qa["data"][1::2]))
+    argv = with_values(docs_video_sweep(), {**data, "--output": str(out)})
+    proc = vtr_run(*argv, "--pretrained", video_qa["model"], "--", "--max_new_tokens", "4")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {(r["method"], r["budget"]): r for r in csv.DictReader(open(out / "summary.csv"))}
+    assert set(rows) == {("none", "-")} | {(m, f"keep_ratio={r}") for m in VIDEO_METHODS for r in ("0.25", "0.15")}
+    layers = json.loads((Path(video_qa["model"]) / "config.json").read_text())["text_config"]["num_hidden_layers"]
+    schedule = {"holitom": [0, inner_layer(VTRConfig(), layers)], "framefusion": list(range(layers))}  # others: [0]
+    tags = {}
+    for (method, budget), row in rows.items():
+        answered = [json.loads(line) for line in (out / "runs" / row["run"] / "answers.jsonl").read_text().splitlines()]
+        (tag,) = {r["vtr"] for r in answered}  # the runner's settings tag: every VTRConfig field it got
+        tags[tag] = row["run"]
+        assert row["error"] == "" and len(answered) == 3 and all(r["error"] is None for r in answered)
+        if method == "none":
+            assert tag == "unpruned" and row["params"] == "" and row["kept_per_stage"] == "all"
+            continue
+        ratio = float(budget.split("=")[1])
+        assert row["prune_layer"] == "default" and all(r["prune_layers"] == schedule.get(method, [0]) for r in answered)
+        assert row["params"] == ("dycoke_decode_prune=0.7" if method == "dycoke" else "")
+        assert tag.startswith(f"{method}_K") and ("dycoke_decode_prune0.7" in tag) == (method == "dycoke")
+        if method == "evs":  # vLLM's count of the video's 8 frames
+            frames = answered[0]["num_frames"]
+            assert all(
+                r["kept_tokens"] == [retained_count(frames, r["visual_tokens"] // frames, ratio)] for r in answered
+            )
+    assert len(tags) == len(rows) == len(set(tags.values()))  # one file per setting, named apart
+    assert "`dycoke_K0_ratio0.25_dycoke_decode_prune0.7`" in (ROOT / "docs" / "video-qa.md").read_text()
+    assert "dycoke_K0_ratio0.25_dycoke_decode_prune0.7" in tags
+
+
+@pytest.mark.parametrize("method", VIDEO_METHODS)
+def test_describe_teaches_a_video_method_its_schedule_and_its_fields(method, capsys):
+    from dataclasses import fields
+
+    from videollava.vtr.config import VTRConfig
+    from videollava.vtr.modeling import VideoLlavaAdapter
+    from videollava.vtr.strategy.holitom import inner_layer
+
+    assert script().main(["--describe", "videollava", method]) == 0
+    out = capsys.readouterr().out
+    assert "\nVideo only: reduces video tokens, images kept. Only the tokens of video frames are reduced;" in out
+    depth = script().SCHEDULE_DEPTH
+    where = {
+        "holitom": f"0+{inner_layer(VTRConfig(), depth)} (0: before the LLM)",
+        "framefusion": f"every layer, 0 to {depth - 1} (a stage each)",
+    }
+    amount = {"dycoke": "keep_ratio 0.3 (the method's)", "framefusion": "the method's own (see above, and its fields)"}
+    schedule = out.split("\nSchedule with --prune-layer and the budget left out", 1)[1].split("\n\n", 1)[0]
+    assert f"\n  prune layers  {where.get(method, '0 (before the LLM)')}\n" in schedule
+    default = f"keep_tokens {VideoLlavaAdapter.default_keep_tokens} (the videollava default)"
+    assert f"\n  budget        {amount.get(method, default)}" in schedule
+    assert ("\n  decode steps  layers from 3 on see only" in schedule) == (method == "dycoke")
+    own = [f for f in fields(VTRConfig) if f.name.startswith(f"{method}_")]
+    if own:
+        block = out.split("\nIts own fields", 1)[1].split("\n\n", 1)[0].splitlines()[1:]
+        assert [line.split() for line in block] == [[f.name, "default", repr(f.default)] for f in own]
+    else:  # EVS and VidCom2: the budget is their one setting
+        assert "Its own fields" not in out
+
+
+def test_a_methods_own_field_goes_to_its_runs_only(tmp_path, capsys):
+    """A --param named after a method goes to its runs (and its variants': priortr_eps to priortr_2f), one every
+    method reads to every run, a loading key to the baseline too; one no run of the sweep reads is refused."""
+    args = ["--backbone", "qwen3vl", "--method", "fastv,priortr,priortr_2f,dycoke", "--keep-tokens", "8"]
+    params = ["--param", "priortr_eps=0.01", "--param", "dycoke_gate=0.5", "--param", "seed=3"]
+    params += ["--param", "max_num_frames=4"]
+    assert script().main([*args, *params, "--output", str(tmp_path), "--dry-run"]) == 0
+    model_args = [re.search(r"--model_args (\S+)", line).group(1) for line in capsys.readouterr().out.splitlines()]
+    checkpoint = "pretrained=Qwen/Qwen3-VL-4B-Instruct"
+    assert model_args == [
+        f"{checkpoint},strategy=none,max_num_frames=4",
+        f"{checkpoint},strategy=fastv,keep_tokens=8,seed=3,max_num_frames=4",
+        f"{checkpoint},strategy=priortr,keep_tokens=8,priortr_eps=0.01,seed=3,max_num_frames=4",
+        f"{checkpoint},strategy=priortr_2f,keep_tokens=8,priortr_eps=0.01,seed=3,max_num_frames=4",
+        f"{checkpoint},strategy=dycoke,keep_tokens=8,dycoke_gate=0.5,seed=3,max_num_frames=4",
+    ]
+    assert script().main([*args[:3], "evs,fastv", "--param", "dycoke_gate=0.5", "--output", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (
+        "vtr_run: error: --param dycoke_gate=0.5 is a field of dycoke, and --method evs,fastv runs no dycoke\n"
+    )
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.fixture(scope="module")
+def qwen_video_task(tiny):
+    """The Qwen3-VL fork's tiny lmms-eval tasks, the video task's two clips written as its own test writes them."""
+    from visual_token_pruning.video_io import write_test_video
+
+    task = tiny["root"] / "qwen_task"
+    shutil.copytree(QWEN_TASK, task)
+    for i, line in enumerate((task / "videos.jsonl").read_text().splitlines()):
+        write_test_video(task / json.loads(line)["video"], num_frames=12 + 4 * i, size=(32, 32), fps=8)
+    return task
+
+
+def test_video_methods_on_an_lmms_eval_family_with_a_video_task(tiny, qwen_video_task, tmp_path):
+    """EVS and DyCoke on the tiny Qwen3-VL through lmms-eval's video task: each reduces the video tokens before the
+    LLM (its own schedule), EVS by vLLM's count; dycoke_gate reaches the DyCoke run alone."""
+    from visual_token_pruning.strategy.evs import retained_count
+
+    out, task = tmp_path / "qwen-video", str(qwen_video_task)
+    args = ["--backbone", "qwen3vl", "--pretrained", tiny["qwen"], "--method", "evs,dycoke", "--keep-ratio", "0.5"]
+    args += ["--param", "dycoke_gate=0.5", "--param", "max_num_frames=4", "--tasks", "vtr_tiny_video"]
+    proc = vtr_run(*args, "--include-path", task, "--workdir", task, "--output", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {r["method"]: r for r in csv.DictReader(open(out / "summary.csv"))}
+    assert {m: r["params"] for m, r in rows.items()} == {
+        "none": "max_num_frames=4",
+        "evs": "max_num_frames=4",
+        "dycoke": "dycoke_gate=0.5 max_num_frames=4",
+    }
+    records = {
+        m: json.loads(next((out / "runs" / r["run"]).rglob("vtr_stats_*.json")).read_text()) for m, r in rows.items()
+    }
+    video = records["none"]["mean_image_tokens"]  # per doc: 4 frames, 2 temporal groups (Qwen's "frames")
+    for method in ("evs", "dycoke"):
+        (stage,) = records[method]["per_prune_layer"]
+        assert rows[method]["error"] == "" and stage["layer"] == 0 and stage["mean_image_tokens_in"] == video
+        (results,) = (out / "runs" / rows[method]["run"]).rglob("*_results.json")
+        metric = json.loads(results.read_text())["results"]["vtr_tiny_video"]["exact_match,none"]
+        assert float(rows[method]["vtr_tiny_video:exact_match"]) == metric
+    assert records["evs"]["per_prune_layer"][0]["mean_image_tokens_kept"] == retained_count(2, int(video) // 2, 0.5)
 
 
 # ----------------------------------------------------------------------- with a fake lmms-eval (fast)
