@@ -9,7 +9,14 @@ prompt, a left-padded batch, a text-only prompt, the visual token id(s) and the 
 
 import pytest
 import torch
-from vtr_oracle import literal_forward, literal_greedy, oracle_forward, oracle_greedy, stage_drops  # noqa: E402
+from vtr_oracle import (  # noqa: E402
+    Stage,
+    oracle_forward,
+    oracle_greedy,
+    stage_drops,
+    staged_literal_forward,
+    staged_literal_greedy,
+)
 
 from internvl_vtr import (  # noqa: E402
     PruningStrategy,
@@ -114,12 +121,20 @@ METHODS = [m for m in ALL_METHODS if m not in VIDEO]
 #: methods whose merged tokens are the method itself (VisionZip, pool): checked against the literal oracle
 MERGING = [m for m in METHODS if get_strategy(m).merge_is_method]
 #: fields that turn a video method's parts inside the LLM off, so its pre-LLM arrangement meets the literal oracle
-#: (those parts have their own oracle tests)
 #: (HoliTom: tau 1 leaves no token static, so the budget decides; the tiny videos' frames are alike everywhere)
 PRE_LLM_ONLY = {
     "holitom": dict(holitom_inner_ratio=0.0, holitom_tau=1.0),
     "dycoke": dict(dycoke_decode_prune=0.0),
     "framefusion": dict(prune_layer=0),
+}
+#: fields that make those parts act on the tiny videos, for the staged literal oracle: HoliTom's inner merge at layer
+#: 1 (tau 0.99: both static clusters and dynamic tokens reach it), FrameFusion's stage at every layer (cost 0.1: the
+#: first merges what is alike, a later one prunes by attention), DyCoke's decode pruning from layer 2 (gate 1: every
+#: step prunes)
+INSIDE_THE_LLM = {
+    "holitom": dict(keep_ratio=0.5, holitom_tau=0.99, holitom_layer=1),
+    "framefusion": dict(framefusion_cost=0.1),
+    "dycoke": dict(dycoke_layer=2, dycoke_gate=1.0),
 }
 
 
@@ -252,51 +267,132 @@ def test_every_video_method_equals_the_literal_oracle(backbone, method, position
 
 
 def check_literal(backbone, inputs, method, monkeypatch, **cfg) -> list[tuple[int, int]]:
-    """`method` on `inputs`: the pruned prefill and greedy decode equal the literal oracle (the kept rows and the
-    merged ones in the engine's order, at their positions; DeepStack extras mixed as the method mixes). Returns per
-    sample (visual tokens kept, merged tokens inserted)."""
-    calls = []
-    merge = get_strategy(method).merge_tokens
+    """`method` on `inputs`, one stage before the LLM: `check_staged`. Returns per sample (visual tokens kept, merged
+    tokens inserted)."""
+    model = check_staged(backbone, inputs, method, monkeypatch, **cfg)
+    (stage,) = model.vtr_last.stages
+    assert stage.layer == 0
+    return list(zip(stage.image_tokens_kept, stage.merged or [0] * len(stage.image_tokens_kept)))
 
-    def recording(self, dropped_hidden, dropped_scores, config, **ctx):
-        out = merge(self, dropped_hidden, dropped_scores, config, **ctx)
-        if out is not None:
-            calls.append((ctx["vtr_ctx"]["batch_index"], ctx["dropped_index"], out))
-        return out
 
-    monkeypatch.setattr(get_strategy(method), "merge_tokens", recording)
+def check_staged(backbone, inputs, method, monkeypatch, **cfg):
+    """`method` on `inputs`: the pruned prefill and greedy decode equal the staged literal oracle (each stage's kept
+    rows and merged tokens in the engine's order, at their positions; DeepStack extras mixed as the method mixes;
+    a decode hook's hidden rows masked per step, and chosen as `check_decode_hides` says). Returns the model
+    (`vtr_last`: the greedy run's)."""
+    seen = record_stages(monkeypatch, method)
     model = vtr(backbone, strategy=method, **cfg)
     stock = backbone.stock["eager"]
-    conventions = model.vtr_conventions()
-
-    def merged_rows():
-        record, replace, mixed = model.vtr_last, {}, {}
-        assert [s.layer for s in record.stages] == [0]
-        for b, dropped, (merged, which, *rest) in calls:
-            if len(rest) > 1 and rest[1].is_sparse:  # a video method's arrangement
-                rest[1] = rest[1].to_dense()
-            for i, (value, original) in enumerate(zip(merged, dropped[which].tolist())):
-                (j,) = (record.kept_index[b] == original).nonzero().reshape(-1).tolist()
-                replace[(b, j)] = value
-                if len(rest) > 1:  # the merged token's weights over the dropped ones (DeepStack mixes alike)
-                    mixed[(b, j)] = (dropped, rest[1][i])
-        return record.kept_index, replace, mixed
-
     with torch.no_grad():
         logits = model(**inputs).logits
-    rows, replace, mixed = merged_rows()
-    stage = model.vtr_last.stages[0]
-    counts = list(zip(stage.image_tokens_kept, stage.merged or [0] * len(stage.image_tokens_kept)))
-    expected = literal_forward(stock, inputs, rows, replace, backbone.embed, conventions, mixed=mixed)
+    stages = replayed_stages(model, seen)
+    expected = staged_literal_forward(stock, inputs, stages, backbone.embed)
+    rows = stages[-1].rows
     real = (rows >= 0) & inputs["attention_mask"].bool().gather(1, rows.clamp_min(0))
     torch.testing.assert_close(logits[real], expected[real], atol=ATOL, rtol=0)
-    calls.clear()
     tokens, step_logits = greedy(model, inputs)
-    rows, replace, mixed = merged_rows()
-    want_tokens, want_logits = literal_greedy(stock, inputs, rows, replace, STEPS, backbone.embed, conventions, mixed)
+    record, stages = model.vtr_last, replayed_stages(model, seen)
+    hides = (record.decode[0].layer, [step.hidden for step in record.decode]) if record.decode else None
+    attention = {}
+    layer = stock.model.language_model.layers[hides[0] - 1 if hides else 0].self_attn
+    handle = layer.register_forward_hook(lambda module, args, out: attention.update(weights=out[1]))
+    try:
+        want_tokens, want_logits = staged_literal_greedy(stock, inputs, stages, STEPS, backbone.embed, hides)
+    finally:
+        handle.remove()
     assert torch.equal(tokens, want_tokens)
     torch.testing.assert_close(step_logits, want_logits, atol=ATOL, rtol=0)
-    return counts
+    if hides is not None:
+        check_decode_hides(record, seen["offered"], attention["weights"])
+    return model
+
+
+def record_stages(monkeypatch, method) -> dict:
+    """Note, through `method`'s strategy contract, what each prune stage of its runs started from and merged, and
+    what a decode hook was offered: {"rows": {(stage, sample): the prompt index of each row entering the stage},
+    "merges": {stage: [(sample, dropped rows, merge_tokens's output)]}, "offered": [per decode step, the candidate
+    rows given to decode_keep]}."""
+    seen = {"rows": {}, "merges": {}, "offered": []}
+    cls = get_strategy(method)
+    score, merge, keep = cls.compute_scores, cls.merge_tokens, getattr(cls, "decode_keep", None)
+
+    def scoring(self, attention, image_token_range, config, **ctx):
+        seen["rows"][(ctx["stage"], ctx["batch_index"])] = ctx["original_index"]
+        return score(self, attention, image_token_range, config, **ctx)
+
+    def merging(self, dropped_hidden, dropped_scores, config, **ctx):
+        out = merge(self, dropped_hidden, dropped_scores, config, **ctx)
+        if out is not None:
+            seen["merges"].setdefault(ctx["stage"], []).append(
+                (ctx["vtr_ctx"]["batch_index"], ctx["dropped_index"], out)
+            )
+        return out
+
+    def keeping(self, attention, candidates, state, config, query_len):
+        seen["offered"].append(candidates)
+        return keep(self, attention, candidates, state, config, query_len)
+
+    monkeypatch.setattr(cls, "compute_scores", scoring)
+    monkeypatch.setattr(cls, "merge_tokens", merging)
+    if keep is not None:
+        monkeypatch.setattr(cls, "decode_keep", keeping)
+    return seen
+
+
+def replayed_stages(model, seen) -> list[Stage]:
+    """The stages of `model`'s last pruned prefill for the staged oracle: each stage's rows (those the next stage
+    started from; the last stage's: `kept_index`), its merged tokens (a mix of the rows before it where the method
+    gives one, else the value), its positions (`stage_positions`). Empties `seen`."""
+    record, config = model.vtr_last, model.vtr_config
+    strategy, batch = get_strategy(config.strategy)(), record.kept_index.shape[0]
+    entering = []  # per stage: [batch, len] the prompt index of each row entering it
+    for s in range(len(record.stages)):
+        assert all((s, b) in seen["rows"] for b in range(batch)), f"stage {s} scored every sample"
+        entering.append(torch.stack([seen["rows"][(s, b)] for b in range(batch)]))
+    stages = []
+    for s, stage in enumerate(record.stages):
+        rows = entering[s + 1] if s + 1 < len(record.stages) else record.kept_index
+        merged = {}
+        for b, dropped, (values, which, *rest) in seen["merges"].get(s, []):
+            mix = rest[1].to_dense() if len(rest) > 1 else None  # (a video method's mix is sparse)
+            for i, original in enumerate(entering[s][b, dropped[which]].tolist()):
+                (j,) = (rows[b] == original).nonzero().reshape(-1).tolist()
+                merged[(b, j)] = values[i] if mix is None else (dropped, mix[i])
+        positions = strategy.stage_positions(s, model.vtr_conventions().positions, config)
+        stages.append(Stage(stage.layer, rows, positions, merged))
+    seen["rows"].clear()
+    seen["merges"].clear()
+    return stages
+
+
+@pytest.mark.parametrize("method", sorted(INSIDE_THE_LLM))
+def test_every_video_method_inside_the_llm_equals_its_oracle(backbone, method, monkeypatch):
+    """A video method's parts inside the LLM on a padded batch of videos (HoliTom's inner merge, FrameFusion's
+    merges and pruning at its stages, DyCoke's decode-time pruning): the prefill and greedy decode equal the stock
+    layers re-run on the sequence as each stage left it, each layer decoding on the rows it ran on, with the rows each
+    decode step hid masked from its layers (`check_staged`)."""
+    if refused_if_unsupported(backbone, method):
+        return
+    record = check_staged(backbone, backbone.video, method, monkeypatch, **INSIDE_THE_LLM[method]).vtr_last
+    if record.decode:  # every sample's first step hid rows
+        assert len(record.decode) == STEPS - 1 and bool(record.decode[0].hidden.any(1).all())
+    else:  # a stage inside the LLM shortened the sequence
+        assert any(s.layer > 0 and s.seq_len_after < s.seq_len_before for s in record.stages)
+
+
+def check_decode_hides(record, offered, weights):
+    """Each decode step hid only rows it was offered (`decode_keep`'s candidates), the ones its token attends to least
+    in the layer before the hook's (`weights` [batch, heads, len, len]: that layer's eager attention)."""
+    length = record.kept_index.shape[1]
+    assert len(offered) == len(record.decode)
+    for t, (step, candidates) in enumerate(zip(record.decode, offered)):
+        candidates = candidates[:, :length]
+        assert not bool((step.hidden & ~candidates).any()), "only candidate rows are hidden"
+        received = weights[:, :, length + t, :length].mean(1)
+        for b, hide in enumerate(step.hidden):
+            visible = candidates[b] & ~hide
+            if hide.any() and visible.any():
+                assert received[b, hide].max() <= received[b, visible].min() + 1e-6, f"step {t}, sample {b}"
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])

@@ -5,14 +5,18 @@ The stock decoder layers run on the full sequence with a per-layer attention mas
 dropped at each stage from layer K on. Rows after the prompt (decode steps) see what the convention says:
 `earlier_cache="keep"` the same as the prompt rows of that layer (a layer before K still sees every
 token), `"trim"` no dropped token in any layer. `positions="compact"` renumbers, per layer, the tokens that
-layer sees without gaps (decode rows continue that numbering); `"original"` keeps the prompt's. Eager
-attention, explicit masks. Backbone-specific only in `embed(stock, inputs)`:
+layer sees without gaps (decode rows continue that numbering); `"original"` keeps the prompt's.
+
+Methods that merge tokens or reorder them meet the staged literal oracle instead (`staged_literal_forward`): the
+stock layers re-run on the sequence as each stage left it (`Stage`: the rows kept, the merged tokens made from
+the rows before it), each layer caching the rows it ran on; a decode-time pruning (DyCoke) hides rows per step
+and layer. Eager attention, explicit masks. Backbone-specific only in `embed(stock, inputs)`:
 the merged input embeddings, or an `Embedded` that adds the RoPE positions (M-RoPE: [rows, batch, seq],
 covering decode rows too) and a hook run after every decoder layer (DeepStack).
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -130,64 +134,102 @@ def oracle_greedy(stock, inputs, prune_stages, steps, embed, conventions=None, p
     return torch.cat(out, 1), torch.stack(step_logits, 1)
 
 
+@dataclass
+class Stage:
+    """One prune stage as the staged oracle replays it: from decoder layer `layer` on, the sequence is `rows`."""
+
+    layer: int
+    rows: torch.Tensor  # [batch, len]: each row's prompt index (-1: re-padding; a merged row: its representative's)
+    positions: str = "original"  # "compact": the rows' positions (as the stage before left them) renumbered
+    # (b, row) -> a merged token: (dropped [n]: rows of the sequence before the stage, weights [n]), its mix of
+    # their states and of what the after-layer hook adds to them; or its value [hidden] (the hook then adds to it
+    # what it adds to its representative)
+    merged: dict = field(default_factory=dict)
+
+
+def restage(stage: Stage, h, rows, positions, sources, prompt_valid):
+    """The prompt part of the sequence as `stage` leaves it: each row the row before it with the same prompt index
+    (a merged row: its representative's), merged rows made as the stage says, positions renumbered under
+    "compact". h [batch, len, hidden], rows [batch, len], positions [batch, len] or M-RoPE [3, batch, len],
+    sources [batch, len, prompt len]: each row's weights over the prompt rows (for the after-layer hook)."""
+    new = stage.rows
+    match = (new[:, :, None] == rows[:, None, :]) & (new >= 0)[:, :, None]
+    assert torch.equal(match.sum(-1), (new >= 0).long()), "each row after a stage is one row before it"
+    index = match.long().argmax(-1)  # re-padding rows: row 0, masked
+    moved_h, moved_sources = (t.gather(1, index[..., None].expand(-1, -1, t.shape[-1])) for t in (h, sources))
+    positions = positions.gather(-1, index.expand(positions.shape[0], -1, -1) if positions.ndim == 3 else index)
+    for (b, j), merged in stage.merged.items():
+        if isinstance(merged, torch.Tensor):
+            moved_h[b, j] = merged.to(h.dtype)
+        else:
+            dropped, weights = merged
+            moved_h[b, j] = weights.to(h.dtype) @ h[b, dropped]
+            moved_sources[b, j] = weights.to(sources.dtype) @ sources[b, dropped]
+    valid = (new >= 0) & prompt_valid.gather(1, new.clamp_min(0))
+    if stage.positions == "compact":
+        positions = compact(positions, valid)
+    return moved_h, new, positions, moved_sources, valid
+
+
 @torch.no_grad()
-def literal_forward(stock, inputs, rows, replace, embed, conventions, position_ids=None, new_ids=None, mixed=None):
-    """The pruned prompt built literally, no masking: sample b's sequence is the prompt rows `rows[b]` (its
-    original index per row, -1 = re-padding; e.g. `VTRRecord.kept_index`) at their prompt positions (renumbered
-    without gaps under `positions="compact"`; the prompt's padding stays padding), the embedding of row j replaced by `replace[(b, j)]` where given
-    (merged tokens), then `new_ids` [batch, n] (decoded tokens) continuing after each sample's largest position.
-    Stock decoder layers, eager, explicit causal + padding mask; a per-layer `after_layer` hook (DeepStack) adds
-    what it adds to each kept row's prompt row, and to a merged row j the mix `mixed[(b, j)] = (prompt rows,
-    weights)` of what it adds to those rows. Returns logits [batch, len(rows) + n, vocab]."""
+def staged_literal_forward(stock, inputs, stages, embed, position_ids=None, new_ids=None, hides=None):
+    """The stock decoder layers re-run literally on the sequence as it is at each layer (dropped rows are gone, not
+    masked): the prompt, then from each `Stage`'s layer on its rows (`restage`: kept ones by prompt index, merged ones
+    made from the rows before the stage, positions renumbered where the stage says), the prompt's padding staying
+    padding; then `new_ids` [batch, n] (decoded tokens), which each layer runs after the rows it ran on (its cache:
+    `earlier_cache="keep"`) at positions continuing after their largest. `hides` = (L, [[batch, final len] bool per decode row]): decode row t does
+    not see those rows in layers >= L (DyCoke's decode pruning). Positions as `embed` gives them (M-RoPE), else
+    `position_ids` (default 0..seq-1); the after-layer hook (DeepStack) adds to each row what it adds to that
+    row's prompt row, to a merged row the mix of its sources'. Eager, explicit causal + padding masks. Returns
+    logits [batch, final len + n, vocab]."""
     emb = embedded(embed(stock, inputs))
-    embeds = emb.embeds
-    batch, seq, _ = embeds.shape
+    h = emb.embeds
+    batch, seq, _ = h.shape
     positions = emb.positions if emb.positions is not None else position_ids
     if positions is None:
         positions = torch.arange(seq).unsqueeze(0).expand(batch, -1)
     multi = positions.ndim == 3  # M-RoPE [rows, batch, seq]
-    index = rows.clamp_min(0)
-    prompt_mask = inputs.get("attention_mask", torch.ones(batch, seq)).bool()
-    valid = (rows >= 0) & prompt_mask.gather(1, index)
-    h = torch.stack([embeds[b, index[b]] for b in range(batch)])
-    for (b, j), value in replace.items():
-        h[b, j] = value.to(h.dtype)
-    pos = torch.stack([positions[:, b, index[b]] if multi else positions[b, index[b]] for b in range(batch)], -2)
-    if conventions is not None and conventions.positions == "compact":
-        pos = compact(pos, valid)
-    if new_ids is not None and new_ids.shape[1]:
-        n = new_ids.shape[1]
-        top = (pos.amax(0) if multi else pos).masked_fill(~valid, -1).amax(-1)  # [batch]
-        extra = top[:, None] + 1 + torch.arange(n)[None]
-        h = torch.cat([h, stock.get_input_embeddings()(new_ids)], 1)
-        pos = torch.cat([pos, extra.expand(pos.shape[0], -1, -1) if multi else extra], -1)
-        valid = torch.cat([valid, torch.ones_like(new_ids, dtype=torch.bool)], 1)
-    length = h.shape[1]
-    allowed = torch.ones(length, length, dtype=torch.bool).tril()[None] & valid[:, None, :]
-    mask = torch.zeros(batch, 1, length, length).masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
+    prompt_valid = inputs.get("attention_mask", torch.ones(batch, seq)).bool()
+    new_ids = inputs["input_ids"][:, :0] if new_ids is None else new_ids
+    n = new_ids.shape[1]
+    tail = stock.get_input_embeddings()(new_ids)
+    rows, valid = torch.arange(seq).expand(batch, -1), prompt_valid
+    sources = torch.eye(seq).expand(batch, -1, -1)
+    at = {stage.layer: stage for stage in stages}
     lm = stock.model.language_model
-    cos, sin = lm.rotary_emb(h, pos)
     for i, layer in enumerate(lm.layers):
-        h = layer(h, attention_mask=mask, position_embeddings=(cos, sin))
-        if emb.after_layer is not None:  # what the hook adds to each prompt row, on that row's kept copy
-            added = emb.after_layer(i, torch.zeros_like(embeds))
-            gathered = torch.stack([added[b, index[b]] for b in range(batch)]) * valid[:, : rows.shape[1], None]
-            for (b, j), (source, weights) in (mixed or {}).items():
-                gathered[b, j] = weights.to(added.dtype) @ added[b, source]
-            h = h + torch.nn.functional.pad(gathered, (0, 0, 0, length - gathered.shape[1]))
-    return stock.lm_head(lm.norm(h))
+        if i in at:
+            h, rows, positions, sources, valid = restage(at[i], h, rows, positions, sources, prompt_valid)
+        length = h.shape[1]
+        top = (positions.amax(0) if multi else positions).masked_fill(~valid, -1).amax(-1)  # [batch]
+        after = top[:, None] + 1 + torch.arange(n)[None]
+        pos = torch.cat([positions, after.expand(positions.shape[0], -1, -1) if multi else after], -1)
+        seen = torch.cat([valid, torch.ones_like(new_ids, dtype=torch.bool)], 1)
+        allowed = torch.ones(length + n, length + n, dtype=torch.bool).tril()[None] & seen[:, None, :]
+        if hides is not None and i >= hides[0] and n:
+            allowed[:, length:, :length] &= ~torch.stack(hides[1][:n], 1)
+        mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)[:, None]
+        x = torch.cat([h, tail], 1)
+        x = layer(x, attention_mask=mask, position_embeddings=lm.rotary_emb(x, pos))
+        if emb.after_layer is not None:  # what the hook adds to each prompt row, on the rows made of it
+            added = emb.after_layer(i, torch.zeros_like(emb.embeds))
+            x = x + torch.nn.functional.pad((sources * valid[..., None]).to(added.dtype) @ added, (0, 0, 0, n))
+        h, tail = x[:, :length], x[:, length:]
+    return stock.lm_head(lm.norm(torch.cat([h, tail], 1)))
 
 
 @torch.no_grad()
-def literal_greedy(stock, inputs, rows, replace, steps, embed, conventions, mixed=None):
-    """Greedy decode with `literal_forward`, recomputing the whole sequence each step, prompt positions as
-    generate() makes them. Returns (tokens [batch, steps], logits [batch, steps, vocab])."""
+def staged_literal_greedy(stock, inputs, stages, steps, embed, hides=None):
+    """Greedy decode with `staged_literal_forward`, recomputing the whole sequence each step, prompt positions as
+    generate() makes them; decode row t hides `hides[1][t]` from layers >= `hides[0]`. Returns (tokens
+    [batch, steps], logits [batch, steps, vocab])."""
     mask = inputs["attention_mask"]
-    pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    once = embedded(embed(stock, inputs))
     new = inputs["input_ids"][:, :0]
     out = []
     for _ in range(steps):
-        logits = literal_forward(stock, inputs, rows, replace, embed, conventions, pos, new, mixed)
+        logits = staged_literal_forward(stock, inputs, stages, lambda *_: once, positions, new, hides)
         out.append(logits[:, -1])
         new = torch.cat([new, logits[:, -1].argmax(-1, keepdim=True)], 1)
     return new, torch.stack(out, 1)
