@@ -404,3 +404,12 @@ def test_refusals(ov_path, videos, settings, message):
         model.model.language_model.config._attn_implementation = kernel  # as if loaded so
     with pytest.raises(ValueError, match=message), torch.no_grad():
         model(**videos)
+
+
+def test_without_decode_pruning_there_is_no_decode_hook(ov_path, ov_batch):
+    """dycoke_decode_prune=0: DyCoke is its TTM alone (no decode layer, so it also runs on decoders a decode hook
+    cannot reach, such as Qwen3.5's recurrent layers); decode steps record nothing."""
+    assert get_strategy("dycoke")().decode_layer(VTRConfig(strategy="dycoke", dycoke_decode_prune=0.0)) is None
+    model = vtr_model(ov_path, "sdpa", strategy="dycoke", keep_ratio=0.5, dycoke_decode_prune=0.0)
+    model.generate(**ov_batch, max_new_tokens=3, do_sample=False)
+    assert model.vtr_last.decode == [] and model.vtr_last.stages[0].layer == 0

@@ -140,12 +140,15 @@ def test_every_method_runs_on_a_video_prompt_with_generate(family):
         stock = vtr_model(path, "sdpa")
         if strategy.missing_facts(stock.vtr_adapter):
             continue  # refused on this family ("not supported on"), tested in test_contract.py
-        first = 0 if not strategy.needs_attention else 2
-        model = vtr_model(path, "sdpa", strategy=method, prune_layer=first, keep_tokens=9)
+        video = "frames" in strategy.requires  # a video method: its own schedule
+        schedule = {} if video else dict(prune_layer=0 if not strategy.needs_attention else 2)
+        model = vtr_model(path, "sdpa", strategy=method, keep_tokens=9, **schedule)
         model.generate(**inputs, max_new_tokens=2, do_sample=False)
         stage = model.vtr_last.stages[0]
         total = stage.image_tokens_kept[0] + (stage.merged[0] if strategy.merge_is_method else 0)
-        if method == "dart":  # its 4 image pivots on top of 8 x (9 // 8) picks, as the official code keeps
+        if video:  # its own share of the video tokens (images kept)
+            assert 0 < total < stage.image_tokens_before[0], method
+        elif method == "dart":  # its 4 image pivots on top of 8 x (9 // 8) picks, as the official code keeps
             assert total == 12
         elif strategy.merge_is_method:  # pooled cells: at most the budget
             assert 0 < total <= 9, method

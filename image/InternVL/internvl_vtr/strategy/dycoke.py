@@ -110,8 +110,9 @@ class DyCoke(VideoReduction):
         out.keep(tokens)
         return out
 
-    def decode_layer(self, config) -> int:
-        return config.dycoke_layer
+    def decode_layer(self, config) -> int | None:
+        """L, or None when the decode-time pruning is off (dycoke_decode_prune=0: its TTM alone, on any decoder)."""
+        return config.dycoke_layer if config.dycoke_decode_prune > 0 else None
 
     def decode_candidates(self, visual, original_index, sample_ctx) -> torch.Tensor:
         """[batch, len] bool: the final rows whose identity `arrange` recorded."""
