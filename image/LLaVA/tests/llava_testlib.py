@@ -35,6 +35,18 @@ def ov_videos(processor):
     return processor(text=texts, videos=videos, return_tensors="pt", padding=True)
 
 
+def hand_video(frames, grid=None, first_row: int = 10):
+    """A `Video` (strategy/video.py) of features `frames` [T, N, D] at rows `first_row`.. of a prompt, frame after
+    frame; its tokens' (row, col) `grid` [N, 2] (default: a one-row grid, (0, j) for token j)."""
+    from llava.vtr.strategy.video import Video
+
+    count, per_frame = frames.shape[:2]
+    index = torch.arange(count * per_frame).reshape(count, per_frame)
+    if grid is None:
+        grid = torch.stack([torch.zeros(per_frame, dtype=torch.long), torch.arange(per_frame)], -1)
+    return Video(index + first_row, index, frames, grid.expand(count, per_frame, 2))
+
+
 def vtr_model(path, impl="sdpa", **cfg):
     return load_model(path, VTRConfig(**cfg), attn_implementation=impl)
 

@@ -13,9 +13,8 @@ import vtr_oracle
 from llava.vtr import VTRConfig
 from llava.vtr.strategy import get_strategy, register_strategy
 from llava.vtr.strategy.dycoke import DyCoke
-from llava.vtr.strategy.video import Video
 from llava.vtr.tiny import demo_video
-from llava_testlib import onevision_embed, ov_chat, vtr_model
+from llava_testlib import hand_video, onevision_embed, ov_chat, vtr_model
 
 # ----------------------------------------------------------------------------------------------- TTM
 
@@ -37,14 +36,6 @@ def official_ttm(x: torch.Tensor, per_frame: int, k: float) -> list[int]:
         similarity = F.cosine_similarity(x[frame[i]], x[frame[i + 2]], dim=1)
         out[i], out[i + 2] = frame[i], frame[i + 2][similarity.topk(keep, largest=False).indices]
     return torch.cat([out[i] for i in sorted(out)]).tolist()
-
-
-def hand_video(features: torch.Tensor) -> Video:
-    """A `Video` of features [frames, tokens, D] at rows 10.. of a prompt, tokens on a 1 x tokens grid."""
-    frames, tokens, _ = features.shape
-    flat = torch.arange(frames * tokens).reshape(frames, tokens)
-    grid = torch.stack([torch.zeros(tokens, dtype=torch.long), torch.arange(tokens)], -1).expand(frames, -1, -1)
-    return Video(rows=flat + 10, visual=flat, features=features, grid=grid)
 
 
 def arrange(features: torch.Tensor, ratio: float) -> tuple[list[int], list[int]]:

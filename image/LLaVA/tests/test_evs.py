@@ -5,8 +5,7 @@ import torch
 
 import llava.vtr.strategy.evs  # noqa: F401 (registers evs)
 from llava.vtr import VTRConfig, get_strategy, load_model
-from llava.vtr.strategy.video import Video
-from llava_testlib import ov_videos
+from llava_testlib import hand_video, ov_videos
 
 
 def official_keep(frames, q):
@@ -24,15 +23,6 @@ def official_keep(frames, q):
                 change = float(1 - torch.dot(a, b) / (max(a.norm(), 1e-8) * max(b.norm(), 1e-8)))
             ranked.append((-change, t * per_frame + i))
     return sorted(index for _, index in sorted(ranked)[:budget])
-
-
-def hand_video(frames, grid=None):
-    """A `Video` of `frames` [T, N, D] at rows 10.. of a prompt, every token on a one-row grid unless `grid` says."""
-    count, per_frame = frames.shape[:2]
-    rows = torch.arange(count * per_frame).reshape(count, per_frame) + 10
-    if grid is None:
-        grid = torch.stack([torch.zeros(per_frame, dtype=torch.long), torch.arange(per_frame)], -1)
-    return Video(rows, rows - 10, frames, grid.expand(count, per_frame, 2))
 
 
 def kept(video, ratio):

@@ -10,7 +10,7 @@ from llava.vtr import VTRConfig, get_strategy, load_model
 from llava.vtr.strategy.fastvid import FastVID, official_tree  # registers it
 from llava.vtr.strategy.video import Video
 from llava.vtr.tiny import demo_video
-from llava_testlib import ov_chat
+from llava_testlib import hand_video, ov_chat
 
 
 def official_budgets(tree, segments, similarity, n, retain, d, p):
@@ -124,8 +124,7 @@ def arrange(features, importance, ratio, grid=None, mrope=False, **fields):
     frames x tokens])."""
     frames, width, _ = features.shape
     grid = square_grid(math.isqrt(width)) if grid is None else grid
-    rows = torch.arange(frames * width).reshape(frames, width)
-    video = Video(rows + 5, rows, features, grid.expand(frames, width, 2))
+    video = hand_video(features, grid, first_row=5)
     config = VTRConfig(strategy="fastvid", keep_ratio=ratio, **fields)
     length = frames * width + 10
     positions = torch.arange(length)[:, None].expand(-1, 3) if mrope else torch.arange(length)

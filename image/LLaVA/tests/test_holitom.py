@@ -10,7 +10,7 @@ import torch
 import llava.vtr.strategy.holitom  # noqa: F401 (registers holitom)
 from llava.vtr import VTRConfig, get_strategy, load_model
 from llava.vtr.strategy.video import Video
-from llava_testlib import ov_videos
+from llava_testlib import hand_video, ov_videos
 
 # ----------------------------------------------------------------------------- the official math, restated
 
@@ -91,7 +91,7 @@ def official_holitom(frames, attention, ratio, width, grid, tau=0.8, beta=0.6, k
 # ----------------------------------------------------------------------------- hand-built videos
 
 
-def hand_video(frames, width, grid=False, newline=None):
+def holitom_video(frames, width, grid=False, newline=None):
     """A `Video` of `frames` [T, N, D] (raster order, rows of `width`) at rows 10.. of a prompt; grid=True lays each
     frame out as LLaVA-Video does, a newline token (`newline` [D]) after each row."""
     count, places, dim = frames.shape
@@ -110,9 +110,7 @@ def hand_video(frames, width, grid=False, newline=None):
         )
     else:
         layout, feats = rc, frames
-    per_frame = layout.shape[0]
-    rows = torch.arange(count * per_frame).reshape(count, per_frame) + 10
-    return Video(rows, rows - 10, feats, layout.expand(count, per_frame, 2))
+    return hand_video(feats, layout)
 
 
 def arranged(video, attention, ratio, **cfg):
@@ -178,7 +176,7 @@ def test_a_longer_window_wins_only_by_saving_more():
 
     assert static_windows(torch.tensor([[1, 1, 0, 0], [1, 0, 1, 0]], dtype=torch.bool)) == windows
     attention = torch.rand(3, 4, generator=g, dtype=torch.float64)
-    assert_same(arranged(hand_video(frames, 2), attention, 0.5), official_holitom(frames, attention, 0.5, 2, False))
+    assert_same(arranged(holitom_video(frames, 2), attention, 0.5), official_holitom(frames, attention, 0.5, 2, False))
 
 
 @pytest.mark.parametrize("ratio", [0.1, 0.3, 0.6, 1.0])
@@ -187,7 +185,7 @@ def test_two_scenes_equal_the_official_reduction(ratio, grid):
     frames, attention = two_scenes()
     newline = torch.full((16,), 7.0, dtype=torch.float64)
     want = official_holitom(frames, attention, ratio, width=4, grid=grid)
-    assert_same(arranged(hand_video(frames, 4, grid, newline), attention, ratio), want)
+    assert_same(arranged(holitom_video(frames, 4, grid, newline), attention, ratio), want)
     if ratio == 0.3:  # r' = 0.3 x 40 / 18; static 7 -> round(4.67) = 5 and 8 -> round(5.33) = 5; dynamic 3 x ceil(0.67)
         assert sum(p != "newline" for _, p, _ in want) == 5 + 3 + 5
 
@@ -199,7 +197,7 @@ def test_random_videos_equal_the_official_reduction():
     attention = torch.rand(6, 9, generator=g, dtype=torch.float64)
     for tau in (0.5, 0.8):
         want = official_holitom(frames, attention, 0.25, width=3, grid=False, tau=tau, beta=0.3, k=2)
-        got = arranged(hand_video(frames, 3), attention, 0.25, holitom_tau=tau, holitom_beta=0.3, holitom_neighbours=2)
+        got = arranged(holitom_video(frames, 3), attention, 0.25, holitom_tau=tau, holitom_beta=0.3, holitom_neighbours=2)
         assert_same(got, want)
 
 
@@ -210,7 +208,7 @@ def test_counts_round_as_the_official_code():
     g = torch.Generator().manual_seed(1)
     frames = torch.randn(1, 8, 6, generator=g, dtype=torch.float64).repeat(2, 1, 1)
     frames[1, 5:] = torch.randn(3, 6, generator=g, dtype=torch.float64)
-    got = arranged(hand_video(frames, 4), torch.ones(2, 8), 0.34375)
+    got = arranged(holitom_video(frames, 4), torch.ones(2, 8), 0.34375)
     assert [(f, p) for f, p, _ in got][2:] == [(0, 5), (0, 6), (1, 5), (1, 6)]
     assert len(got) == 2 + 2 + 2
 
@@ -219,7 +217,7 @@ def test_singleton_frames_keep_their_top_tokens_in_place_order():
     g = torch.Generator().manual_seed(2)
     frames = torch.randn(3, 6, 64, generator=g, dtype=torch.float64)  # nothing alike: three windows of one frame
     attention = torch.tensor([[0.1, 0.9, 0.2, 0.8, 0.3, 0.0], [0.5, 0.4, 0.3, 0.2, 0.1, 0.6], [0, 0, 0, 0, 0, 1.0]])
-    got = arranged(hand_video(frames, 3), attention, 0.5)
+    got = arranged(holitom_video(frames, 3), attention, 0.5)
     assert [(f, p) for f, p, _ in got] == [(0, 1), (0, 3), (0, 4), (1, 0), (1, 1), (1, 5), (2, 0), (2, 1), (2, 5)]
 
 
@@ -227,7 +225,7 @@ def test_grid_newlines_close_only_rows_that_kept_a_token():
     g = torch.Generator().manual_seed(4)
     frames = torch.randn(1, 6, 8, generator=g, dtype=torch.float64)  # 3 rows of 2
     attention = torch.tensor([[0.9, 0.8, 0.0, 0.1, 0.2, 0.7]])
-    got = arranged(hand_video(frames, 2, True, torch.zeros(8, dtype=torch.float64)), attention, 0.5)
+    got = arranged(holitom_video(frames, 2, True, torch.zeros(8, dtype=torch.float64)), attention, 0.5)
     assert [p for _, p, _ in got] == [0, 1, "newline", 5, "newline"]
 
 
@@ -235,7 +233,7 @@ def test_a_cls_row_opening_each_frame_stays_first_in_its_frame():
     """Video-LLaVA's frames open with a CLS row (off the grid, closing no row; no official port): kept as it is,
     ahead of its frame's tokens (in a window's first frame, ahead of the static ones); the rest as without it."""
     frames, attention = two_scenes()
-    plain = hand_video(frames, 4)
+    plain = holitom_video(frames, 4)
     cls = torch.randn(5, 1, 16, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
     grid = torch.cat([torch.full((1, 2), -1), plain.grid[0]])
     rows = torch.arange(5 * 9).reshape(5, 9) + 10

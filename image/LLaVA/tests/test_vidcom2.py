@@ -9,9 +9,8 @@ import torch.nn.functional as F
 
 import llava.vtr.strategy.vidcom2  # noqa: F401 (registers vidcom2)
 from llava.vtr import VTRConfig, get_strategy, load_model, load_processor
-from llava.vtr.strategy.video import Video
 from llava.vtr.tiny import build_tiny_llava_onevision
-from llava_testlib import ov_videos
+from llava_testlib import hand_video, ov_videos
 
 
 def official_picks(frames, ratio):
@@ -68,15 +67,6 @@ def official_calls(frames, ratio):
     return [
         torch.topk(scores[t], k=k, largest=False, sorted=False).indices.sort().values.tolist() for t, k in enumerate(ks)
     ]
-
-
-def hand_video(frames, grid=None):
-    """A `Video` of `frames` [T, N, D] at rows 10.. of a prompt, every token on a one-row grid unless `grid` says."""
-    count, per_frame = frames.shape[:2]
-    rows = torch.arange(count * per_frame).reshape(count, per_frame) + 10
-    if grid is None:
-        grid = torch.stack([torch.zeros(per_frame, dtype=torch.long), torch.arange(per_frame)], -1)
-    return Video(rows, rows - 10, frames, grid.expand(count, per_frame, 2))
 
 
 def output(video, ratio):
