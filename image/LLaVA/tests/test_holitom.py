@@ -197,7 +197,9 @@ def test_random_videos_equal_the_official_reduction():
     attention = torch.rand(6, 9, generator=g, dtype=torch.float64)
     for tau in (0.5, 0.8):
         want = official_holitom(frames, attention, 0.25, width=3, grid=False, tau=tau, beta=0.3, k=2)
-        got = arranged(holitom_video(frames, 3), attention, 0.25, holitom_tau=tau, holitom_beta=0.3, holitom_neighbours=2)
+        got = arranged(
+            holitom_video(frames, 3), attention, 0.25, holitom_tau=tau, holitom_beta=0.3, holitom_neighbours=2
+        )
         assert_same(got, want)
 
 
