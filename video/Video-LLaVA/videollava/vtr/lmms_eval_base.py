@@ -10,12 +10,13 @@ What the base does (identical in every fork):
   (`LOAD_ARGS` + the subclass's `EXTRA_LOAD_ARGS`); an unknown key or a bad value stops the process with
   status 2 and a one-line reason (lmms-eval's CLI would otherwise log it and exit 0). The CLI checks them
   before it indexes its tasks (lmms_eval_compat.check_cli_before_tasks); `validate_model_args` below is that
-  check for a caller that starts lmms-eval itself (scripts/vtr_run).
+  check for a caller that starts lmms-eval itself (scripts/vtr_run). A checkpoint on disk with a hybrid decoder
+  (linear-attention layers) also has the schedule checked against its layer kinds there.
 - a doc's visuals: `as_image` turns a PIL image or an image file path into an RGB image, in every fork;
 - device, dtype and data parallel (one model per `accelerate`/`torch.distributed` process);
 - `generate_until` in batches (left padding, longest prompts first, a progress bar), `loglikelihood` with the
-  context pruned on its own and the continuation scored against that pruned cache (the value is a loss, as
-  lmms-eval's own models return it: its multiple-choice scoring picks the smallest);
+  context pruned on its own and the continuation scored against that pruned cache, which is put back after each
+  (the value is a loss, as lmms-eval's own models return it: its multiple-choice scoring picks the smallest);
 - the efficiency record: per prefill the kept visual tokens per stage, the analytic FLOPs ratio (cost.py)
   and the measured prefill time, merged over processes into one record that process 0 writes beside
   lmms-eval's results (or to `stats_path=`).
@@ -36,6 +37,7 @@ What a fork's subclass writes (its `lmms_eval_plugin.py`, ~100 lines):
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import math
@@ -52,8 +54,10 @@ from tqdm import tqdm
 
 from . import lmms_eval_compat as compat
 from .config import VTRConfig
-from .cost import equivalent_tokens, ideal_speedup, text_config_dims, tokens_per_layer
+from .cost import equivalent_tokens, ideal_speedup_of, layer_costs, tokens_per_layer
+from .engine import RECURRENT_LAYER_TYPES, check_layer_kinds, snap_schedule
 from .model_args import describe, parse_model_args, split_args
+from .strategy import get_strategy
 from .timing import spread
 
 #: Loading / run keys every fork accepts in --model_args besides the VTRConfig fields, with their types.
@@ -115,6 +119,34 @@ def validate_model_args(arg_string: str, additional_config: dict | None = None, 
     checker.validate_model_args(arg_string, additional_config)
 
 
+def check_layer_kinds_offline(pretrained: str, config: VTRConfig, **hub) -> None:
+    """ValueError where `config`'s schedule cannot run on the hybrid decoder (linear-attention layers) of checkpoint
+    `pretrained` (`engine.check_layer_kinds`: a scoring layer without attention, trimming or hiding rows of a
+    recurrent layer), before anything loads. A schedule left unset is first moved as the model moves it (the method's
+    own schedule, then `snap_schedule`). Nothing is checked where the checkpoint's config cannot be read without the
+    network, its decoder has no recurrent layers, or a default schedule fits nowhere: the model checks its config
+    when it loads."""
+    from transformers import AutoConfig
+
+    if not config.enabled:
+        return
+    try:
+        text_config = AutoConfig.from_pretrained(pretrained, local_files_only=True, **hub).get_text_config()
+    except (OSError, ValueError):
+        return
+    types = getattr(text_config, "layer_types", None) or []
+    if not set(types) & set(RECURRENT_LAYER_TYPES):
+        return
+    if config.prune_layer_defaulted:
+        updates = get_strategy(config.strategy).schedule_defaults(config, len(types))
+        config = dataclasses.replace(config, **updates) if updates else config
+        layers = snap_schedule(config, types)
+        if layers is None:  # a stage fits nowhere: the model says so when it loads
+            return
+        config = dataclasses.replace(config, prune_layer=layers if len(layers) > 1 else layers[0])
+    check_layer_kinds(config, types)
+
+
 def output_name(pretrained: str, config: VTRConfig) -> str:
     """Results folder / file stem: `<pretrained>__vtr-<settings tag>`. lmms-eval keeps the last two path parts
     for the folder; their leading dots go, so that no results folder is hidden (`.cache/demo-llava` ->
@@ -140,6 +172,8 @@ class VTRLmms(lmms):
     #: loading keys that change what is evaluated (e.g. the frames read from a video): each one given is named in
     #: the results folder after the settings tag, so runs that differ in it never share a folder
     FOLDER_KEYS: tuple[str, ...] = ()
+    #: new tokens at most when neither the task nor `max_new_tokens=` says (a reasoning model needs more)
+    MAX_NEW_TOKENS = 128
 
     # ------------------------------------------------------------------ what a subclass provides
 
@@ -166,6 +200,11 @@ class VTRLmms(lmms):
 
     def configure(self, load: dict) -> None:
         """After loading: settings that depend on the loaded model (e.g. the prompt format)."""
+
+    def answer_of(self, text: str) -> str:
+        """The answer in a generated text, before the task's stop sequences cut it: all of it (a reasoning model
+        drops its think block here)."""
+        return text
 
     def visual_token_ids(self) -> list[int]:
         """Placeholder token ids that count as visual tokens in the efficiency record."""
@@ -208,8 +247,11 @@ class VTRLmms(lmms):
 
     @classmethod
     def validate_model_args(cls, arg_string: str, additional_config: dict | None = None) -> None:
-        """Raise ValueError for `--model_args` this model refuses, without loading anything."""
-        cls.parse_args(cls.raw_args(arg_string, additional_config))
+        """Raise ValueError for `--model_args` this model refuses, without loading anything (a checkpoint whose
+        config is on disk also has its decoder's layer kinds checked: `check_layer_kinds_offline`)."""
+        load, vtr_config = cls.parse_args(cls.raw_args(arg_string, additional_config))
+        hub = {k: load[k] for k in ("revision", "trust_remote_code") if k in load}
+        check_layer_kinds_offline(load.get("pretrained", cls.default_pretrained), vtr_config, **hub)
 
     def __init__(self, **model_args) -> None:
         super().__init__()
@@ -239,7 +281,7 @@ class VTRLmms(lmms):
         self.pretrained = load.get("pretrained", self.default_pretrained)
         self.batch_size_per_gpu = load.get("batch_size", 1)
         self.use_cache = load.get("use_cache", True)
-        self.default_max_new_tokens = load.get("max_new_tokens", 128)
+        self.default_max_new_tokens = load.get("max_new_tokens", self.MAX_NEW_TOKENS)
         self.stats_path = load.get("stats_path")
 
         accelerator = Accelerator()
@@ -381,7 +423,7 @@ class VTRLmms(lmms):
             with torch.inference_mode():
                 output = self._model.generate(**inputs, **self.generation_kwargs(gen_kwargs))
             texts = self.tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-            for text in texts:
+            for text in map(self.answer_of, texts):
                 for stop in until:
                     if stop:
                         text = text.split(stop)[0]
@@ -426,11 +468,11 @@ class VTRLmms(lmms):
     @torch.inference_mode()
     def continuations_logprobs(self, inputs, targets: list[torch.Tensor]) -> list[torch.Tensor]:
         """Per continuation [1, len]: [len, vocab] log-probabilities of its tokens. One pruned prefill of the
-        context (one sample); each continuation is then one decode chunk on its cache, which is cut back to
-        the context after it (per layer: pruning may leave the layers' caches of different lengths)."""
+        context (one sample); each continuation is then one decode chunk on its cache, which is put back as the
+        context left it after it (`cache_restorer`)."""
         out = self._model(**inputs, use_cache=True)
         cache, first = out.past_key_values, out.logits[0, -1:].float()
-        held = [layer.get_seq_length() for layer in cache.layers]
+        restore = cache_restorer(cache)
         context_len = inputs["input_ids"].shape[1]
         results = []
         for target in targets:
@@ -441,8 +483,7 @@ class VTRLmms(lmms):
                     input_ids=target[:, :-1], attention_mask=mask, past_key_values=cache, use_cache=True
                 )  # fmt: skip
                 logits.append(rest.logits[0].float())
-                for layer, length in zip(cache.layers, held):
-                    layer.crop(length - layer.get_seq_length())
+                restore()
             results.append(torch.log_softmax(torch.cat(logits), dim=-1))
         return results
 
@@ -535,11 +576,35 @@ class VTRLmms(lmms):
         super().clean()
 
 
+def cache_restorer(cache):
+    """A function that puts `cache` back as it is now, after more tokens ran on it: an attention layer's rows are
+    cut back to its own length (pruning may leave the layers' caches of different lengths); a recurrent layer
+    (linear attention: Qwen3.5) holds no rows but convolution and recurrent states that a step updates in place,
+    which are copied back."""
+    held = []
+    for layer in cache.layers:
+        if hasattr(layer, "recurrent_states"):
+            states = (layer.conv_states, layer.recurrent_states)
+            held.append([(store, i, t.clone()) for store in states for i, t in store.items() if t is not None])
+        else:
+            held.append(layer.get_seq_length())
+
+    def restore() -> None:
+        for layer, saved in zip(cache.layers, held):
+            if isinstance(saved, int):
+                layer.crop(saved - layer.get_seq_length())
+            else:
+                for store, i, state in saved:
+                    store[i].copy_(state)
+
+    return restore
+
+
 class RunStats:
     """Per-prefill efficiency figures, accumulated over a run (forward hooks on the model)."""
 
     def __init__(self, text_config, visual_token_ids: list[int]):
-        self.d, self.m, self.d_kv = text_config_dims(text_config)
+        self.costs = layer_costs(text_config)
         self.num_layers = text_config.num_hidden_layers
         self.visual_token_ids = list(visual_token_ids)
         self.samples: list[dict] = []
@@ -581,7 +646,7 @@ class RunStats:
                     image_tokens=visual,
                     stages=stages,
                     equivalent_tokens=equivalent_tokens(lengths),
-                    flops_ratio=1 / ideal_speedup(seq_len, lengths, self.d, self.m, self.d_kv),
+                    flops_ratio=1 / ideal_speedup_of(self.costs, seq_len, lengths),
                     prefill_ms=elapsed / input_ids.shape[0],
                     kind=self.kind,
                 )
