@@ -1,5 +1,5 @@
 """End to end: the real `python -m lmms_eval` CLI, offline, on a tiny Qwen3-VL and tiny local tasks (images:
-generation and multiple choice; videos: generation from file paths)."""
+generation and multiple choice; videos: generation from file paths), and on a tiny Qwen3.5 (images)."""
 
 import json
 import os
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from lmms_scores import check_scores
 
-from visual_token_pruning.lmms_eval_plugin import Qwen3VLVTR
+from visual_token_pruning.lmms_eval_plugin import Qwen3_5VTR, Qwen3VLVTR
 from visual_token_pruning.video_io import write_test_video
 
 TASK_DIR = Path(__file__).parent / "data" / "lmms_tiny"
@@ -27,12 +27,12 @@ def workdir(tmp_path_factory):
     return root
 
 
-def run_cli(workdir, tiny_path, name, extra_args):
+def run_cli(workdir, tiny_path, name, extra_args, model="qwen3_vl_vtr", tasks="vtr_tiny_qa,vtr_tiny_mc,vtr_tiny_video"):
     out = workdir / "results" / name
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(workdir / "hf"))
-    cmd = [sys.executable, "-m", "lmms_eval", "--model", "qwen3_vl_vtr"]
+    cmd = [sys.executable, "-m", "lmms_eval", "--model", model]
     cmd += ["--model_args", f"pretrained={tiny_path},max_num_frames=4,{extra_args}"]
-    cmd += ["--tasks", "vtr_tiny_qa,vtr_tiny_mc,vtr_tiny_video", "--include_path", str(workdir / "task")]
+    cmd += ["--tasks", tasks, "--include_path", str(workdir / "task")]
     cmd += ["--batch_size", "2", "--output_path", str(out), "--log_samples"]
     proc = subprocess.run(cmd, cwd=workdir / "task", env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -56,3 +56,18 @@ def test_a_pruned_run_over_image_and_video_tasks(workdir, tiny_path):
     assert layer["layer"] == 2 and layer["mean_image_tokens_kept"] == 8
     assert 0 < stats["prefill_flops_ratio"] < 1
     assert proc.stdout.count("torchvision is unavailable") + proc.stderr.count("torchvision is unavailable") == 1
+
+
+def test_qwen3_5_on_image_tasks(workdir, family_paths):
+    """qwen3_5_vtr's entry point on a hybrid decoder: answers and multiple-choice losses are the model's own (the
+    options scored on one pruned cache whose recurrent states are put back after each), FastV at layer 4 scored
+    from the full-attention layer 2, thinking off named in the results folder."""
+    path = family_paths("qwen3_5")
+    args = "strategy=fastv,keep_tokens=8,prune_layer=4,enable_thinking=false"
+    results, stats, _, results_file = run_cli(workdir, path, "qwen3_5", args, "qwen3_5_vtr", "vtr_tiny_qa,vtr_tiny_mc")
+    assert "__enable_thinking-False" in results_file.parent.name
+    lm = Qwen3_5VTR.create_from_arg_string(f"pretrained={path},max_num_frames=4,{args}", {"device": None})
+    check_scores(results, results_file, lm, workdir / "task", [("vtr_tiny_qa", "data.jsonl")], "vtr_tiny_mc")
+    assert stats["prefills"] == 2 * IMAGE_DOCS  # one per generation, one per multiple-choice doc
+    (layer,) = stats["per_prune_layer"]
+    assert layer["layer"] == 4 and layer["mean_image_tokens_kept"] == 8 and 0 < stats["prefill_flops_ratio"] < 1

@@ -1,5 +1,6 @@
-"""The qwen3_vl_vtr lmms-eval model in process: images and videos, batching, loglikelihood pruned on the
-context, loading keys, bad arguments."""
+"""The fork's lmms-eval models in process (qwen3_vl_vtr, qwen2_5_vl_vtr, qwen2_vl_vtr, qwen3_5_vtr): images and
+videos, batching, loglikelihood pruned on the context, loading keys and their counterparts' defaults, thinking,
+bad arguments."""
 
 import importlib
 import inspect
@@ -10,7 +11,8 @@ import torch
 from lmms_eval.api.instance import Instance
 from qwen3vl_testlib import oracle_forward, stage_drops, visual_ids
 
-from visual_token_pruning.lmms_eval_plugin import Qwen2_5_VLVTR, Qwen2VLVTR, Qwen3VLVTR
+from visual_token_pruning import load_processor
+from visual_token_pruning.lmms_eval_plugin import Qwen2_5_VLVTR, Qwen2VLVTR, Qwen3_5VTR, Qwen3VLVTR
 from visual_token_pruning.tiny import demo_image
 from visual_token_pruning.video_io import write_test_video
 
@@ -196,3 +198,99 @@ def test_a_checkpoint_of_another_family_names_the_right_model(tiny_path, family_
         make(tiny_path, "strategy=none", Qwen2_5_VLVTR)
     with pytest.raises(ValueError, match="'qwen2_vl' checkpoint; qwen3_vl_vtr .*use --model qwen2_vl_vtr"):
         make(family_paths("qwen2_vl"), "strategy=none")
+
+
+# ----------------------------------------------------------------------------------------------- qwen3_5_vtr
+
+
+def test_qwen3_5_batches_images_and_videos_with_its_counterparts_defaults(family_paths, clip):
+    """qwen3_5_vtr on Qwen3.5-MoE (a hybrid decoder; no intermediate_size for the cost model): batched answers equal
+    single ones on images + videos at a prune layer scored from a full-attention layer; the image pixel bounds, the
+    frame cap and the new-token default are lmms-eval's qwen3_5 values (read from lmms-eval), videos keep the
+    processor's own frame size."""
+    path = family_paths("qwen3_5_moe")
+
+    def mixed(doc):
+        return [clip] if len(doc["q"]) > 20 else [*image_visual(doc), clip]
+
+    requests = [gen_request(i, mixed) for i in DOCS]
+    args = "strategy=fastv,keep_tokens=8,prune_layer=4,enable_thinking=false"
+    batched = make(path, args + ",batch_size=3", Qwen3_5VTR)
+    answers = batched.generate_until(requests)
+    assert answers == make(path, args + ",batch_size=1", Qwen3_5VTR).generate_until(requests) and len(answers) == 3
+    assert batched.model.vtr_last.stages[0].image_tokens_kept == [8, 8, 8]
+    assert 0 < batched._stats.samples[0]["flops_ratio"] < 1
+    params = inspect.signature(importlib.import_module("lmms_eval.models.simple.qwen3_5").Qwen3_5.__init__).parameters
+    size = batched.processor.image_processor.size
+    assert (size["shortest_edge"], size["longest_edge"]) == (params["min_pixels"].default, params["max_pixels"].default)
+    assert batched.processor.video_processor.max_frames == params["max_num_frames"].default
+    assert batched.processor.video_processor.size == load_processor(path).video_processor.size
+    counterpart = importlib.import_module("lmms_eval.models.simple.qwen3_5").Qwen3_5.DEFAULT_GEN_KWARGS
+    assert batched.default_max_new_tokens == counterpart["max_new_tokens"]
+
+
+THINKING_TEMPLATE = (  # Qwen3.5's generation prompt: an open think block, or an empty one with thinking off
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
+    "<|im_start|>assistant\n{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n"
+    "{% else %}<think>\n{% endif %}"
+)
+
+
+def test_qwen3_5_thinks_by_default_and_answers_with_what_follows_the_think_block(family_paths, monkeypatch):
+    """enable_thinking reaches the chat template (on by default, as lmms-eval's qwen3_5), and the answer is what
+    follows </think> before the task's stop sequences cut it (empty where the block never closed); off, the text
+    stays whole. The folder of a run that sets it names it."""
+    path = family_paths("qwen3_5")
+    visuals = [("image", demo_image(64))]
+    for args, opened in (("", "<think>\n"), (",enable_thinking=false", "<think>\n\n</think>\n\n")):
+        lm = make(path, "strategy=none" + args, Qwen3_5VTR)
+        lm.processor.chat_template = THINKING_TEMPLATE
+        assert lm.build_prompt("Q?", visuals).endswith("<|im_start|>assistant\n" + opened)
+        answers = []
+        for text in ("reasoning.\n\nmore</think>\n\nA red house.\n\nextra", "cut off while thinking"):
+            monkeypatch.setattr(lm.tokenizer, "batch_decode", lambda ids, text=text, **k: [text])
+            answers += lm.generate_until([gen_request(0)])
+        assert answers == (["A red house.", ""] if not args else ["reasoning.", "cut off while thinking"])
+    assert "__enable_thinking-False" in Qwen3_5VTR.folder_name("enable_thinking=false", "org/ckpt")
+    assert "enable_thinking" not in Qwen3_5VTR.folder_name("strategy=fastv", "org/ckpt")
+
+
+def test_qwen3_5_loglikelihood_puts_the_recurrent_states_back_after_each_option(family_paths):
+    """Options scored on one pruned context cache, whose linear-attention layers' convolution and recurrent states
+    each option updates in place: every option scores as it does on a fresh prefill of its own (one-token,
+    two-token and longer options: the single-token step updates the convolution state in place)."""
+    lm = make(family_paths("qwen3_5"), "strategy=fastv,keep_tokens=6,prune_layer=4", Qwen3_5VTR)
+    options = [" yes no", " one", " one two", " left right top bottom", " yes no"]
+    requests = [_instance("loglikelihood", (DOCS[1]["q"], o, image_visual, 1, "t", "test"), 1) for o in options]
+    scores = lm.loglikelihood(requests)
+    assert lm.model.vtr_last.stages[0].image_tokens_kept == [6] and lm._stats.samples[-1]["stages"][0]["layer"] == 4
+    for request, (score, greedy) in zip(requests, scores):
+        ((alone, alone_greedy),) = lm.loglikelihood([request])
+        assert score == pytest.approx(alone, abs=1e-5) and greedy == alone_greedy, request.args[1]
+    assert scores[0] == scores[-1] and len({round(s, 4) for s, _ in scores}) == 4
+
+
+def test_qwen3_5_refuses_a_schedule_its_decoder_cannot_run_before_loading(family_paths):
+    """With the checkpoint's config on disk, the layer kinds are checked with the arguments (the CLI's and vtr_run's
+    check): a prune layer scored from a linear-attention layer, CLSE's trim; a default schedule that moves is
+    accepted."""
+    from visual_token_pruning.lmms_eval_base import validate_model_args
+
+    path = family_paths("qwen3_5")
+    with pytest.raises(ValueError, match="prune_layer=2: 'fastv' .* prune that stage at layer 3 or later"):
+        validate_model_args(f"pretrained={path},strategy=fastv,prune_layer=2", model="qwen3_5_vtr")
+    with pytest.raises(ValueError, match=r"earlier_cache='trim' \(the official convention of 'clse'\)"):
+        validate_model_args(f"pretrained={path},strategy=clse,prune_layer=[3;5]", model="qwen3_5_vtr")
+    validate_model_args(f"pretrained={path},strategy=fastv,enable_thinking=false", model="qwen3_5_vtr")  # moved to 3
+    validate_model_args("pretrained=Qwen/Qwen3.5-4B,strategy=fastv,prune_layer=2", model="qwen3_5_vtr")  # not on disk
+
+
+def test_qwen3_5_and_qwen3_vl_checkpoints_name_each_others_model(tiny_path, family_paths):
+    with pytest.raises(
+        ValueError, match="'qwen3_vl' checkpoint; qwen3_5_vtr takes qwen3_5, qwen3_5_moe: use --model qwen3_vl_vtr"
+    ):
+        make(tiny_path, "strategy=none", Qwen3_5VTR)
+    with pytest.raises(ValueError, match="'qwen3_5_moe' checkpoint; qwen3_vl_vtr .*use --model qwen3_5_vtr"):
+        make(family_paths("qwen3_5_moe"), "strategy=none")

@@ -1,5 +1,5 @@
-"""lmms-eval models `qwen3_vl_vtr`, `qwen2_5_vl_vtr` and `qwen2_vl_vtr`: any VTR strategy on Qwen3-VL,
-Qwen2.5-VL or Qwen2-VL (images and videos) from the command line.
+"""lmms-eval models `qwen3_vl_vtr`, `qwen2_5_vl_vtr`, `qwen2_vl_vtr` and `qwen3_5_vtr`: any VTR strategy on
+Qwen3-VL, Qwen2.5-VL, Qwen2-VL or Qwen3.5 (images and videos) from the command line.
 
 Registered through lmms-eval's `lmms_eval.models` entry-point group (image/Qwen3-VL/pyproject.toml):
 
@@ -8,13 +8,16 @@ Registered through lmms-eval's `lmms_eval.models` entry-point group (image/Qwen3
         --tasks mme --batch_size 4 --output_path ./results/fastv
 
 Besides every `VTRConfig` field and the shared loading keys, each takes the pixel and frame keys of its
-lmms-eval counterpart (`qwen3_vl`, `qwen2_5_vl`, `qwen2_vl`): `min_pixels` / `max_pixels` (the image
-processor's pixel bounds; Qwen2.5-VL and Qwen2-VL default to their counterparts' values, Qwen3-VL keeps the
-checkpoint's; a bound not given stays that default; Qwen3-VL's videos keep theirs), `max_num_frames` and `fps` (video
-frame sampling: `fps` frames per second, at most `max_num_frames`; Qwen2.5-VL and Qwen2-VL sample 2 per
-second when `fps` is not given and size each frame within the pixel bounds and at most 768 tokens, as
-qwen-vl-utils does for their counterparts), and `system_prompt` (the counterparts' "You are a
-helpful assistant."; empty for none). A doc's visuals may be PIL images and video file paths, several per
+lmms-eval counterpart (`qwen3_vl`, `qwen2_5_vl`, `qwen2_vl`, `qwen3_5`): `min_pixels` / `max_pixels` (the image
+processor's pixel bounds; Qwen2.5-VL, Qwen2-VL and Qwen3.5 default to their counterparts' values, Qwen3-VL keeps the
+checkpoint's; a bound not given stays that default; Qwen3-VL's and Qwen3.5's videos keep theirs), `max_num_frames`
+and `fps` (video frame sampling: `fps` frames per second, at most `max_num_frames`, 32 by default, Qwen3.5's 768 as its
+counterpart; Qwen2.5-VL and Qwen2-VL sample 2 per second when `fps` is not given and size each frame within the
+pixel bounds and at most 768 tokens, as qwen-vl-utils does for their counterparts), `system_prompt` (the
+counterparts' "You are a helpful assistant."; empty for none) and `enable_thinking` (given to the chat template,
+as the counterparts do; where it is on, the answer is what follows the think block, empty when that block never
+closed; Qwen3.5 thinks by default and may write 1024 new tokens where the task sets no limit, as `qwen3_5`; it
+stays greedy unless the task samples, where `qwen3_5` samples at temperature 0.7). A doc's visuals may be PIL images and video file paths, several per
 prompt; all of them share one budget. Each model takes checkpoints of its own family and names the right
 model for another. Inputs go to the device of the model's embeddings (never a hard-coded "cuda"), and
 preprocessing needs no torchvision (processing.py).
@@ -38,20 +41,28 @@ class QwenVLVTR(VTRLmms):
     """What the Qwen-VL families' lmms-eval models share; each family states its name, checkpoints and
     defaults below."""
 
-    name = "qwen3_vl_vtr / qwen2_5_vl_vtr / qwen2_vl_vtr"  # (checks of their shared keys, e.g. from vtr_run)
+    name = "qwen3_vl_vtr / qwen2_5_vl_vtr / qwen2_vl_vtr / qwen3_5_vtr"  # (checks of their shared keys, e.g. from vtr_run)
     EXTRA_LOAD_ARGS = {
         "min_pixels": int | None,
         "max_pixels": int | None,
         "max_num_frames": int,
         "fps": float | None,
         "system_prompt": str,
+        "enable_thinking": bool,
     }
+    FOLDER_KEYS = ("enable_thinking",)
     #: the model_types this model takes
     model_types: tuple[str, ...] = ()
     #: (min_pixels, max_pixels) when not given (None: the checkpoint's), as the lmms-eval counterpart
     default_pixels: tuple[int | None, int | None] = (None, None)
     #: frames per second sampled from a video file when `fps` is not given (None: the processor's own)
     default_fps: float | None = None
+    #: video frames sized within the pixel bounds, at most 768 tokens, as qwen-vl-utils sizes the counterpart's
+    size_video_frames = False
+    #: at most this many frames from a video when `max_num_frames` is not given
+    default_max_frames = 32
+    #: `enable_thinking` when not given (None: the chat template's own default, answers kept whole)
+    default_thinking: bool | None = None
 
     @classmethod
     def check_load_args(cls, load: dict) -> None:
@@ -84,15 +95,16 @@ class QwenVLVTR(VTRLmms):
 
     def configure(self, load: dict) -> None:
         video = self.processor.video_processor
-        video.max_frames = load.get("max_num_frames", 32)
+        video.max_frames = load.get("max_num_frames", self.default_max_frames)
         video.min_frames = min(video.min_frames, video.max_frames)
         self.fps = load.get("fps", self.default_fps)
-        if self.default_pixels[1] is not None:
+        if self.size_video_frames:
             # frames sized as qwen-vl-utils sizes the counterpart's: the pixel bounds, at most 768 tokens
             low, high = self.pixel_bounds(load)
             size = {"shortest_edge": low, "longest_edge": max(min(high, VIDEO_MAX_PIXELS), int(low * 1.05))}
             video.size = size if isinstance(video.size, dict) else type(video.size)(**size)
         self.system_prompt = load.get("system_prompt", "You are a helpful assistant.")
+        self.thinking = load.get("enable_thinking", self.default_thinking)
 
     def prepare_visuals(self, visuals: list) -> list:
         """[("image", RGB image) | ("video", path)], in the doc's order."""
@@ -116,7 +128,13 @@ class QwenVLVTR(VTRLmms):
         content.append({"type": "text", "text": context.strip()})
         system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         messages = [*system, {"role": "user", "content": content}]
-        return self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        thinking = {} if self.thinking is None else {"enable_thinking": self.thinking}
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, **thinking)
+
+    def answer_of(self, text: str) -> str:
+        """With thinking on, what follows the think block (as the counterparts strip it); empty where it never
+        closed (the answer was not reached)."""
+        return text.partition("</think>")[2].strip() if self.thinking else text
 
     def encode(self, prompts: list[str], visuals: list[list]):
         images = [v for sample in visuals for kind, v in sample if kind == "image"]
@@ -150,6 +168,7 @@ class Qwen2_5_VLVTR(QwenVLVTR):
     model_types = ("qwen2_5_vl",)
     default_pixels = (256 * 28 * 28, 1605632)
     default_fps = 2.0
+    size_video_frames = True
 
 
 class Qwen2VLVTR(QwenVLVTR):
@@ -160,9 +179,23 @@ class Qwen2VLVTR(QwenVLVTR):
     model_types = ("qwen2_vl",)
     default_pixels = (3136, 602112)
     default_fps = 2.0
+    size_video_frames = True
 
 
-MODELS = (Qwen3VLVTR, Qwen2_5_VLVTR, Qwen2VLVTR)
+class Qwen3_5VTR(QwenVLVTR):
+    """Qwen3.5 and Qwen3.5-MoE (a hybrid linear/full-attention decoder) with visual token reduction; image pixel
+    bounds, frames and thinking as lmms-eval's `qwen3_5`."""
+
+    name = "qwen3_5_vtr"
+    default_pretrained = "Qwen/Qwen3.5-4B"
+    model_types = ("qwen3_5", "qwen3_5_moe")
+    default_pixels = (64 * 32 * 32, 128 * 32 * 32)
+    default_max_frames = 768
+    default_thinking = True
+    MAX_NEW_TOKENS = 1024
+
+
+MODELS = (Qwen3VLVTR, Qwen2_5_VLVTR, Qwen2VLVTR, Qwen3_5VTR)
 
 
 #: Every loading key the Qwen-VL models accept (the shared ones and their own), with its type.
