@@ -20,17 +20,19 @@ or a middle half of the rounds wider than the distance from 1.00x; see the forks
                  before it to finish, since the kept counts are read back)
   peak_mib       peak memory during the prefill above the memory held before it (CUDA: allocator peak;
                  CPU: resident set sampled every 0.5 ms by a thread)
-  kv_mib         bytes of the KV cache after the prefill
-  ideal          analytic ideal speedup of the decoder (the fork's cost.py) for the schedule that ran: each
-                 layer's length as the engine recorded it (every stage's length after it, a method's merged
-                 tokens included); `vs ideal` = measured llm speedup / ideal speedup
+  kv_mib         bytes of the KV cache after the prefill (a hybrid decoder's linear-attention layers: their
+                 convolution and recurrent states, which do not shrink with pruning)
+  ideal          analytic ideal speedup of the decoder (the fork's cost.py, each layer by its kind) for the
+                 schedule that ran: each layer's length as the engine recorded it (every stage's length after
+                 it, a method's merged tokens included); `vs ideal` = measured llm speedup / ideal speedup
 
 Schedules and budgets: without --prune-layer each method runs its own schedule (what the model fills in for a
 prune layer left unset: the video methods and the pre-LLM methods at K=0, HoliTom at [0, K] with its inner
 merge, FrameFusion a stage per layer, PDrop its three stages) and a method without one at K=2 (the last layer
-if the decoder is shallower), as does `keep-all`; --prune-layer K runs every method at K. --budgets counts
-visual tokens kept, --keep-ratios gives their share instead (how the video methods are compared; a video
-method's budget is a share of the video tokens either way).
+if the decoder is shallower; on a hybrid decoder the first layer from there whose scoring layer has attention, as
+the model moves a default schedule), as does `keep-all` (FastV's machinery; random's where no such layer exists);
+--prune-layer K runs every method at K. --budgets counts visual tokens kept, --keep-ratios gives their share
+instead (how the video methods are compared; a video method's budget is a share of the video tokens either way).
 `keep-all` (keep_ratio=1.0) runs the whole machinery and drops nothing: its cost is the overhead.
 Writes a Markdown table to stdout, progress to stderr, and everything (all samples, each figure's median and
 range) to a new JSON file (--out; an existing file is never replaced). On a GPU, CUDA events.
@@ -125,7 +127,16 @@ def peak_memory(out: list, cuda: bool):
 
 
 def kv_bytes(cache) -> int:
-    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    """Bytes the cache holds: keys and values, and a linear-attention layer's convolution and recurrent states."""
+    tensors = []
+    for layer in cache.layers:
+        if hasattr(layer, "recurrent_states"):
+            tensors += [
+                t for store in (layer.conv_states, layer.recurrent_states) for t in store.values() if t is not None
+            ]
+        else:
+            tensors += [layer.keys, layer.values]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def run_setting(model, inputs, clock, decode_steps, cuda, samples):
@@ -180,18 +191,36 @@ def layers_text(layers: list[int]) -> str:
     return ",".join(map(str, layers))
 
 
-def own_schedules(model, settings, k: int) -> list:
+def own_schedules(model, settings, k: int, get_strategy) -> list:
     """The settings as they run on `model`: a config that left prune_layer unset gets the method's own schedule
-    (what `set_vtr_config` fills in) or, for a method without one, K=`k`. A refusal names the strategy."""
+    (what `set_vtr_config` fills in: its `schedule_defaults`) or, for a method without one, K=`k`. A refusal names
+    the strategy."""
     resolved = []
     for setting in settings:
         timing.check_settings(model, [setting])
         name, budget, cfg = setting
-        if cfg.enabled and model.vtr_config.prune_layer_defaulted:  # the method has no schedule of its own
+        layers = model.vtr_adapter.num_layers
+        if cfg.enabled and cfg.prune_layer_defaulted and not get_strategy(cfg.strategy).schedule_defaults(cfg, layers):
             setting = (name, budget, dataclasses.replace(cfg, prune_layer=k))
             timing.check_settings(model, [setting])
         resolved.append(setting)
     return resolved
+
+
+def keep_all_layer(model, given: int | None, package: str) -> tuple[int, str]:
+    """(K, method) of `keep-all` and of the methods without a schedule of their own: --prune-layer, else K=2 (the
+    last layer of a shallower decoder) moved up as the model moves a default schedule on a hybrid decoder (the first
+    K whose scoring layer has attention); FastV's machinery, random's (no attention read) at K=0 or where FastV fits
+    nowhere."""
+    adapter = model.vtr_adapter
+    k = min(BENCH_LAYER, adapter.num_layers - 1) if given is None else given
+    if k == 0:  # K=0 admits only methods without attention
+        return k, "random"
+    if given is not None:
+        return k, "fastv"
+    config = importlib.import_module(package).VTRConfig(strategy="fastv", keep_ratio=1.0, prune_layer=k)
+    moved = importlib.import_module(f"{package}.engine").snap_schedule(config, adapter.layer_types, adapter.mrope)
+    return (moved[0], "fastv") if moved else (k, "random")
 
 
 def main(argv=None) -> int:
@@ -328,15 +357,15 @@ def run(argv) -> int:
     seq_len = inputs["input_ids"].shape[1]
     text_cfg = model.config.get_text_config()
     num_layers = text_cfg.num_hidden_layers
-    default_k = min(BENCH_LAYER, num_layers - 1) if args.prune_layer is None else args.prune_layer
-    machinery = "fastv" if default_k > 0 else "random"  # K=0 admits only methods without attention
+    default_k, machinery = keep_all_layer(model, args.prune_layer, package)
     settings.insert(1, ("keep-all", "all", VTRConfig(strategy=machinery, keep_ratio=1.0, prune_layer=default_k)))
-    settings = own_schedules(model, settings, default_k)
+    settings = own_schedules(model, settings, default_k, fork.get_strategy)
     model.set_vtr_config(VTRConfig(strategy="random", keep_ratio=1.0, prune_layer=default_k))
     with torch.inference_mode():
         model(**inputs, logits_to_keep=1)
     num_image = model.vtr_last.stages[0].image_tokens_before[0]  # the adapter's own count of visual tokens
     d, m, d_kv = cost.text_config_dims(text_cfg)
+    layer_costs = cost.layer_costs(text_cfg)
     clock = Clock(cuda)
 
     # every setting and the vision tower alone (index len(settings)) once per round, interleaved
@@ -370,7 +399,7 @@ def run(argv) -> int:
         )
         spread["ttft_speedup"] = timing.Speedup.of(base["ttft_ms"], s["ttft_ms"])
         spread["llm_speedup"] = timing.Speedup.of(base["llm_ms"], s["llm_ms"])
-        ideal = cost.ideal_speedup(seq_len, lengths, d, m, d_kv)
+        ideal = cost.ideal_speedup_of(layer_costs, seq_len, lengths)
         row = dict(strategy=strategy, **{field: budget}, prune_layers=[stage[0] for stage in stages])
         row.update({k: v.median for k, v in spread.items()})
         row.update({f"{k}_range": [v.low, v.high] for k, v in spread.items()})
