@@ -16,6 +16,9 @@ import forks  # noqa: E402
 
 FAMILIES = forks.load().families
 TINY = ["--hidden-size", "64", "--intermediate-size", "128", "--layers", "3", "--heads", "2", "--kv-heads", "1"]
+#: families whose bench model has a hybrid decoder, full attention in every 4th layer: none in 3 layers, so they get
+#: their own test (test_bench_moves_keep_all_onto_a_hybrid_decoders_attention_layers)
+HYBRID = ("qwen3.5",)
 
 
 def has_bench_case(backbone: str) -> bool:
@@ -26,7 +29,7 @@ def has_bench_case(backbone: str) -> bool:
         return False
 
 
-@pytest.mark.parametrize("backbone", sorted(FAMILIES))
+@pytest.mark.parametrize("backbone", sorted(set(FAMILIES) - set(HYBRID)))
 def test_bench_reports_every_setting_on_the_backbone(backbone, tmp_path, capsys):
     if not has_bench_case(backbone):
         pytest.skip(f"the {backbone} fork has no bench_case yet")
@@ -65,6 +68,53 @@ def test_bench_reports_every_setting_on_the_backbone(backbone, tmp_path, capsys)
         low, high = r["llm_speedup_range"]
         assert low <= r["llm_speedup"] <= high and r["ttft_ms_range"][0] <= r["ttft_ms"] <= r["ttft_ms_range"][1]
     assert by_name["none"]["within_noise"] is None and isinstance(by_name["keep-all"]["within_noise"], bool)
+
+
+def test_bench_moves_keep_all_onto_a_hybrid_decoders_attention_layers(tmp_path, capsys):
+    """Qwen3.5 as forks.toml benches it (the stock layout: full attention in layers 3 and 7 of 8): without
+    --prune-layer, keep-all (FastV's machinery) and the methods without a schedule of their own move from K=2 to 4,
+    scored from layer 3, as the model moves a default schedule; the cache counts the linear-attention layers'
+    convolution and recurrent states, which do not shrink (only layer 7's keys and values do); the ideal speedup
+    prices each layer by its kind."""
+    out = tmp_path / "bench.json"
+    argv = ["--backbone", "qwen3.5", *TINY, "--layers", "8", "--rounds", "1", "--decode-steps", "1"]
+    argv += [
+        "--strategies",
+        "fastv,random",
+        "--budgets",
+        "8",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--out",
+        str(out),
+    ]
+    assert bench.main(argv) == 0
+    report = json.loads(out.read_text())
+    env, rows = report["env"], report["rows"]
+    assert "hybrid decoder: 3 of 4 layers Gated DeltaNet" in env["input"] and env["layers"] == 8
+    assert env["prune_layer"] == "own schedules (K=4 without one)"
+    assert [(r["strategy"], r["prune_layers"]) for r in rows] == [
+        ("none", []),
+        ("keep-all", [4]),
+        ("fastv", [4]),
+        ("random", [4]),
+    ]
+    by_name = {r["strategy"]: r for r in rows}
+    # float32; two full-attention layers of one 32-wide kv head; six linear-attention layers, each a convolution state
+    # of 2 x 32 (q, k) + 2 x 32 (v) channels x kernel 4 and a recurrent state of 2 value heads x 32 x 32
+    attention_row, states = 2 * 32 * 4, 6 * ((2 * 32 + 2 * 32) * 4 + 2 * 32 * 32) * 4
+    assert by_name["none"]["kv_mib"] * 2**20 == 2 * env["seq_len"] * attention_row + states
+    dropped = env["image_tokens"] - 8
+    assert (by_name["none"]["kv_mib"] - by_name["random"]["kv_mib"]) * 2**20 == pytest.approx(dropped * attention_row)
+    assert by_name["keep-all"]["ideal_speedup"] == 1 < by_name["fastv"]["ideal_speedup"]
+    cost = importlib.import_module("visual_token_pruning.cost")
+    ((layer, before, after, _),) = by_name["fastv"]["samples"]["stages"][0]
+    lengths = [before] * 4 + [after] * 4
+    config = importlib.import_module("transformers").AutoConfig.from_pretrained(env["model"]).get_text_config()
+    assert by_name["fastv"]["ideal_speedup"] == pytest.approx(
+        cost.ideal_speedup_of(cost.layer_costs(config), before, lengths)
+    )
+    assert "| keep-all | all | 4 |" in capsys.readouterr().out
 
 
 def test_video_methods_run_their_own_schedules_at_a_keep_ratio(tmp_path, capsys):

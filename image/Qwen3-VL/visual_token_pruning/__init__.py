@@ -52,4 +52,6 @@ BACKBONES = {
     "Qwen3-VL-MoE": VTRQwen3VLMoeForConditionalGeneration.vtr_adapter_class,
     "Qwen2.5-VL": VTRQwen2_5_VLForConditionalGeneration.vtr_adapter_class,
     "Qwen2-VL": VTRQwen2VLForConditionalGeneration.vtr_adapter_class,
+    "Qwen3.5": VTRQwen3_5ForConditionalGeneration.vtr_adapter_class,
+    "Qwen3.5-MoE": VTRQwen3_5MoeForConditionalGeneration.vtr_adapter_class,
 }

@@ -1,13 +1,14 @@
 """`python -m visual_token_pruning.demo`: one image (and optionally a video) + a prompt through the Qwen-VL
-fork (Qwen3-VL, Qwen2.5-VL, Qwen2-VL) with a few strategies and budgets; shows what was kept (grid cells per image / frame group) and the
+fork (Qwen3-VL, Qwen2.5-VL, Qwen2-VL, Qwen3.5) with a few strategies and budgets; shows what was kept (grid cells per image / frame group) and the
 prefill time against the unpruned run: median [min-max] over interleaved timed rounds, a speedup marked `~`
 when it is inside the noise (see timing.py), and a keep-all row (the machinery, nothing dropped) to show
 what noise looks like. Progress goes to stderr.
 
 With no --model it builds (once, cached under .cache/) a random model of --family (default qwen3_vl, with
-DeepStack; qwen2_5_vl has window attention in its vision tower): a 448 x 448 image is 196 visual tokens
+DeepStack; qwen2_5_vl has window attention in its vision tower; qwen3_5 a hybrid decoder, full attention in layers 3
+and 7, so attention methods need --prune-layer 4 or more): a 448 x 448 image is 196 visual tokens
 (16 px patches merged 2 x 2), so token counts and speedups are real while the generated text is noise.
-With --model (a Qwen3-VL, Qwen2.5-VL or Qwen2-VL hub id or local folder) it runs that checkpoint.
+With --model (a Qwen3-VL, Qwen2.5-VL, Qwen2-VL or Qwen3.5 hub id or local folder) it runs that checkpoint.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def run(argv) -> int:
     parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--model",
-        help="Qwen3-VL, Qwen2.5-VL or Qwen2-VL checkpoint (hub id or folder); default: a built-in random model",
+        help="Qwen3-VL, Qwen2.5-VL, Qwen2-VL or Qwen3.5 checkpoint (hub id or folder); default: a built-in random model",
     )
     parser.add_argument(
         "--family",
@@ -86,7 +87,7 @@ def run(argv) -> int:
         lambda: build_tiny_qwen3_vl(
             Path(args.cache_dir) / f"demo-{args.family.replace('_', '-')}", family=args.family, **DEMO_SHAPE
         ),
-        {"qwen3_vl": "Qwen3-VL", "qwen2_5_vl": "Qwen2.5-VL", "qwen2_vl": "Qwen2-VL"}[args.family],
+        {"qwen3_vl": "Qwen3-VL", "qwen2_5_vl": "Qwen2.5-VL", "qwen2_vl": "Qwen2-VL", "qwen3_5": "Qwen3.5"}[args.family],
         gpu_dtype="bfloat16",
     )
     content, visuals = [{"type": "image"}], dict(images=[image])
@@ -117,7 +118,9 @@ def run(argv) -> int:
     print("\n".join(lines))
     print(
         "kept cells: (row, col) in each image / frame group's merged grid (g0, g1, ...); see docs/backbones/"
-        + ("qwen3-vl.md" if model.config.model_type.startswith("qwen3") else "qwen2-vl.md")
+        + {"qwen3_5": "qwen3_5.md", "qwen3_5_moe": "qwen3_5.md"}.get(
+            model.config.model_type, "qwen3-vl.md" if model.config.model_type.startswith("qwen3") else "qwen2-vl.md"
+        )
     )
     return 0
 

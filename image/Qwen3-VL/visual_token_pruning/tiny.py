@@ -337,8 +337,8 @@ VISION_SHAPE = dict(
 
 def bench_case(shape: dict, cache_dir, model: str | None = None, image=(896, 672), family: str = "qwen3_vl") -> dict:
     """What scripts/bench.py needs for this fork: a checkpoint (random, of `family`: Qwen3-VL-shaped with
-    DeepStack, Qwen2.5-VL with window attention, or Qwen2-VL; or `model`), a batch builder and the
-    vision-only step. The default 896 x 672 image is 56 x 42 patches of 16 px, merged 2 x 2: 588 visual
+    DeepStack, Qwen2.5-VL with window attention, Qwen2-VL, or Qwen3.5 with its hybrid decoder's stock layout,
+    full attention in every 4th layer; or `model`), a batch builder and the vision-only step. The default 896 x 672 image is 56 x 42 patches of 16 px, merged 2 x 2: 588 visual
     tokens (the processors keep the aspect ratio)."""
     if model is None:
         full = dict(VISION_SHAPE, **shape)
@@ -359,5 +359,6 @@ def bench_case(shape: dict, cache_dir, model: str | None = None, image=(896, 672
         "qwen3_vl": "Qwen3-VL, one {}x{} image (16 px patches merged 2x2, DeepStack)",
         "qwen2_5_vl": "Qwen2.5-VL, one {}x{} image (16 px patches merged 2x2, window attention)",
         "qwen2_vl": "Qwen2-VL, one {}x{} image (16 px patches merged 2x2)",
+        "qwen3_5": "Qwen3.5, one {}x{} image (16 px patches merged 2x2; hybrid decoder: 3 of 4 layers Gated DeltaNet)",
     }[family].format(*image)
     return dict(path=model, inputs=inputs, vision=vision, description=what)
