@@ -320,12 +320,38 @@ def test_scorer_numbers_on_a_hand_written_run(tmp_path, capsys):
     assert summary["prefill_ms"] == dict(min=10.0, p25=20.0, median=30.0, p75=40.0, max=50.0), "with its spread"
     assert summary["prefill_flops_ratio"] == pytest.approx((0.5 + 0.5 + 0.25 + 0.25 + 1.0) / 5)
     assert summary["ideal_prefill_speedup"] == pytest.approx(2.0)
-    assert summary["per_prune_layer"] == [dict(layer=2, mean_image_tokens_in=128, mean_image_tokens_kept=48)]
+    assert summary["per_prune_layer"] == [
+        dict(layer=2, mean_image_tokens_in=128, mean_image_tokens_kept=48, mean_merged_tokens=0)
+    ]
+    assert summary["mean_merged_tokens"] == 0
     assert summary["results"] == {"video_qa": dict(exact_match=pytest.approx(0.4), contains=pytest.approx(0.6))}
     assert summary["by_answer_type"]["obj"] == dict(scored=3, exact_match=pytest.approx(1 / 3), contains=2 / 3)
     assert summary["by_answer_type"]["yn"]["scored"] == 1
     out = capsys.readouterr().out
     assert "| run.jsonl | fastv_K2_keep64 | 6 | 1 | 40.0 | 60.0 | 128.0 | 64.0 | 30.0 [10.0-50.0] |" in out
+
+
+def test_scorer_counts_merged_tokens_in_what_the_llm_sees(tmp_path, capsys):
+    """A method that recycles dropped tokens (FrameFusion, FastVID; the row's `merged_tokens`, one per stage): the
+    LLM sees the kept tokens and the merged ones, which the summary also says apart, per stage as the lmms-eval
+    record does; the next stage's input holds them too. A row of the same run that merged nothing has no
+    `merged_tokens`."""
+
+    def row(i, kept, **merged):
+        counts = dict(visual_tokens=136, kept_tokens=kept, prune_layers=[0, 1], **merged)
+        return dict(id=str(i), answer="yes", pred="yes", error=None, **counts)
+
+    path = write_jsonl(tmp_path / "ff.jsonl", [row(1, [11, 30], merged_tokens=[23, 4]), row(2, [24, 12])])
+    assert score.main([str(path)]) == 0
+    summary = json.loads((tmp_path / "ff.score.json").read_text())
+    assert summary["mean_kept_tokens"] == (30 + 4 + 12) / 2 and summary["mean_merged_tokens"] == 4 / 2
+    assert summary["per_prune_layer"] == [
+        dict(layer=0, mean_image_tokens_in=136, mean_image_tokens_kept=(11 + 24) / 2, mean_merged_tokens=23 / 2),
+        dict(
+            layer=1, mean_image_tokens_in=(11 + 23 + 24) / 2, mean_image_tokens_kept=(30 + 12) / 2, mean_merged_tokens=2
+        ),
+    ]
+    assert "| 136.0 | 23.0 (2.0 merged) |" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------------ end to end

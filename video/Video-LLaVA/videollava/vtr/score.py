@@ -10,7 +10,9 @@ articles a/an/the removed, spaces collapsed):
     contains      the answer appears in the prediction as whole words ("Yes, he is." contains "yes")
 
 Rows with an `error` (missing or unreadable video) count in `errors`, not in the accuracies, which are
-over the `scored` rows (an answer and a prediction). `coverage` = scored / rows. A repeated id counts once:
+over the `scored` rows (an answer and a prediction). `coverage` = scored / rows. Kept tokens are what the LLM
+sees after the last prune stage: the visual tokens kept and, for methods that recycle dropped tokens, the
+merged ones they inserted (`mean_merged_tokens`, "(N merged)" in the table). A repeated id counts once:
 its last row (`read_answers`, the reader run_video_qa's resume and merge use too). A file with no rows (empty,
 or not an answers file) and a summary that cannot be written are errors (exit 2, nothing written). The
 GPT-judge metric of the original Video-LLaVA workflow reads the same JSONL (docs/video-qa.md).
@@ -56,6 +58,25 @@ def _mean(values):
     return sum(values) / len(values) if values else None
 
 
+def stages_of(row: dict) -> list[tuple[int, int, int]]:
+    """(layer, kept, merged) per prune stage of a row: the visual tokens the stage kept (`kept_tokens`) and the
+    merged tokens it inserted (`merged_tokens`, written only by methods that recycle dropped tokens); the layers
+    from `layer` on see both. [] when nothing was pruned."""
+    kept = row.get("kept_tokens") or []
+    merged = row.get("merged_tokens") or [0] * len(kept)
+    return list(zip(row.get("prune_layers") or [], kept, merged))
+
+
+def seen_tokens(row: dict) -> tuple[int | None, int]:
+    """(the visual tokens the LLM sees after the last prune stage, the merged ones among them); all of them, none
+    merged, when nothing was pruned."""
+    stages = stages_of(row)
+    if not stages:
+        return row.get("visual_tokens"), 0
+    _, kept, merged = stages[-1]
+    return kept + merged, merged
+
+
 def score_rows(rows: list[dict]) -> dict:
     """The summary of one run's rows (see the module docstring)."""
     scored = [r for r in rows if not r.get("error") and r.get("answer") is not None and r.get("pred") is not None]
@@ -72,10 +93,8 @@ def score_rows(rows: list[dict]) -> dict:
         exact_match=accuracy(scored, exact_match),
         contains=accuracy(scored, contains),
         mean_visual_tokens=_mean(r.get("visual_tokens") for r in answered),
-        # the visual tokens left after the last prune stage (all of them when nothing was pruned)
-        mean_kept_tokens=_mean(
-            (r["kept_tokens"][-1] if r.get("kept_tokens") else r.get("visual_tokens")) for r in answered
-        ),
+        mean_kept_tokens=_mean(seen_tokens(r)[0] for r in answered),
+        mean_merged_tokens=_mean(seen_tokens(r)[1] for r in answered),
         mean_prefill_ms=_mean(r.get("prefill_ms") for r in answered),
         prefill_ms=spread(r.get("prefill_ms") for r in answered),
         mean_generate_ms=_mean(r.get("generate_ms") for r in answered),
@@ -83,19 +102,20 @@ def score_rows(rows: list[dict]) -> dict:
     )
     # the same efficiency figures under the names of the lmms-eval plugins' record (vtr_stats_*.json)
     flops = _mean(r.get("flops_ratio") for r in answered)
-    by_layer: dict[int, list[tuple[int, int]]] = {}
+    by_layer: dict[int, list[tuple[int, int, int]]] = {}
     for r in answered:
         before = r.get("visual_tokens")
-        for layer, kept in zip(r.get("prune_layers") or [], r.get("kept_tokens") or []):
-            by_layer.setdefault(layer, []).append((before, kept))
-            before = kept
+        for layer, kept, merged in stages_of(r):
+            by_layer.setdefault(layer, []).append((before, kept, merged))
+            before = kept + merged  # merged tokens are visual tokens for the next stage
     summary.update(
         mean_image_tokens=summary["mean_visual_tokens"],
         per_prune_layer=[
             dict(
                 layer=layer,
-                mean_image_tokens_in=_mean(b for b, _ in items),
-                mean_image_tokens_kept=_mean(k for _, k in items),
+                mean_image_tokens_in=_mean(b for b, _, _ in items),
+                mean_image_tokens_kept=_mean(k for _, k, _ in items),
+                mean_merged_tokens=_mean(m for _, _, m in items),
             )
             for layer, items in sorted(by_layer.items())
         ],
@@ -199,7 +219,8 @@ def table(summaries: list[dict]) -> str:
             _fmt(s["exact_match"], percent=True),
             _fmt(s["contains"], percent=True),
             _fmt(s["mean_visual_tokens"]),
-            _fmt(s["mean_kept_tokens"]),
+            _fmt(s["mean_kept_tokens"])
+            + (f" ({_fmt(s['mean_merged_tokens'])} merged)" if s.get("mean_merged_tokens") else ""),
             _fmt_spread(s.get("prefill_ms")),
         ]
         lines.append("| " + " | ".join(cells) + " |")
