@@ -262,7 +262,7 @@ def video_qa(tmp_path_factory):
 def test_a_video_qa_sweep_runs_the_native_runner_and_scores_it(video_qa, tmp_path):
     out = tmp_path / "video"
     args = ["--backbone", "videollava", "--pretrained", video_qa["model"], "--method", "fastv", "--keep-tokens", "8"]
-    args += ["--prune-layer", "1", *video_qa["data"], "--output", str(out)]
+    args += ["--prune-layer", "1", *video_qa["data"], "--output", str(out), "--", "--max_new_tokens", "4"]
     proc = vtr_run(*args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = {row["method"]: row for row in csv.DictReader(open(out / "summary.csv"))}
@@ -356,40 +356,62 @@ def test_the_docs_video_sweep_runs_each_method_on_its_own_schedule_with_its_own_
         assert all(cmd[cmd.index(flag) + 1] == value for cmd in commands)
 
 
+#: the docs sweep's methods run for real: before the LLM (EVS), at every layer merging what it drops (FrameFusion),
+#: and with its own --param (DyCoke); the dry run above checks the whole command
+REAL_VIDEO_METHODS = "evs,framefusion,dycoke"
+
+
 def test_the_docs_video_sweep_runs_on_the_tiny_video_llava(video_qa, tmp_path):
     """The same command on the tiny Video-LLaVA and the 3-question set (its data, checkpoint and output swapped in;
-    4 new tokens an answer): a result file per setting, each run with its method's own prune layers and fields."""
-    from videollava.vtr.config import VTRConfig
+    three of its methods at one budget; 4 new tokens an answer): a result file per setting, each run with its
+    method's own prune layers (the summary shows those that ran) and fields, and the summary counting what the LLM
+    sees (merged tokens included, and said apart)."""
     from videollava.vtr.strategy.evs import retained_count
-    from videollava.vtr.strategy.holitom import inner_layer
 
     out = tmp_path / "video-methods"
     data = dict(zip(video_qa["data"][::2], video_qa["data"][1::2]))
-    argv = with_values(docs_video_sweep(), {**data, "--output": str(out)})
+    subset = {"--method": REAL_VIDEO_METHODS, "--keep-ratio": "0.25", "--output": str(out)}
+    argv = with_values(docs_video_sweep(), {**data, **subset})
     proc = vtr_run(*argv, "--pretrained", video_qa["model"], "--", "--max_new_tokens", "4")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = {(r["method"], r["budget"]): r for r in csv.DictReader(open(out / "summary.csv"))}
-    assert set(rows) == {("none", "-")} | {(m, f"keep_ratio={r}") for m in VIDEO_METHODS for r in ("0.25", "0.15")}
+    rows = {r["method"]: r for r in csv.DictReader(open(out / "summary.csv"))}
+    assert {m: r["budget"] for m, r in rows.items()} == {
+        "none": "-",
+        **{m: "keep_ratio=0.25" for m in REAL_VIDEO_METHODS.split(",")},
+    }
     layers = json.loads((Path(video_qa["model"]) / "config.json").read_text())["text_config"]["num_hidden_layers"]
-    schedule = {"holitom": [0, inner_layer(VTRConfig(), layers)], "framefusion": list(range(layers))}  # others: [0]
+    schedule = {"framefusion": (list(range(layers)), f"0-{layers - 1} (default)")}  # the others: [0]
     tags = {}
-    for (method, budget), row in rows.items():
+    for method, row in rows.items():
         answered = [json.loads(line) for line in (out / "runs" / row["run"] / "answers.jsonl").read_text().splitlines()]
         (tag,) = {r["vtr"] for r in answered}  # the runner's settings tag: every VTRConfig field it got
         tags[tag] = row["run"]
         assert row["error"] == "" and len(answered) == 3 and all(r["error"] is None for r in answered)
         if method == "none":
             assert tag == "unpruned" and row["params"] == "" and row["kept_per_stage"] == "all"
+            assert row["prune_layer"] == "-" and row["final_merged"] == ""
             continue
-        ratio = float(budget.split("=")[1])
-        assert row["prune_layer"] == "default" and all(r["prune_layers"] == schedule.get(method, [0]) for r in answered)
+        ran, shown = schedule.get(method, ([0], "0 (default)"))
+        assert row["prune_layer"] == shown and all(r["prune_layers"] == ran for r in answered)
         assert row["params"] == ("dycoke_decode_prune=0.7" if method == "dycoke" else "")
         assert tag.startswith(f"{method}_K") and ("dycoke_decode_prune0.7" in tag) == (method == "dycoke")
-        if method == "evs":  # vLLM's count of the video's 8 frames
+        # what the LLM sees from each stage on: the kept tokens and the merged ones, these also said apart
+        merged = [r.get("merged_tokens") or [0] * len(ran) for r in answered]
+        seen = [statistics.mean(r["kept_tokens"][i] + m[i] for r, m in zip(answered, merged)) for i in range(len(ran))]
+        said = [statistics.mean(m[i] for m in merged) for i in range(len(ran))]
+        assert row["kept_per_stage"] == " > ".join(
+            f"{n:.0f}@L{layer}" + (f" ({m:.0f} merged)" if m else "") for n, m, layer in zip(seen, said, ran)
+        )
+        assert float(row["final_kept"]) == pytest.approx(seen[-1])
+        assert float(row["final_merged"]) == pytest.approx(said[-1])
+        if method == "framefusion":  # it merges what its first stage drops
+            assert said[0] > 0 and f"@L0 ({said[0]:.0f} merged)" in row["kept_per_stage"]
+        if method == "evs":  # vLLM's count of the video's 8 frames, nothing merged
             frames = answered[0]["num_frames"]
             assert all(
-                r["kept_tokens"] == [retained_count(frames, r["visual_tokens"] // frames, ratio)] for r in answered
+                r["kept_tokens"] == [retained_count(frames, r["visual_tokens"] // frames, 0.25)] for r in answered
             )
+            assert said == [0]
     assert len(tags) == len(rows) == len(set(tags.values()))  # one file per setting, named apart
     assert "`dycoke_K0_ratio0.25_dycoke_decode_prune0.7`" in (ROOT / "docs" / "video-qa.md").read_text()
     assert "dycoke_K0_ratio0.25_dycoke_decode_prune0.7" in tags
@@ -461,28 +483,33 @@ def qwen_video_task(tiny):
 
 
 def test_video_methods_on_an_lmms_eval_family_with_a_video_task(tiny, qwen_video_task, tmp_path):
-    """EVS and DyCoke on the tiny Qwen3-VL through lmms-eval's video task: each reduces the video tokens before the
-    LLM (its own schedule), EVS by vLLM's count; dycoke_gate reaches the DyCoke run alone."""
+    """EVS and DyCoke on the tiny Qwen3-VL through lmms-eval's video task (no baseline: the dry run above gives it
+    its loading keys): each reduces the video tokens before the LLM (its own schedule, the summary's prune layer),
+    EVS by vLLM's count; dycoke_gate reaches the DyCoke run alone; the summary counts the merged tokens of the
+    record (`mean_merged_tokens`) in what the LLM sees, and says them apart."""
     from visual_token_pruning.strategy.evs import retained_count
 
     out, task = tmp_path / "qwen-video", str(qwen_video_task)
     args = ["--backbone", "qwen3vl", "--pretrained", tiny["qwen"], "--method", "evs,dycoke", "--keep-ratio", "0.5"]
     args += ["--param", "dycoke_gate=0.5", "--param", "max_num_frames=4", "--tasks", "vtr_tiny_video"]
-    proc = vtr_run(*args, "--include-path", task, "--workdir", task, "--output", str(out))
+    proc = vtr_run(*args, "--no-baseline", "--include-path", task, "--workdir", task, "--output", str(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = {r["method"]: r for r in csv.DictReader(open(out / "summary.csv"))}
     assert {m: r["params"] for m, r in rows.items()} == {
-        "none": "max_num_frames=4",
         "evs": "max_num_frames=4",
         "dycoke": "dycoke_gate=0.5 max_num_frames=4",
     }
     records = {
         m: json.loads(next((out / "runs" / r["run"]).rglob("vtr_stats_*.json")).read_text()) for m, r in rows.items()
     }
-    video = records["none"]["mean_image_tokens"]  # per doc: 4 frames, 2 temporal groups (Qwen's "frames")
+    video = records["evs"]["mean_image_tokens"]  # per doc: 4 frames, 2 temporal groups (Qwen's "frames")
     for method in ("evs", "dycoke"):
         (stage,) = records[method]["per_prune_layer"]
         assert rows[method]["error"] == "" and stage["layer"] == 0 and stage["mean_image_tokens_in"] == video
+        assert records[method]["mean_image_tokens"] == video and rows[method]["prune_layer"] == "0 (default)"
+        seen, merged = stage["mean_image_tokens_kept"] + stage["mean_merged_tokens"], stage["mean_merged_tokens"]
+        assert float(rows[method]["final_kept"]) == seen and float(rows[method]["final_merged"]) == merged
+        assert rows[method]["kept_per_stage"] == f"{seen:.0f}@L0" + (f" ({merged:.0f} merged)" if merged else "")
         (results,) = (out / "runs" / rows[method]["run"]).rglob("*_results.json")
         metric = json.loads(results.read_text())["results"]["vtr_tiny_video"]["exact_match,none"]
         assert float(rows[method]["vtr_tiny_video:exact_match"]) == metric
@@ -907,8 +934,8 @@ def test_plot_lines_of_checkpoints_that_end_alike_stay_apart(tmp_path):
 
     def plotted(*models):
         rows = [
-            {"backbone": "llava", "pretrained": m, "method": "fastv", "prune_layer": "2", "params": "", "budget": "",
-             "final_kept": 8.0, "t:acc": acc}
+            {"backbone": "llava", "pretrained": m, "method": "fastv", "prune_layer": "2", "_prune_layer": "2",
+             "params": "", "budget": "", "final_kept": 8.0, "t:acc": acc}
             for m, acc in zip(models, (0.5, 0.7))
         ]  # fmt: skip
         script().plot(rows, ["t:acc"], tmp_path / "summary.png")
@@ -922,3 +949,28 @@ def test_plot_lines_of_checkpoints_that_end_alike_stay_apart(tmp_path):
     labels, _ = plotted(f"/runs/one{tail}", f"/runs/two{tail}-2")  # long ones that end apart: by their ends
     assert [len(label) < len(f"/runs/one{tail}") for label in labels] == [True, True]
     assert labels[0].endswith("vtr-final fastv") and labels[1].endswith("vtr-final-2 fastv")
+
+
+def test_the_summary_row_counts_merged_tokens_and_shows_the_layers_that_ran():
+    """What the LLM sees from a stage on is what it kept plus what it merged (FastVID, FrameFusion), the merged ones
+    said apart; a prune layer left to the model shows the layers its record says ran (`default` without a record),
+    one given shows as given; the plot keeps one line per setting as asked."""
+    Run, row_of = script().Run, script().row_of
+
+    def stage(layer, kept, merged=None):
+        counts = dict(layer=layer, mean_image_tokens_in=136.0, mean_image_tokens_kept=kept)
+        return counts if merged is None else dict(counts, mean_merged_tokens=merged)
+
+    framefusion = Run("videollava", "ckpt", "framefusion", ("keep_ratio", "0.25"))
+    stages = [stage(0, 11.0, 23.0), stage(1, 34.0, 0.0), stage(2, 34.0, 0.0), stage(3, 30.0, 2.5), stage(16, 30.0, 0)]
+    row = row_of(framefusion, None, dict(per_prune_layer=stages, mean_image_tokens=136.0))
+    assert row["kept_per_stage"] == "34@L0 (23 merged) > 34@L1 > 34@L2 > 32@L3 (2 merged) > 30@L16"
+    assert (row["final_kept"], row["final_merged"], row["prune_layer"]) == (30.0, 0, "0-3+16 (default)")
+    fastvid = row_of(Run("llava-onevision", "ckpt", "fastvid"), None, dict(per_prune_layer=[stage(0, 32.0, 8.0)]))
+    assert (fastvid["kept_per_stage"], fastvid["final_kept"], fastvid["final_merged"]) == ("40@L0 (8 merged)", 40, 8)
+    holitom = row_of(Run("videollava", "ckpt", "holitom"), None, dict(per_prune_layer=[stage(0, 40.0), stage(8, 20.0)]))
+    assert holitom["prune_layer"] == "0+8 (default)" and "final_merged" not in holitom  # a record without the count
+    assert holitom["kept_per_stage"] == "40@L0 > 20@L8" and holitom["final_kept"] == 20
+    given = row_of(Run("llava", "ckpt", "fastv", ("keep_tokens", "8"), "2"), None, dict(per_prune_layer=[stage(2, 8)]))
+    assert given["prune_layer"] == "2" and row_of(framefusion, None, None, error="exit 1")["prune_layer"] == "default"
+    assert script().series_key(row) == script().series_key(row_of(framefusion, None, None))  # one line per setting
