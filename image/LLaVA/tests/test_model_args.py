@@ -45,6 +45,23 @@ EVERY_FIELD = {
     "contextual_tokens": ("5", 5),
     "hiprune_alpha": ("0.2", 0.2),
     "hiprune_layer": ("-4", -4),
+    "fastvid_segments": ("6", 6),
+    "fastvid_tau": ("0.84", 0.84),
+    "fastvid_anchor_share": ("0.5", 0.5),
+    "fastvid_anchor_stride": ("2", 2),
+    "fastvid_beta": ("0.7", 0.7),
+    "fastvid_tree": ("qwen2_5_vl", "qwen2_5_vl"),
+    "holitom_tau": ("0.65", 0.65),
+    "holitom_beta": ("0.5", 0.5),
+    "holitom_neighbours": ("5", 5),
+    "holitom_layer": ("12", 12),
+    "holitom_inner_ratio": ("0.3", 0.3),
+    "dycoke_layer": ("2", 2),
+    "dycoke_decode_prune": ("0.7", 0.7),
+    "dycoke_gate": ("0.8", 0.8),
+    "framefusion_threshold": ("0.5", 0.5),
+    "framefusion_cost": ("0.4", 0.4),
+    "framefusion_min_similar": ("0.2", 0.2),
 }
 
 
