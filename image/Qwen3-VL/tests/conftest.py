@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import transformers
 from transformers import Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration
 
@@ -21,6 +22,10 @@ from visual_token_pruning.tiny import (
 
 sys.path.insert(0, str(Path(__file__).parent))
 from qwen3vl_testlib import BackboneCase, chat, image_video_batch, video_batch, visual_ids  # noqa: E402
+
+# Tiny models gain nothing from intra-op threads, and on a shared machine (other test runs beside this one) OpenMP's
+# spinning threads make a forward many times slower (Video-LLaVA's conftest found the same); one thread keeps it fast.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
