@@ -3,6 +3,7 @@ resume, two processes giving the metrics of one; with a fake lmms-eval: run name
 every setting, nothing finished deleted or mixed, the output lock, and stopping a sweep."""
 
 import csv
+import dataclasses
 import json
 import os
 import re
@@ -974,3 +975,44 @@ def test_the_summary_row_counts_merged_tokens_and_shows_the_layers_that_ran():
     given = row_of(Run("llava", "ckpt", "fastv", ("keep_tokens", "8"), "2"), None, dict(per_prune_layer=[stage(2, 8)]))
     assert given["prune_layer"] == "2" and row_of(framefusion, None, None, error="exit 1")["prune_layer"] == "default"
     assert script().series_key(row) == script().series_key(row_of(framefusion, None, None))  # one line per setting
+
+
+def test_describe_teaches_a_hybrid_decoders_scoring_rule_moved_schedules_and_refusals(tmp_path, capsys, monkeypatch):
+    """--describe qwen3.5: the layer kinds (the stock config's, Qwen3.5's checkpoint not being on disk; a checkpoint's
+    own where it is), the scoring rule, what is refused, and where the method's default schedule goes as the model
+    moves it (engine.snap_schedule), each stage's scoring layer, or its refusal there (engine.check_layer_kinds);
+    nothing of it on an all-attention decoder."""
+    from visual_token_pruning.tiny import QWEN3_5_TEST_LAYERS, build_tiny_qwen3_vl
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def described(method: str) -> str:
+        assert script().main(["--describe", "qwen3.5", method]) == 0
+        return " ".join(capsys.readouterr().out.split())  # unwrapped
+
+    fastv = described("fastv")
+    layers = "attention in layers 3, 7, 11, 15, 19, 23, 27, 31;"
+    assert (
+        f"Hybrid decoder (32 layers, from Qwen3_5Config's defaults; Qwen/Qwen3.5-4B is not on disk): {layers}" in fastv
+    )
+    rule = (
+        "scoring rule: a stage at prune layer K scores with the attention of the nearest attention layer at or before"
+    )
+    assert f"{rule} K-1" in fastv and "refused: a prune layer without such a scoring layer" in fastv
+    assert "fastv: its default prune layers 3 moved by the model (with a warning) to 4 (scored from layer 3)." in fastv
+    assert "to 11 (scored from layer 11), 19 (scored from layer 19), 27 (scored from layer 27)." in described("pdrop")
+    clse = described("clse")
+    assert "to 4 (scored from layer 3), 11 (scored from layer 7), 21 (scored from layer 19). Refused there: " in clse
+    assert "set earlier_cache='keep'" in clse
+    assert "dycoke: its default prune layers 0 kept: 0 (before the LLM). Refused there: 'dycoke' hides" in described(
+        "dycoke"
+    )
+    assert "random: its default prune layers 3 kept: 3 (reads no attention)." in described("random")
+    assert script().main(["--describe", "qwen2vl", "fastv"]) == 0 and "Hybrid" not in capsys.readouterr().out
+    # a checkpoint on disk: its own layout (L L F L F L L), where no default PDrop schedule fits
+    path = str(build_tiny_qwen3_vl(tmp_path / "q35", family="qwen3_5", layer_types=QWEN3_5_TEST_LAYERS))
+    family = script().family
+    monkeypatch.setattr(script(), "family", lambda name: dataclasses.replace(family(name), checkpoint=path))
+    pdrop = described("pdrop")
+    assert f"Hybrid decoder (7 layers, from {path}): attention in layers 2, 4;" in pdrop
+    assert "pdrop: its default prune layers 1, 3, 5 fit nowhere on this decoder: give --prune-layer." in pdrop

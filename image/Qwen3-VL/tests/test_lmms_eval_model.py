@@ -283,7 +283,7 @@ def test_qwen3_5_refuses_a_schedule_its_decoder_cannot_run_before_loading(family
         validate_model_args(f"pretrained={path},strategy=fastv,prune_layer=2", model="qwen3_5_vtr")
     with pytest.raises(ValueError, match=r"earlier_cache='trim' \(the official convention of 'clse'\)"):
         validate_model_args(f"pretrained={path},strategy=clse,prune_layer=[3;5]", model="qwen3_5_vtr")
-    validate_model_args(f"pretrained={path},strategy=fastv,enable_thinking=false", model="qwen3_5_vtr")  # moved to 3
+    validate_model_args(f"pretrained={path},strategy=dart,enable_thinking=false", model="qwen3_5_vtr")  # 2 moves to 3
     validate_model_args("pretrained=Qwen/Qwen3.5-4B,strategy=fastv,prune_layer=2", model="qwen3_5_vtr")  # not on disk
 
 

@@ -118,13 +118,25 @@ def validate_model_args(arg_string: str, additional_config: dict | None = None, 
     checker.validate_model_args(arg_string, additional_config)
 
 
+def schedule_on_layer_kinds(config: VTRConfig, layer_types) -> VTRConfig | None:
+    """`config` with the schedule a model whose decoder layers are of the kinds `layer_types` runs, without a model:
+    one given as it is; one left unset the method's own (its `schedule_defaults`) moved onto a hybrid decoder's
+    attention layers as the model moves it (`snap_schedule`), or None where a stage of it fits nowhere."""
+    if not config.prune_layer_defaulted:
+        return config
+    updates = get_strategy(config.strategy).schedule_defaults(config, len(layer_types))
+    config = dataclasses.replace(config, **updates) if updates else config
+    layers = snap_schedule(config, layer_types)
+    return None if layers is None else dataclasses.replace(config, prune_layer=layers if len(layers) > 1 else layers[0])
+
+
 def check_layer_kinds_offline(pretrained: str, config: VTRConfig, **hub) -> None:
     """ValueError where `config`'s schedule cannot run on the hybrid decoder (linear-attention layers) of checkpoint
     `pretrained` (`engine.check_layer_kinds`: a scoring layer without attention, trimming or hiding rows of a
-    recurrent layer), before anything loads. A schedule left unset is first moved as the model moves it (the method's
-    own schedule, then `snap_schedule`). Nothing is checked where the checkpoint's config cannot be read without the
-    network, its decoder has no recurrent layers, or a default schedule fits nowhere: the model checks its config
-    when it loads."""
+    recurrent layer), before anything loads; a schedule left unset is checked as the model moves it
+    (`schedule_on_layer_kinds`). Nothing is checked where the checkpoint's config cannot be read without the network,
+    its decoder has no recurrent layers, or a default schedule fits nowhere: the model checks its config when it
+    loads."""
     from transformers import AutoConfig
 
     if not config.enabled:
@@ -134,16 +146,9 @@ def check_layer_kinds_offline(pretrained: str, config: VTRConfig, **hub) -> None
     except (OSError, ValueError):
         return
     types = getattr(text_config, "layer_types", None) or []
-    if not set(types) & set(RECURRENT_LAYER_TYPES):
-        return
-    if config.prune_layer_defaulted:
-        updates = get_strategy(config.strategy).schedule_defaults(config, len(types))
-        config = dataclasses.replace(config, **updates) if updates else config
-        layers = snap_schedule(config, types)
-        if layers is None:  # a stage fits nowhere: the model says so when it loads
-            return
-        config = dataclasses.replace(config, prune_layer=layers if len(layers) > 1 else layers[0])
-    check_layer_kinds(config, types)
+    moved = schedule_on_layer_kinds(config, types) if set(types) & set(RECURRENT_LAYER_TYPES) else None
+    if moved is not None:
+        check_layer_kinds(moved, types)
 
 
 def output_name(pretrained: str, config: VTRConfig) -> str:
