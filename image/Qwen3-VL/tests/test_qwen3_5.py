@@ -359,7 +359,7 @@ CAPTURED = []
 @register_strategy("test_qwen3_5_capture")
 class Capture(PruningStrategy):
     def compute_scores(self, attention, image_token_range, config, **ctx):
-        CAPTURED.append((ctx["layer_idx"], attention.full()[0]))
+        CAPTURED.append((ctx["layer_idx"], attention.full()[0], ctx["hidden_states"][0]))
         return self._aggregate_attention(attention, image_token_range, config)
 
 
@@ -369,7 +369,8 @@ class Capture(PruningStrategy):
 )
 def test_scoring_attention_is_the_eager_attention_of_the_scoring_layer(hybrid, impl, scoring, prune_layer, layer):
     """The recomputed attention (gated query, partial M-RoPE) is the stock eager attention of the scoring layer, whose
-    output the stock model lists among its full-attention layers only."""
+    output the stock model lists among its full-attention layers only; the method's `hidden_states` are the input
+    of prune layer K (the output of layer K-1), wherever the scoring layer lies."""
     CAPTURED.clear()
     model = vtr(
         hybrid, impl, strategy="test_qwen3_5_capture", prune_layer=prune_layer, keep_tokens=8, scoring_layer=scoring
@@ -377,13 +378,15 @@ def test_scoring_attention_is_the_eager_attention_of_the_scoring_layer(hybrid, i
     inputs = hybrid.batch
     with torch.no_grad():
         model(**inputs)
-        eager = hybrid.stock["eager"](**inputs, output_attentions=True).attentions[LAYOUT[:layer].count(FULL)]
+        stock = hybrid.stock["eager"](**inputs, output_attentions=True, output_hidden_states=True)
+    eager, entering = stock.attentions[LAYOUT[:layer].count(FULL)], stock.hidden_states[prune_layer]
     assert model.vtr_last.stages[0].scoring_layer == layer
     valid = inputs["attention_mask"].bool()
-    assert [k for k, _ in CAPTURED] == [layer, layer]
-    for b, (_, got) in enumerate(CAPTURED):
+    assert [k for k, _, _ in CAPTURED] == [layer, layer]
+    for b, (_, got, hidden) in enumerate(CAPTURED):
         rows = valid[b]
         torch.testing.assert_close(got[:, rows][:, :, rows], eager[b][:, rows][:, :, rows], atol=ATOL, rtol=0)
+        torch.testing.assert_close(hidden[rows[: hidden.shape[0]]], entering[b][rows], atol=ATOL, rtol=0)
 
 
 def test_a_text_only_prompt_runs_unpruned(dense):

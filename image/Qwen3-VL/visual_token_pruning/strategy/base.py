@@ -86,9 +86,10 @@ class PruningStrategy(ABC):
         image_token_range: `(start, end)` of the visual tokens in the current sequence; with several
             images or non-contiguous frames it spans all of them and the scores of text inside are ignored.
         ctx: `layer_idx` (0-based scoring layer; -1 for a pre-LLM stage, prune_layer=0), `stage` (0-based
-            prune stage), `hidden_states` (`[1, seq, hidden]`, output of the scoring layer; at a pre-LLM
-            stage the merged input embeddings), `image_token_indices` (LongTensor of the
-            visual positions), `position_ids` (RoPE positions of the current tokens), `batch_index`,
+            prune stage), `hidden_states` (`[1, seq, hidden]`, the input of prune layer K: the output of layer
+            K-1, which is the scoring layer under scoring_layer="previous" except on a hybrid decoder whose
+            scoring layer lies further back, the nearest attention layer; at a pre-LLM stage the merged input
+            embeddings), `image_token_indices` (LongTensor of the visual positions), `position_ids` (RoPE positions of the current tokens), `batch_index`,
             `anchor_index` (the backbone's question-free row after the visual span), `prior_attention`
             (a callable: `prior_attention(end)` runs the prompt cut before row `end` through the layers
             up to the scoring layer, earlier stages' drops applied, and returns that layer's lazy
