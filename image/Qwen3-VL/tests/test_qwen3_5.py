@@ -16,6 +16,7 @@ import pytest
 import torch
 import transformers
 from physical_oracle import PhysicalRun, assert_cache_matches, cuts_of
+from qwen3vl_testlib import image_video_batch
 from transformers.cache_utils import DynamicLayer
 
 from visual_token_pruning import (
@@ -387,6 +388,29 @@ def test_scoring_attention_is_the_eager_attention_of_the_scoring_layer(hybrid, i
         rows = valid[b]
         torch.testing.assert_close(got[:, rows][:, :, rows], eager[b][:, rows][:, :, rows], atol=ATOL, rtol=0)
         torch.testing.assert_close(hidden[rows[: hidden.shape[0]]], entering[b][rows], atol=ATOL, rtol=0)
+
+
+def test_a_right_padded_batch_is_exact_in_its_prefill_only(dense):
+    """Right padding: the prompt logits equal the physical oracle's, sample by sample; the padding steps after a short
+    prompt then run through its linear layers' recurrence, in the stock model as here, so their states are not the
+    prompt's own (a right-padded batch serves a prefill, never a decode)."""
+    processor = load_processor(dense.path)
+    processor.tokenizer.padding_side = "right"
+    inputs = image_video_batch(processor)
+    valid = inputs["attention_mask"].bool()
+    assert not valid[:, -1].all(), "one sample is right-padded"
+    model = vtr(dense, prune_layer=4, keep_tokens=8)
+    with torch.no_grad():
+        out, stock = model(**inputs), dense.stock["sdpa"](**inputs)
+    index = model.vtr_last.kept_index
+    for b, run in enumerate(physical_runs(dense, model, inputs)):
+        rows = (index[b] >= 0) & valid[b][index[b].clamp_min(0)]
+        assert index[b][rows].tolist() == run.rows
+        torch.testing.assert_close(out.logits[b, rows], run.logits, atol=ATOL, rtol=0)
+    short = int(valid.sum(1).argmin())
+    alone = PhysicalRun(dense.stock["eager"], inputs, short, [], dense.embed).cache  # the stock layers on its rows
+    got = stock.past_key_values.layers[0].recurrent_states[0][short]
+    assert not torch.allclose(got, alone.layers[0].recurrent_states[0][0], atol=1e-3)
 
 
 def test_a_text_only_prompt_runs_unpruned(dense):
