@@ -41,7 +41,8 @@ class QwenVLVTR(VTRLmms):
     """What the Qwen-VL families' lmms-eval models share; each family states its name, checkpoints and
     defaults below."""
 
-    name = "qwen3_vl_vtr / qwen2_5_vl_vtr / qwen2_vl_vtr / qwen3_5_vtr"  # (checks of their shared keys, e.g. from vtr_run)
+    # (checks of their shared keys, e.g. from vtr_run)
+    name = "qwen3_vl_vtr / qwen2_5_vl_vtr / qwen2_vl_vtr / qwen3_5_vtr"
     EXTRA_LOAD_ARGS = {
         "min_pixels": int | None,
         "max_pixels": int | None,
