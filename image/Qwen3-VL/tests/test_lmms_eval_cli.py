@@ -29,7 +29,9 @@ def workdir(tmp_path_factory):
 
 def run_cli(workdir, tiny_path, name, extra_args, model="qwen3_vl_vtr", tasks="vtr_tiny_qa,vtr_tiny_mc,vtr_tiny_video"):
     out = workdir / "results" / name
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(workdir / "hf"))
+    env = dict(
+        os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(workdir / "hf"), OMP_NUM_THREADS="1"
+    )
     cmd = [sys.executable, "-m", "lmms_eval", "--model", model]
     cmd += ["--model_args", f"pretrained={tiny_path},max_num_frames=4,{extra_args}"]
     cmd += ["--tasks", tasks, "--include_path", str(workdir / "task")]
